@@ -1,0 +1,1 @@
+"""Pure Spark transforms for the email-personalization job suite (no file or environment access)."""

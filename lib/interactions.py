@@ -1,0 +1,101 @@
+"""Interactions: weighted, time-decayed (user, item) scores and dense, stable integer indices."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+SECONDS_PER_DAY = 86_400.0
+
+
+def validate_weights(weights: dict[str, float], event_types: list[str]) -> None:
+    """Every known event type needs a non-negative weight."""
+    missing = [name for name in event_types if name not in weights]
+    if missing:
+        raise ValueError(f"interactions.weights lacks a weight for event type(s) {', '.join(missing)}")
+    negative = [name for name, weight in weights.items() if weight < 0]
+    if negative:
+        raise ValueError(f"interactions.weights must be >= 0; negative for {', '.join(negative)}")
+
+
+def score_events(
+    events: DataFrame,
+    weights: dict[str, float],
+    half_life_days: float,
+    as_of: datetime,
+) -> DataFrame:
+    """Aggregate events into (user_id, item_id, score, n_events, last_ts).
+
+    Each event counts ``weights[event_type] * 0.5 ** (age_days / half_life_days)``, its age taken
+    at ``as_of``. Events after ``as_of`` are left out (they have not happened yet at that date).
+    """
+    if half_life_days <= 0:
+        raise ValueError(f"interactions.half_life_days must be > 0, got {half_life_days}")
+    weight = F.coalesce(
+        F.element_at(F.create_map(*[F.lit(x) for pair in weights.items() for x in pair]), F.col("event_type")),
+        F.lit(0.0),
+    )
+    age_days = (F.lit(as_of).cast("timestamp").cast("double") - F.col("event_ts").cast("double")) / SECONDS_PER_DAY
+    decayed = weight * F.pow(F.lit(0.5), age_days / F.lit(half_life_days))
+    return (
+        events.where(F.col("event_ts") <= F.lit(as_of).cast("timestamp"))
+        .groupBy("user_id", "item_id")
+        .agg(
+            F.sum(decayed).alias("score"),
+            F.count(F.lit(1)).alias("n_events"),
+            F.max("event_ts").alias("last_ts"),
+        )
+    )
+
+
+def extend_index(
+    ids: DataFrame,
+    existing: DataFrame | None,
+    id_col: str,
+    idx_col: str,
+    partitions: int = 8,
+) -> DataFrame:
+    """Rows (id, idx) for the ids in ``ids`` that ``existing`` lacks, numbered after its largest idx.
+
+    Known ids keep their index; new ids get the next integers in id order, so the index stays dense
+    and repeatable. Numbering is distributed: ids are range-partitioned and sorted, each partition
+    numbers its rows locally, and only one count per partition is combined into offsets.
+    """
+    new_ids = ids.select(id_col).distinct()
+    start = 0
+    if existing is not None:
+        new_ids = new_ids.join(existing.select(id_col), on=id_col, how="left_anti")
+        start = existing.agg(F.coalesce(F.max(idx_col) + 1, F.lit(0))).first()[0]
+
+    # monotonically_increasing_id packs (partition id << 33) + position inside the partition.
+    numbered = (
+        new_ids.repartitionByRange(partitions, id_col)
+        .sortWithinPartitions(id_col)
+        .withColumn("_mono", F.monotonically_increasing_id())
+        .withColumn("_part", F.shiftright("_mono", 33))
+        .withColumn("_pos", F.col("_mono").bitwiseAND((1 << 33) - 1))
+    )
+    offsets = (
+        numbered.groupBy("_part")
+        .agg(F.count(F.lit(1)).alias("_size"))
+        .withColumn(
+            "_offset",
+            F.coalesce(
+                F.sum("_size").over(Window.orderBy("_part").rowsBetween(Window.unboundedPreceding, -1)),
+                F.lit(0),
+            ),
+        )
+    )
+    return numbered.join(F.broadcast(offsets), "_part").select(
+        id_col, (F.lit(start) + F.col("_offset") + F.col("_pos")).cast("int").alias(idx_col)
+    )
+
+
+def to_matrix_entries(scored: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
+    """The ``interactions`` table: scores keyed by dense indices (user_idx, item_idx, score, n_events, last_ts)."""
+    return (
+        scored.join(user_index, "user_id")
+        .join(item_index, "item_id")
+        .select("user_idx", "item_idx", "score", "n_events", "last_ts")
+    )

@@ -1,0 +1,40 @@
+"""Run bookkeeping: one ``pipeline_runs`` row per stage per run."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pyspark.sql import DataFrame, SparkSession
+
+PIPELINE_RUNS_SCHEMA = (
+    "run_id string, stage string, status string, started_at timestamp, finished_at timestamp, "
+    "rows_in long, rows_out long, message string, counts map<string, long>"
+)
+
+
+@dataclass
+class StageResult:
+    """What a stage reports: rows read, rows written, a short message and named counts."""
+
+    rows_in: int | None = None
+    rows_out: int | None = None
+    message: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def run_record(
+    spark: SparkSession,
+    run_id: str,
+    stage: str,
+    status: str,
+    started_at: datetime,
+    finished_at: datetime,
+    result: StageResult,
+) -> DataFrame:
+    """A one-row DataFrame for ``pipeline_runs``."""
+    row = (
+        run_id, stage, status, started_at, finished_at,
+        result.rows_in, result.rows_out, result.message[:4000],
+        {key: int(value) for key, value in result.counts.items()},
+    )
+    return spark.createDataFrame([row], PIPELINE_RUNS_SCHEMA)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Submit a job of this suite with the spark-submit that ships with the pinned pyspark.
+#
+#   ./spark-submit.sh [--master URL | --remote URL] [spark-submit options] jobs/<job>.py [job options]
+#
+# Local mode (local[*]) by default; --master spark://host:port (or yarn, k8s://...) for a cluster;
+# --remote URL (e.g. local[2] or sc://host:15002) runs the job over Spark Connect. Adds the Delta
+# package, the Delta SQL settings and the `lib` package (as a zip for executors). On first use it
+# creates .venv with the pinned dependencies.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/venv.sh"
+
+master="local[*]"
+remote=""
+submit_args=()
+job_args=()
+job=""
+while [ $# -gt 0 ]; do
+  if [ -z "$job" ]; then
+    case "$1" in
+      --master) master="$2"; shift 2; continue ;;
+      --remote) remote="$2"; shift 2; continue ;;
+      *.py) job="$1"; shift; continue ;;
+      *) submit_args+=("$1"); shift; continue ;;
+    esac
+  fi
+  job_args+=("$1"); shift
+done
+if [ -z "$job" ]; then
+  echo "usage: $0 [--master URL | --remote URL] [spark-submit options] jobs/<job>.py [--conf FILE] [--set key=value ...]" >&2
+  exit 2
+fi
+
+# Executors on a cluster import lib from this archive; rebuilt every time so it is never stale.
+mkdir -p "$ROOT/dist"
+python - "$ROOT" <<'PY'
+import pathlib, sys, zipfile
+root = pathlib.Path(sys.argv[1])
+with zipfile.ZipFile(root / "dist" / "lib.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+    for path in sorted((root / "lib").rglob("*.py")):
+        archive.write(path, path.relative_to(root))
+PY
+
+delta_package="$(python -c 'from lib.session import DELTA_PACKAGE; print(DELTA_PACKAGE)')"
+common=(
+  --packages "$delta_package"
+  --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension
+  --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog
+  --conf spark.sql.session.timeZone=UTC
+  --conf spark.ui.showConsoleProgress=false
+  --conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties"
+  --conf "spark.pyspark.python=$PYSPARK_PYTHON"
+  --py-files "$ROOT/dist/lib.zip"
+)
+if [ -n "$remote" ]; then
+  exec spark-submit --remote "$remote" "${common[@]}" ${submit_args[@]+"${submit_args[@]}"} "$job" ${job_args[@]+"${job_args[@]}"}
+fi
+exec spark-submit --master "$master" "${common[@]}" ${submit_args[@]+"${submit_args[@]}"} "$job" ${job_args[@]+"${job_args[@]}"}
