@@ -80,9 +80,17 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> di
     return merged
 
 
+def _split_key(dotted: str) -> list[str]:
+    """Dotted path to parts; under an open table the rest is one key (Spark settings contain dots)."""
+    for table in OPEN_TABLES:
+        if dotted.startswith(table + ".") and len(dotted) > len(table) + 1:
+            return table.split(".") + [dotted[len(table) + 1:]]
+    return dotted.split(".")
+
+
 def _lookup_default(base: dict[str, Any], dotted: str) -> Any:
     node: Any = base
-    parts = dotted.split(".")
+    parts = _split_key(dotted)
     for depth, part in enumerate(parts):
         if not isinstance(node, dict):
             raise ConfigError(f"unknown config key '{dotted}'")
@@ -139,7 +147,7 @@ def parse_set(base: dict[str, Any], assignment: str) -> dict[str, Any]:
     value = _parse_scalar(dotted, _lookup_default(base, dotted), text)
     overlay: dict[str, Any] = {}
     node = overlay
-    parts = dotted.split(".")
+    parts = _split_key(dotted)
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value

@@ -1,0 +1,61 @@
+from datetime import datetime, timezone
+
+import pytest
+
+from lib.interactions import extend_index, score_events, to_matrix_entries, validate_weights
+
+AS_OF = datetime(2026, 10, 31, tzinfo=timezone.utc)
+WEIGHTS = {"view": 1.0, "purchase": 8.0}
+
+
+def test_scores_are_weighted_and_decayed_exactly(spark):
+    events = spark.createDataFrame(
+        [
+            ("u1", "i1", "view", datetime(2026, 10, 31)),      # age 0: 1.0
+            ("u1", "i1", "purchase", datetime(2026, 10, 21)),  # age 10 = one half-life: 4.0
+            ("u2", "i1", "view", datetime(2026, 10, 11)),      # age 20: 0.25
+            ("u2", "i2", "view", datetime(2026, 11, 5)),       # after as_of: left out
+        ],
+        "user_id string, item_id string, event_type string, event_ts timestamp",
+    )
+    got = sorted(tuple(row) for row in score_events(events, WEIGHTS, 10.0, AS_OF).collect())
+    assert got == [
+        ("u1", "i1", pytest.approx(5.0), 2, datetime(2026, 10, 31)),
+        ("u2", "i1", pytest.approx(0.25), 1, datetime(2026, 10, 11)),
+    ]
+
+
+def test_weights_are_validated():
+    with pytest.raises(ValueError, match="lacks a weight for event type.*click"):
+        validate_weights(WEIGHTS, ["view", "click"])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        validate_weights({"view": -1.0}, ["view"])
+
+
+def test_index_is_dense_ordered_and_stable_across_runs(spark):
+    first_ids = spark.createDataFrame([(f"u{n:02d}",) for n in (5, 1, 3, 1, 9, 7)], "user_id string")
+    first = extend_index(first_ids, None, "user_id", "user_idx", partitions=3)
+    assert sorted(tuple(r) for r in first.collect()) == [("u01", 0), ("u03", 1), ("u05", 2), ("u07", 3), ("u09", 4)]
+
+    second_ids = spark.createDataFrame([(f"u{n:02d}",) for n in (2, 3, 10, 0, 9)], "user_id string")
+    added = extend_index(second_ids, first, "user_id", "user_idx", partitions=2)
+    assert sorted(tuple(r) for r in added.collect()) == [("u00", 5), ("u02", 6), ("u10", 7)]
+
+    again = extend_index(second_ids, first.unionByName(added), "user_id", "user_idx", partitions=2)
+    assert again.count() == 0
+
+
+def test_index_numbering_does_not_depend_on_partitioning(spark):
+    ids = spark.range(0, 500).selectExpr("concat('id-', cast(id * 7919 % 500 as string)) as item_id")
+    one = sorted(tuple(r) for r in extend_index(ids, None, "item_id", "item_idx", partitions=1).collect())
+    many = sorted(tuple(r) for r in extend_index(ids, None, "item_id", "item_idx", partitions=7).collect())
+    assert one == many
+    assert sorted(idx for _, idx in many) == list(range(500))
+
+
+def test_matrix_entries_use_the_indices(spark):
+    scored = spark.createDataFrame([("u1", "i2", 3.0, 2, datetime(2026, 10, 1))],
+                                   "user_id string, item_id string, score double, n_events long, last_ts timestamp")
+    users = spark.createDataFrame([("u1", 4)], "user_id string, user_idx int")
+    items = spark.createDataFrame([("i2", 9)], "item_id string, item_idx int")
+    assert [tuple(r) for r in to_matrix_entries(scored, users, items).collect()] == [(4, 9, 3.0, 2, datetime(2026, 10, 1))]
