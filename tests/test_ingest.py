@@ -140,3 +140,38 @@ def test_ingest_stage_reconciles_counts_and_is_idempotent(spark, tmp_path):
         assert r["rows_in"] == r["rows_out"] + r["counts"]["quarantined"] + r["counts"]["duplicates"]
     partitions = {row["event_date"] for row in events.select("event_date").distinct().collect()}
     assert len(partitions) == 2  # 2026-10-01 and the epoch event's 2025-10-01
+
+
+def test_json_lines_with_typed_values_and_a_malformed_line(spark, tmp_path):
+    path = tmp_path / "clicks.json"
+    path.write_text(
+        '{"user_id": "u1", "item_id": "i1", "event_type": "purchase", "event_ts": 1759312800, "quantity": 2, "revenue": 9.5}\n'
+        '{"user_id": "u2", "item_id": "i1", "event_type": "view", "event_ts": "2026-10-01T10:00:00+00:00"}\n'
+        '{"user_id": "u3", "item_id": \n'
+    )
+    raw = ingest.read_raw(spark.read, str(path), "json")
+    classified = ingest.classify(ingest.normalize(raw), EVENT_TYPES, NOW)
+    got = sorted((r["user_id"] or "", r["event_ts"], r["quantity"], r["reason"]) for r in classified.collect())
+    assert got == [
+        ("", None, None, "missing_user_id"),  # the malformed line is kept, as raw text, in quarantine
+        ("u1", datetime(2025, 10, 1, 10, 0), 2.0, None),
+        ("u2", datetime(2026, 10, 1, 10, 0), None, None),
+    ]
+    bad = ingest.quarantined_rows(classified, "r").first()
+    assert "_corrupt_record" in bad["raw"] and "u3" in bad["raw"]
+
+
+def test_failed_stage_is_recorded_and_leaves_tables_readable(spark, tmp_path):
+    from jobs import build_interactions
+
+    csv_path = tmp_path / "clicks.csv"
+    csv_path.write_text(CSV)
+    config = _config(tmp_path, csv_path)
+    run_stage(spark, config, "run-1", "ingest", ingest_job.run)
+    broken = load_config([], [f"input.events={csv_path}", f"output.root={tmp_path / 'wh'}",
+                              "spark.shuffle_partitions=2", "interactions.half_life_days=0"])
+    with pytest.raises(ValueError, match="half_life_days must be > 0"):
+        run_stage(spark, broken, "run-2", "build_interactions", build_interactions.run)
+    failed = tables_of(config).read(spark, "pipeline_runs").where("run_id = 'run-2'").first()
+    assert failed["status"] == "failed" and "half_life_days must be > 0" in failed["message"]
+    assert tables_of(config).read(spark, "events").count() == 3
