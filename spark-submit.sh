@@ -53,6 +53,22 @@ common=(
   --py-files "$ROOT/dist/lib.zip"
 )
 if [ -n "$remote" ]; then
-  exec spark-submit --remote "$remote" "${common[@]}" ${submit_args[@]+"${submit_args[@]}"} "$job" ${job_args[@]+"${job_args[@]}"}
+  # pyspark 4.2's `spark-submit --remote` builds a client-only classpath, so the local Connect
+  # server it should start fails (SparkConnectPlugin, then classic SparkSession, not found).
+  # Instead the job runs as a plain Python client with SPARK_REMOTE: for local[...] pyspark
+  # starts the server in a JVM launched with PYSPARK_SUBMIT_ARGS (Delta, confs, lib.zip).
+  case "$remote" in
+    local*)
+      printf -v PYSPARK_SUBMIT_ARGS '%q ' "${common[@]}" ${submit_args[@]+"${submit_args[@]}"}
+      export PYSPARK_SUBMIT_ARGS="${PYSPARK_SUBMIT_ARGS}pyspark-shell" ;;
+    *)
+      if [ ${#submit_args[@]} -gt 0 ]; then
+        echo "spark-submit options (${submit_args[*]}) do not reach a running Connect server ($remote);" \
+             "configure the server instead" >&2
+        exit 2
+      fi ;;
+  esac
+  export SPARK_REMOTE="$remote"
+  exec python "$job" ${job_args[@]+"${job_args[@]}"}
 fi
 exec spark-submit --master "$master" "${common[@]}" ${submit_args[@]+"${submit_args[@]}"} "$job" ${job_args[@]+"${job_args[@]}"}

@@ -64,6 +64,8 @@ def get_session(app_name: str, config: dict[str, Any]) -> SparkSession:
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     for key, value in config["spark"]["conf"].items():
         spark.conf.set(key, str(value))
+    kind = "Spark Connect" if type(spark).__module__.startswith("pyspark.sql.connect") else "classic"
+    log.info("Spark session: %s, Spark %s", kind, spark.version)
     return spark
 
 
