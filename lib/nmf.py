@@ -1,0 +1,588 @@
+"""Blockwise non-negative matrix factorization X ~ W H on Spark DataFrames.
+
+X (m x n, sparse, non-negative) arrives as (row, col, value) entries. Both factors are kept as
+"rows x k" matrices: W (m x k) and Ht = H' (n x k), so one update rule serves both half-steps:
+a factor F is updated from M = X F_other (its "cross" product) and G = F_other' F_other (a k x k Gram).
+
+Two layouts, chosen by the size of the smaller factor (``broadcast_limit_bytes``):
+
+- 1D (the fast path): X is cut into p row blocks, each stored in one DataFrame row next to its
+  factor block, so the kept factor's half-step is a map. The other factor (k x min(m, n)) travels to
+  the tasks in one row through a broadcast join hint. Each map task also emits the partial product
+  X_i' W_i and Gram W_i' W_i of its blocks, summed inside the task; one small reduce adds them and
+  updates the shipped factor. Per iteration: one pass over X and a shuffle of p x n x k doubles.
+- 2D (when neither factor is small): X is cut into a p x q grid; W lives in p row blocks, H in q
+  column blocks. A half-step joins X blocks with factor blocks on the block id, multiplies, and sums
+  the products in a shuffle keyed on the other block id; only the k x k Grams reach the driver.
+
+Solvers: multiplicative updates (Lee & Seung, in scikit-learn's exact form for beta = 2) and HALS
+(Cichocki; accelerated as in Gillis & Glineur 2012: several inner passes reuse one distributed
+product). The objective ||X - W H||_F / ||X||_F comes from ||X||^2 - 2 tr(W' X H') + tr(W'W H H')
+without forming W H. Only k x k matrices and scalars ever reach the Python driver.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+log = logging.getLogger("lib.nmf")
+
+# scikit-learn's guard against a zero denominator in the multiplicative update (_nmf.EPSILON).
+MU_EPSILON = float(np.finfo(np.float32).eps)
+SOLVERS = ("hals", "mu")
+INITS = ("random", "random_columns", "custom")
+
+_BLOCK_SCHEMA = (
+    "kind string, block long, n_rows long, indptr binary, indices binary, data binary, "
+    "factor binary, cross binary, gram binary"
+)
+_SHIPPED_SCHEMA = "factor binary, gram binary, tr_cross double, tr_gram double"
+
+
+@dataclass(frozen=True)
+class NMFParams:
+    """Settings of one factorization."""
+
+    k: int
+    solver: str = "hals"
+    max_iter: int = 100
+    tol: float = 1e-4
+    init: str = "random_columns"
+    seed: int = 0
+    l1_w: float = 0.0
+    l2_w: float = 0.0
+    l1_h: float = 0.0
+    l2_h: float = 0.0
+    inner_passes: int = 5            # HALS passes per distributed product (1 = plain HALS)
+    inner_tol: float = 0.1           # stop inner passes once a pass changes < inner_tol x the first
+    row_blocks: int = 0              # 0: from the number of non-zeros
+    col_blocks: int = 0              # 2D layout only; 0: from the number of non-zeros
+    block_nnz: int = 1_000_000       # target non-zeros per block when the grid is automatic
+    broadcast_limit_bytes: int = 64 * 1024 * 1024   # largest factor shipped to every task (1D)
+    checkpoint_interval: int = 5     # cut the lineage every this many iterations
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"NMF rank k must be >= 1, got {self.k}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"NMF solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.init not in INITS:
+            raise ValueError(f"NMF init must be one of {INITS}, got {self.init!r}")
+        if self.max_iter < 1:
+            raise ValueError(f"NMF max_iter must be >= 1, got {self.max_iter}")
+        if min(self.l1_w, self.l2_w, self.l1_h, self.l2_h) < 0:
+            raise ValueError("NMF penalties l1_w, l2_w, l1_h, l2_h must be >= 0")
+        if self.inner_passes < 1 or self.checkpoint_interval < 1:
+            raise ValueError("NMF inner_passes and checkpoint_interval must be >= 1")
+        if self.tol < 0 or self.block_nnz < 1 or self.row_blocks < 0 or self.col_blocks < 0:
+            raise ValueError("NMF tol, block_nnz, row_blocks and col_blocks must be non-negative")
+
+
+@dataclass
+class NMFResult:
+    """Factors as DataFrames (``row_idx``/``col_idx``, ``factors`` array<double> of length k) and the history."""
+
+    w: DataFrame
+    h: DataFrame
+    history: list[tuple[int, float, float]]  # (iteration, relative error, seconds for it)
+    layout: str
+    grid: tuple[int, int]
+    x_norm_sq: float
+    _cached: list[DataFrame] = field(default_factory=list, repr=False)
+
+    @property
+    def rel_error(self) -> float:
+        return self.history[-1][1]
+
+    @property
+    def iterations(self) -> int:
+        return self.history[-1][0]
+
+    def release(self) -> None:
+        """Drop the cached blocks once the factors are written."""
+        for df in self._cached:
+            df.unpersist()
+        self._cached.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Update rules on one "rows x k" factor block: F from M = X F_other and G = F_other' F_other.
+# ----------------------------------------------------------------------------------------------
+
+def mu_update(factor: np.ndarray, cross: np.ndarray, gram: np.ndarray, l1: float, l2: float) -> np.ndarray:
+    """One multiplicative update, as scikit-learn does it for the Frobenius loss."""
+    denominator = factor @ gram
+    if l1 > 0:
+        denominator += l1
+    if l2 > 0:
+        denominator = denominator + l2 * factor
+    denominator[denominator == 0] = MU_EPSILON
+    return factor * (cross / denominator)
+
+
+def hals_update(
+    factor: np.ndarray, cross: np.ndarray, gram: np.ndarray, l1: float, l2: float,
+    passes: int, inner_tol: float,
+) -> np.ndarray:
+    """Up to ``passes`` cyclic HALS sweeps over the k columns, reusing ``cross`` and ``gram``.
+
+    Extra sweeps cost rows x k^2 each against nnz x k for the product, so they are nearly free;
+    they stop once a sweep moves the factor less than ``inner_tol`` times the first sweep did.
+    """
+    factor = np.array(factor, dtype=np.float64, order="F", copy=True)
+    gram = gram + l2 * np.eye(gram.shape[0]) if l2 else gram
+    cross = cross - l1 if l1 else cross
+    first_change = 0.0
+    for sweep in range(passes):
+        change = 0.0
+        for col in range(factor.shape[1]):
+            hess = gram[col, col]
+            if hess <= 0:
+                continue
+            step = (cross[:, col] - factor @ gram[:, col]) / hess
+            updated = np.maximum(factor[:, col] + step, 0.0)
+            change += float(np.sum((updated - factor[:, col]) ** 2))
+            factor[:, col] = updated
+        if sweep == 0:
+            first_change = change
+        elif change <= inner_tol * inner_tol * first_change:
+            break
+    return np.ascontiguousarray(factor)
+
+
+def make_rule(params: NMFParams, side: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The update of the W side ("w") or the H side ("h") with that side's penalties."""
+    l1, l2 = (params.l1_w, params.l2_w) if side == "w" else (params.l1_h, params.l2_h)
+    if params.solver == "mu":
+        return lambda factor, cross, gram: mu_update(factor, cross, gram, l1, l2)
+    passes, inner_tol = params.inner_passes, params.inner_tol
+    return lambda factor, cross, gram: hals_update(factor, cross, gram, l1, l2, passes, inner_tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding of blocks inside DataFrame rows
+# ----------------------------------------------------------------------------------------------
+
+def _dense(blob: bytes, rows: int, k: int) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float64).reshape(rows, k)
+
+
+def _csr(indptr: bytes, indices: bytes, data: bytes, rows: int, cols: int) -> sp.csr_matrix:
+    return sp.csr_matrix(
+        (np.frombuffer(data, dtype=np.float64), np.frombuffer(indices, dtype=np.int32),
+         np.frombuffer(indptr, dtype=np.int64)),
+        shape=(rows, cols),
+    )
+
+
+_BLOCK_ARROW_SCHEMA = pa.schema([
+    ("kind", pa.string()), ("block", pa.int64()), ("n_rows", pa.int64()), ("indptr", pa.binary()),
+    ("indices", pa.binary()), ("data", pa.binary()), ("factor", pa.binary()), ("cross", pa.binary()),
+    ("gram", pa.binary()),
+])
+
+
+def _block_batch(rows: list[dict]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(rows, schema=_BLOCK_ARROW_SCHEMA)
+
+
+def _random_factor(seed: int, stream: int, rows: int, k: int, scale: float) -> np.ndarray:
+    """scikit-learn's 'random' init shape: |N(0, 1)| * sqrt(mean(X) / k), seeded per block."""
+    rng = np.random.default_rng([seed, stream])
+    return np.abs(rng.standard_normal((rows, k))) * scale
+
+
+def _column_groups(seed: int, n_cols: int, k: int) -> list[np.ndarray]:
+    """Random disjoint column sets, one per component (random-Acol init, Langville et al. 2006)."""
+    per_group = max(1, min(n_cols // k, 50))
+    order = np.random.default_rng([seed, 2]).permutation(n_cols)
+    return [order[(l * per_group) % n_cols: (l * per_group) % n_cols + per_group] for l in range(k)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and the grid
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MatrixStats:
+    n_rows: int
+    n_cols: int
+    nnz: int
+    total: float
+    norm_sq: float
+
+
+def matrix_entries(entries: DataFrame, row: str = "row", col: str = "col", value: str = "value") -> DataFrame:
+    """(row, col, value) with duplicate (row, col) pairs summed; explicit zeros dropped."""
+    return (
+        entries.select(F.col(row).cast("long").alias("row"), F.col(col).cast("long").alias("col"),
+                       F.col(value).cast("double").alias("value"))
+        .groupBy("row", "col").agg(F.sum("value").alias("value"))
+        .where(F.col("value") != 0)
+    )
+
+
+def matrix_stats(entries: DataFrame, n_rows: int | None = None, n_cols: int | None = None) -> MatrixStats:
+    """Shape, non-zeros, sum and squared norm of summed entries; bad input raises ValueError."""
+    stats = entries.agg(
+        F.count(F.lit(1)).alias("nnz"), F.max("row").alias("max_row"), F.max("col").alias("max_col"),
+        F.min("row").alias("min_row"), F.min("col").alias("min_col"), F.min("value").alias("min_value"),
+        F.sum("value").alias("total"), F.sum(F.col("value") * F.col("value")).alias("norm_sq"),
+        F.sum(F.when(F.col("row").isNull() | F.col("col").isNull() | F.col("value").isNull()
+                     | F.isnan("value"), 1).otherwise(0)).alias("nulls"),
+    ).first()
+    if stats["nulls"]:
+        raise ValueError(f"NMF input has {stats['nulls']} entries with a null/NaN row, column or value")
+    if not stats["nnz"] or not stats["norm_sq"]:
+        raise ValueError("NMF input is all zeros (no non-zero entries): nothing to factorize")
+    if stats["min_value"] < 0:
+        raise ValueError(f"NMF input must be non-negative; smallest value is {stats['min_value']}")
+    if stats["min_row"] < 0 or stats["min_col"] < 0:
+        raise ValueError("NMF input has negative row or column indices")
+    m = int(stats["max_row"]) + 1 if n_rows is None else n_rows
+    n = int(stats["max_col"]) + 1 if n_cols is None else n_cols
+    if stats["max_row"] >= m or stats["max_col"] >= n:
+        raise ValueError(f"NMF input has indices beyond the declared shape {m} x {n}")
+    if not math.isfinite(stats["norm_sq"]):
+        raise ValueError("NMF input has infinite values")
+    return MatrixStats(m, n, int(stats["nnz"]), float(stats["total"]), float(stats["norm_sq"]))
+
+
+def _grid_size(nnz: int, requested: int, block_nnz: int, extent: int) -> int:
+    size = requested or max(1, math.ceil(nnz / block_nnz))
+    return max(1, min(size, extent))
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver loop
+# ----------------------------------------------------------------------------------------------
+
+def factorize(
+    entries: DataFrame,
+    params: NMFParams,
+    n_rows: int | None = None,
+    n_cols: int | None = None,
+    initial_w: DataFrame | None = None,
+    initial_h: DataFrame | None = None,
+) -> NMFResult:
+    """Factorize the matrix of ``entries`` (row, col, value) into W (n_rows x k) and H (k x n_cols).
+
+    Duplicate (row, col) entries are summed. ``initial_w`` (row_idx, factors) and ``initial_h``
+    (col_idx, factors) are required with ``init='custom'``. The result's factor DataFrames are
+    cached; call ``release()`` after writing them.
+    """
+    if (initial_w is None) != (initial_h is None) or (params.init == "custom") != (initial_w is not None):
+        raise ValueError("init='custom' needs both initial_w and initial_h (and only it takes them)")
+    summed = matrix_entries(entries).persist()
+    stats = matrix_stats(summed, n_rows, n_cols)
+    m, n, k = stats.n_rows, stats.n_cols, params.k
+    smaller = min(m, n) * k * 8
+    log.info("NMF: %d x %d, nnz=%d, k=%d, solver=%s, init=%s", m, n, stats.nnz, k, params.solver, params.init)
+    try:
+        if smaller <= params.broadcast_limit_bytes:
+            if n <= m:
+                result = _factorize_1d(summed, stats, params, initial_w, initial_h, transposed=False)
+            else:
+                result = _factorize_1d(summed, stats, params, initial_w, initial_h, transposed=True)
+        else:
+            result = _factorize_2d(summed, stats, params, initial_w, initial_h)
+    finally:
+        summed.unpersist()
+    return result
+
+
+def _rel_error(norm_sq: float, tr_cross: float, tr_gram: float) -> float:
+    return math.sqrt(max(norm_sq - 2.0 * tr_cross + tr_gram, 0.0) / norm_sq)
+
+
+def _converged(history: list[tuple[int, float, float]], tol: float) -> bool:
+    if tol <= 0 or len(history) < 2:
+        return False
+    previous, current = history[-2][1], history[-1][1]
+    return previous > 0 and (previous - current) / previous < tol
+
+
+# ----------------------------------------------------------------------------------------------
+# 1D layout: X row blocks travel with their factor block; the other factor is broadcast.
+# ----------------------------------------------------------------------------------------------
+
+def _factorize_1d(
+    summed: DataFrame, stats: MatrixStats, params: NMFParams,
+    initial_w: DataFrame | None, initial_h: DataFrame | None, transposed: bool,
+) -> NMFResult:
+    """Kept side = the larger dimension (rows of X, or of X' when ``transposed``)."""
+    k = params.k
+    if transposed:
+        summed = summed.select(F.col("col").alias("row"), F.col("row").alias("col"), "value")
+        kept_n, shipped_n = stats.n_cols, stats.n_rows
+        initial_kept, initial_shipped = initial_h, initial_w
+        kept_side, shipped_side = "h", "w"
+    else:
+        kept_n, shipped_n = stats.n_rows, stats.n_cols
+        initial_kept, initial_shipped = initial_w, initial_h
+        kept_side, shipped_side = "w", "h"
+    p = _grid_size(stats.nnz, params.row_blocks, params.block_nnz, kept_n)
+    rows_per_block = math.ceil(kept_n / p)
+    p = math.ceil(kept_n / rows_per_block)
+    scale = math.sqrt(stats.total / (stats.n_rows * stats.n_cols) / k)
+    spark = summed.sparkSession
+    log.info("NMF layout 1D%s: %d row blocks of <= %d rows; shipped factor %d x %d",
+             " (transposed)" if transposed else "", p, rows_per_block, shipped_n, k)
+
+    blocks = _build_row_blocks(spark, summed, initial_kept, params, kept_n, shipped_n, p, rows_per_block, scale)
+    blocks = blocks.persist()
+    shipped = _initial_shipped(spark, initial_shipped, params, shipped_n, scale)
+
+    update_kept = make_rule(params, kept_side)
+    update_shipped = make_rule(params, shipped_side)
+    # The shipped factor depends on the kept blocks and on its previous value, so an uncut plan
+    # doubles every iteration: the one-row shipped factor is checkpointed every iteration (cheap),
+    # the blocks are persisted and checkpointed every checkpoint_interval iterations. Unpersisting
+    # a DataFrame makes Spark drop the caches built on it, so old iterates are released only after a cut.
+    pending: list[DataFrame] = [blocks]
+    shipped = shipped.localCheckpoint(eager=True)
+    if params.init == "random_columns":
+        # The column-average init fixes the kept factor; fit the shipped one to it before iterating.
+        init_rule = make_rule(NMFParams(k=k, inner_passes=10, l1_w=params.l1_w, l2_w=params.l2_w,
+                                        l1_h=params.l1_h, l2_h=params.l2_h), shipped_side)
+        partials = _map_kept(blocks, shipped, shipped_n, k, None).persist()
+        shipped = _reduce_shipped(partials, shipped, shipped_n, k, init_rule).localCheckpoint(eager=True)
+        pending.append(partials)
+
+    history: list[tuple[int, float, float]] = []
+    state = blocks
+    for iteration in range(1, params.max_iter + 1):
+        started = time.perf_counter()
+        cut = iteration % params.checkpoint_interval == 0
+        new_state = _map_kept(state, shipped, shipped_n, k, update_kept)
+        new_state = new_state.localCheckpoint(eager=True) if cut else new_state.persist()
+        shipped = _reduce_shipped(new_state, shipped, shipped_n, k, update_shipped).localCheckpoint(eager=True)
+        terms = shipped.select("tr_cross", "tr_gram").first()
+        state = new_state
+        if cut:
+            for old in pending:
+                old.unpersist()
+            pending = []
+        else:
+            pending.append(state)
+        seconds = time.perf_counter() - started
+        history.append((iteration, _rel_error(stats.norm_sq, terms["tr_cross"], terms["tr_gram"]), seconds))
+        log.info("NMF iteration %d: relative error %.6f (%.2f s)", iteration, history[-1][1], seconds)
+        if _converged(history, params.tol):
+            break
+
+    kept_rows = _kept_rows(state, k, rows_per_block)
+    shipped_rows = _shipped_rows(spark, shipped, shipped_n, k)
+    w, h = (shipped_rows, kept_rows) if transposed else (kept_rows, shipped_rows)
+    w = w.withColumnRenamed("idx", "row_idx")
+    h = h.withColumnRenamed("idx", "col_idx")
+    return NMFResult(w=w, h=h, history=history, layout="1d-transposed" if transposed else "1d", grid=(p, 1),
+                     x_norm_sq=stats.norm_sq, _cached=pending + [state])
+
+
+def _build_row_blocks(
+    spark, summed: DataFrame, initial: DataFrame | None, params: NMFParams,
+    kept_n: int, shipped_n: int, p: int, rows_per_block: int, scale: float,
+) -> DataFrame:
+    """One DataFrame row per row block: CSR of X_i and the initial factor block, one block per partition."""
+    k, seed, init = params.k, params.seed, params.init
+    block_of = (F.col("row") / F.lit(rows_per_block)).cast("long")
+    entries = summed.select(block_of.alias("block"), F.lit(0).alias("kind"), "row", "col", "value",
+                            F.lit(None).cast("array<double>").alias("factors"))
+    markers = spark.range(p).select(F.col("id").alias("block"), F.lit(2).alias("kind"), F.lit(None).cast("long").alias("row"),
+                                    F.lit(None).cast("long").alias("col"), F.lit(None).cast("double").alias("value"),
+                                    F.lit(None).cast("array<double>").alias("factors"))
+    parts = entries.unionByName(markers)
+    if initial is not None:
+        parts = parts.unionByName(initial.select(
+            (F.col(initial.columns[0]) / F.lit(rows_per_block)).cast("long").alias("block"), F.lit(1).alias("kind"),
+            F.col(initial.columns[0]).cast("long").alias("row"), F.lit(None).cast("long").alias("col"),
+            F.lit(None).cast("double").alias("value"), F.col("factors").cast("array<double>")))
+    groups = _column_groups(seed, shipped_n, k) if init == "random_columns" else None
+
+    def build(frame):
+        import pandas as pd
+        block = int(frame["block"].iloc[0])
+        start = block * rows_per_block
+        n_block = min(rows_per_block, kept_n - start)
+        cells = frame[frame["kind"] == 0].sort_values(["row", "col"])
+        local = cells["row"].to_numpy(np.int64) - start
+        matrix = sp.csr_matrix((cells["value"].to_numpy(np.float64), (local, cells["col"].to_numpy(np.int64))),
+                               shape=(n_block, shipped_n))
+        if init == "custom":
+            given = frame[frame["kind"] == 1]
+            factor = np.zeros((n_block, k))
+            if len(given):
+                factor[given["row"].to_numpy(np.int64) - start] = np.stack(given["factors"].to_numpy())
+        elif init == "random":
+            factor = _random_factor(seed, 10 + block, n_block, k, scale)
+        else:
+            csc = matrix.tocsc()
+            factor = np.column_stack([np.asarray(csc[:, group].mean(axis=1)).ravel() for group in groups])
+        return pd.DataFrame({
+            "kind": ["block"], "block": [block], "n_rows": [n_block],
+            "indptr": [matrix.indptr.astype(np.int64).tobytes()],
+            "indices": [matrix.indices.astype(np.int32).tobytes()],
+            "data": [matrix.data.astype(np.float64).tobytes()],
+            "factor": [np.ascontiguousarray(factor, dtype=np.float64).tobytes()],
+            "cross": [None], "gram": [None],
+        })
+
+    return parts.groupBy("block").applyInPandas(build, _BLOCK_SCHEMA).repartitionByRange(p, "block")
+
+
+def _initial_shipped(spark, initial: DataFrame | None, params: NMFParams, shipped_n: int, scale: float) -> DataFrame:
+    """The shipped factor as a one-row DataFrame (custom rows assembled by one small task)."""
+    k, seed = params.k, params.seed
+    if initial is None:
+        def generate(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for _ in batches:
+                factor = _random_factor(seed, 1, shipped_n, k, scale)
+                yield _shipped_batch(factor, None, 0.0, 0.0)
+        return spark.range(1, numPartitions=1).mapInArrow(generate, _SHIPPED_SCHEMA)
+
+    def assemble(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        factor = np.zeros((shipped_n, k))
+        for batch in batches:
+            idx = batch.column(0).to_numpy()
+            values = batch.column(1).flatten().to_numpy(zero_copy_only=False)
+            if len(idx):
+                factor[idx] = values.reshape(len(idx), k)
+        yield _shipped_batch(factor, None, 0.0, 0.0)
+
+    rows = initial.select(F.col(initial.columns[0]).cast("long").alias("idx"), F.col("factors").cast("array<double>"))
+    return rows.repartition(1).mapInArrow(assemble, _SHIPPED_SCHEMA)
+
+
+def _shipped_batch(factor: np.ndarray, gram: np.ndarray | None, tr_cross: float, tr_gram: float) -> pa.RecordBatch:
+    gram = factor.T @ factor if gram is None else gram
+    return pa.RecordBatch.from_pydict(
+        {"factor": [np.ascontiguousarray(factor).tobytes()], "gram": [np.ascontiguousarray(gram).tobytes()],
+         "tr_cross": [tr_cross], "tr_gram": [tr_gram]},
+        schema=pa.schema([("factor", pa.binary()), ("gram", pa.binary()), ("tr_cross", pa.float64()),
+                          ("tr_gram", pa.float64())]),
+    )
+
+
+def _map_kept(
+    state: DataFrame, shipped: DataFrame, shipped_n: int, k: int,
+    update: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None,
+) -> DataFrame:
+    """Update every kept block from the broadcast factor (a map), and emit per-task partial sums.
+
+    Output: the blocks (kind 'block', X unchanged, new factor) plus one 'partial' row per task with
+    sum_i X_i' F_i (shipped_n x k) and sum_i F_i' F_i (k x k). ``update=None`` only emits partials.
+    """
+    joined = state.where(F.col("kind") == "block").crossJoin(
+        F.broadcast(shipped.select(F.col("factor").alias("s_factor"), F.col("gram").alias("s_gram"))))
+
+    def step(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        cross_sum = np.zeros((shipped_n, k))
+        gram_sum = np.zeros((k, k))
+        shipped_factor = shipped_gram = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if shipped_factor is None:
+                shipped_factor = _dense(batch.column("s_factor")[0].as_buffer(), shipped_n, k)
+                shipped_gram = _dense(batch.column("s_gram")[0].as_buffer(), k, k)
+            factors = []
+            n_rows = batch.column("n_rows").to_numpy()
+            for i in range(batch.num_rows):
+                # X stays in Arrow buffers: read without copying, passed through unchanged.
+                matrix = _csr(batch.column("indptr")[i].as_buffer(), batch.column("indices")[i].as_buffer(),
+                              batch.column("data")[i].as_buffer(), int(n_rows[i]), shipped_n)
+                factor = _dense(batch.column("factor")[i].as_buffer(), int(n_rows[i]), k)
+                if update is not None:
+                    factor = update(factor, np.asarray(matrix @ shipped_factor), shipped_gram)
+                cross_sum += np.asarray(matrix.T @ factor)
+                gram_sum += factor.T @ factor
+                factors.append(np.ascontiguousarray(factor).tobytes())
+            empty = pa.nulls(batch.num_rows, pa.binary())
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(["block"] * batch.num_rows), batch.column("block"), batch.column("n_rows"),
+                 batch.column("indptr"), batch.column("indices"), batch.column("data"),
+                 pa.array(factors, pa.binary()), empty, empty],
+                schema=_BLOCK_ARROW_SCHEMA)
+        yield _block_batch([{"kind": "partial", "block": -1, "n_rows": 0, "indptr": None, "indices": None,
+                             "data": None, "factor": None, "cross": cross_sum.tobytes(),
+                             "gram": gram_sum.tobytes()}])
+
+    return joined.mapInArrow(step, _BLOCK_SCHEMA)
+
+
+def _reduce_shipped(
+    state: DataFrame, shipped: DataFrame, shipped_n: int, k: int,
+    update: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+) -> DataFrame:
+    """Sum the partials in one task and update the shipped factor; also the objective's trace terms."""
+    partials = state.where(F.col("kind") == "partial").select(
+        F.lit(0).alias("is_factor"), "cross", "gram", F.lit(None).cast("binary").alias("factor"))
+    old = shipped.select(F.lit(1).alias("is_factor"), F.lit(None).cast("binary").alias("cross"),
+                         F.lit(None).cast("binary").alias("gram"), "factor")
+
+    def reduce(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        cross = np.zeros((shipped_n, k))
+        gram = np.zeros((k, k))
+        factor = None
+        for batch in batches:
+            for row in batch.to_pylist():
+                if row["is_factor"]:
+                    factor = _dense(row["factor"], shipped_n, k)
+                else:
+                    cross += _dense(row["cross"], shipped_n, k)
+                    gram += _dense(row["gram"], k, k)
+        if factor is None:
+            return
+        factor = update(factor, cross, gram)
+        own_gram = factor.T @ factor
+        yield _shipped_batch(factor, own_gram, float(np.sum(cross * factor)), float(np.sum(gram * own_gram)))
+
+    return partials.unionByName(old).repartition(1).mapInArrow(reduce, _SHIPPED_SCHEMA)
+
+
+def _kept_rows(state: DataFrame, k: int, rows_per_block: int) -> DataFrame:
+    """(idx, factors) rows of the kept factor, exploded from its blocks inside the tasks."""
+    def explode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for row in batch.to_pylist():
+                factor = _dense(row["factor"], row["n_rows"], k)
+                start = row["block"] * rows_per_block
+                yield _factor_batch(np.arange(start, start + row["n_rows"]), factor, k)
+
+    return state.where(F.col("kind") == "block").mapInArrow(explode, "idx long, factors array<double>")
+
+
+def _shipped_rows(spark, shipped: DataFrame, shipped_n: int, k: int) -> DataFrame:
+    def explode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for blob in batch.column("factor").to_pylist():
+                factor = _dense(blob, shipped_n, k)
+                for start in range(0, shipped_n, 65536):
+                    stop = min(start + 65536, shipped_n)
+                    yield _factor_batch(np.arange(start, stop), factor[start:stop], k)
+
+    return shipped.select("factor").mapInArrow(explode, "idx long, factors array<double>")
+
+
+def _factor_batch(idx: np.ndarray, factor: np.ndarray, k: int) -> pa.RecordBatch:
+    values = pa.array(np.ascontiguousarray(factor, dtype=np.float64).ravel())
+    offsets = pa.array(np.arange(0, (len(idx) + 1) * k, k, dtype=np.int32))
+    return pa.RecordBatch.from_arrays([pa.array(idx.astype(np.int64)), pa.ListArray.from_arrays(offsets, values)],
+                                      names=["idx", "factors"])
+
+
+def _factorize_2d(
+    summed: DataFrame, stats: MatrixStats, params: NMFParams,
+    initial_w: DataFrame | None, initial_h: DataFrame | None,
+) -> NMFResult:
+    raise NotImplementedError("2D layout pending")
