@@ -39,6 +39,8 @@ def load_config(conf_files: list[str], sets: list[str]) -> dict[str, Any]:
     overlays = []
     for name in conf_files:
         path = Path(name)
+        if not path.is_file() and not path.is_absolute() and (REPO_ROOT / name).is_file():
+            path = REPO_ROOT / name  # e.g. conf/databricks.toml shipped inside the installed wheel
         if not path.is_file():
             raise ConfigError(f"config file not found: {name}")
         overlays.append(parse_toml(path.read_text(), name))
