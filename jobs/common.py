@@ -101,8 +101,8 @@ def setup_logging() -> None:
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
-def main_for(name: str, description: str, stage: Stage, argv: list[str] | None = None) -> StageResult:
-    """Entry point of a single-stage job: config, session, the stage under bookkeeping."""
+def start_job(name: str, description: str, argv: list[str] | None = None) -> tuple[SparkSession, dict[str, Any], str]:
+    """Logging, command line, configuration (a bad key exits with status 2), session: (spark, config, run_id)."""
     setup_logging()
     args = parse_args(description, argv)
     try:
@@ -112,4 +112,10 @@ def main_for(name: str, description: str, stage: Stage, argv: list[str] | None =
         raise SystemExit(2) from None
     spark = get_session(f"email-personalization-{name}", config)
     tables_of(config).ensure_schema(spark)
-    return run_stage(spark, config, args.run_id or new_run_id(), name, stage)
+    return spark, config, args.run_id or new_run_id()
+
+
+def main_for(name: str, description: str, stage: Stage, argv: list[str] | None = None) -> StageResult:
+    """Entry point of a single-stage job: config, session, the stage under bookkeeping."""
+    spark, config, run_id = start_job(name, description, argv)
+    return run_stage(spark, config, run_id, name, stage)
