@@ -39,7 +39,8 @@ log = logging.getLogger("lib.nmf")
 # scikit-learn's guard against a zero denominator in the multiplicative update (_nmf.EPSILON).
 MU_EPSILON = float(np.finfo(np.float32).eps)
 SOLVERS = ("hals", "mu")
-INITS = ("random", "random_columns", "custom")
+INITS = ("sketch_svd", "random_columns", "random", "custom")
+SKETCH_OVERSAMPLING = 10
 
 _BLOCK_SCHEMA = (
     "kind string, block long, n_rows long, indptr binary, indices binary, data binary, "
@@ -56,7 +57,7 @@ class NMFParams:
     solver: str = "hals"
     max_iter: int = 100
     tol: float = 1e-4
-    init: str = "random_columns"
+    init: str = "sketch_svd"
     seed: int = 0
     l1_w: float = 0.0
     l2_w: float = 0.0
@@ -350,6 +351,10 @@ def _factorize_1d(
     # a DataFrame makes Spark drop the caches built on it, so old iterates are released only after a cut.
     pending: list[DataFrame] = [blocks]
     shipped = shipped.localCheckpoint(eager=True)
+    if params.init == "sketch_svd":
+        blocks, shipped = _sketch_svd_init(blocks, shipped_n, k, params.seed,
+                                           stats.total / (stats.n_rows * stats.n_cols))
+        pending.append(blocks)
     if params.init == "random_columns":
         # The column-average init fixes the kept factor; fit the shipped one to it before iterating.
         init_rule = make_rule(NMFParams(k=k, inner_passes=10, l1_w=params.l1_w, l2_w=params.l2_w,
@@ -425,6 +430,8 @@ def _build_row_blocks(
                 factor[given["row"].to_numpy(np.int64) - start] = np.stack(given["factors"].to_numpy())
         elif init == "random":
             factor = _random_factor(seed, 10 + block, n_block, k, scale)
+        elif init == "sketch_svd":
+            factor = np.zeros((n_block, k))  # filled from the sketch once all blocks exist
         else:
             csc = matrix.tocsc()
             factor = np.column_stack([np.asarray(csc[:, group].mean(axis=1)).ravel() for group in groups])
@@ -438,6 +445,121 @@ def _build_row_blocks(
         })
 
     return parts.groupBy("block").applyInPandas(build, _BLOCK_SCHEMA).repartitionByRange(p, "block")
+
+
+def _sum_partials(df: DataFrame, column: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum small per-task partials (k x k-sized) on the driver."""
+    total = np.zeros(shape)
+    for row in df.select(column).collect():
+        total += np.frombuffer(row[column], dtype=np.float64).reshape(shape)
+    return total
+
+
+def _sketch_svd_init(
+    blocks: DataFrame, shipped_n: int, k: int, seed: int, mean: float,
+) -> tuple[DataFrame, DataFrame]:
+    """NNDSVDa (Boutsidis & Gallopoulos 2008) from a randomized range sketch of X (Halko et al. 2011).
+
+    Y = X Omega (Omega: shipped_n x r Gaussian, regenerated from the seed in each task), Q = Y L'^-1
+    with L L' = Y'Y (r x r, on the driver), B = X' Q summed in one task and its thin SVD there:
+    X ~ (Q Z) S P'. The kept factor comes from U = Q Z block by block, the shipped one from P;
+    zeros are filled with mean(X) as scikit-learn's 'nndsvda' does. Only r x r matrices and
+    per-component norms reach the driver.
+    """
+    blocks_only = blocks.where(F.col("kind") == "block")
+    kept_rows = blocks_only.agg(F.sum("n_rows")).first()[0]
+    r = max(1, min(k + SKETCH_OVERSAMPLING, shipped_n, kept_rows))
+    rank = min(k, r)
+
+    def sketch(indptr, indices, data, n_rows) -> np.ndarray:
+        omega = np.random.default_rng([seed, 3]).standard_normal((shipped_n, r))
+        return np.asarray(_csr(indptr, indices, data, n_rows, shipped_n) @ omega)
+
+    def blockwise(fn, schema: str):
+        def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            total = None
+            for batch in batches:
+                for i in range(batch.num_rows):
+                    args = [batch.column(c)[i].as_buffer() for c in ("indptr", "indices", "data")]
+                    part = fn(*args, int(batch.column("n_rows")[i].as_py()))
+                    total = part if total is None else total + part
+            if total is not None:
+                yield pa.RecordBatch.from_pydict({"partial": [np.ascontiguousarray(total).tobytes()]},
+                                                 schema=pa.schema([("partial", pa.binary())]))
+        return blocks_only.mapInArrow(run, schema)
+
+    gram = _sum_partials(blockwise(lambda *a: (lambda y: y.T @ y)(sketch(*a)), "partial binary"), "partial", (r, r))
+    lower = np.linalg.cholesky(gram + 1e-10 * max(np.trace(gram), 1e-300) * np.eye(r))
+    to_q = np.linalg.inv(lower).T  # Q = Y to_q has orthonormal columns
+
+    def project(indptr, indices, data, n_rows) -> np.ndarray:
+        matrix = _csr(indptr, indices, data, n_rows, shipped_n)
+        return np.asarray(matrix.T @ (np.asarray(matrix @ np.random.default_rng([seed, 3]).standard_normal(
+            (shipped_n, r))) @ to_q))
+
+    def svd(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        projected = np.zeros((shipped_n, r))
+        for batch in batches:
+            for blob in batch.column("partial"):
+                projected += _dense(blob.as_buffer(), shipped_n, r)
+        left, values, right_t = np.linalg.svd(projected, full_matrices=False)  # X' Q = P S Z'
+        p_top = left[:, :rank]
+        norms = np.concatenate([np.linalg.norm(np.maximum(p_top, 0), axis=0),
+                                np.linalg.norm(np.maximum(-p_top, 0), axis=0)])
+        yield pa.RecordBatch.from_pydict(
+            {"p": [np.ascontiguousarray(p_top).tobytes()], "values": [values[:rank].tobytes()],
+             "z": [np.ascontiguousarray(right_t.T[:, :rank]).tobytes()], "p_norms": [norms.tobytes()]},
+            schema=pa.schema([("p", pa.binary()), ("values", pa.binary()), ("z", pa.binary()),
+                              ("p_norms", pa.binary())]))
+
+    decomposed = (blockwise(project, "partial binary").repartition(1)
+                  .mapInArrow(svd, "p binary, values binary, z binary, p_norms binary").localCheckpoint(eager=True))
+    small = decomposed.select("values", "z", "p_norms").first()
+    values = np.frombuffer(small["values"], dtype=np.float64)
+    z = np.frombuffer(small["z"], dtype=np.float64).reshape(r, rank)
+    p_norms = np.frombuffer(small["p_norms"], dtype=np.float64).reshape(2, rank)
+    to_u = to_q @ z
+
+    def u_block(indptr, indices, data, n_rows) -> np.ndarray:
+        u = sketch(indptr, indices, data, n_rows) @ to_u
+        return np.stack([np.sum(np.maximum(u, 0) ** 2, axis=0), np.sum(np.maximum(-u, 0) ** 2, axis=0)])
+
+    u_norms = np.sqrt(_sum_partials(blockwise(u_block, "partial binary"), "partial", (2, rank)))
+    # Per component keep the sign whose positive part carries more of the singular pair.
+    positive = u_norms[0] * p_norms[0] >= u_norms[1] * p_norms[1]
+    chosen_u = np.where(positive, u_norms[0], u_norms[1])
+    chosen_p = np.where(positive, p_norms[0], p_norms[1])
+    weight = np.sqrt(values * chosen_u * chosen_p)
+    u_scale = np.divide(weight, chosen_u, out=np.zeros(rank), where=chosen_u > 0)
+    p_scale = np.divide(weight, chosen_p, out=np.zeros(rank), where=chosen_p > 0)
+    signs = np.where(positive, 1.0, -1.0)
+
+    def nonneg(raw: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        part = np.maximum(raw * signs, 0.0) * scale
+        factor = np.zeros((raw.shape[0], k))
+        factor[:, :rank] = part
+        factor[factor == 0] = mean
+        return factor
+
+    def fill_kept(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            factors = []
+            for i in range(batch.num_rows):
+                args = [batch.column(c)[i].as_buffer() for c in ("indptr", "indices", "data")]
+                u = sketch(*args, int(batch.column("n_rows")[i].as_py())) @ to_u
+                factors.append(np.ascontiguousarray(nonneg(u, u_scale)).tobytes())
+            index = batch.schema.get_field_index("factor")
+            yield batch.set_column(index, "factor", pa.array(factors, pa.binary()))
+
+    def fill_shipped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for blob in batch.column("p"):
+                yield _shipped_batch(nonneg(_dense(blob.as_buffer(), shipped_n, rank), p_scale), None, 0.0, 0.0)
+
+    kept = blocks_only.mapInArrow(fill_kept, _BLOCK_SCHEMA).persist()
+    shipped = decomposed.select("p").mapInArrow(fill_shipped, _SHIPPED_SCHEMA).localCheckpoint(eager=True)
+    log.info("NMF init: sketch of rank %d, leading singular values %s", r, np.round(values[:rank], 4).tolist())
+    return kept, shipped
 
 
 def _initial_shipped(spark, initial: DataFrame | None, params: NMFParams, shipped_n: int, scale: float) -> DataFrame:
