@@ -1,0 +1,82 @@
+"""Leakage-free evaluation splits of the events table: each user's most recent events are held out.
+
+Everything a model trains on (weights, decay, indices, popularity) must then be computed from the
+``train`` side alone; ``relevant_items`` turns the held-out side into the evaluation's ground truth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training events, held-out events, and the training side's end (its latest event time)."""
+
+    train: DataFrame
+    held_out: DataFrame
+    train_end: datetime
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def holdout_latest(
+    events: DataFrame,
+    fraction: float = 0.2,
+    cutoff: datetime | None = None,
+    user_col: str = "user_id",
+    ts_col: str = "event_ts",
+    tie_col: str = "event_id",
+) -> Split:
+    """Hold out each user's latest events: the latest ``floor(fraction * n_user_events)``, or, when
+    ``cutoff`` is given, every event after it (then ``fraction`` is ignored).
+
+    Ties in time are broken by ``tie_col`` (then the item) so the split is repeatable. Users with
+    fewer than ``1 / fraction`` events keep all of them in training.
+    """
+    for column in (user_col, ts_col):
+        if column not in events.columns:
+            raise ValueError(f"events lack column {column}; has {', '.join(events.columns)}")
+    if cutoff is not None:
+        cutoff_ts = F.lit(_as_utc(cutoff)).cast("timestamp")
+        train = events.where(F.col(ts_col) <= cutoff_ts)
+        held_out = events.where(F.col(ts_col) > cutoff_ts)
+    else:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"holdout fraction must lie in (0, 1), got {fraction}")
+        ties = [F.col(tie_col).desc()] if tie_col in events.columns else []
+        latest_first = Window.partitionBy(user_col).orderBy(F.col(ts_col).desc(), *ties, F.col("item_id").desc())
+        marked = (
+            events.withColumn("_recency", F.row_number().over(latest_first))
+            .withColumn("_n_user", F.count(F.lit(1)).over(Window.partitionBy(user_col)))
+            .withColumn("_held_out", F.col("_recency") <= F.floor(F.col("_n_user") * F.lit(fraction)))
+        )
+        train = marked.where(~F.col("_held_out")).drop("_recency", "_n_user", "_held_out")
+        held_out = marked.where(F.col("_held_out")).drop("_recency", "_n_user", "_held_out")
+    train_end = train.agg(F.max(ts_col)).first()[0]
+    if train_end is None:
+        raise ValueError("the training side of the split is empty: lower the holdout fraction or move the cutoff later")
+    return Split(train=train, held_out=held_out, train_end=_as_utc(train_end))
+
+
+def relevant_items(
+    held_out: DataFrame,
+    train_users: DataFrame,
+    excluded: DataFrame | None = None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+) -> DataFrame:
+    """Ground truth (user, item): distinct held-out items of users the training side knows.
+
+    Items in ``excluded`` (user, item) are dropped, since the recommender is not allowed to show
+    them; items the training side never saw stay in (every model misses them alike).
+    """
+    truth = held_out.select(user_col, item_col).distinct().join(train_users.select(user_col).distinct(), user_col)
+    if excluded is not None:
+        truth = truth.join(excluded.select(user_col, item_col), [user_col, item_col], "left_anti")
+    return truth

@@ -1,0 +1,65 @@
+"""Final recommendation lists: cold-start routing, exclusions, ranks; factor-score top-N."""
+from __future__ import annotations
+
+from pyspark.sql import functions as F
+
+from lib.recommend import factor_top_n, final_recommendations, popular_top_n, segment_popular_top_n
+
+
+def _entries(spark):
+    # Segment 1: users 0, 1 use items 0, 4, 6; segment 2: users 2, 3, 6, 7 use items 1, 2, 5, 7.
+    # Cold users: 4 (segment 1) used item 0 only; 5 (no segment) used item 1 only.
+    rows = ([(u, i, 1.0) for u in (0, 1) for i in (0, 4, 6)] + [(u, i, 1.0) for u in (2, 3, 6, 7) for i in (1, 2, 5, 7)]
+            + [(4, 0, 1.0), (5, 1, 1.0)])
+    return spark.createDataFrame(rows, "user_idx int, item_idx int, score double")
+
+
+def test_cold_start_routing_exclusions_and_ranks(spark):
+    entries = _entries(spark)
+    user_index = spark.createDataFrame([(f"u{u}", u) for u in range(8)], "user_id string, user_idx int")
+    item_index = spark.createDataFrame([(f"i{i}", i) for i in range(8)], "item_id string, item_idx int")
+    excluded = spark.createDataFrame([(0, 1), (4, 0)], "user_idx int, item_idx int")
+    # Two runs of user_segments: the latest (r2) wins, and within it the highest affinity.
+    segments = spark.createDataFrame(
+        [("u0", 1, 0.9, "r2"), ("u1", 1, 0.8, "r2"), ("u4", 1, 0.7, "r2"), ("u4", 2, 0.1, "r2"),
+         ("u2", 2, 0.9, "r2"), ("u3", 2, 0.9, "r2"), ("u6", 2, 0.9, "r2"), ("u7", 2, 0.9, "r2"),
+         ("u4", 2, 0.9, "r1")],
+        "user_id string, segment_id int, affinity double, run_id string")
+
+    def model_top_n(users, n, exclude):
+        return popular_top_n(users, entries, n, exclude)
+
+    recs = final_recommendations(model_top_n, entries, user_index, item_index, excluded, n=2,
+                                 min_history=2, segments=segments).cache()
+    sources = {row["user_id"]: row["source"] for row in recs.select("user_id", "source").distinct().collect()}
+    assert sources == {**{f"u{u}": "als" for u in (0, 1, 2, 3, 6, 7)}, "u4": "segment_popular", "u5": "popular"}
+    lists = {row["user_id"]: [e["item_id"] for e in row["items"]] for row in recs.groupBy("user_id").agg(
+        F.sort_array(F.collect_list(F.struct("rank", "item_id"))).alias("items")).collect()}
+    assert lists["u4"] == ["i4", "i6"]   # segment 1's items; i0 was bought; global favourites not used
+    assert lists["u5"] == ["i1", "i2"]   # global popularity (i1 in 5 histories, then ties by id)
+    assert lists["u0"] == ["i2", "i5"]   # u0 bought i1, the global favourite
+    ranks = recs.groupBy("user_id").agg(F.sort_array(F.collect_list("rank")).alias("ranks")).collect()
+    assert all(row["ranks"] == [1, 2] for row in ranks)
+    recs.unpersist()
+
+    without_segments = final_recommendations(model_top_n, entries, user_index, item_index, excluded, n=2,
+                                             min_history=2)
+    assert {row["source"] for row in without_segments.where("user_id IN ('u4', 'u5')").collect()} == {"popular"}
+
+
+def test_segment_popularity_counts_all_members(spark):
+    entries = _entries(spark)
+    members = spark.createDataFrame([(0, 1), (1, 1), (4, 1)], "user_idx int, segment_id int")
+    only_cold = spark.createDataFrame([(4, 1)], "user_idx int, segment_id int")
+    recs = segment_popular_top_n(only_cold, entries, 2, members=members).orderBy("rank").collect()
+    # Among members 0, 1, 4: item 0 has 3 users, items 4 and 6 have 2 (ties by item id).
+    assert [row["item_idx"] for row in recs] == [0, 4]
+
+
+def test_factor_top_n_is_a_dot_product(spark):
+    users = spark.createDataFrame([([1.0, 0.0], 0), ([0.0, 2.0], 1)], "factors array<double>, user_idx int")
+    items = spark.createDataFrame([(0, [3.0, 1.0]), (1, [1.0, 5.0]), (2, [2.0, 2.0])], "item_idx int, factors array<double>")
+    exclude = spark.createDataFrame([(1, 1)], "user_idx int, item_idx int")
+    recs = factor_top_n(users, items, users.select("user_idx"), 2, exclude).orderBy("user_idx", "rank").collect()
+    assert [(row["user_idx"], row["item_idx"], row["score"]) for row in recs] == [
+        (0, 0, 3.0), (0, 2, 2.0), (1, 2, 4.0), (1, 0, 2.0)]
