@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from jobs import build_interactions, generate_events, ingest
+from jobs import segment_users
 from jobs.common import get_session, load_config, new_run_id, parse_args, run_stage, setup_logging, tables_of
 from lib.config import ConfigError
 
@@ -17,6 +18,7 @@ log = logging.getLogger("jobs.run_pipeline")
 STAGES = [
     ("ingest", ingest.run),
     ("build_interactions", build_interactions.run),
+    ("segment_users", segment_users.run),
 ]
 
 
