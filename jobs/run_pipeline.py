@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from jobs import build_interactions, generate_events, ingest
-from jobs import segment_users
+from jobs import recommend_items, segment_users
 from jobs.common import get_session, load_config, new_run_id, parse_args, run_stage, setup_logging, tables_of
 from lib.config import ConfigError
 
@@ -19,6 +19,7 @@ STAGES = [
     ("ingest", ingest.run),
     ("build_interactions", build_interactions.run),
     ("segment_users", segment_users.run),
+    ("recommend_items", recommend_items.run),
 ]
 
 
