@@ -49,26 +49,35 @@ def _model_path(config: dict[str, Any], tables: Tables, run_id: str) -> str:
     return f"{model_dir.rstrip('/')}/{run_id}"
 
 
-def _nmf_recommender(spark: SparkSession, tables: Tables):
+def _nmf_recommender(spark: SparkSession, config: dict[str, Any], tables: Tables):
     """An NMF-score recommender fitted on the training side only, or (None, reason)."""
     if not (tables.exists(spark, "nmf_user_factors") and tables.exists(spark, "nmf_item_factors")):
         return None, "nmf_user_factors / nmf_item_factors absent: NMF-score recommender skipped"
     try:
-        from lib.nmf import NMFParams, factorize
+        from jobs.segment_users import nmf_params
+        from lib.nmf import factorize
+        from lib.segments import transform_scores
     except ImportError as err:
-        return None, f"lib.nmf unavailable ({err}): NMF-score recommender skipped"
-    # The stored factors were fitted on every event, held-out ones included, so scoring them on the
-    # held-out events would leak; refit NMF with the stored rank on the training side instead.
-    k = tables.read(spark, "nmf_item_factors").select(F.size("factors")).first()[0]
+        return None, f"NMF code unavailable ({err}): NMF-score recommender skipped"
+    # The stored factors were fitted on every event, held-out ones included; scoring them on the
+    # held-out events would leak. So NMF is refitted, with the segments stage's own settings, on
+    # the training side's matrix, and its W H' scores rank the items.
+    settings = config["segments"]
 
     def recommend(side: TrainingSide, users: DataFrame, n: int) -> DataFrame:
-        result = factorize(side.entries.select(F.col("user_idx").alias("row"), F.col("item_idx").alias("col"),
-                                               F.col("score").alias("value")), NMFParams(k=int(k)))
+        entries, _, _ = transform_scores(side.entries, settings["transform"], settings["idf_items"],
+                                         settings["row_normalize"])
+        n_rows = side.user_index.agg(F.max("user_idx")).first()[0] + 1
+        n_cols = side.item_index.agg(F.max("item_idx")).first()[0] + 1
+        result = factorize(entries.select(F.col("user_idx").alias("row"), F.col("item_idx").alias("col"), "value"),
+                           nmf_params(settings), n_rows=n_rows, n_cols=n_cols)
+        log.info("NMF on the training side: k=%d, relative error %.4f after %d iterations",
+                 settings["k"], result.rel_error, result.iterations)
         user_factors = result.w.withColumnRenamed("row_idx", "user_idx")
         item_factors = result.h.withColumnRenamed("col_idx", "item_idx")
         return factor_top_n(user_factors, item_factors, users, n, side.excluded)
 
-    return recommend, f"NMF-score recommender refitted on the training side with k={k}"
+    return recommend, f"NMF-score recommender refitted on the training side (segments.k={settings['k']})"
 
 
 def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult:
@@ -94,7 +103,7 @@ def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult
             tune_k=settings["tune_k"], holdout_fraction=settings["holdout_fraction"],
             holdout_cutoff=_utc(settings["holdout_cutoff"]), validation_fraction=settings["validation_fraction"],
         )
-        nmf_recommender, nmf_note = _nmf_recommender(spark, tables)
+        nmf_recommender, nmf_note = _nmf_recommender(spark, config, tables)
         log.info("%s", nmf_note)
         notes.append(nmf_note)
 
