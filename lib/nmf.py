@@ -259,7 +259,7 @@ def matrix_stats(entries: DataFrame, n_rows: int | None = None, n_cols: int | No
 
 
 def _grid_size(nnz: int, requested: int, block_nnz: int, extent: int) -> int:
-    size = requested or max(1, math.ceil(nnz / block_nnz))
+    size = requested or max(2, math.ceil(nnz / block_nnz))  # at least two tasks share the work
     return max(1, min(size, extent))
 
 
@@ -707,4 +707,9 @@ def _factorize_2d(
     summed: DataFrame, stats: MatrixStats, params: NMFParams,
     initial_w: DataFrame | None, initial_h: DataFrame | None,
 ) -> NMFResult:
-    raise NotImplementedError("2D layout pending")
+    """Not implemented yet: both factors exceed broadcast_limit_bytes."""
+    smaller = min(stats.n_rows, stats.n_cols) * params.k * 8
+    raise NotImplementedError(
+        f"NMF of a {stats.n_rows} x {stats.n_cols} matrix at k={params.k}: the smaller factor needs "
+        f"{smaller / 2**20:.1f} MiB, above broadcast_limit_bytes ({params.broadcast_limit_bytes / 2**20:.1f} MiB), "
+        "and the 2D grid layout for that case is not implemented yet; raise the limit if executors can hold it")

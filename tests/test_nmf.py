@@ -206,3 +206,9 @@ def test_factors_never_pass_through_the_driver(tmp_path):
     assert result["w_rows"] == 60000
     assert 0 < result["rel_error"] < 1
     assert result["collect_w"] == "failed: maxResultSize"
+
+
+def test_factor_above_the_broadcast_limit_is_refused_clearly(spark):
+    entries = spark.createDataFrame([(0, 0, 1.0), (3, 2, 2.0)], "row long, col long, value double")
+    with pytest.raises(NotImplementedError, match="broadcast_limit_bytes"):
+        factorize(entries, NMFParams(k=2, broadcast_limit_bytes=16))
