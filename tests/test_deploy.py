@@ -1,0 +1,330 @@
+"""The whole pipeline where users run it: a standalone cluster, Spark Connect, catalog tables.
+
+Each run is the real entry point on a tiny sample. The standalone run is the reference the
+Connect run and the catalog-mode run are compared with, table by table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pyspark
+import pytest
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from jobs import run_pipeline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPARK_HOME = Path(pyspark.__file__).resolve().parent
+SAMPLE_EVENTS = 2000
+RUN_TIMEOUT_SECONDS = 900
+
+# Small enough that each run is dominated by JVM start-up and Delta commits, big enough that
+# every stage has real work (several users per planted segment, items per segment).
+TINY = {
+    "sample.users": "120",
+    "sample.items": "40",
+    "sample.events": str(SAMPLE_EVENTS),
+    "sample.segments": "3",
+    "sample.days": "5",
+    "ingest.now": "2026-11-01T00:00:00+00:00",
+    "spark.shuffle_partitions": "2",
+}
+# Cheaper settings for the model stages, applied only for keys conf/base.toml declares (the
+# stages join the pipeline independently of these tests).
+CHEAP_IF_DECLARED = {
+    "segments.k": "3",
+    "segments.max_iter": "10",
+    "segments.sweep_ks": "[]",
+    "recommend.top_n": "5",
+    "recommend.k_values": "[5]",
+    "recommend.tune_k": "5",
+    "recommend.als.ranks": "[4]",
+    "recommend.als.reg_params": "[0.1]",
+    "recommend.als.alphas": "[1.0]",
+    "recommend.als.max_iter": "3",
+}
+
+
+def _declared_keys() -> set[str]:
+    def walk(node: dict, prefix: str) -> set[str]:
+        keys = set()
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            keys |= walk(value, f"{dotted}.") if isinstance(value, dict) else {dotted}
+        return keys
+
+    return walk(tomllib.loads((REPO_ROOT / "conf" / "base.toml").read_text()), "")
+
+
+def tiny_settings(**overrides: str) -> list[str]:
+    """``--set`` arguments for a tiny, cheap run."""
+    declared = _declared_keys()
+    settings = {**TINY, **{k: v for k, v in CHEAP_IF_DECLARED.items() if k in declared}, **overrides}
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Submission:
+    """One ./spark-submit.sh run in the background, its output in ``log``."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
+        self.args, self.log = args, log
+        self.started = time.monotonic()
+        with log.open("w") as out:
+            self.process = subprocess.Popen(["./spark-submit.sh", *args], cwd=REPO_ROOT, stdout=out,
+                                            stderr=subprocess.STDOUT, env=env or dict(os.environ),
+                                            start_new_session=True)
+
+    def wait(self) -> float:
+        """Wait for the run; fail with the log's tail unless it succeeded. Returns its wall time in seconds."""
+        try:
+            returncode = self.process.wait(timeout=RUN_TIMEOUT_SECONDS)
+        finally:
+            _stop(self.process)
+        seconds = time.monotonic() - self.started
+        tail = "".join(self.log.read_text().splitlines(keepends=True)[-60:])
+        assert returncode == 0, f"spark-submit {' '.join(self.args[:2])} ... failed ({returncode}):\n{tail}"
+        print(f"spark-submit {' '.join(self.args[:2])}: {seconds:.1f} s")
+        return seconds
+
+
+def delta_tables(root: Path) -> list[str]:
+    return sorted(p.parent.name for p in root.glob("*/_delta_log"))
+
+
+def read_path(spark: SparkSession, root: Path, table: str) -> DataFrame:
+    return spark.read.format("delta").load(str(root / table))
+
+
+def assert_pipeline_succeeded(runs: DataFrame) -> None:
+    stages = [name for name, _ in run_pipeline.STAGES]
+    rows = runs.select("run_id", "stage", "status", "message").collect()
+    assert len({row["run_id"] for row in rows}) == 1, rows
+    assert sorted(row["stage"] for row in rows) == sorted(["generate_events", *stages])
+    assert [row for row in rows if row["status"] != "success"] == []
+
+
+def segment_assignment(df: DataFrame) -> set[tuple]:
+    return {(row["user_id"], row["segment_id"]) for row in df.select("user_id", "segment_id").collect()}
+
+
+def interaction_scores(spark: SparkSession, read) -> dict[tuple[str, str], float]:
+    """Interactions keyed by (user_id, item_id), so differently numbered indices still compare."""
+    joined = (read("interactions").join(read("user_index"), "user_idx").join(read("item_index"), "item_idx")
+              .select("user_id", "item_id", "score"))
+    return {(row["user_id"], row["item_id"]): row["score"] for row in joined.collect()}
+
+
+# ------------------------------------------------------------------ standalone cluster
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _wait_for_worker(ui_port: int, processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for process, log in zip(processes, logs):
+            assert process.poll() is None, f"{log.name} exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json/", timeout=5) as response:
+                state = json.load(response)
+            if state.get("aliveworkers", 0) >= 1:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the standalone worker did not register with the master within 120 s")
+
+
+@pytest.fixture(scope="module")
+def executor_python(tmp_path_factory) -> Path:
+    """The venv's interpreter without site processing, so this repository's editable install
+    (a .pth hook) is invisible: executors can import ``lib`` only from ``--py-files dist/lib.zip``."""
+    site_packages = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
+    shim = tmp_path_factory.mktemp("executor") / "python"
+    shim.write_text(
+        "#!/bin/sh\n"
+        f'PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{site_packages}" exec {sys.executable} -S "$@"\n'
+    )
+    shim.chmod(0o755)
+    return shim
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment of the cluster daemons: no repository, no venv, only Java and Spark."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PYSPARK", "PYTHON", "SPARK", "VIRTUAL_ENV"))}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory):
+    """A Spark standalone master and one worker (1 core, 1g) on 127.0.0.1; stopped afterwards."""
+    base = tmp_path_factory.mktemp("standalone")
+    master_port, master_ui, worker_port, worker_ui = (free_port() for _ in range(4))
+    spark_class = str(SPARK_HOME / "bin" / "spark-class")
+    env = _clean_env(SPARK_LOG_DIR=str(base / "logs"), SPARK_WORKER_DIR=str(base / "work"))
+    commands = {
+        "master": [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                   "--port", str(master_port), "--webui-port", str(master_ui)],
+        "worker": [spark_class, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{master_port}",
+                   "--host", "127.0.0.1", "--port", str(worker_port), "--webui-port", str(worker_ui),
+                   "--cores", "1", "--memory", "1536m", "--work-dir", str(base / "work")],
+    }
+    processes, logs = [], []
+    try:
+        for name, command in commands.items():
+            log = base / f"{name}.log"
+            with log.open("w") as out:
+                processes.append(subprocess.Popen(command, cwd=base, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                  start_new_session=True))
+            logs.append(log)
+        _wait_for_worker(master_ui, processes, logs)
+        yield {"url": f"spark://127.0.0.1:{master_port}", "ui_port": master_ui, "work_dir": base / "work"}
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(standalone_cluster, executor_python, tmp_path_factory) -> dict[str, Path]:
+    """The whole pipeline submitted twice at once, to the standalone cluster and over Spark Connect
+    (both are mostly driver-side latency, so together they take little longer than one).
+    Returns each run's output root."""
+    with socket.socket() as probe:  # a local Connect server always listens on 15002
+        try:
+            probe.bind(("127.0.0.1", 15002))
+        except OSError:
+            pytest.fail("port 15002 is taken: the local Spark Connect server needs it")
+    roots = {name: tmp_path_factory.mktemp(name) / "wh" for name in ("cluster", "connect")}
+    cluster = Submission([
+        "--master", standalone_cluster["url"],
+        "--conf", f"spark.pyspark.python={executor_python}",
+        "--conf", f"spark.pyspark.driver.python={sys.executable}",
+        "--conf", "spark.driver.host=127.0.0.1",
+        "--conf", "spark.executor.memory=1g",
+        "--conf", "spark.cores.max=1",
+        "jobs/run_pipeline.py", "--set", f"output.root={roots['cluster']}", *tiny_settings(),
+    ], roots["cluster"].parent / "submit.log", env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"})
+    connect = Submission(["--remote", "local[2]", "jobs/run_pipeline.py", "--set", f"output.root={roots['connect']}",
+                          *tiny_settings()], roots["connect"].parent / "submit.log")
+    try:
+        print(f"standalone cluster run: {cluster.wait():.1f} s")
+    finally:
+        print(f"Spark Connect run: {connect.wait():.1f} s")
+    return roots
+
+
+@pytest.fixture(scope="module")
+def cluster_run(pipeline_runs) -> Path:
+    return pipeline_runs["cluster"]
+
+
+@pytest.fixture(scope="module")
+def connect_run(pipeline_runs) -> Path:
+    return pipeline_runs["connect"]
+
+
+def test_executor_python_cannot_import_the_repository_by_itself(executor_python, tmp_path):
+    env = _clean_env()
+    probe = lambda code: subprocess.run([str(executor_python), "-c", code], cwd=tmp_path, env=env,  # noqa: E731
+                                        capture_output=True, text=True)
+    assert probe("import numpy, pandas, pyarrow").returncode == 0
+    blocked = probe("import lib")
+    assert blocked.returncode != 0 and "No module named 'lib'" in blocked.stderr
+
+
+def test_pipeline_on_a_standalone_cluster(spark, standalone_cluster, cluster_run):
+    tables = delta_tables(cluster_run)
+    for table in ("events", "events_quarantine", "user_index", "item_index", "interactions", "pipeline_runs"):
+        assert table in tables
+    assert_pipeline_succeeded(read_path(spark, cluster_run, "pipeline_runs"))
+    assert read_path(spark, cluster_run, "events").count() == SAMPLE_EVENTS
+    interactions = read_path(spark, cluster_run, "interactions")
+    assert interactions.agg(F.sum("n_events")).first()[0] == SAMPLE_EVENTS
+
+    # The work ran in the worker's executor, which fetched lib.zip from the driver.
+    with urllib.request.urlopen(f"http://127.0.0.1:{standalone_cluster['ui_port']}/json/", timeout=10) as response:
+        state = json.load(response)
+    apps = state["completedapps"] + state["activeapps"]
+    assert [app["name"] for app in apps] == ["email-personalization-pipeline"]
+    executor_dirs = list(standalone_cluster["work_dir"].glob(f"{apps[0]['id']}/*"))
+    assert len(executor_dirs) == 1
+    assert (executor_dirs[0] / "lib.zip").is_file()
+    assert "Finished task" in (executor_dirs[0] / "stderr").read_text()
+
+
+# ------------------------------------------------------------------ Spark Connect
+
+def test_pipeline_over_spark_connect_matches_the_classic_run(spark, cluster_run, connect_run):
+    log = (connect_run.parent / "submit.log").read_text()
+    assert "Spark session: Spark Connect" in log
+    assert delta_tables(connect_run) == delta_tables(cluster_run)
+    assert_pipeline_succeeded(read_path(spark, connect_run, "pipeline_runs"))
+    for table in delta_tables(cluster_run):
+        classic, remote = read_path(spark, cluster_run, table), read_path(spark, connect_run, table)
+        assert remote.count() == classic.count(), table
+    read_classic = lambda t: read_path(spark, cluster_run, t)  # noqa: E731
+    read_remote = lambda t: read_path(spark, connect_run, t)  # noqa: E731
+    classic_scores, remote_scores = interaction_scores(spark, read_classic), interaction_scores(spark, read_remote)
+    assert classic_scores.keys() == remote_scores.keys()
+    assert all(remote_scores[key] == pytest.approx(score, rel=1e-9) for key, score in classic_scores.items())
+    if "user_segments" in delta_tables(cluster_run):
+        assert segment_assignment(read_remote("user_segments")) == segment_assignment(read_classic("user_segments"))
+
+
+# ------------------------------------------------------------------ catalog tables
+
+def test_pipeline_in_catalog_mode(spark, cluster_run, tmp_path):
+    """``catalog.schema.table`` names (the Databricks path) against the session's own catalog."""
+    schema = f"deploy_{os.getpid()}"
+    spark.sql(f"CREATE SCHEMA spark_catalog.{schema} LOCATION '{tmp_path / 'schema'}'")
+    try:
+        run_pipeline.main([
+            "--set", "output.root=", "--set", "output.catalog=spark_catalog", "--set", f"output.schema={schema}",
+            "--set", f"sample.path={tmp_path / 'sample'}", "--set", f"recommend.model_dir={tmp_path / 'models'}",
+            *tiny_settings(),
+        ])
+        expected = delta_tables(cluster_run)
+        names = sorted(row["tableName"] for row in spark.sql(f"SHOW TABLES IN spark_catalog.{schema}").collect()
+                       if not row["isTemporary"])
+        assert names == expected
+        assert_pipeline_succeeded(spark.read.table(f"spark_catalog.{schema}.pipeline_runs"))
+        for table in expected:
+            detail = spark.sql(f"DESCRIBE DETAIL spark_catalog.{schema}.{table}").first()
+            assert detail["format"] == "delta"
+            assert detail["location"].rstrip("/").endswith(f"schema/{table}"), detail["location"]
+            assert (spark.read.table(f"spark_catalog.{schema}.{table}").count()
+                    == read_path(spark, cluster_run, table).count()), table
+        if "user_segments" in expected:
+            assert (segment_assignment(spark.read.table(f"spark_catalog.{schema}.user_segments"))
+                    == segment_assignment(read_path(spark, cluster_run, "user_segments")))
+    finally:
+        spark.sql(f"DROP SCHEMA IF EXISTS spark_catalog.{schema} CASCADE")
+        shutil.rmtree(tmp_path / "schema", ignore_errors=True)
