@@ -110,7 +110,7 @@ def main() -> None:
 
     from pyspark.sql import SparkSession
     spark = (SparkSession.builder.master("local[2]").appName("bench-nmf")
-             .config("spark.driver.memory", "6g").config("spark.sql.shuffle.partitions", "4")
+             .config("spark.driver.memory", "4g").config("spark.sql.shuffle.partitions", "4")
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
     rows = []

@@ -707,9 +707,148 @@ def _factorize_2d(
     summed: DataFrame, stats: MatrixStats, params: NMFParams,
     initial_w: DataFrame | None, initial_h: DataFrame | None,
 ) -> NMFResult:
-    """Not implemented yet: both factors exceed broadcast_limit_bytes."""
-    smaller = min(stats.n_rows, stats.n_cols) * params.k * 8
-    raise NotImplementedError(
-        f"NMF of a {stats.n_rows} x {stats.n_cols} matrix at k={params.k}: the smaller factor needs "
-        f"{smaller / 2**20:.1f} MiB, above broadcast_limit_bytes ({params.broadcast_limit_bytes / 2**20:.1f} MiB), "
-        "and the 2D grid layout for that case is not implemented yet; raise the limit if executors can hold it")
+    """p x q grid: X blocks keyed (bi, bj), W blocks keyed bi, H' blocks keyed bj.
+
+    A half-step joins X blocks with the other factor's blocks on their block id, multiplies inside
+    the tasks, and sums the products in a shuffle keyed on the own block id, where the own block is
+    updated; the k x k Grams are collected per block and summed on the driver.
+    """
+    m, n, k = stats.n_rows, stats.n_cols, params.k
+    p = _grid_size(stats.nnz, params.row_blocks, params.block_nnz, m)
+    q = _grid_size(stats.nnz, params.col_blocks, params.block_nnz, n)
+    rows_per, cols_per = math.ceil(m / p), math.ceil(n / q)
+    p, q = math.ceil(m / rows_per), math.ceil(n / cols_per)
+    scale = math.sqrt(stats.total / (m * n) / k)
+    spark = summed.sparkSession
+    if params.init not in ("random", "custom"):
+        log.info("NMF 2D layout: init %s is 1D-only, using seeded random", params.init)
+    log.info("NMF layout 2D: %d x %d grid of blocks (<= %d x %d)", p, q, rows_per, cols_per)
+
+    def build(frame):
+        import pandas as pd
+        bi, bj = int(frame["bi"].iloc[0]), int(frame["bj"].iloc[0])
+        rows = min(rows_per, m - bi * rows_per)
+        cols = min(cols_per, n - bj * cols_per)
+        matrix = sp.csr_matrix((frame["value"].to_numpy(np.float64),
+                                (frame["row"].to_numpy(np.int64) - bi * rows_per,
+                                 frame["col"].to_numpy(np.int64) - bj * cols_per)), shape=(rows, cols))
+        return pd.DataFrame({"bi": [bi], "bj": [bj], "n_rows": [rows], "n_cols": [cols],
+                             "indptr": [matrix.indptr.astype(np.int64).tobytes()],
+                             "indices": [matrix.indices.astype(np.int32).tobytes()],
+                             "data": [matrix.data.astype(np.float64).tobytes()]})
+
+    grid = (summed.withColumn("bi", (F.col("row") / rows_per).cast("long"))
+            .withColumn("bj", (F.col("col") / cols_per).cast("long"))
+            .groupBy("bi", "bj").applyInPandas(build, "bi long, bj long, n_rows long, n_cols long, indptr binary, "
+                                                      "indices binary, data binary")).persist()
+    w = _initial_blocks_2d(spark, initial_w, m, rows_per, p, k, params.seed, 10, scale).localCheckpoint(eager=True)
+    h = _initial_blocks_2d(spark, initial_h, n, cols_per, q, k, params.seed, 1_000_000, scale).localCheckpoint(eager=True)
+    gram_h = _collect_gram(h, k)
+    update_w, update_h = make_rule(params, "w"), make_rule(params, "h")
+    history: list[tuple[int, float, float]] = []
+    for iteration in range(1, params.max_iter + 1):
+        started = time.perf_counter()
+        w = _half_step_2d(grid, h, w, "bj", "bi", gram_h, update_w, k, transpose=False).localCheckpoint(eager=True)
+        gram_w = _collect_gram(w, k)
+        h = _half_step_2d(grid, w, h, "bi", "bj", gram_w, update_h, k, transpose=True).localCheckpoint(eager=True)
+        sums = h.agg(F.sum("tr_cross").alias("tr_cross")).first()
+        gram_h = _collect_gram(h, k)
+        seconds = time.perf_counter() - started
+        history.append((iteration, _rel_error(stats.norm_sq, sums["tr_cross"], float(np.sum(gram_w * gram_h))),
+                        seconds))
+        log.info("NMF iteration %d: relative error %.6f (%.2f s)", iteration, history[-1][1], seconds)
+        if _converged(history, params.tol):
+            break
+    return NMFResult(w=_explode_blocks_2d(w, rows_per, k).withColumnRenamed("idx", "row_idx"),
+                     h=_explode_blocks_2d(h, cols_per, k).withColumnRenamed("idx", "col_idx"),
+                     history=history, layout="2d", grid=(p, q), x_norm_sq=stats.norm_sq, _cached=[grid])
+
+
+_FACTOR_2D_SCHEMA = "block long, n_rows long, factor binary, gram binary, tr_cross double"
+
+
+def _initial_blocks_2d(spark, initial: DataFrame | None, size: int, per_block: int, blocks: int, k: int,
+                       seed: int, stream: int, scale: float) -> DataFrame:
+    """Factor blocks (block, n_rows, factor, gram, tr_cross): seeded random, or assembled from given rows."""
+    random = initial is None  # the closure must not capture the DataFrame itself
+
+    def make(frame):
+        import pandas as pd
+        block = int(frame["block"].iloc[0])
+        rows = min(per_block, size - block * per_block)
+        given = frame[frame["idx"] >= 0]
+        if random:
+            factor = _random_factor(seed, stream + block, rows, k, scale)
+        else:
+            factor = np.zeros((rows, k))
+            if len(given):
+                factor[given["idx"].to_numpy(np.int64) - block * per_block] = np.stack(given["factors"].to_numpy())
+        return pd.DataFrame({"block": [block], "n_rows": [rows], "factor": [factor.tobytes()],
+                             "gram": [(factor.T @ factor).tobytes()], "tr_cross": [0.0]})
+
+    markers = spark.range(blocks).select(F.col("id").alias("block"), F.lit(-1).cast("long").alias("idx"),
+                                         F.lit(None).cast("array<double>").alias("factors"))
+    if initial is not None:
+        idx = F.col(initial.columns[0]).cast("long")
+        markers = markers.unionByName(initial.select((idx / per_block).cast("long").alias("block"), idx.alias("idx"),
+                                                     F.col("factors").cast("array<double>")))
+    return markers.groupBy("block").applyInPandas(make, _FACTOR_2D_SCHEMA)
+
+
+def _collect_gram(factor_blocks: DataFrame, k: int) -> np.ndarray:
+    return _sum_partials(factor_blocks, "gram", (k, k))
+
+
+def _half_step_2d(grid: DataFrame, other: DataFrame, own: DataFrame, other_key: str, own_key: str,
+                  other_gram: np.ndarray, update, k: int, transpose: bool) -> DataFrame:
+    """Update the ``own`` factor blocks from sum over other blocks of X_block (or X_block') times them."""
+    joined = grid.join(other.select(F.col("block").alias(other_key), F.col("factor").alias("other_factor")),
+                       other_key)
+
+    def multiply(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            out_block, out_rows, out_product = [], [], []
+            for row in batch.to_pylist():
+                matrix = _csr(row["indptr"], row["indices"], row["data"], row["n_rows"], row["n_cols"])
+                if transpose:
+                    product = matrix.T @ _dense(row["other_factor"], row["n_rows"], k)
+                    out_rows.append(row["n_cols"])
+                else:
+                    product = matrix @ _dense(row["other_factor"], row["n_cols"], k)
+                    out_rows.append(row["n_rows"])
+                out_block.append(row[own_key])
+                out_product.append(np.ascontiguousarray(product).tobytes())
+            yield pa.RecordBatch.from_pydict({"block": out_block, "n_rows": out_rows, "product": out_product},
+                                             schema=pa.schema([("block", pa.int64()), ("n_rows", pa.int64()),
+                                                               ("product", pa.binary())]))
+
+    products = joined.mapInArrow(multiply, "block long, n_rows long, product binary").select(
+        "block", "n_rows", "product", F.lit(None).cast("binary").alias("factor"))
+    old = own.select("block", "n_rows", F.lit(None).cast("binary").alias("product"), "factor")
+
+    def combine(frame):
+        import pandas as pd
+        rows = int(frame["n_rows"].iloc[0])
+        cross = np.zeros((rows, k))
+        factor = np.zeros((rows, k))
+        for product, previous in zip(frame["product"], frame["factor"]):
+            if product is not None:
+                cross += _dense(product, rows, k)
+            if previous is not None:
+                factor = _dense(previous, rows, k)
+        factor = update(factor, cross, other_gram)
+        return pd.DataFrame({"block": [int(frame["block"].iloc[0])], "n_rows": [rows],
+                             "factor": [np.ascontiguousarray(factor).tobytes()],
+                             "gram": [(factor.T @ factor).tobytes()], "tr_cross": [float(np.sum(cross * factor))]})
+
+    return products.unionByName(old).groupBy("block").applyInPandas(combine, _FACTOR_2D_SCHEMA)
+
+
+def _explode_blocks_2d(blocks: DataFrame, per_block: int, k: int) -> DataFrame:
+    def explode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for row in batch.to_pylist():
+                start = row["block"] * per_block
+                yield _factor_batch(np.arange(start, start + row["n_rows"]), _dense(row["factor"], row["n_rows"], k), k)
+
+    return blocks.select("block", "n_rows", "factor").mapInArrow(explode, "idx long, factors array<double>")
