@@ -35,9 +35,11 @@ def _utc(text: str) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _candidates(als: dict[str, Any]) -> list[AlsParams]:
+def _candidates(als: dict[str, Any], partitions: int) -> list[AlsParams]:
+    # Blocks default to the job's shuffle partitions: about one task per partition, as everywhere else.
     return candidate_grid(als["ranks"], als["reg_params"], als["alphas"], als["max_iter"], als["seed"],
-                          als["checkpoint_interval"], als["search"], als["max_candidates"], als["num_blocks"])
+                          als["checkpoint_interval"], als["search"], als["max_candidates"],
+                          als["num_blocks"] or partitions)
 
 
 def _model_path(config: dict[str, Any], tables: Tables, run_id: str) -> str:
@@ -92,7 +94,8 @@ def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult
         if not tables.exists(spark, table):
             raise ValueError(f"table {tables.location(table)} does not exist: run ingest and build_interactions first")
     events = tables.read(spark, "events")
-    candidates = _candidates(settings["als"])
+    partitions = config["spark"]["shuffle_partitions"]
+    candidates = _candidates(settings["als"], partitions)
     notes: list[str] = []
     counts: dict[str, int] = {}
 
@@ -122,7 +125,7 @@ def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult
         tables.append(spark.createDataFrame(metrics, REC_METRICS_SCHEMA), "rec_metrics")
         counts["candidates"] = len(tuning_rows)
     else:
-        best = _candidates({**settings["als"], "search": "grid"})[0]
+        best = _candidates({**settings["als"], "search": "grid"}, partitions)[0]
         notes.append("evaluation off: no tuning, first grid candidate used")
     log.info("final ALS: %s", best)
 
