@@ -284,20 +284,20 @@ def factorize(
     if (initial_w is None) != (initial_h is None) or (params.init == "custom") != (initial_w is not None):
         raise ValueError("init='custom' needs both initial_w and initial_h (and only it takes them)")
     summed = matrix_entries(entries).persist()
-    stats = matrix_stats(summed, n_rows, n_cols)
-    m, n, k = stats.n_rows, stats.n_cols, params.k
-    smaller = min(m, n) * k * 8
-    log.info("NMF: %d x %d, nnz=%d, k=%d, solver=%s, init=%s", m, n, stats.nnz, k, params.solver, params.init)
     try:
+        stats = matrix_stats(summed, n_rows, n_cols)
+        m, n, k = stats.n_rows, stats.n_cols, params.k
+        smaller = min(m, n) * k * 8
+        log.info("NMF: %d x %d, nnz=%d, k=%d, solver=%s, init=%s", m, n, stats.nnz, k, params.solver, params.init)
         if smaller <= params.broadcast_limit_bytes:
-            if n <= m:
-                result = _factorize_1d(summed, stats, params, initial_w, initial_h, transposed=False)
-            else:
-                result = _factorize_1d(summed, stats, params, initial_w, initial_h, transposed=True)
+            result = _factorize_1d(summed, stats, params, initial_w, initial_h, transposed=n > m)
         else:
             result = _factorize_2d(summed, stats, params, initial_w, initial_h)
-    finally:
+    except BaseException:
         summed.unpersist()
+        raise
+    # Unpersisting the input now would make Spark drop the caches built on it (the last iterates).
+    result._cached.append(summed)
     return result
 
 
