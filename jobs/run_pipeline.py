@@ -1,7 +1,7 @@
 """Run every stage in order under one run_id; each stage is recorded in ``pipeline_runs``.
 
-With no arguments: generate the sample clickstream, then ingest it and build interactions into
-Delta tables under warehouse/.
+With no arguments: generate the sample clickstream, then ingest it, build interactions, find
+customer segments and recommend items, into Delta tables under warehouse/.
 """
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import logging
 
 from jobs import build_interactions, generate_events, ingest
 from jobs import recommend_items, segment_users
-from jobs.common import get_session, load_config, new_run_id, parse_args, run_stage, setup_logging, tables_of
-from lib.config import ConfigError
+from jobs.common import run_stage, start_job, tables_of
 
 log = logging.getLogger("jobs.run_pipeline")
 
@@ -24,16 +23,7 @@ STAGES = [
 
 
 def main(argv: list[str] | None = None) -> str:
-    setup_logging()
-    args = parse_args(__doc__, argv)
-    try:
-        config = load_config(args.conf, args.sets)
-    except ConfigError as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
-    spark = get_session("email-personalization-pipeline", config)
-    tables_of(config).ensure_schema(spark)
-    run_id = args.run_id or new_run_id()
+    spark, config, run_id = start_job("pipeline", __doc__, argv)
     stages = list(STAGES)
     if not config["input"]["events"]:
         stages.insert(0, ("generate_events", generate_events.run))
