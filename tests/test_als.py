@@ -51,7 +51,7 @@ def test_tuned_als_beats_popularity_on_planted_preferences(spark):
     spec = SampleSpec(users=500, items=120, events=30_000, segments=4, seed=11)
     events = generate_events(spark, spec, partitions=2).cache()
     settings = EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10)
-    candidates = candidate_grid([8], [0.01, 0.1], [1.0], max_iter=8, seed=3, checkpoint_interval=-1, num_blocks=2)
+    candidates = candidate_grid([8], [0.01, 0.1], [1.0], max_iter=6, seed=3, checkpoint_interval=-1, num_blocks=2)
     seen = []
     report = evaluate_offline(events, settings, candidates, on_tuning_result=seen.append)
 

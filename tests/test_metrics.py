@@ -53,7 +53,7 @@ def test_agrees_with_ranking_evaluator(spark):
 
     names = {"precision": "precisionAtK", "recall": "recallAtK", "map": "meanAveragePrecisionAtK",
              "ndcg": "ndcgAtK"}
-    for k in (1, 5, 10, 20):
+    for k in (1, 5, 20):
         ours = ranking_metrics(recommended, relevant, k, "user_idx", "item_idx")
         for metric, spark_name in names.items():
             theirs = RankingEvaluator(metricName=spark_name, k=k).evaluate(evaluator_input)

@@ -66,3 +66,28 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path):
         recommend_items.run(spark, _config(tmp_path / "wh", "recommend.exclude_event_types=refund"), "run-2")
     with pytest.raises(ValueError, match="does not exist"):
         recommend_items.run(spark, _config(tmp_path / "empty"), "run-3")
+
+
+def test_nmf_score_recommender_refits_on_the_training_side(spark, tmp_path: Path):
+    from lib.recommend import EvaluationSettings, training_side
+
+    config = _config(tmp_path / "wh", "segments.k=3", "segments.max_iter=5")
+    tables = tables_of(config)
+    assert recommend_items._nmf_recommender(spark, config, tables)[0] is None   # no factor tables yet
+    # Only the tables' presence matters: the comparison refits NMF on the training side.
+    tables.overwrite(spark.createDataFrame([(0, "u", [1.0])], "user_idx int, user_id string, factors array<double>"),
+                     "nmf_user_factors")
+    tables.overwrite(spark.createDataFrame([(0, "i", [1.0])], "item_idx int, item_id string, factors array<double>"),
+                     "nmf_item_factors")
+    recommend, note = recommend_items._nmf_recommender(spark, config, tables)
+    assert "refitted on the training side" in note
+
+    events = generate_events(spark, SampleSpec(users=60, items=30, events=2000, segments=3, seed=4), partitions=2)
+    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
+    side = training_side(events, EvaluationSettings(config["interactions"]["weights"], 30.0, ["purchase"], [5], 5), as_of)
+    recs = recommend(side, side.user_index.select("user_idx"), 4).cache()
+    assert recs.select("user_idx").distinct().count() == side.user_index.count()
+    assert recs.groupBy("user_idx").count().where("count != 4").count() == 0
+    assert recs.join(side.excluded, ["user_idx", "item_idx"]).count() == 0
+    assert recs.where("score < 0").count() == 0          # NMF factors are non-negative
+    recs.unpersist()
