@@ -31,15 +31,26 @@ if [ -z "$job" ]; then
   exit 2
 fi
 
-# Executors on a cluster import lib from this archive; rebuilt every time so it is never stale.
-mkdir -p "$ROOT/dist"
-python - "$ROOT" <<'PY'
-import pathlib, sys, zipfile
+# Executors on a cluster import lib from this archive. It is named by a hash of the sources, so it is
+# never stale and a job running from this checkout never sees it rewritten by a later submit.
+lib_zip="$(python - "$ROOT" <<'PY'
+import hashlib, os, pathlib, sys, tempfile, zipfile
 root = pathlib.Path(sys.argv[1])
-with zipfile.ZipFile(root / "dist" / "lib.zip", "w", zipfile.ZIP_DEFLATED) as archive:
-    for path in sorted((root / "lib").rglob("*.py")):
-        archive.write(path, path.relative_to(root))
+sources = sorted((root / "lib").rglob("*.py"))
+digest = hashlib.sha256()
+for path in sources:
+    digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+target = root / "dist" / f"lib-{digest.hexdigest()[:12]}" / "lib.zip"
+if not target.exists():
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".zip")
+    with os.fdopen(handle, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sources:
+            archive.write(path, path.relative_to(root))
+    os.replace(temporary, target)
+print(target)
 PY
+)"
 
 delta_package="$(python -c 'from lib.session import DELTA_PACKAGE; print(DELTA_PACKAGE)')"
 common=(
@@ -50,7 +61,7 @@ common=(
   --conf spark.ui.showConsoleProgress=false
   --conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties"
   --conf "spark.pyspark.python=$PYSPARK_PYTHON"
-  --py-files "$ROOT/dist/lib.zip"
+  --py-files "$lib_zip"
 )
 if [ -n "$remote" ]; then
   # pyspark 4.2's `spark-submit --remote` builds a client-only classpath, so the local Connect
