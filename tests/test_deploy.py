@@ -1,7 +1,8 @@
 """The whole pipeline where users run it: a standalone cluster, Spark Connect, catalog tables.
 
-Each run is the real entry point on a tiny sample. The standalone run is the reference the
-Connect run and the catalog-mode run are compared with, table by table.
+Each run is the real entry point on a tiny sample; the three run at the same time (they are
+mostly driver-side latency). The standalone run is the reference the Connect run and the
+catalog-mode run are compared with, table by table.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 import tomllib
 import urllib.request
+from functools import reduce
 from pathlib import Path
 
 import pyspark
@@ -28,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
 SAMPLE_EVENTS = 2000
 RUN_TIMEOUT_SECONDS = 900
+CONNECT_PORT = 15002
 
 # Small enough that each run is dominated by JVM start-up and Delta commits, big enough that
 # every stage has real work (several users per planted segment, items per segment).
@@ -46,6 +49,10 @@ CHEAP_IF_DECLARED = {
     "segments.k": "3",
     "segments.max_iter": "10",
     "segments.sweep_ks": "[]",
+    # With the default (5), the NMF refit inside recommend_items grows its plan between cuts until
+    # Spark Connect rejects it (protobuf "Exceeded upb_DecodeOptions_MaxDepth") and the classic
+    # driver runs out of heap; cutting every iteration keeps these runs about deployment.
+    "segments.checkpoint_interval": "1",
     "recommend.top_n": "5",
     "recommend.k_values": "[5]",
     "recommend.tune_k": "5",
@@ -74,6 +81,22 @@ def tiny_settings(**overrides: str) -> list[str]:
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
+def wait_for_port_free(port: int, timeout_seconds: float) -> None:
+    """A local Connect server always listens on 15002: wait for another one (another run on this
+    machine) to end rather than fail."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"port {port} stayed taken for {timeout_seconds:.0f} s: the local Spark Connect "
+                                "server of this test needs it")
+        time.sleep(2)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -85,23 +108,31 @@ class Submission:
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.args, self.log = args, log
-        self.started = time.monotonic()
+        self.started, self.seconds = time.monotonic(), 0.0
         with log.open("w") as out:
             self.process = subprocess.Popen(["./spark-submit.sh", *args], cwd=REPO_ROOT, stdout=out,
                                             stderr=subprocess.STDOUT, env=env or dict(os.environ),
                                             start_new_session=True)
 
-    def wait(self) -> float:
-        """Wait for the run; fail with the log's tail unless it succeeded. Returns its wall time in seconds."""
-        try:
-            returncode = self.process.wait(timeout=RUN_TIMEOUT_SECONDS)
-        finally:
+    def poll(self) -> bool:
+        """True once the run has ended (its wall time is then in ``seconds``)."""
+        if self.process.poll() is None:
+            if time.monotonic() - self.started < RUN_TIMEOUT_SECONDS:
+                return False
             _stop(self.process)
-        seconds = time.monotonic() - self.started
+        self.seconds = self.seconds or time.monotonic() - self.started
+        return True
+
+    def check(self) -> None:
+        """Fail with the log's tail unless the run succeeded."""
         tail = "".join(self.log.read_text().splitlines(keepends=True)[-60:])
-        assert returncode == 0, f"spark-submit {' '.join(self.args[:2])} ... failed ({returncode}):\n{tail}"
-        print(f"spark-submit {' '.join(self.args[:2])}: {seconds:.1f} s")
-        return seconds
+        assert self.process.returncode == 0, \
+            f"spark-submit {' '.join(self.args[:2])} ... failed ({self.process.returncode}):\n{tail}"
+
+
+def wait_for(submissions: list[Submission]) -> None:
+    while not all([submission.poll() for submission in submissions]):
+        time.sleep(0.5)
 
 
 def delta_tables(root: Path) -> list[str]:
@@ -110,6 +141,13 @@ def delta_tables(root: Path) -> list[str]:
 
 def read_path(spark: SparkSession, root: Path, table: str) -> DataFrame:
     return spark.read.format("delta").load(str(root / table))
+
+
+def row_counts(read, tables: list[str]) -> dict[str, int]:
+    """Rows per table, counted in one Spark job."""
+    tagged = reduce(DataFrame.unionByName, [read(table).select(F.lit(table).alias("table")) for table in tables])
+    counted = {row["table"]: row["count"] for row in tagged.groupBy("table").count().collect()}
+    return {table: counted.get(table, 0) for table in tables}
 
 
 def assert_pipeline_succeeded(runs: DataFrame) -> None:
@@ -213,16 +251,12 @@ def standalone_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipeline_runs(standalone_cluster, executor_python, tmp_path_factory) -> dict[str, Path]:
-    """The whole pipeline submitted twice at once, to the standalone cluster and over Spark Connect
-    (both are mostly driver-side latency, so together they take little longer than one).
-    Returns each run's output root."""
-    with socket.socket() as probe:  # a local Connect server always listens on 15002
-        try:
-            probe.bind(("127.0.0.1", 15002))
-        except OSError:
-            pytest.fail("port 15002 is taken: the local Spark Connect server needs it")
-    roots = {name: tmp_path_factory.mktemp(name) / "wh" for name in ("cluster", "connect")}
+def pipeline_runs(spark, standalone_cluster, executor_python, tmp_path_factory):
+    """The whole pipeline three times at once: submitted to the standalone cluster, submitted over
+    Spark Connect, and in catalog mode in this session (its catalog is the one to inspect).
+    Yields each run's location; a failed catalog run is kept for its test to raise."""
+    wait_for_port_free(CONNECT_PORT, timeout_seconds=600)
+    roots = {name: tmp_path_factory.mktemp(name) for name in ("cluster", "connect", "catalog")}
     cluster = Submission([
         "--master", standalone_cluster["url"],
         "--conf", f"spark.pyspark.python={executor_python}",
@@ -230,15 +264,36 @@ def pipeline_runs(standalone_cluster, executor_python, tmp_path_factory) -> dict
         "--conf", "spark.driver.host=127.0.0.1",
         "--conf", "spark.executor.memory=1g",
         "--conf", "spark.cores.max=1",
-        "jobs/run_pipeline.py", "--set", f"output.root={roots['cluster']}", *tiny_settings(),
-    ], roots["cluster"].parent / "submit.log", env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"})
-    connect = Submission(["--remote", "local[2]", "jobs/run_pipeline.py", "--set", f"output.root={roots['connect']}",
-                          *tiny_settings()], roots["connect"].parent / "submit.log")
+        "jobs/run_pipeline.py", "--set", f"output.root={roots['cluster'] / 'wh'}", *tiny_settings(),
+    ], roots["cluster"] / "submit.log", env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"})
+    connect = Submission(["--remote", "local[2]", "jobs/run_pipeline.py",
+                          "--set", f"output.root={roots['connect'] / 'wh'}", *tiny_settings()],
+                         roots["connect"] / "submit.log")
+
+    schema = f"deploy_{os.getpid()}"
+    spark.sql(f"CREATE SCHEMA spark_catalog.{schema} LOCATION '{roots['catalog'] / 'schema'}'")
+    catalog_error, started = None, time.monotonic()
     try:
-        print(f"standalone cluster run: {cluster.wait():.1f} s")
+        run_pipeline.main([
+            "--set", "output.root=", "--set", "output.catalog=spark_catalog", "--set", f"output.schema={schema}",
+            "--set", f"sample.path={roots['catalog'] / 'sample'}",
+            "--set", f"recommend.model_dir={roots['catalog'] / 'models'}", *tiny_settings(),
+        ])
+    except (Exception, SystemExit) as err:
+        catalog_error = err
+    catalog_seconds = time.monotonic() - started
+    try:
+        wait_for([cluster, connect])
+        print(f"wall time: standalone cluster {cluster.seconds:.1f} s, Spark Connect {connect.seconds:.1f} s, "
+              f"catalog mode (in the test session) {catalog_seconds:.1f} s, all three at once")
+        cluster.check()
+        yield {"cluster": roots["cluster"] / "wh", "connect_root": roots["connect"] / "wh", "connect": connect,
+               "schema": schema, "schema_dir": roots["catalog"] / "schema", "catalog_error": catalog_error}
     finally:
-        print(f"Spark Connect run: {connect.wait():.1f} s")
-    return roots
+        _stop(cluster.process)
+        _stop(connect.process)
+        spark.sql(f"DROP SCHEMA IF EXISTS spark_catalog.{schema} CASCADE")
+        shutil.rmtree(roots["catalog"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +302,8 @@ def cluster_run(pipeline_runs) -> Path:
 
 
 @pytest.fixture(scope="module")
-def connect_run(pipeline_runs) -> Path:
-    return pipeline_runs["connect"]
+def cluster_counts(spark, cluster_run) -> dict[str, int]:
+    return row_counts(lambda table: read_path(spark, cluster_run, table), delta_tables(cluster_run))
 
 
 def test_executor_python_cannot_import_the_repository_by_itself(executor_python, tmp_path):
@@ -260,12 +315,11 @@ def test_executor_python_cannot_import_the_repository_by_itself(executor_python,
     assert blocked.returncode != 0 and "No module named 'lib'" in blocked.stderr
 
 
-def test_pipeline_on_a_standalone_cluster(spark, standalone_cluster, cluster_run):
-    tables = delta_tables(cluster_run)
+def test_pipeline_on_a_standalone_cluster(spark, standalone_cluster, cluster_run, cluster_counts):
     for table in ("events", "events_quarantine", "user_index", "item_index", "interactions", "pipeline_runs"):
-        assert table in tables
+        assert table in cluster_counts
     assert_pipeline_succeeded(read_path(spark, cluster_run, "pipeline_runs"))
-    assert read_path(spark, cluster_run, "events").count() == SAMPLE_EVENTS
+    assert cluster_counts["events"] == SAMPLE_EVENTS
     interactions = read_path(spark, cluster_run, "interactions")
     assert interactions.agg(F.sum("n_events")).first()[0] == SAMPLE_EVENTS
 
@@ -282,49 +336,39 @@ def test_pipeline_on_a_standalone_cluster(spark, standalone_cluster, cluster_run
 
 # ------------------------------------------------------------------ Spark Connect
 
-def test_pipeline_over_spark_connect_matches_the_classic_run(spark, cluster_run, connect_run):
-    log = (connect_run.parent / "submit.log").read_text()
-    assert "Spark session: Spark Connect" in log
+def test_pipeline_over_spark_connect_matches_the_classic_run(spark, pipeline_runs, cluster_run, cluster_counts):
+    pipeline_runs["connect"].check()
+    log = pipeline_runs["connect"].log.read_text()
+    assert "Spark session: Spark Connect" in log, log[-3000:]
+    connect_run = pipeline_runs["connect_root"]
+    read_classic = lambda table: read_path(spark, cluster_run, table)  # noqa: E731
+    read_remote = lambda table: read_path(spark, connect_run, table)  # noqa: E731
     assert delta_tables(connect_run) == delta_tables(cluster_run)
-    assert_pipeline_succeeded(read_path(spark, connect_run, "pipeline_runs"))
-    for table in delta_tables(cluster_run):
-        classic, remote = read_path(spark, cluster_run, table), read_path(spark, connect_run, table)
-        assert remote.count() == classic.count(), table
-    read_classic = lambda t: read_path(spark, cluster_run, t)  # noqa: E731
-    read_remote = lambda t: read_path(spark, connect_run, t)  # noqa: E731
+    assert_pipeline_succeeded(read_remote("pipeline_runs"))
+    assert row_counts(read_remote, delta_tables(connect_run)) == cluster_counts
     classic_scores, remote_scores = interaction_scores(spark, read_classic), interaction_scores(spark, read_remote)
     assert classic_scores.keys() == remote_scores.keys()
     assert all(remote_scores[key] == pytest.approx(score, rel=1e-9) for key, score in classic_scores.items())
-    if "user_segments" in delta_tables(cluster_run):
+    if "user_segments" in cluster_counts:
         assert segment_assignment(read_remote("user_segments")) == segment_assignment(read_classic("user_segments"))
 
 
 # ------------------------------------------------------------------ catalog tables
 
-def test_pipeline_in_catalog_mode(spark, cluster_run, tmp_path):
+def test_pipeline_in_catalog_mode(spark, pipeline_runs, cluster_run, cluster_counts):
     """``catalog.schema.table`` names (the Databricks path) against the session's own catalog."""
-    schema = f"deploy_{os.getpid()}"
-    spark.sql(f"CREATE SCHEMA spark_catalog.{schema} LOCATION '{tmp_path / 'schema'}'")
-    try:
-        run_pipeline.main([
-            "--set", "output.root=", "--set", "output.catalog=spark_catalog", "--set", f"output.schema={schema}",
-            "--set", f"sample.path={tmp_path / 'sample'}", "--set", f"recommend.model_dir={tmp_path / 'models'}",
-            *tiny_settings(),
-        ])
-        expected = delta_tables(cluster_run)
-        names = sorted(row["tableName"] for row in spark.sql(f"SHOW TABLES IN spark_catalog.{schema}").collect()
-                       if not row["isTemporary"])
-        assert names == expected
-        assert_pipeline_succeeded(spark.read.table(f"spark_catalog.{schema}.pipeline_runs"))
-        for table in expected:
-            detail = spark.sql(f"DESCRIBE DETAIL spark_catalog.{schema}.{table}").first()
-            assert detail["format"] == "delta"
-            assert detail["location"].rstrip("/").endswith(f"schema/{table}"), detail["location"]
-            assert (spark.read.table(f"spark_catalog.{schema}.{table}").count()
-                    == read_path(spark, cluster_run, table).count()), table
-        if "user_segments" in expected:
-            assert (segment_assignment(spark.read.table(f"spark_catalog.{schema}.user_segments"))
-                    == segment_assignment(read_path(spark, cluster_run, "user_segments")))
-    finally:
-        spark.sql(f"DROP SCHEMA IF EXISTS spark_catalog.{schema} CASCADE")
-        shutil.rmtree(tmp_path / "schema", ignore_errors=True)
+    if pipeline_runs["catalog_error"] is not None:
+        raise pipeline_runs["catalog_error"]
+    schema = f"spark_catalog.{pipeline_runs['schema']}"
+    names = sorted(row["tableName"] for row in spark.sql(f"SHOW TABLES IN {schema}").collect()
+                   if not row["isTemporary"])
+    assert names == sorted(cluster_counts)
+    assert_pipeline_succeeded(spark.read.table(f"{schema}.pipeline_runs"))
+    for table in names:
+        detail = spark.sql(f"DESCRIBE DETAIL {schema}.{table}").first()
+        assert detail["format"] == "delta"
+        assert detail["location"].rstrip("/").endswith(f"{pipeline_runs['schema_dir'].name}/{table}")
+    assert row_counts(lambda table: spark.read.table(f"{schema}.{table}"), names) == cluster_counts
+    if "user_segments" in cluster_counts:
+        assert (segment_assignment(spark.read.table(f"{schema}.user_segments"))
+                == segment_assignment(read_path(spark, cluster_run, "user_segments")))
