@@ -4,18 +4,24 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from jobs import run_pipeline
+from jobs.common import load_config, run_stage
 
 FOUNDATION_TABLES = ("events", "events_quarantine", "interactions", "user_index", "item_index", "pipeline_runs")
+LATER_TABLES = ("nmf_user_factors", "nmf_item_factors", "user_segments", "segment_profiles", "nmf_history",
+                "recommendations", "rec_metrics")
 
 
 def test_pipeline_end_to_end_twice(spark, tmp_path: Path):
     root = tmp_path / "wh"
     args = ["--conf", "conf/local.toml", "--set", f"output.root={root}", "--set", "spark.shuffle_partitions=2",
             "--set", "sample.users=150", "--set", "sample.items=40", "--set", "sample.events=6000",
-            "--set", "sample.segments=3", "--set", "ingest.now=2026-11-01T00:00:00+00:00"]
+            "--set", "sample.segments=3", "--set", "ingest.now=2026-11-01T00:00:00+00:00",
+            # Later stages run at their smallest useful size: their own tests cover their settings.
+            "--set", "segments.k=3", "--set", "segments.max_iter=10", "--set", "recommend.als.ranks=8",
+            "--set", "recommend.als.max_candidates=1", "--set", "recommend.als.max_iter=5"]
     first = run_pipeline.main(args + ["--run-id", "run-a"])
     assert first == "run-a"
-    for table in FOUNDATION_TABLES:
+    for table in FOUNDATION_TABLES + LATER_TABLES:
         assert (root / table / "_delta_log").is_dir(), table
 
     read = lambda name: spark.read.format("delta").load(str(root / name))  # noqa: E731
@@ -37,9 +43,15 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path):
     assert interactions.join(users, "user_idx", "left_anti").count() == 0
     assert interactions.join(items, "item_idx", "left_anti").count() == 0
     index_before = sorted(tuple(r) for r in users.collect())
+    assert read("user_segments").select("user_id").distinct().count() == read("user_segments").count()
+    recommended = read("recommendations").where("run_id = 'run-a'")
+    assert recommended.select("user_id").distinct().count() == n_users
 
-    # A second run over the same input: nothing new is ingested, indices keep their numbers.
-    run_pipeline.main(args + ["--run-id", "run-b"])
+    # A second run of the first stages over the same input: nothing new is ingested, indices keep
+    # their numbers (the later stages only read these tables).
+    config = load_config(["conf/local.toml"], [a for a in args if "=" in a])
+    for name, stage in [(n, s) for n, s in run_pipeline.STAGES if n in ("ingest", "build_interactions")]:
+        run_stage(spark, config, "run-b", name, stage)
     assert read("events").count() == 6000
     ingest_again = read("pipeline_runs").where("run_id = 'run-b' and stage = 'ingest'").first()
     assert (ingest_again["rows_out"], ingest_again["counts"]["duplicates"]) == (0, 6000)
