@@ -69,7 +69,7 @@ class NMFParams:
     col_blocks: int = 0              # 2D layout only; 0: from the number of non-zeros
     block_nnz: int = 1_000_000       # target non-zeros per block when the grid is automatic
     broadcast_limit_bytes: int = 64 * 1024 * 1024   # largest factor shipped to every task (1D)
-    checkpoint_interval: int = 5     # cut the lineage every this many iterations
+    checkpoint_interval: int = 1     # cut the lineage every this many iterations (1: plans stay flat)
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -49,10 +49,6 @@ CHEAP_IF_DECLARED = {
     "segments.k": "3",
     "segments.max_iter": "10",
     "segments.sweep_ks": "[]",
-    # With the default (5), the NMF refit inside recommend_items grows its plan between cuts until
-    # Spark Connect rejects it (protobuf "Exceeded upb_DecodeOptions_MaxDepth") and the classic
-    # driver runs out of heap; cutting every iteration keeps these runs about deployment.
-    "segments.checkpoint_interval": "1",
     "recommend.top_n": "5",
     "recommend.k_values": "[5]",
     "recommend.tune_k": "5",
