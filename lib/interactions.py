@@ -69,12 +69,16 @@ def extend_index(
         start = existing.agg(F.coalesce(F.max(idx_col) + 1, F.lit(0))).first()[0]
 
     # monotonically_increasing_id packs (partition id << 33) + position inside the partition.
+    # The numbering is materialized once: the per-partition counts and the rows must come from the
+    # same evaluation, and range bounds sampled from ids that arrive out of a shuffle differ from one
+    # evaluation to the next (which gave duplicate and missing indices).
     numbered = (
         new_ids.repartitionByRange(partitions, id_col)
         .sortWithinPartitions(id_col)
         .withColumn("_mono", F.monotonically_increasing_id())
         .withColumn("_part", F.shiftright("_mono", 33))
         .withColumn("_pos", F.col("_mono").bitwiseAND((1 << 33) - 1))
+        .localCheckpoint(eager=True)
     )
     offsets = (
         numbered.groupBy("_part")

@@ -59,3 +59,24 @@ def test_matrix_entries_use_the_indices(spark):
     users = spark.createDataFrame([("u1", 4)], "user_id string, user_idx int")
     items = spark.createDataFrame([("i2", 9)], "item_id string, item_idx int")
     assert [tuple(r) for r in to_matrix_entries(scored, users, items).collect()] == [(4, 9, 3.0, 2, datetime(2026, 10, 1))]
+
+
+def test_index_is_unique_when_the_input_order_varies_between_evaluations(spark):
+    # ids out of a shuffle arrive in a different order each time they are computed; the range
+    # partitioning of two evaluations must not disagree (it did: duplicate and missing indices).
+    from lib.sample_data import SampleSpec, generate_events
+
+    events = generate_events(spark, SampleSpec(users=3000, items=100, events=150_000, segments=3, seed=5))
+    previous = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "8")
+    try:
+        scored = score_events(events, {"view": 1.0}, 30.0, AS_OF).persist()
+        users = scored.select("user_id").distinct().count()
+        for _ in range(3):
+            index = extend_index(scored.select("user_id"), None, "user_id", "user_idx", partitions=8)
+            stats = index.selectExpr("count(*) as n", "count(distinct user_idx) as distinct_idx",
+                                     "max(user_idx) as top").first()
+            assert tuple(stats) == (users, users, users - 1)
+        scored.unpersist()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", previous)
