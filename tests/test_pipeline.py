@@ -39,7 +39,8 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path):
     assert interactions.where("score < 0").count() == 0
     assert interactions.agg(F.sum("n_events")).first()[0] == 6000
     n_users = users.count()
-    assert users.agg(F.min("user_idx"), F.max("user_idx")).first() == (0, n_users - 1)
+    assert users.agg(F.min("user_idx"), F.max("user_idx"), F.countDistinct("user_idx")).first() == \
+        (0, n_users - 1, n_users)
     assert interactions.join(users, "user_idx", "left_anti").count() == 0
     assert interactions.join(items, "item_idx", "left_anti").count() == 0
     index_before = sorted(tuple(r) for r in users.collect())
