@@ -6,7 +6,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from jobs.common import main_for, tables_of
 from jobs.generate_events import sample_root
@@ -36,19 +35,17 @@ def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult
 
     raw = ingest.read_raw(spark.read, location, fmt, settings["csv_delimiter"])
     classified = ingest.classify(ingest.normalize(raw), settings["event_types"], latest_allowed).persist()
-    totals = classified.agg(
-        F.count(F.lit(1)).alias("rows_in"),
-        F.count("reason").alias("quarantined"),
-    ).first()
-    rows_in, quarantined = int(totals["rows_in"]), int(totals["quarantined"])
+    # One pass counts every outcome: rows per reason, valid rows under a null reason.
+    per_reason = {row["reason"]: int(row["count"]) for row in classified.groupBy("reason").count().collect()}
+    rows_in = sum(per_reason.values())
+    reasons = {reason: count for reason, count in per_reason.items() if reason is not None}
+    quarantined = sum(reasons.values())
 
     bad = ingest.quarantined_rows(classified, run_id)
     new_quarantined = tables.insert_new(spark, bad, "events_quarantine", ["raw_hash", "reason"])
     inserted = tables.insert_new(
         spark, ingest.valid_events(classified, run_id), "events", ["event_id"], partition_by=["event_date"]
     )
-    reasons = {row["reason"]: int(row["count"]) for row in classified.groupBy("reason").count().collect()
-               if row["reason"] is not None}
     classified.unpersist()
 
     duplicates = rows_in - quarantined - inserted
