@@ -27,7 +27,7 @@ def nmf_params(settings: dict[str, Any], k: int | None = None, max_iter: int | N
         inner_passes=settings["inner_passes"], row_blocks=settings["row_blocks"],
         col_blocks=settings["col_blocks"], block_nnz=settings["block_nnz"],
         broadcast_limit_bytes=int(settings["broadcast_limit_mb"] * 1024 * 1024),
-        checkpoint_interval=settings["checkpoint_interval"],
+        checkpoint_interval=settings["checkpoint_interval"], parallelism=settings["parallelism"],
     )
 
 

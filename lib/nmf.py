@@ -7,10 +7,12 @@ a factor F is updated from M = X F_other (its "cross" product) and G = F_other' 
 Two layouts, chosen by the size of the smaller factor (``broadcast_limit_bytes``):
 
 - 1D (the fast path): X is cut into p row blocks, each stored in one DataFrame row next to its
-  factor block, so the kept factor's half-step is a map. The other factor (k x min(m, n)) travels to
-  the tasks in one row through a broadcast join hint. Each map task also emits the partial product
-  X_i' W_i and Gram W_i' W_i of its blocks, summed inside the task; one small reduce adds them and
-  updates the shipped factor. Per iteration: one pass over X and a shuffle of p x n x k doubles.
+  factor block, spread evenly over one partition per task slot, so the kept factor's half-step is
+  a map. The other ("shipped") factor (k x min(m, n)) travels to the tasks in one row through a
+  broadcast join hint, attached to one block per task. Each map task also emits the partial
+  product X_i' W_i and Gram W_i' W_i summed over its blocks, cut into chunks of shipped rows; the
+  shipped half-step is row-separable, so one reduce task per chunk sums its partials and updates
+  it. Per iteration: one pass over X and a shuffle of tasks x n x k doubles.
 - 2D (when neither factor is small): X is cut into a p x q grid; W lives in p row blocks, H in q
   column blocks. A half-step joins X blocks with factor blocks on the block id, multiplies, and sums
   the products in a shuffle keyed on the other block id; only the k x k Grams reach the driver.
@@ -19,6 +21,10 @@ Solvers: multiplicative updates (Lee & Seung, in scikit-learn's exact form for b
 (Cichocki; accelerated as in Gillis & Glineur 2012: several inner passes reuse one distributed
 product). The objective ||X - W H||_F / ||X||_F comes from ||X||^2 - 2 tr(W' X H') + tr(W'W H H')
 without forming W H. Only k x k matrices and scalars ever reach the Python driver.
+
+Factors and X's values are stored as float32 between steps (arithmetic is float64): moving blocks
+between the JVM and the Python workers is most of an iteration's time, and Python tasks carry a
+fixed start-up cost, so an iteration runs exactly two Python stages of one wave each.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -41,12 +48,14 @@ MU_EPSILON = float(np.finfo(np.float32).eps)
 SOLVERS = ("hals", "mu")
 INITS = ("sketch_svd", "random_columns", "random", "custom")
 SKETCH_OVERSAMPLING = 10
+STORED_DTYPE = np.float32
 
 _BLOCK_SCHEMA = (
     "kind string, block long, n_rows long, indptr binary, indices binary, data binary, "
     "factor binary, cross binary, gram binary"
 )
-_SHIPPED_SCHEMA = "factor binary, gram binary, tr_cross double, tr_gram double"
+_SHIPPED_SCHEMA = ("parts array<struct<chunk long, factor binary, gram binary>>, tr_cross double, "
+                   "tr_gram double")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class NMFParams:
     block_nnz: int = 1_000_000       # target non-zeros per block when the grid is automatic
     broadcast_limit_bytes: int = 64 * 1024 * 1024   # largest factor shipped to every task (1D)
     checkpoint_interval: int = 1     # cut the lineage every this many iterations (1: plans stay flat)
+    parallelism: int = 0             # tasks per distributed step; 0: as many as Spark runs at once
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -84,8 +94,8 @@ class NMFParams:
             raise ValueError("NMF penalties l1_w, l2_w, l1_h, l2_h must be >= 0")
         if self.inner_passes < 1 or self.checkpoint_interval < 1:
             raise ValueError("NMF inner_passes and checkpoint_interval must be >= 1")
-        if self.tol < 0 or self.block_nnz < 1 or self.row_blocks < 0 or self.col_blocks < 0:
-            raise ValueError("NMF tol, block_nnz, row_blocks and col_blocks must be non-negative")
+        if self.tol < 0 or self.block_nnz < 1 or min(self.row_blocks, self.col_blocks, self.parallelism) < 0:
+            raise ValueError("NMF tol, block_nnz, row_blocks, col_blocks and parallelism must be non-negative")
 
 
 @dataclass
@@ -174,15 +184,42 @@ def make_rule(params: NMFParams, side: str) -> Callable[[np.ndarray, np.ndarray,
 # ----------------------------------------------------------------------------------------------
 
 def _dense(blob: bytes, rows: int, k: int) -> np.ndarray:
+    """A float64 matrix (sums: cross products, Grams, sketches) from its bytes."""
     return np.frombuffer(blob, dtype=np.float64).reshape(rows, k)
+
+
+def _stored(values: np.ndarray) -> np.ndarray:
+    """Values rounded to the stored precision, back in float64 for arithmetic.
+
+    Factors and X's values are stored as float32 between steps (MLlib's ALS stores its factors
+    so too): moving them between the JVM and the Python workers is most of an iteration's cost,
+    and float32 halves it. Grams, products and objective terms are float64 and are computed from
+    the rounded factor, so the objective describes exactly the factor that is stored.
+    """
+    return np.asarray(values, dtype=STORED_DTYPE).astype(np.float64)
+
+
+def _pack(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype=STORED_DTYPE).tobytes()
+
+
+def _unpack(blob: bytes, rows: int, k: int) -> np.ndarray:
+    return np.frombuffer(blob, dtype=STORED_DTYPE).reshape(rows, k).astype(np.float64)
 
 
 def _csr(indptr: bytes, indices: bytes, data: bytes, rows: int, cols: int) -> sp.csr_matrix:
     return sp.csr_matrix(
-        (np.frombuffer(data, dtype=np.float64), np.frombuffer(indices, dtype=np.int32),
+        (np.frombuffer(data, dtype=STORED_DTYPE), np.frombuffer(indices, dtype=np.int32),
          np.frombuffer(indptr, dtype=np.int64)),
         shape=(rows, cols),
     )
+
+
+def _csr_columns(matrix: sp.csr_matrix) -> dict[str, list[bytes]]:
+    """The CSR arrays of one block as the indptr / indices / data columns of a block row."""
+    return {"indptr": [matrix.indptr.astype(np.int64).tobytes()],
+            "indices": [matrix.indices.astype(np.int32).tobytes()],
+            "data": [_pack(matrix.data)]}
 
 
 _BLOCK_ARROW_SCHEMA = pa.schema([
@@ -223,11 +260,13 @@ class MatrixStats:
 
 
 def matrix_entries(entries: DataFrame, row: str = "row", col: str = "col", value: str = "value") -> DataFrame:
-    """(row, col, value) with duplicate (row, col) pairs summed; explicit zeros dropped."""
+    """(row, col, value) with duplicate (row, col) pairs summed, at float32 precision; zeros dropped."""
     return (
         entries.select(F.col(row).cast("long").alias("row"), F.col(col).cast("long").alias("col"),
                        F.col(value).cast("double").alias("value"))
         .groupBy("row", "col").agg(F.sum("value").alias("value"))
+        # Rounded to the stored precision here, so ||X||^2 describes the X the blocks hold.
+        .select("row", "col", F.col("value").cast("float").cast("double").alias("value"))
         .where(F.col("value") != 0)
     )
 
@@ -261,6 +300,62 @@ def matrix_stats(entries: DataFrame, n_rows: int | None = None, n_cols: int | No
 def _grid_size(nnz: int, requested: int, block_nnz: int, extent: int) -> int:
     size = requested or max(2, math.ceil(nnz / block_nnz))  # at least two tasks share the work
     return max(1, min(size, extent))
+
+
+def task_slots(spark) -> int:
+    """How many tasks the cluster runs at once: the partition count Spark gives a plain range.
+
+    Read through a query rather than ``SparkContext.defaultParallelism`` so that it also works
+    under Spark Connect, where there is no SparkContext.
+    """
+    parts = spark.range(0, 1 << 20).select(F.spark_partition_id().alias("part"))
+    return int(parts.agg(F.max("part")).first()[0]) + 1
+
+
+def partition_keys(spark, count: int) -> list[int]:
+    """One key per partition 0..count-1 such that ``repartition(count, key)`` sends key i to partition i.
+
+    Hash partitioning is pmod(hash(key), count), the SQL ``hash`` function, so the keys are found by
+    asking Spark (at most 64 x count small numbers come back). With these keys every chunk of the
+    shipped factor gets its own reduce task instead of two sharing one by a hash collision.
+    """
+    found = (spark.range(0, 64 * count).select("id", F.expr(f"pmod(hash(id), {count})").alias("part"))
+             .groupBy("part").agg(F.min("id").alias("id")).collect())
+    keys = {row["part"]: row["id"] for row in found}
+    if len(keys) < count:
+        raise RuntimeError(f"no hash key found for {count - len(keys)} of {count} partitions")
+    return [int(keys[part]) for part in range(count)]
+
+
+def _key_of(index: F.Column, keys: list[int]) -> F.Column:
+    """The partition key of chunk or task ``index`` (0-based)."""
+    return F.element_at(F.array(*[F.lit(key) for key in keys]), (index + 1).cast("int"))
+
+
+@dataclass(frozen=True)
+class ShippedChunks:
+    """The shipped factor's rows cut into ``count`` contiguous chunks, each updated by its own task.
+
+    The shipped half-step is row-separable: rows r of the shipped factor need only rows r of the
+    summed cross product and the k x k Gram. So the reduce runs in parallel, one chunk per task.
+    """
+
+    n_rows: int
+    count: int
+    keys: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.ceil(self.n_rows / self.count)
+
+    def bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.size, min((chunk + 1) * self.size, self.n_rows)
+
+    @staticmethod
+    def plan(spark, n_rows: int, tasks: int) -> "ShippedChunks":
+        size = math.ceil(n_rows / max(1, min(tasks, n_rows)))
+        count = math.ceil(n_rows / size)
+        return ShippedChunks(n_rows, count, tuple(partition_keys(spark, count)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,17 +426,23 @@ def _factorize_1d(
         kept_n, shipped_n = stats.n_rows, stats.n_cols
         initial_kept, initial_shipped = initial_w, initial_h
         kept_side, shipped_side = "w", "h"
+    tasks = params.parallelism or task_slots(summed.sparkSession)
     p = _grid_size(stats.nnz, params.row_blocks, params.block_nnz, kept_n)
+    if not params.row_blocks:
+        p = min(tasks * math.ceil(p / tasks), kept_n)  # every task gets the same number of blocks
     rows_per_block = math.ceil(kept_n / p)
     p = math.ceil(kept_n / rows_per_block)
+    tasks = min(tasks, p)
     scale = math.sqrt(stats.total / (stats.n_rows * stats.n_cols) / k)
     spark = summed.sparkSession
-    log.info("NMF layout 1D%s: %d row blocks of <= %d rows; shipped factor %d x %d",
-             " (transposed)" if transposed else "", p, rows_per_block, shipped_n, k)
+    chunks = ShippedChunks.plan(spark, shipped_n, tasks)
+    log.info("NMF layout 1D%s: %d row blocks of <= %d rows in %d tasks; shipped factor %d x %d in %d chunks",
+             " (transposed)" if transposed else "", p, rows_per_block, tasks, shipped_n, k, chunks.count)
 
-    blocks = _build_row_blocks(spark, summed, initial_kept, params, kept_n, shipped_n, p, rows_per_block, scale)
+    blocks = _build_row_blocks(spark, summed, initial_kept, params, kept_n, shipped_n, p, rows_per_block, scale,
+                               partition_keys(spark, tasks))
     blocks = blocks.persist()
-    shipped = _initial_shipped(spark, initial_shipped, params, shipped_n, scale)
+    shipped = _initial_shipped(spark, initial_shipped, params, chunks, scale)
 
     update_kept = make_rule(params, kept_side)
     update_shipped = make_rule(params, shipped_side)
@@ -352,15 +453,15 @@ def _factorize_1d(
     pending: list[DataFrame] = [blocks]
     shipped = shipped.localCheckpoint(eager=True)
     if params.init == "sketch_svd":
-        blocks, shipped = _sketch_svd_init(blocks, shipped_n, k, params.seed,
+        blocks, shipped = _sketch_svd_init(blocks, chunks, k, params.seed,
                                            stats.total / (stats.n_rows * stats.n_cols))
         pending.append(blocks)
     if params.init == "random_columns":
         # The column-average init fixes the kept factor; fit the shipped one to it before iterating.
         init_rule = make_rule(NMFParams(k=k, inner_passes=10, l1_w=params.l1_w, l2_w=params.l2_w,
                                         l1_h=params.l1_h, l2_h=params.l2_h), shipped_side)
-        partials = _map_kept(blocks, shipped, shipped_n, k, None).persist()
-        shipped = _reduce_shipped(partials, shipped, shipped_n, k, init_rule).localCheckpoint(eager=True)
+        partials = _map_kept(blocks, shipped, chunks, k, tasks, None).persist()
+        shipped = _reduce_shipped(partials, chunks, k, init_rule).localCheckpoint(eager=True)
         pending.append(partials)
 
     history: list[tuple[int, float, float]] = []
@@ -368,10 +469,14 @@ def _factorize_1d(
     for iteration in range(1, params.max_iter + 1):
         started = time.perf_counter()
         cut = iteration % params.checkpoint_interval == 0
-        new_state = _map_kept(state, shipped, shipped_n, k, update_kept)
+        new_state = _map_kept(state, shipped, chunks, k, tasks, update_kept)
         new_state = new_state.localCheckpoint(eager=True) if cut else new_state.persist()
-        shipped = _reduce_shipped(new_state, shipped, shipped_n, k, update_shipped).localCheckpoint(eager=True)
+        mapped = time.perf_counter()
+        shipped = _reduce_shipped(new_state, chunks, k, update_shipped).localCheckpoint(eager=True)
+        reduced = time.perf_counter()
         terms = shipped.select("tr_cross", "tr_gram").first()
+        log.debug("NMF iteration %d: kept side %.3f s, shipped side %.3f s, objective %.3f s", iteration,
+                  mapped - started, reduced - mapped, time.perf_counter() - reduced)
         state = new_state
         if cut:
             for old in pending:
@@ -386,7 +491,7 @@ def _factorize_1d(
             break
 
     kept_rows = _kept_rows(state, k, rows_per_block)
-    shipped_rows = _shipped_rows(spark, shipped, shipped_n, k)
+    shipped_rows = _shipped_rows(shipped, chunks, k)
     w, h = (shipped_rows, kept_rows) if transposed else (kept_rows, shipped_rows)
     w = w.withColumnRenamed("idx", "row_idx")
     h = h.withColumnRenamed("idx", "col_idx")
@@ -396,9 +501,9 @@ def _factorize_1d(
 
 def _build_row_blocks(
     spark, summed: DataFrame, initial: DataFrame | None, params: NMFParams,
-    kept_n: int, shipped_n: int, p: int, rows_per_block: int, scale: float,
+    kept_n: int, shipped_n: int, p: int, rows_per_block: int, scale: float, task_keys: list[int],
 ) -> DataFrame:
-    """One DataFrame row per row block: CSR of X_i and the initial factor block, one block per partition."""
+    """One DataFrame row per row block (CSR of X_i and the initial factor block); block i in task i mod tasks."""
     k, seed, init = params.k, params.seed, params.init
     block_of = (F.col("row") / F.lit(rows_per_block)).cast("long")
     entries = summed.select(block_of.alias("block"), F.lit(0).alias("kind"), "row", "col", "value",
@@ -421,7 +526,7 @@ def _build_row_blocks(
         n_block = min(rows_per_block, kept_n - start)
         cells = frame[frame["kind"] == 0].sort_values(["row", "col"])
         local = cells["row"].to_numpy(np.int64) - start
-        matrix = sp.csr_matrix((cells["value"].to_numpy(np.float64), (local, cells["col"].to_numpy(np.int64))),
+        matrix = sp.csr_matrix((cells["value"].to_numpy(STORED_DTYPE), (local, cells["col"].to_numpy(np.int64))),
                                shape=(n_block, shipped_n))
         if init == "custom":
             given = frame[frame["kind"] == 1]
@@ -435,16 +540,12 @@ def _build_row_blocks(
         else:
             csc = matrix.tocsc()
             factor = np.column_stack([np.asarray(csc[:, group].mean(axis=1)).ravel() for group in groups])
-        return pd.DataFrame({
-            "kind": ["block"], "block": [block], "n_rows": [n_block],
-            "indptr": [matrix.indptr.astype(np.int64).tobytes()],
-            "indices": [matrix.indices.astype(np.int32).tobytes()],
-            "data": [matrix.data.astype(np.float64).tobytes()],
-            "factor": [np.ascontiguousarray(factor, dtype=np.float64).tobytes()],
-            "cross": [None], "gram": [None],
-        })
+        return pd.DataFrame({"kind": ["block"], "block": [block], "n_rows": [n_block], **_csr_columns(matrix),
+                             "factor": [_pack(factor)], "cross": [None], "gram": [None]})
 
-    return parts.groupBy("block").applyInPandas(build, _BLOCK_SCHEMA).repartitionByRange(p, "block")
+    tasks = len(task_keys)
+    built = parts.groupBy("block").applyInPandas(build, _BLOCK_SCHEMA)
+    return built.repartition(tasks, _key_of(F.col("block") % tasks, task_keys))
 
 
 def _sum_partials(df: DataFrame, column: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -456,7 +557,7 @@ def _sum_partials(df: DataFrame, column: str, shape: tuple[int, ...]) -> np.ndar
 
 
 def _sketch_svd_init(
-    blocks: DataFrame, shipped_n: int, k: int, seed: int, mean: float,
+    blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean: float,
 ) -> tuple[DataFrame, DataFrame]:
     """NNDSVDa (Boutsidis & Gallopoulos 2008) from a randomized range sketch of X (Halko et al. 2011).
 
@@ -466,6 +567,7 @@ def _sketch_svd_init(
     zeros are filled with mean(X) as scikit-learn's 'nndsvda' does. Only r x r matrices and
     per-component norms reach the driver.
     """
+    shipped_n = chunks.n_rows
     blocks_only = blocks.where(F.col("kind") == "block")
     kept_rows = blocks_only.agg(F.sum("n_rows")).first()[0]
     r = max(1, min(k + SKETCH_OVERSAMPLING, shipped_n, kept_rows))
@@ -547,14 +649,14 @@ def _sketch_svd_init(
             for i in range(batch.num_rows):
                 args = [batch.column(c)[i].as_buffer() for c in ("indptr", "indices", "data")]
                 u = sketch(*args, int(batch.column("n_rows")[i].as_py())) @ to_u
-                factors.append(np.ascontiguousarray(nonneg(u, u_scale)).tobytes())
+                factors.append(_pack(nonneg(u, u_scale)))
             index = batch.schema.get_field_index("factor")
             yield batch.set_column(index, "factor", pa.array(factors, pa.binary()))
 
     def fill_shipped(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for blob in batch.column("p"):
-                yield _shipped_batch(nonneg(_dense(blob.as_buffer(), shipped_n, rank), p_scale), None, 0.0, 0.0)
+                yield _shipped_batch(nonneg(_dense(blob.as_buffer(), shipped_n, rank), p_scale), chunks)
 
     kept = blocks_only.mapInArrow(fill_kept, _BLOCK_SCHEMA).persist()
     shipped = decomposed.select("p").mapInArrow(fill_shipped, _SHIPPED_SCHEMA).localCheckpoint(eager=True)
@@ -562,14 +664,14 @@ def _sketch_svd_init(
     return kept, shipped
 
 
-def _initial_shipped(spark, initial: DataFrame | None, params: NMFParams, shipped_n: int, scale: float) -> DataFrame:
+def _initial_shipped(spark, initial: DataFrame | None, params: NMFParams, chunks: ShippedChunks,
+                     scale: float) -> DataFrame:
     """The shipped factor as a one-row DataFrame (custom rows assembled by one small task)."""
-    k, seed = params.k, params.seed
+    k, seed, shipped_n = params.k, params.seed, chunks.n_rows
     if initial is None:
         def generate(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for _ in batches:
-                factor = _random_factor(seed, 1, shipped_n, k, scale)
-                yield _shipped_batch(factor, None, 0.0, 0.0)
+                yield _shipped_batch(_random_factor(seed, 1, shipped_n, k, scale), chunks)
         return spark.range(1, numPartitions=1).mapInArrow(generate, _SHIPPED_SCHEMA)
 
     def assemble(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -579,97 +681,159 @@ def _initial_shipped(spark, initial: DataFrame | None, params: NMFParams, shippe
             values = batch.column(1).flatten().to_numpy(zero_copy_only=False)
             if len(idx):
                 factor[idx] = values.reshape(len(idx), k)
-        yield _shipped_batch(factor, None, 0.0, 0.0)
+        yield _shipped_batch(factor, chunks)
 
     rows = initial.select(F.col(initial.columns[0]).cast("long").alias("idx"), F.col("factors").cast("array<double>"))
     return rows.repartition(1).mapInArrow(assemble, _SHIPPED_SCHEMA)
 
 
-def _shipped_batch(factor: np.ndarray, gram: np.ndarray | None, tr_cross: float, tr_gram: float) -> pa.RecordBatch:
-    gram = factor.T @ factor if gram is None else gram
-    return pa.RecordBatch.from_pydict(
-        {"factor": [np.ascontiguousarray(factor).tobytes()], "gram": [np.ascontiguousarray(gram).tobytes()],
-         "tr_cross": [tr_cross], "tr_gram": [tr_gram]},
-        schema=pa.schema([("factor", pa.binary()), ("gram", pa.binary()), ("tr_cross", pa.float64()),
-                          ("tr_gram", pa.float64())]),
-    )
+_PART_TYPE = pa.struct([("chunk", pa.int64()), ("factor", pa.binary()), ("gram", pa.binary())])
+_SHIPPED_ARROW_SCHEMA = pa.schema([("parts", pa.list_(_PART_TYPE)), ("tr_cross", pa.float64()),
+                                   ("tr_gram", pa.float64())])
+
+
+def _shipped_batch(factor: np.ndarray, chunks: ShippedChunks) -> pa.RecordBatch:
+    """An initial shipped factor (no objective terms yet) as one row of per-chunk blobs and Grams."""
+    factor = _stored(factor)
+    parts = []
+    for c in range(chunks.count):
+        part = factor[slice(*chunks.bounds(c))]
+        parts.append({"chunk": c, "factor": _pack(part), "gram": (part.T @ part).tobytes()})
+    return pa.RecordBatch.from_pydict({"parts": [parts], "tr_cross": [0.0], "tr_gram": [0.0]},
+                                      schema=_SHIPPED_ARROW_SCHEMA)
+
+
+def _read_shipped(batch: pa.RecordBatch, row: int, chunks: ShippedChunks, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole shipped factor and its Gram from the ``parts`` of one row of a batch."""
+    parts = batch.column("parts")[row].values
+    factor = np.empty((chunks.n_rows, k))
+    gram = np.zeros((k, k))
+    for chunk, blob, part_gram in zip(parts.field("chunk").to_pylist(), parts.field("factor"), parts.field("gram")):
+        lo, hi = chunks.bounds(chunk)
+        factor[lo:hi] = _unpack(blob.as_buffer(), hi - lo, k)
+        gram += _dense(part_gram.as_buffer(), k, k)
+    return factor, gram
 
 
 def _map_kept(
-    state: DataFrame, shipped: DataFrame, shipped_n: int, k: int,
+    state: DataFrame, shipped: DataFrame, chunks: ShippedChunks, k: int, tasks: int,
     update: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None,
 ) -> DataFrame:
-    """Update every kept block from the broadcast factor (a map), and emit per-task partial sums.
+    """Update every kept block from the broadcast factor (a map), and emit what the shipped side needs.
 
-    Output: the blocks (kind 'block', X unchanged, new factor) plus one 'partial' row per task with
-    sum_i X_i' F_i (shipped_n x k) and sum_i F_i' F_i (k x k). ``update=None`` only emits partials.
+    Output: the blocks (kind 'block', X unchanged, new factor); per task and per chunk c of the
+    shipped factor one 'partial' row (block = c) with rows c of sum_i X_i' F_i and the whole
+    sum_i F_i' F_i (k x k); and the current shipped chunk c ('shipped', block = c) from the task
+    that holds block c, so the reduce reads one DataFrame. ``update=None`` keeps the kept factor.
+    Rows of other kinds in ``state`` (the previous iteration's partials) are skipped.
     """
-    joined = state.where(F.col("kind") == "block").crossJoin(
-        F.broadcast(shipped.select(F.col("factor").alias("s_factor"), F.col("gram").alias("s_gram"))))
+    # Block b sits in task b mod tasks, so blocks 0..tasks-1 are one per task: only they carry the
+    # broadcast factor into Python, instead of every block row carrying a copy of it.
+    carries = (F.col("kind") == "block") & (F.col("block") < F.lit(tasks))
+    joined = state.join(F.broadcast(shipped), carries, "left")
+    shipped_n = chunks.n_rows
 
     def step(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         cross_sum = np.zeros((shipped_n, k))
         gram_sum = np.zeros((k, k))
         shipped_factor = shipped_gram = None
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            if shipped_factor is None:
-                shipped_factor = _dense(batch.column("s_factor")[0].as_buffer(), shipped_n, k)
-                shipped_gram = _dense(batch.column("s_gram")[0].as_buffer(), k, k)
+        held: list[int] = []
+        waiting: list[pa.RecordBatch] = []
+
+        def update_blocks(batch: pa.RecordBatch) -> pa.RecordBatch:
+            nonlocal cross_sum, gram_sum
             factors = []
             n_rows = batch.column("n_rows").to_numpy()
+            held.extend(batch.column("block").to_pylist())
             for i in range(batch.num_rows):
                 # X stays in Arrow buffers: read without copying, passed through unchanged.
                 matrix = _csr(batch.column("indptr")[i].as_buffer(), batch.column("indices")[i].as_buffer(),
                               batch.column("data")[i].as_buffer(), int(n_rows[i]), shipped_n)
-                factor = _dense(batch.column("factor")[i].as_buffer(), int(n_rows[i]), k)
+                factor = _unpack(batch.column("factor")[i].as_buffer(), int(n_rows[i]), k)
                 if update is not None:
-                    factor = update(factor, np.asarray(matrix @ shipped_factor), shipped_gram)
+                    factor = _stored(update(factor, np.asarray(matrix @ shipped_factor), shipped_gram))
                 cross_sum += np.asarray(matrix.T @ factor)
                 gram_sum += factor.T @ factor
-                factors.append(np.ascontiguousarray(factor).tobytes())
+                factors.append(_pack(factor))
             empty = pa.nulls(batch.num_rows, pa.binary())
-            yield pa.RecordBatch.from_arrays(
+            return pa.RecordBatch.from_arrays(
                 [pa.array(["block"] * batch.num_rows), batch.column("block"), batch.column("n_rows"),
                  batch.column("indptr"), batch.column("indices"), batch.column("data"),
                  pa.array(factors, pa.binary()), empty, empty],
                 schema=_BLOCK_ARROW_SCHEMA)
-        yield _block_batch([{"kind": "partial", "block": -1, "n_rows": 0, "indptr": None, "indices": None,
-                             "data": None, "factor": None, "cross": cross_sum.tobytes(),
-                             "gram": gram_sum.tobytes()}])
+
+        for batch in batches:
+            is_block = pc.equal(batch.column("kind"), "block")
+            if not pc.all(is_block).as_py():
+                batch = batch.filter(is_block)
+            if batch.num_rows == 0:
+                continue
+            if shipped_factor is None:
+                carrier = pc.index(pc.is_valid(batch.column("parts")), True).as_py()
+                if carrier < 0:
+                    waiting.append(batch)
+                    continue
+                shipped_factor, shipped_gram = _read_shipped(batch, carrier, chunks, k)
+                for earlier in waiting:
+                    yield update_blocks(earlier)
+                waiting.clear()
+            yield update_blocks(batch)
+        if waiting:
+            raise RuntimeError("NMF: a task holds row blocks but none of them carried the shipped factor")
+        if shipped_factor is None:
+            return  # a task without blocks has nothing to add
+        rows = []
+        for c in range(chunks.count):
+            lo, hi = chunks.bounds(c)
+            rows.append({"kind": "partial", "block": c, "n_rows": hi - lo, "indptr": None, "indices": None,
+                         "data": None, "factor": None, "cross": cross_sum[lo:hi].tobytes(), "gram": gram_sum.tobytes()})
+            if c in held:
+                rows.append({"kind": "shipped", "block": c, "n_rows": hi - lo, "indptr": None, "indices": None,
+                             "data": None, "factor": _pack(shipped_factor[lo:hi]), "cross": None, "gram": None})
+        yield _block_batch(rows)
 
     return joined.mapInArrow(step, _BLOCK_SCHEMA)
 
 
 def _reduce_shipped(
-    state: DataFrame, shipped: DataFrame, shipped_n: int, k: int,
+    state: DataFrame, chunks: ShippedChunks, k: int,
     update: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
 ) -> DataFrame:
-    """Sum the partials in one task and update the shipped factor; also the objective's trace terms."""
-    partials = state.where(F.col("kind") == "partial").select(
-        F.lit(0).alias("is_factor"), "cross", "gram", F.lit(None).cast("binary").alias("factor"))
-    old = shipped.select(F.lit(1).alias("is_factor"), F.lit(None).cast("binary").alias("cross"),
-                         F.lit(None).cast("binary").alias("gram"), "factor")
+    """Sum the partials and update the shipped factor, one task per chunk; also the objective's trace terms.
 
+    The chunks are gathered back into the one-row shipped layout by a small aggregation.
+    """
     def reduce(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        cross = np.zeros((shipped_n, k))
-        gram = np.zeros((k, k))
-        factor = None
+        cross: dict[int, np.ndarray] = {}
+        gram: dict[int, np.ndarray] = {}
+        factor: dict[int, np.ndarray] = {}
         for batch in batches:
-            for row in batch.to_pylist():
-                if row["is_factor"]:
-                    factor = _dense(row["factor"], shipped_n, k)
+            kinds = batch.column("kind").to_pylist()
+            for i, chunk in enumerate(batch.column("block").to_pylist()):
+                lo, hi = chunks.bounds(chunk)
+                if kinds[i] == "shipped":
+                    factor[chunk] = _unpack(batch.column("factor")[i].as_buffer(), hi - lo, k)
                 else:
-                    cross += _dense(row["cross"], shipped_n, k)
-                    gram += _dense(row["gram"], k, k)
-        if factor is None:
-            return
-        factor = update(factor, cross, gram)
-        own_gram = factor.T @ factor
-        yield _shipped_batch(factor, own_gram, float(np.sum(cross * factor)), float(np.sum(gram * own_gram)))
+                    cross[chunk] = cross.get(chunk, 0) + _dense(batch.column("cross")[i].as_buffer(), hi - lo, k)
+                    gram[chunk] = gram.get(chunk, 0) + _dense(batch.column("gram")[i].as_buffer(), k, k)
+        if set(factor) != set(cross):
+            raise RuntimeError(f"NMF reduce got partials for chunks {sorted(cross)} but factors for {sorted(factor)}")
+        for chunk, old_factor in factor.items():
+            new_factor = _stored(update(old_factor, cross[chunk], gram[chunk]))
+            own_gram = new_factor.T @ new_factor
+            yield pa.RecordBatch.from_pydict(
+                {"chunk": [chunk], "factor": [_pack(new_factor)], "gram": [own_gram.tobytes()],
+                 "tr_cross": [float(np.sum(cross[chunk] * new_factor))],
+                 "tr_gram": [float(np.sum(gram[chunk] * own_gram))]},
+                schema=pa.schema([("chunk", pa.int64()), ("factor", pa.binary()), ("gram", pa.binary()),
+                                  ("tr_cross", pa.float64()), ("tr_gram", pa.float64())]))
 
-    return partials.unionByName(old).repartition(1).mapInArrow(reduce, _SHIPPED_SCHEMA)
+    # Each DataFrame operation here is analysed on the driver every iteration: keep them few.
+    reduced = (state.where(F.col("kind") != "block")
+               .repartition(chunks.count, _key_of(F.col("block"), list(chunks.keys)))
+               .mapInArrow(reduce, "chunk long, factor binary, gram binary, tr_cross double, tr_gram double"))
+    return reduced.agg(F.sort_array(F.collect_list(F.struct("chunk", "factor", "gram"))).alias("parts"),
+                       F.sum("tr_cross").alias("tr_cross"), F.sum("tr_gram").alias("tr_gram"))
 
 
 def _kept_rows(state: DataFrame, k: int, rows_per_block: int) -> DataFrame:
@@ -677,23 +841,25 @@ def _kept_rows(state: DataFrame, k: int, rows_per_block: int) -> DataFrame:
     def explode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for row in batch.to_pylist():
-                factor = _dense(row["factor"], row["n_rows"], k)
+                factor = _unpack(row["factor"], row["n_rows"], k)
                 start = row["block"] * rows_per_block
                 yield _factor_batch(np.arange(start, start + row["n_rows"]), factor, k)
 
     return state.where(F.col("kind") == "block").mapInArrow(explode, "idx long, factors array<double>")
 
 
-def _shipped_rows(spark, shipped: DataFrame, shipped_n: int, k: int) -> DataFrame:
+def _shipped_rows(shipped: DataFrame, chunks: ShippedChunks, k: int) -> DataFrame:
+    """(idx, factors) rows of the shipped factor, exploded chunk by chunk inside the tasks."""
     def explode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            for blob in batch.column("factor").to_pylist():
-                factor = _dense(blob, shipped_n, k)
-                for start in range(0, shipped_n, 65536):
-                    stop = min(start + 65536, shipped_n)
-                    yield _factor_batch(np.arange(start, stop), factor[start:stop], k)
+            for row in batch.to_pylist():
+                lo, hi = chunks.bounds(row["chunk"])
+                factor = _unpack(row["factor"], hi - lo, k)
+                for start in range(lo, hi, 65536):
+                    stop = min(start + 65536, hi)
+                    yield _factor_batch(np.arange(start, stop), factor[start - lo:stop - lo], k)
 
-    return shipped.select("factor").mapInArrow(explode, "idx long, factors array<double>")
+    return shipped.select(F.inline("parts")).mapInArrow(explode, "idx long, factors array<double>")
 
 
 def _factor_batch(idx: np.ndarray, factor: np.ndarray, k: int) -> pa.RecordBatch:
@@ -729,13 +895,10 @@ def _factorize_2d(
         bi, bj = int(frame["bi"].iloc[0]), int(frame["bj"].iloc[0])
         rows = min(rows_per, m - bi * rows_per)
         cols = min(cols_per, n - bj * cols_per)
-        matrix = sp.csr_matrix((frame["value"].to_numpy(np.float64),
+        matrix = sp.csr_matrix((frame["value"].to_numpy(STORED_DTYPE),
                                 (frame["row"].to_numpy(np.int64) - bi * rows_per,
                                  frame["col"].to_numpy(np.int64) - bj * cols_per)), shape=(rows, cols))
-        return pd.DataFrame({"bi": [bi], "bj": [bj], "n_rows": [rows], "n_cols": [cols],
-                             "indptr": [matrix.indptr.astype(np.int64).tobytes()],
-                             "indices": [matrix.indices.astype(np.int32).tobytes()],
-                             "data": [matrix.data.astype(np.float64).tobytes()]})
+        return pd.DataFrame({"bi": [bi], "bj": [bj], "n_rows": [rows], "n_cols": [cols], **_csr_columns(matrix)})
 
     grid = (summed.withColumn("bi", (F.col("row") / rows_per).cast("long"))
             .withColumn("bj", (F.col("col") / cols_per).cast("long"))
@@ -783,7 +946,8 @@ def _initial_blocks_2d(spark, initial: DataFrame | None, size: int, per_block: i
             factor = np.zeros((rows, k))
             if len(given):
                 factor[given["idx"].to_numpy(np.int64) - block * per_block] = np.stack(given["factors"].to_numpy())
-        return pd.DataFrame({"block": [block], "n_rows": [rows], "factor": [factor.tobytes()],
+        factor = _stored(factor)
+        return pd.DataFrame({"block": [block], "n_rows": [rows], "factor": [_pack(factor)],
                              "gram": [(factor.T @ factor).tobytes()], "tr_cross": [0.0]})
 
     markers = spark.range(blocks).select(F.col("id").alias("block"), F.lit(-1).cast("long").alias("idx"),
@@ -811,10 +975,10 @@ def _half_step_2d(grid: DataFrame, other: DataFrame, own: DataFrame, other_key: 
             for row in batch.to_pylist():
                 matrix = _csr(row["indptr"], row["indices"], row["data"], row["n_rows"], row["n_cols"])
                 if transpose:
-                    product = matrix.T @ _dense(row["other_factor"], row["n_rows"], k)
+                    product = matrix.T @ _unpack(row["other_factor"], row["n_rows"], k)
                     out_rows.append(row["n_cols"])
                 else:
-                    product = matrix @ _dense(row["other_factor"], row["n_cols"], k)
+                    product = matrix @ _unpack(row["other_factor"], row["n_cols"], k)
                     out_rows.append(row["n_rows"])
                 out_block.append(row[own_key])
                 out_product.append(np.ascontiguousarray(product).tobytes())
@@ -835,10 +999,9 @@ def _half_step_2d(grid: DataFrame, other: DataFrame, own: DataFrame, other_key: 
             if product is not None:
                 cross += _dense(product, rows, k)
             if previous is not None:
-                factor = _dense(previous, rows, k)
-        factor = update(factor, cross, other_gram)
-        return pd.DataFrame({"block": [int(frame["block"].iloc[0])], "n_rows": [rows],
-                             "factor": [np.ascontiguousarray(factor).tobytes()],
+                factor = _unpack(previous, rows, k)
+        factor = _stored(update(factor, cross, other_gram))
+        return pd.DataFrame({"block": [int(frame["block"].iloc[0])], "n_rows": [rows], "factor": [_pack(factor)],
                              "gram": [(factor.T @ factor).tobytes()], "tr_cross": [float(np.sum(cross * factor))]})
 
     return products.unionByName(old).groupBy("block").applyInPandas(combine, _FACTOR_2D_SCHEMA)
@@ -849,6 +1012,6 @@ def _explode_blocks_2d(blocks: DataFrame, per_block: int, k: int) -> DataFrame:
         for batch in batches:
             for row in batch.to_pylist():
                 start = row["block"] * per_block
-                yield _factor_batch(np.arange(start, start + row["n_rows"]), _dense(row["factor"], row["n_rows"], k), k)
+                yield _factor_batch(np.arange(start, start + row["n_rows"]), _unpack(row["factor"], row["n_rows"], k), k)
 
     return blocks.select("block", "n_rows", "factor").mapInArrow(explode, "idx long, factors array<double>")
