@@ -72,7 +72,7 @@ class NMFParams:
     l2_w: float = 0.0
     l1_h: float = 0.0
     l2_h: float = 0.0
-    inner_passes: int = 5            # HALS passes per distributed product (1 = plain HALS)
+    inner_passes: int = 5            # most HALS sweeps per distributed product (see hals_sweeps())
     inner_tol: float = 0.1           # stop inner passes once a pass changes < inner_tol x the first
     row_blocks: int = 0              # 0: from the number of non-zeros
     col_blocks: int = 0              # 2D layout only; 0: from the number of non-zeros
@@ -170,12 +170,30 @@ def hals_update(
     return np.ascontiguousarray(factor)
 
 
-def make_rule(params: NMFParams, side: str) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """The update of the W side ("w") or the H side ("h") with that side's penalties."""
+def hals_sweeps(params: NMFParams, nnz: int, own_rows: int, other_rows: int) -> int:
+    """HALS sweeps per distributed product for one factor: Gillis & Glineur's (2012) 1 + alpha * rho.
+
+    rho = 1 + (nnz + other_rows * k) / (own_rows * k + own_rows) compares the cost of the product
+    X F_other and Gram F_other' F_other with one sweep over the factor; alpha = 0.5 as they
+    recommend, capped at ``params.inner_passes``. For a sparse X with many more users than items,
+    this gives the user factor one sweep (a sweep costs more than the product) and the item factor
+    several.
+    """
+    k = params.k
+    rho = 1.0 + (nnz + other_rows * k) / (own_rows * k + own_rows)
+    return max(1, min(params.inner_passes, int(1 + 0.5 * rho)))
+
+
+def make_rule(params: NMFParams, side: str, passes: int | None = None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The update of the W side ("w") or the H side ("h") with that side's penalties.
+
+    ``passes``: HALS sweeps per product (default ``params.inner_passes``); ignored by MU.
+    """
     l1, l2 = (params.l1_w, params.l2_w) if side == "w" else (params.l1_h, params.l2_h)
     if params.solver == "mu":
         return lambda factor, cross, gram: mu_update(factor, cross, gram, l1, l2)
-    passes, inner_tol = params.inner_passes, params.inner_tol
+    passes = passes or params.inner_passes
+    inner_tol = params.inner_tol
     return lambda factor, cross, gram: hals_update(factor, cross, gram, l1, l2, passes, inner_tol)
 
 
@@ -444,8 +462,13 @@ def _factorize_1d(
     blocks = blocks.persist()
     shipped = _initial_shipped(spark, initial_shipped, params, chunks, scale)
 
-    update_kept = make_rule(params, kept_side)
-    update_shipped = make_rule(params, shipped_side)
+    kept_passes = hals_sweeps(params, stats.nnz, kept_n, shipped_n)
+    shipped_passes = hals_sweeps(params, stats.nnz, shipped_n, kept_n)
+    update_kept = make_rule(params, kept_side, kept_passes)
+    update_shipped = make_rule(params, shipped_side, shipped_passes)
+    if params.solver == "hals":
+        log.info("NMF HALS sweeps per product: %d on %s, %d on %s", kept_passes, kept_side.upper(),
+                 shipped_passes, shipped_side.upper())
     # The shipped factor depends on the kept blocks and on its previous value, so an uncut plan
     # doubles every iteration: the one-row shipped factor is checkpointed every iteration (cheap),
     # the blocks are persisted and checkpointed every checkpoint_interval iterations. Unpersisting
@@ -907,7 +930,8 @@ def _factorize_2d(
     w = _initial_blocks_2d(spark, initial_w, m, rows_per, p, k, params.seed, 10, scale).localCheckpoint(eager=True)
     h = _initial_blocks_2d(spark, initial_h, n, cols_per, q, k, params.seed, 1_000_000, scale).localCheckpoint(eager=True)
     gram_h = _collect_gram(h, k)
-    update_w, update_h = make_rule(params, "w"), make_rule(params, "h")
+    update_w = make_rule(params, "w", hals_sweeps(params, stats.nnz, m, n))
+    update_h = make_rule(params, "h", hals_sweeps(params, stats.nnz, n, m))
     history: list[tuple[int, float, float]] = []
     for iteration in range(1, params.max_iter + 1):
         started = time.perf_counter()
