@@ -444,7 +444,8 @@ def _factorize_1d(
         kept_n, shipped_n = stats.n_rows, stats.n_cols
         initial_kept, initial_shipped = initial_w, initial_h
         kept_side, shipped_side = "w", "h"
-    tasks = params.parallelism or task_slots(summed.sparkSession)
+    spark = summed.sparkSession
+    tasks = params.parallelism or task_slots(spark)
     p = _grid_size(stats.nnz, params.row_blocks, params.block_nnz, kept_n)
     if not params.row_blocks:
         p = min(tasks * math.ceil(p / tasks), kept_n)  # every task gets the same number of blocks
@@ -452,7 +453,6 @@ def _factorize_1d(
     p = math.ceil(kept_n / rows_per_block)
     tasks = min(tasks, p)
     scale = math.sqrt(stats.total / (stats.n_rows * stats.n_cols) / k)
-    spark = summed.sparkSession
     chunks = ShippedChunks.plan(spark, shipped_n, tasks)
     log.info("NMF layout 1D%s: %d row blocks of <= %d rows in %d tasks; shipped factor %d x %d in %d chunks",
              " (transposed)" if transposed else "", p, rows_per_block, tasks, shipped_n, k, chunks.count)

@@ -141,6 +141,23 @@ def test_edge_cases_empty_rows_and_columns_small_blocks_single_block_rank_one(sp
         result.release()
 
 
+def test_number_of_tasks_and_chunks_does_not_change_the_result(spark):
+    # 1, 2 and 3 tasks: the row blocks, the item-factor chunks and their reduce tasks all differ.
+    m, n, k = 60, 25, 3
+    matrix = planted_matrix(m, n, k, seed=12)
+    entries = entries_df(spark, matrix)
+    runs = []
+    for tasks in (1, 2, 3):
+        result = factorize(entries, NMFParams(k=k, max_iter=4, tol=0.0, parallelism=tasks), n_rows=m, n_cols=n)
+        assert result.grid[0] % tasks == 0
+        runs.append(([h[1] for h in result.history], to_numpy(result.w, m, k), to_numpy(result.h, n, k)))
+        result.release()
+    for errors, w, h in runs[1:]:
+        assert errors == pytest.approx(runs[0][0], rel=1e-9)
+        np.testing.assert_allclose(w, runs[0][1], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(h, runs[0][2], rtol=1e-5, atol=1e-9)
+
+
 def test_duplicate_entries_are_summed(spark):
     matrix = planted_matrix(30, 12, 2, seed=8)
     rows = [(int(r), int(c), float(v)) for r, c, v in zip(matrix.row, matrix.col, matrix.data)]
