@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 log = logging.getLogger("lib.nmf")
 
@@ -715,6 +716,10 @@ _SHIPPED_ARROW_SCHEMA = pa.schema([("parts", pa.list_(_PART_TYPE)), ("tr_cross",
                                    ("tr_gram", pa.float64())])
 
 
+_CHUNK_ARROW_SCHEMA = pa.schema([("chunk", pa.int64()), ("factor", pa.binary()), ("gram", pa.binary()),
+                                 ("tr_cross", pa.float64()), ("tr_gram", pa.float64())])
+
+
 def _shipped_batch(factor: np.ndarray, chunks: ShippedChunks) -> pa.RecordBatch:
     """An initial shipped factor (no objective terms yet) as one row of per-chunk blobs and Grams."""
     factor = _stored(factor)
@@ -848,13 +853,12 @@ def _reduce_shipped(
                 {"chunk": [chunk], "factor": [_pack(new_factor)], "gram": [own_gram.tobytes()],
                  "tr_cross": [float(np.sum(cross[chunk] * new_factor))],
                  "tr_gram": [float(np.sum(gram[chunk] * own_gram))]},
-                schema=pa.schema([("chunk", pa.int64()), ("factor", pa.binary()), ("gram", pa.binary()),
-                                  ("tr_cross", pa.float64()), ("tr_gram", pa.float64())]))
+                schema=_CHUNK_ARROW_SCHEMA)
 
     # Each DataFrame operation here is analysed on the driver every iteration: keep them few.
     reduced = (state.where(F.col("kind") != "block")
                .repartition(chunks.count, _key_of(F.col("block"), list(chunks.keys)))
-               .mapInArrow(reduce, "chunk long, factor binary, gram binary, tr_cross double, tr_gram double"))
+               .mapInArrow(reduce, from_arrow_schema(_CHUNK_ARROW_SCHEMA)))
     return reduced.agg(F.sort_array(F.collect_list(F.struct("chunk", "factor", "gram"))).alias("parts"),
                        F.sum("tr_cross").alias("tr_cross"), F.sum("tr_gram").alias("tr_gram"))
 
