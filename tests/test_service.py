@@ -1,0 +1,347 @@
+"""The recommendations API (service/) answering from a real uvicorn server on 127.0.0.1.
+
+Tables are written with deltalake (delta-rs) by the tests themselves, so no Spark is needed except in
+the last test, which checks that a table written by delta-spark is served too (protocol
+compatibility; run it under the Spark lock like the rest of the suite).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pytest
+import uvicorn
+from deltalake import write_deltalake
+
+from service import settings as settings_mod
+from service.app import create_app
+from service.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def write(warehouse: Path, table: str, columns: dict, mode: str = "overwrite") -> None:
+    write_deltalake(str(warehouse / table), pa.table(columns), mode=mode)
+
+
+def recs_columns(rows: list[tuple]) -> dict:
+    """rows: (user_id, rank, item_id, score, source[, strategy])."""
+    cols = {
+        "user_id": [r[0] for r in rows],
+        "rank": pa.array([r[1] for r in rows], pa.int32()),
+        "item_id": [r[2] for r in rows],
+        "score": [r[3] for r in rows],
+        "source": [r[4] for r in rows],
+        "run_id": ["run-1"] * len(rows),
+    }
+    if rows and len(rows[0]) > 5:
+        cols["strategy"] = [r[5] for r in rows]
+    return cols
+
+
+@contextlib.contextmanager
+def serve(warehouse: Path, **env: str):
+    """A real uvicorn server for the app on a free 127.0.0.1 port, in a thread; yields (base URL, store)."""
+    environ = {"RECS_WAREHOUSE": str(warehouse), "RECS_API_TOKEN": TOKEN, "RECS_RELOAD_SECONDS": "0", **env}
+    settings = settings_mod.from_env(environ)
+    store = Store(settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, store), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", store
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture()
+def warehouse(tmp_path: Path) -> Path:
+    wh = tmp_path / "warehouse"
+    # u1's list arrives in two files with its ranks out of order: the API must sort by rank.
+    write(wh, "recommendations", recs_columns([
+        ("u1", 3, "i3", 0.5, "als"), ("u1", 1, "i1", 0.9, "als"), ("u2", 1, "i2", 0.7, "segment_popular"),
+        ("a/b c", 1, "i9", 0.4, "popular"),
+    ]))
+    write(wh, "recommendations", recs_columns([("u1", 2, "i2", 0.75, "als"), ("u1", 4, "i4", 0.25, "als")]),
+          mode="append")
+    write(wh, "user_segments", {"user_id": ["u1", "u2"], "segment_id": pa.array([0, 1], pa.int32()),
+                                "affinity": [0.8, 0.55], "run_id": ["run-1", "run-1"]})
+    write(wh, "segment_profiles", {"segment_id": pa.array([0, 1], pa.int32()), "size": [10, 20],
+                                   "share": [0.33, 0.67], "label": ["sports", "garden"], "run_id": ["run-1"] * 2})
+    # interactions: i7 is used by 3 users, i5 by 2, i6 by 2 (tie: i5 before i6), i8 by 1.
+    item_ids = {0: "i5", 1: "i6", 2: "i7", 3: "i8"}
+    pairs = [(0, 2), (1, 2), (2, 2), (0, 0), (1, 0), (2, 1), (3, 1), (3, 3)]
+    write(wh, "interactions", {"user_idx": pa.array([u for u, _ in pairs], pa.int32()),
+                               "item_idx": pa.array([i for _, i in pairs], pa.int32()),
+                               "score": [1.0] * len(pairs)})
+    write(wh, "item_index", {"item_id": list(item_ids.values()), "item_idx": pa.array(list(item_ids), pa.int32())})
+    return wh
+
+
+def test_auth_is_refused_without_or_with_a_wrong_token(warehouse):
+    with serve(warehouse) as (url, _), httpx.Client(base_url=url) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):
+            for path in ("/v1/users/u1/recommendations", "/v1/users/u1/profile", "/v1/users/u1/recommendations?n=x"):
+                r = http.get(path, headers=headers)
+                assert r.status_code == 401, (headers, path, r.text)
+                assert r.headers["www-authenticate"].startswith("Bearer")
+                assert "i1" not in r.text
+        assert http.get("/v1/users/u1/recommendations", headers=AUTH).status_code == 200
+        health = http.get("/healthz")  # liveness needs no token and carries no user data
+        assert health.status_code == 200 and health.json()["table_versions"]["recommendations"] == 1
+
+
+def test_recommendations_of_a_known_user_in_rank_order_with_bounded_n(warehouse):
+    with serve(warehouse, RECS_MAX_N="3", RECS_DEFAULT_N="3") as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get("/v1/users/u1/recommendations").json()
+        assert body["fallback"] is False and body["user_id"] == "u1" and body["strategy"] is None
+        assert [(i["rank"], i["item_id"], i["score"], i["source"]) for i in body["items"]] == [
+            (1, "i1", 0.9, "als"), (2, "i2", 0.75, "als"), (3, "i3", 0.5, "als")]  # RECS_DEFAULT_N items of 4
+        assert body["run_id"] == "run-1" and body["table_version"] == 1
+        assert [i["item_id"] for i in http.get("/v1/users/u1/recommendations?n=2").json()["items"]] == ["i1", "i2"]
+        assert http.get("/v1/users/u2/recommendations?n=1").json()["items"][0]["source"] == "segment_popular"
+        # a user id with a slash and a space, URL-encoded
+        assert http.get("/v1/users/a%2Fb%20c/recommendations").json()["items"][0]["item_id"] == "i9"
+        for n, status in (("4", 400), ("0", 400), ("-1", 400), ("abc", 422)):
+            r = http.get(f"/v1/users/u1/recommendations?n={n}")
+            assert r.status_code == status, (n, r.text)
+            assert r.json()["error"] in ("bad_n", "bad_request")
+        r = http.get("/v1/users/u1/recommendations?strategy=discover")  # this table has no strategy column
+        assert r.status_code == 400 and r.json()["error"] == "bad_strategy"
+
+
+def test_unknown_user_gets_the_flagged_popular_fallback(warehouse, tmp_path):
+    with serve(warehouse) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get("/v1/users/nobody/recommendations?n=3").json()
+        assert body["fallback"] is True and body["fallback_reason"] == "unknown_user"
+        assert body["fallback_basis"] == "interactions"
+        # items used by the most distinct users in interactions; ties by item_id
+        assert [(i["item_id"], i["score"], i["rank"]) for i in body["items"]] == [
+            ("i7", 3.0, 1), ("i5", 2.0, 2), ("i6", 2.0, 3)]
+        profile = http.get("/v1/users/nobody/profile").json()
+        assert profile["known"] is False and profile["fallback"] is True and profile["segment"] is None
+
+    # Without interactions / item_index: the items in the most users' lists.
+    bare = tmp_path / "bare"
+    write(bare, "recommendations", recs_columns([("u1", 1, "x", 1.0, "als"), ("u1", 2, "y", 0.5, "als"),
+                                                 ("u2", 1, "y", 1.0, "als"), ("u3", 1, "y", 1.0, "als"),
+                                                 ("u3", 2, "z", 0.2, "als")]))
+    with serve(bare) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get("/v1/users/nobody/recommendations").json()
+        assert body["fallback"] is True and body["fallback_basis"] == "recommendations"
+        assert [i["item_id"] for i in body["items"]] == ["y", "x", "z"]
+
+
+def test_unknown_user_is_404_when_configured(warehouse):
+    with serve(warehouse, RECS_UNKNOWN_USER="404") as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        for path in ("/v1/users/nobody/recommendations", "/v1/users/nobody/profile"):
+            r = http.get(path)
+            assert r.status_code == 404 and r.json()["error"] == "unknown_user", path
+        assert http.get("/v1/users/u1/recommendations").status_code == 200
+        assert http.get("/v1/users/u1/profile").status_code == 200
+
+
+def test_too_long_user_id_is_rejected(warehouse):
+    with serve(warehouse, RECS_MAX_USER_ID_LENGTH="8") as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        for endpoint in ("recommendations", "profile"):
+            r = http.get(f"/v1/users/{'x' * 9}/{endpoint}")
+            assert r.status_code == 400 and r.json()["error"] == "bad_user_id", endpoint
+            assert http.get(f"/v1/users/{'x' * 8}/{endpoint}").status_code == 200  # unknown: fallback
+        assert http.get("/v1/users/%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9/profile").status_code == 200
+        assert http.get("/v1/users//recommendations").status_code == 400
+
+
+def test_profile_with_missing_tables_has_null_fields_and_names_them(warehouse):
+    with serve(warehouse) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        r = http.get("/v1/users/u2/profile")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["known"] is True and body["fallback"] is False
+        assert body["segment"] == {"segment_id": 1, "affinity": 0.55, "label": "garden", "size": 20, "share": 0.67}
+        assert body["churn_band"] is None and body["scores"] is None
+        assert body["send_hour_of_week_utc"] is None and body["send_time"] is None
+        assert body["missing_sources"] == ["customer_scores", "send_times"]
+        assert body["table_versions"]["customer_scores"] is None
+
+    empty = warehouse.parent / "empty"
+    empty.mkdir()
+    with serve(empty) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        r = http.get("/v1/users/u1/profile")
+        assert r.status_code == 200 and r.json()["missing_sources"] == [
+            "user_segments", "segment_profiles", "customer_scores", "send_times"]
+        r = http.get("/v1/users/u1/recommendations")
+        assert r.status_code == 200 and r.json()["fallback_reason"] == "recommendations_missing"
+        assert r.json()["items"] == []
+
+
+def test_reload_serves_a_new_table_version_without_failing_requests(warehouse):
+    with serve(warehouse, RECS_RELOAD_SECONDS="0.2") as (url, store), httpx.Client(base_url=url, headers=AUTH) as http:
+        before = store.current
+        assert [i["item_id"] for i in http.get("/v1/users/u1/recommendations?n=1").json()["items"]] == ["i1"]
+
+        statuses: list[int] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def hammer():
+            with httpx.Client(base_url=url, headers=AUTH) as client:
+                while not stop.is_set():
+                    try:
+                        for path in ("/v1/users/u1/recommendations", "/v1/users/u1/profile"):
+                            r = client.get(path)
+                            statuses.append(r.status_code)
+                            if r.status_code != 200:
+                                failures.append(f"{path}: {r.status_code} {r.text}")
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            # A new run: overwrite recommendations, and a customer_scores table appears (two as_of per user).
+            write(warehouse, "recommendations", recs_columns([("u1", 1, "new1", 0.8, "als"),
+                                                             ("u1", 2, "new2", 0.6, "als")]))
+            write(warehouse, "customer_scores", {
+                "user_id": ["u1", "u1"], "as_of": pa.array([19000, 19010], pa.date32()),
+                "churn_probability": [0.2, 0.7], "churn_band": ["low", "high"],
+                "purchase_probability": [0.5, 0.1], "run_id": ["r1", "r2"]})
+            deadline = time.monotonic() + 20
+            while True:
+                recs = http.get("/v1/users/u1/recommendations").json()
+                profile = http.get("/v1/users/u1/profile").json()
+                if recs["table_version"] == 2 and profile["churn_band"] is not None:
+                    break
+                assert time.monotonic() < deadline, f"reload not seen: {recs} {profile}"
+                time.sleep(0.1)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert failures == []
+        assert len(statuses) > 20 and set(statuses) == {200}
+        assert [(i["rank"], i["item_id"]) for i in recs["items"]] == [(1, "new1"), (2, "new2")]
+        # the latest as_of wins
+        assert profile["churn_band"] == "high" and profile["scores"]["as_of"] == "2022-01-18"
+        assert profile["scores"]["churn_probability"] == 0.7 and "customer_scores" not in profile["missing_sources"]
+        # the snapshot requests held before the reload is untouched (requests in flight finish on it)
+        assert before.versions["recommendations"] == 1
+        start, end = before.recommendations.rows_for("u1", 0)
+        assert [i["item_id"] for i in before.recommendations.items_json(start, end)] == ["i1", "i2", "i3", "i4"]
+        assert store.current.versions["recommendations"] == 2 and store.current.versions["customer_scores"] == 0
+        # a table that cannot be served keeps the last good version and says why
+        write_deltalake(str(warehouse / "user_segments"), pa.table({"user_id": ["u1"], "other": [1]}),
+                        mode="overwrite", schema_mode="overwrite")
+        deadline = time.monotonic() + 20
+        while "user_segments" not in http.get("/healthz").json()["errors"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert http.get("/v1/users/u1/profile").json()["segment"]["segment_id"] == 0
+
+
+def test_strategy_parameter_when_the_table_has_the_column(tmp_path):
+    wh = tmp_path / "wh"
+    write(wh, "recommendations", recs_columns([
+        ("u1", 1, "d1", 0.9, "als", "discover"), ("u1", 1, "b1", 0.8, "als", "buy_again"),
+        ("u1", 2, "b2", 0.7, "als", "buy_again"), ("u1", 1, "m1", 0.6, "als", "blended"),
+        ("u2", 1, "d2", 0.5, "als", "discover"), ("u2", 1, "m2", 0.4, "als", "blended"),
+    ]))
+    with serve(wh) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get("/v1/users/u1/recommendations").json()
+        assert body["strategy"] == "blended" and [i["item_id"] for i in body["items"]] == ["m1"]
+        body = http.get("/v1/users/u1/recommendations?strategy=buy_again").json()
+        assert [i["item_id"] for i in body["items"]] == ["b1", "b2"] and body["fallback"] is False
+        # u2 has no buy_again list: flagged fallback, saying why
+        body = http.get("/v1/users/u2/recommendations?strategy=buy_again").json()
+        assert body["fallback"] is True and body["fallback_reason"] == "no_list_for_strategy"
+        r = http.get("/v1/users/u1/recommendations?strategy=nope")
+        assert r.status_code == 400 and "blended, buy_again, discover" in r.json()["detail"]
+        assert http.get("/healthz").json()["strategies"] == ["blended", "buy_again", "discover"]
+
+
+def test_settings_are_checked_at_start_naming_the_variable(tmp_path):
+    with pytest.raises(settings_mod.SettingsError, match="RECS_API_TOKEN is not set"):
+        settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path)})
+    with pytest.raises(settings_mod.SettingsError, match="MY_TOKEN is not set"):
+        settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_TOKEN_ENV": "MY_TOKEN", "RECS_API_TOKEN": "x"})
+    assert settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_ALLOW_NO_AUTH": "1"}).auth_required is False
+    for name, value in (("RECS_MAX_N", "lots"), ("RECS_UNKNOWN_USER", "ignore"), ("RECS_RELOAD_SECONDS", "-1"),
+                        ("RECS_MAX_USER_ID_LENGTH", "0"), ("RECS_WAREHOUSE", str(tmp_path / "nowhere"))):
+        with pytest.raises(settings_mod.SettingsError, match=name):
+            settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_API_TOKEN": "x", name: value})
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECS_")}
+    result = subprocess.run([str(REPO_ROOT / "service" / "serve.sh"), "--warehouse", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "RECS_API_TOKEN is not set" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_start_command_serves_the_warehouse(warehouse):
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RECS_")}, "RECS_API_TOKEN": TOKEN}
+    proc = subprocess.Popen([str(REPO_ROOT / "service" / "serve.sh"), "--warehouse", str(warehouse),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH) as http:
+            while True:
+                assert proc.poll() is None, proc.stdout.read()
+                try:
+                    r = http.get("/v1/users/u1/recommendations?n=1")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "serve.sh did not answer"
+                    time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["items"][0]["item_id"] == "i1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def test_serves_a_table_written_by_delta_spark(spark, tmp_path):
+    """delta-rs reads what delta-spark 4.4 writes (the pipeline's writer): an overwrite, then the latest version."""
+    wh = tmp_path / "wh"
+    schema = "user_id string, rank int, item_id string, score double, source string, run_id string"
+    spark.createDataFrame([("s1", 1, "old", 1.0, "als", "r1")], schema).write.format("delta").save(
+        str(wh / "recommendations"))
+    spark.createDataFrame([("s1", 2, "b", 0.5, "als", "r2"), ("s1", 1, "a", 0.9, "als", "r2"),
+                           ("s2", 1, "c", 0.1, "popular", "r2")], schema) \
+        .write.format("delta").mode("overwrite").save(str(wh / "recommendations"))
+    spark.createDataFrame([("s1", 3, 0.9, "r2")], "user_id string, segment_id int, affinity double, run_id string") \
+        .write.format("delta").save(str(wh / "user_segments"))
+    with serve(wh) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get("/v1/users/s1/recommendations").json()
+        assert body["table_version"] == 1 and body["run_id"] == "r2"
+        assert [(i["rank"], i["item_id"]) for i in body["items"]] == [(1, "a"), (2, "b")]
+        assert http.get("/v1/users/s1/profile").json()["segment"]["segment_id"] == 3
