@@ -12,7 +12,8 @@
 3. Load: against the full warehouse, 50 concurrent keep-alive HTTP/1.1 clients (raw asyncio streams:
    a light client, because it shares the 2 cores with the server) for each scenario, bounded by
    ``--seconds`` and ``--max-requests``: known users' recommendations, profiles, unknown users
-   (fallback), and recommendations while a new table version is written and reloaded.
+   (fallback), and recommendations while a new table version is written and reloaded; and, when
+   Debian's wrk is installed, known users' recommendations again from wrk (a C client).
 Prints a markdown table and writes bench/out/service.json. Every address is 127.0.0.1.
 """
 from __future__ import annotations
@@ -187,6 +188,38 @@ async def load(port: int, paths: list[str], clients: int, seconds: float, max_re
             "max_ms": round(float(lat.max()), 1), "statuses": statuses, "errors": errors, "during": extra}
 
 
+WRK_SCRIPT = """
+local paths = {}
+for line in io.lines("%s") do paths[#paths + 1] = line end
+math.randomseed(7)
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)], {["Authorization"] = "Bearer %s"})
+end
+"""
+
+
+def wrk_load(port: int, paths: list[str], clients: int, seconds: float, workdir: Path) -> dict | None:
+    """The same load from wrk (a C client, lighter than Python) when it is installed (Debian: wrk)."""
+    if shutil.which("wrk") is None:
+        return None
+    (workdir / "paths.txt").write_text("\n".join(paths) + "\n")
+    (workdir / "wrk.lua").write_text(WRK_SCRIPT % (workdir / "paths.txt", TOKEN))
+    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s",
+                          str(workdir / "wrk.lua"), f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def ms(label: str) -> float:
+        value = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        number, unit = float(value.group(1)), value.group(2)
+        return round(number / 1000 if unit == "us" else number * 1000 if unit == "s" else number, 2)
+
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"requests": requests, "rps": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))),
+            "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "errors": re.findall(r"Socket errors:.*", out)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
@@ -245,6 +278,11 @@ def main() -> None:
             result["load"][name] = r
             print(name, r, flush=True)
 
+        r = wrk_load(port, known, args.clients, args.seconds, out)
+        if r is not None:
+            result["load"]["recommendations_wrk"] = r
+            print("recommendations_wrk", r, flush=True)
+
         async def new_version():
             await asyncio.sleep(2)
             t0 = time.perf_counter()
@@ -274,8 +312,11 @@ def main() -> None:
     print("\n| scenario | requests | RPS | p50 ms | p99 ms | max ms | non-200 |")
     print("|---|---|---|---|---|---|---|")
     for name, r in result["load"].items():
-        bad = sum(v for k, v in r["statuses"].items() if k != 200) + len(r["errors"])
-        print(f"| {name} | {r['requests']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {bad} |")
+        if "statuses" in r:
+            bad = sum(v for k, v in r["statuses"].items() if k != 200) + len(r["errors"])
+        else:
+            bad = r["non_2xx"] + len(r["errors"])
+        print(f"| {name} | {r['requests']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r.get('max_ms', '')} | {bad} |")
     shutil.rmtree(out, ignore_errors=True)
 
 
