@@ -18,8 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
-from jobs import build_interactions, generate_events, ingest  # noqa: E402
-from jobs.common import load_config, run_stage  # noqa: E402
+from jobs.common import StageContext, load_settings, run_stage  # noqa: E402
 from lib.session import local_session  # noqa: E402
 
 
@@ -37,14 +36,14 @@ def main() -> None:
     spark = local_session("bench-generate-ingest", "local[2]", {
         "spark.driver.memory": "8g", "spark.sql.shuffle.partitions": "16",
         "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO}/conf/log4j2.properties"})
-    config = load_config([], [
+    settings = load_settings([], [
         f"output.root={out}", "spark.shuffle_partitions=16", f"sample.events={args.events}",
         f"sample.users={args.users}", f"sample.items={args.items}", "sample.segments=10"])
     timings = {}
-    for name, stage in (("generate", generate_events.run), ("ingest", ingest.run),
-                        ("interactions", build_interactions.run)):
+    ctx = StageContext(spark, settings, "bench")
+    for name, stage in (("generate", "generate_events"), ("ingest", "ingest"), ("interactions", "build_interactions")):
         started = time.perf_counter()
-        result = run_stage(spark, config, "bench", name, stage)
+        result = run_stage(ctx, stage)
         timings[name] = (time.perf_counter() - started, result)
         print(f"{name}: {timings[name][0]:.1f} s  rows_in={result.rows_in} rows_out={result.rows_out}", flush=True)
 

@@ -2,54 +2,48 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
-from typing import Any
+from datetime import timezone
 
-from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from jobs.common import main_for, tables_of
-from lib.interactions import extend_index, score_events, to_matrix_entries, validate_weights
+from jobs.common import StageContext, main_for
+from lib import catalog as C
+from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.runs import StageResult
 
 log = logging.getLogger("jobs.build_interactions")
 
 
-def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult:
-    settings = config["interactions"]
-    weights = settings["weights"]
-    validate_weights(weights, config["ingest"]["event_types"])
-    tables = tables_of(config)
-    if not tables.exists(spark, "events"):
-        raise ValueError(f"table {tables.location('events')} does not exist: run the ingest stage first")
-    events = tables.read(spark, "events")
+def run(ctx: StageContext) -> StageResult:
+    settings = ctx.settings.interactions
+    spark, tables = ctx.spark, ctx.tables
+    events = tables.require(spark, C.EVENTS, "ingest")
 
-    if settings["as_of"]:
-        as_of = datetime.fromisoformat(settings["as_of"])
-        as_of = as_of if as_of.tzinfo else as_of.replace(tzinfo=timezone.utc)
-    else:
-        as_of = events.agg(F.max("event_ts")).first()[0]
-        if as_of is None:
-            raise ValueError("events is empty: nothing to build interactions from")
-        as_of = as_of.replace(tzinfo=timezone.utc) if as_of.tzinfo is None else as_of
-    log.info("scoring events as of %s, half-life %.1f days", as_of.isoformat(), settings["half_life_days"])
+    as_of = settings.as_of_utc
+    if as_of is None:
+        latest = events.agg(F.max("event_ts")).first()[0]
+        if latest is None:
+            raise ValueError(f"table {tables.location(C.EVENTS)} is empty: ingest kept no event "
+                             "(see events_quarantine and the ingest row of pipeline_runs)")
+        as_of = latest if latest.tzinfo else latest.replace(tzinfo=timezone.utc)
+    log.info("scoring events as of %s, half-life %.1f days", as_of.isoformat(), settings.half_life_days)
 
-    scored = score_events(events, weights, settings["half_life_days"], as_of).persist()
-    partitions = config["spark"]["shuffle_partitions"]
-    for id_col, idx_col, table in (("user_id", "user_idx", "user_index"), ("item_id", "item_idx", "item_index")):
-        existing = tables.read(spark, table) if tables.exists(spark, table) else None
-        new_rows = extend_index(scored.select(id_col), existing, id_col, idx_col, partitions).persist()
+    scored = score_events(events, settings.weights, settings.half_life_days, as_of).persist()
+    existing = [tables.read(spark, t) if tables.exists(spark, t) else None for t in (C.USER_INDEX, C.ITEM_INDEX)]
+    additions = index_additions(scored, *existing, ctx.settings.spark.shuffle_partitions)
+    for table, before, new_rows in zip((C.USER_INDEX, C.ITEM_INDEX), existing, additions):
+        new_rows = new_rows.persist()
         added = new_rows.count()
-        if added or existing is None:
+        if added or before is None:
             tables.append(new_rows, table)
         new_rows.unpersist()
-        log.info("%s: %d new ids appended", table, added)
+        log.info("%s: %d new ids appended", table.name, added)
 
-    user_index, item_index = tables.read(spark, "user_index"), tables.read(spark, "item_index")
-    tables.overwrite(to_matrix_entries(scored, user_index, item_index), "interactions")
+    user_index, item_index = tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)
+    tables.overwrite(to_matrix_entries(scored, user_index, item_index), C.INTERACTIONS)
     scored.unpersist()
 
-    written = tables.read(spark, "interactions").agg(
+    written = tables.read(spark, C.INTERACTIONS).agg(
         F.count(F.lit(1)).alias("entries"), F.sum("n_events").alias("events_used"),
         F.countDistinct("user_idx").alias("users"), F.countDistinct("item_idx").alias("items"),
     ).first()
@@ -62,4 +56,4 @@ def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult
 
 
 if __name__ == "__main__":
-    main_for("build_interactions", __doc__, run)
+    main_for("build_interactions")

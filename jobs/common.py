@@ -1,4 +1,4 @@
-"""What every job shares: argument parsing, configuration files, the session, stage bookkeeping."""
+"""What every job shares: argument parsing, configuration, the session, stage bookkeeping."""
 from __future__ import annotations
 
 import argparse
@@ -6,21 +6,34 @@ import logging
 import sys
 import traceback
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
+from lib import catalog as C
 from lib.config import ConfigError, parse_toml, resolve
 from lib.runs import StageResult, run_record
+from lib.settings import OutputSettings, Settings
 from lib.storage import Tables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.toml"
 log = logging.getLogger("jobs")
 
-Stage = Callable[[SparkSession, dict[str, Any], str], StageResult]
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's ``run(ctx)`` gets: the session, validated settings, the tables, the run id."""
+
+    spark: SparkSession
+    settings: Settings
+    run_id: str
+
+    @property
+    def tables(self) -> Tables:
+        return tables_of(self.settings.output)
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +46,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     return parser.parse_args(argv)
 
 
-def load_config(conf_files: list[str], sets: list[str]) -> dict[str, Any]:
+def load_config(conf_files: list[str], sets: list[str]) -> dict:
     """conf/base.toml, then each --conf file, then each --set; a bad key stops the job here."""
     base = parse_toml(BASE_CONFIG.read_text(), str(BASE_CONFIG))
     overlays = []
@@ -47,49 +60,56 @@ def load_config(conf_files: list[str], sets: list[str]) -> dict[str, Any]:
     return resolve(base, overlays, sets)
 
 
-def tables_of(config: dict[str, Any]) -> Tables:
-    out = config["output"]
-    root = out["root"]
-    if root and not out["catalog"] and not Path(root).is_absolute() and "://" not in root:
+def load_settings(conf_files: list[str], sets: list[str]) -> Settings:
+    """The layered config as typed settings, every range and cross-key check done."""
+    return Settings.from_config(load_config(conf_files, sets))
+
+
+def tables_of(output: OutputSettings) -> Tables:
+    root = output.root
+    if root and not output.catalog and not Path(root).is_absolute() and "://" not in root:
         root = str((Path.cwd() / root).resolve())
-    return Tables(root=root, catalog=out["catalog"], schema=out["schema"])
+    return Tables(root=root, catalog=output.catalog, schema=output.schema)
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
 
 
-def get_session(app_name: str, config: dict[str, Any]) -> SparkSession:
+def get_session(app_name: str, settings: Settings) -> SparkSession:
     """The session spark-submit (or SPARK_REMOTE) prepared, with the job's runtime settings."""
     spark = SparkSession.builder.appName(app_name).getOrCreate()
-    spark.conf.set("spark.sql.shuffle.partitions", str(config["spark"]["shuffle_partitions"]))
+    spark.conf.set("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
     spark.conf.set("spark.sql.session.timeZone", "UTC")
-    for key, value in config["spark"]["conf"].items():
+    for key, value in settings.spark.conf.items():
         spark.conf.set(key, str(value))
     kind = "Spark Connect" if type(spark).__module__.startswith("pyspark.sql.connect") else "classic"
     log.info("Spark session: %s, Spark %s", kind, spark.version)
     return spark
 
 
-def run_stage(spark: SparkSession, config: dict[str, Any], run_id: str, name: str, stage: Stage) -> StageResult:
-    """Run one stage and record it in ``pipeline_runs`` as success or failure (then re-raise)."""
-    tables = tables_of(config)
+def run_stage(ctx: StageContext, name: str) -> StageResult:
+    """Run one registered stage and record it in ``pipeline_runs`` as success or failure (then re-raise)."""
+    from jobs.stages import BY_NAME
+
+    stage = BY_NAME[name]
+    tables = ctx.tables
     started = datetime.now(timezone.utc)
-    log.info("stage %s: started (run %s)", name, run_id)
+    log.info("stage %s: started (run %s)", name, ctx.run_id)
     try:
-        result = stage(spark, config, run_id)
+        result = stage.run(ctx)
     except Exception as err:
         finished = datetime.now(timezone.utc)
         message = f"{type(err).__name__}: {err}"
         log.error("stage %s: failed after %.1f s: %s", name, (finished - started).total_seconds(), message)
         try:
-            tables.append(run_record(spark, run_id, name, "failed", started, finished,
-                                     StageResult(message=message)), "pipeline_runs")
+            tables.append(run_record(ctx.spark, ctx.run_id, name, "failed", started, finished,
+                                     StageResult(message=message)), C.PIPELINE_RUNS)
         except Exception:  # the original error matters more than a failed bookkeeping write
             log.error("could not record the failure in pipeline_runs:\n%s", traceback.format_exc())
         raise
     finished = datetime.now(timezone.utc)
-    tables.append(run_record(spark, run_id, name, "success", started, finished, result), "pipeline_runs")
+    tables.append(run_record(ctx.spark, ctx.run_id, name, "success", started, finished, result), C.PIPELINE_RUNS)
     log.info("stage %s: done in %.1f s, rows_in=%s rows_out=%s %s %s", name,
              (finished - started).total_seconds(), result.rows_in, result.rows_out, result.counts, result.message)
     return result
@@ -101,21 +121,41 @@ def setup_logging() -> None:
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
-def start_job(name: str, description: str, argv: list[str] | None = None) -> tuple[SparkSession, dict[str, Any], str]:
-    """Logging, command line, configuration (a bad key exits with status 2), session: (spark, config, run_id)."""
+def start_job(name: str, description: str, argv: list[str] | None = None) -> StageContext:
+    """Logging, command line, settings (a bad key exits with status 2), session: the stage context."""
     setup_logging()
     args = parse_args(description, argv)
     try:
-        config = load_config(args.conf, args.sets)
+        settings = load_settings(args.conf, args.sets)
     except ConfigError as err:
         log.error("%s", err)
         raise SystemExit(2) from None
-    spark = get_session(f"email-personalization-{name}", config)
-    tables_of(config).ensure_schema(spark)
-    return spark, config, args.run_id or new_run_id()
+    spark = get_session(f"email-personalization-{name}", settings)
+    tables_of(settings.output).ensure_schema(spark)
+    return StageContext(spark, settings, args.run_id or new_run_id())
 
 
-def main_for(name: str, description: str, stage: Stage, argv: list[str] | None = None) -> StageResult:
-    """Entry point of a single-stage job: config, session, the stage under bookkeeping."""
-    spark, config, run_id = start_job(name, description, argv)
-    return run_stage(spark, config, run_id, name, stage)
+def main_for(name: str, argv: list[str] | None = None) -> StageResult:
+    """Entry point of a single-stage job: settings, session, the registered stage under bookkeeping."""
+    from jobs.stages import BY_NAME
+
+    ctx = start_job(name, BY_NAME[name].summary, argv)
+    return run_stage(ctx, name)
+
+
+def read_matrix(ctx: StageContext) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(interactions, user_index, item_index) as build_interactions wrote them, or fail naming the missing one."""
+    return tuple(ctx.tables.require(ctx.spark, table, "build_interactions")  # type: ignore[return-value]
+                 for table in (C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX))
+
+
+def sample_root(settings: Settings) -> str:
+    """Where the generated sample lands: sample.path, or <output.root>/sample."""
+    if settings.sample.path:
+        path = settings.sample.path
+        return path if "://" in path else str(Path(path).resolve())
+    tables = tables_of(settings.output)
+    if tables.uses_catalog or not tables.root:
+        raise ConfigError("config key 'sample.path' must be set: the sample needs a directory when tables "
+                          "live in a catalog")
+    return f"{tables.root}/sample"

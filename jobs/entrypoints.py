@@ -1,18 +1,17 @@
-"""Console-script entry points of the installed wheel, one per job (Databricks ``python_wheel_task``).
+"""Console-script entry points of the installed wheel, one per registered stage (Databricks
+``python_wheel_task``), plus the whole pipeline.
 
-Each runs the same code as ``spark-submit jobs/<job>.py`` and returns None: a console script exits
+Each runs the same code as ``spark-submit jobs/<stage>.py`` and returns None: a console script exits
 with whatever its function returns, and a StageResult or run id would read as a failure.
+pyproject.toml's ``[project.scripts]`` names ``jobs.entrypoints:<stage>`` for every stage in
+``jobs.stages.ALL_STAGES`` (a test holds them equal).
 """
 from __future__ import annotations
 
-import importlib
+from typing import Callable
 
 from jobs.common import main_for
-
-
-def _run_job(name: str) -> None:
-    job = importlib.import_module(f"jobs.{name}")
-    main_for(name, job.__doc__ or name, job.run)
+from jobs.stages import ALL_STAGES
 
 
 def pipeline() -> None:
@@ -22,21 +21,14 @@ def pipeline() -> None:
     run_pipeline.main()
 
 
-def generate_events() -> None:
-    _run_job("generate_events")
+def _entry(name: str) -> Callable[[], None]:
+    def entry() -> None:
+        main_for(name)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"The {name} stage (jobs/{name}.py)."
+    return entry
 
 
-def ingest() -> None:
-    _run_job("ingest")
-
-
-def build_interactions() -> None:
-    _run_job("build_interactions")
-
-
-def segment_users() -> None:
-    _run_job("segment_users")
-
-
-def recommend_items() -> None:
-    _run_job("recommend_items")
+for _stage in ALL_STAGES:
+    globals()[_stage.name] = _entry(_stage.name)

@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
-from pyspark.sql import SparkSession
-
-from jobs.common import main_for, tables_of
-from jobs.generate_events import sample_root
+from jobs.common import StageContext, main_for, sample_root
+from lib import catalog as C
 from lib import ingest
 from lib.runs import StageResult
 from lib.storage import is_delta_path
@@ -16,36 +13,34 @@ from lib.storage import is_delta_path
 log = logging.getLogger("jobs.ingest")
 
 
-def input_location(config: dict[str, Any]) -> tuple[str, str]:
+def input_location(ctx: StageContext) -> tuple[str, str]:
     """(location, format) of the raw clickstream; the generated sample when input.events is empty."""
-    location = config["input"]["events"] or f"{sample_root(config)}/events"
-    fmt = config["input"]["format"] or ("parquet" if not config["input"]["events"] else "")
-    return location, fmt
+    source = ctx.settings.input
+    if not source.events:
+        return f"{sample_root(ctx.settings)}/events", "parquet"
+    fmt = source.format or ingest.infer_format(source.events, has_delta_log=is_delta_path(ctx.spark, source.events))
+    return source.events, fmt
 
 
-def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult:
-    settings = config["ingest"]
-    tables = tables_of(config)
-    location, fmt = input_location(config)
-    if not fmt:
-        fmt = ingest.infer_format(location, has_delta_log=is_delta_path(spark, location))
-    now = datetime.fromisoformat(settings["now"]) if settings["now"] else datetime.now(timezone.utc)
-    latest_allowed = now + timedelta(minutes=settings["future_skew_minutes"])
+def run(ctx: StageContext) -> StageResult:
+    settings = ctx.settings.ingest
+    spark, tables = ctx.spark, ctx.tables
+    location, fmt = input_location(ctx)
+    now = settings.now_utc or datetime.now(timezone.utc)
+    latest_allowed = now + timedelta(minutes=settings.future_skew_minutes)
     log.info("ingesting %s (%s); events after %s are quarantined", location, fmt, latest_allowed.isoformat())
 
-    raw = ingest.read_raw(spark.read, location, fmt, settings["csv_delimiter"])
-    classified = ingest.classify(ingest.normalize(raw), settings["event_types"], latest_allowed).persist()
+    raw = ingest.read_raw(spark.read, location, fmt, settings.csv_delimiter)
+    classified = ingest.classify(ingest.normalize(raw), list(settings.event_types), latest_allowed).persist()
     # One pass counts every outcome: rows per reason, valid rows under a null reason.
     per_reason = {row["reason"]: int(row["count"]) for row in classified.groupBy("reason").count().collect()}
     rows_in = sum(per_reason.values())
     reasons = {reason: count for reason, count in per_reason.items() if reason is not None}
     quarantined = sum(reasons.values())
 
-    bad = ingest.quarantined_rows(classified, run_id)
-    new_quarantined = tables.insert_new(spark, bad, "events_quarantine", ["raw_hash", "reason"])
-    inserted = tables.insert_new(
-        spark, ingest.valid_events(classified, run_id), "events", ["event_id"], partition_by=["event_date"]
-    )
+    bad = ingest.quarantined_rows(classified, ctx.run_id)
+    new_quarantined = tables.insert_new(spark, bad, C.EVENTS_QUARANTINE, ["raw_hash", "reason"])
+    inserted = tables.insert_new(spark, ingest.valid_events(classified, ctx.run_id), C.EVENTS, ["event_id"])
     classified.unpersist()
 
     duplicates = rows_in - quarantined - inserted
@@ -57,4 +52,4 @@ def run(spark: SparkSession, config: dict[str, Any], run_id: str) -> StageResult
 
 
 if __name__ == "__main__":
-    main_for("ingest", __doc__, run)
+    main_for("ingest")

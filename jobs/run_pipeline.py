@@ -7,32 +7,27 @@ from __future__ import annotations
 
 import logging
 
-from jobs import build_interactions, generate_events, ingest
-from jobs import recommend_items, segment_users
-from jobs.common import run_stage, start_job, tables_of
+from jobs.common import run_stage, start_job
+from jobs.stages import GENERATE_EVENTS, PIPELINE, StageSpec
+from lib.settings import Settings
 
 log = logging.getLogger("jobs.run_pipeline")
 
-# (stage name, stage function); later stages join as they land.
-STAGES = [
-    ("ingest", ingest.run),
-    ("build_interactions", build_interactions.run),
-    ("segment_users", segment_users.run),
-    ("recommend_items", recommend_items.run),
-]
+
+def pipeline_stages(settings: Settings) -> list[StageSpec]:
+    """The registry's stages, with the sample generator first when no input is configured."""
+    return ([] if settings.input.events else [GENERATE_EVENTS]) + list(PIPELINE)
 
 
 def main(argv: list[str] | None = None) -> str:
-    spark, config, run_id = start_job("pipeline", __doc__, argv)
-    stages = list(STAGES)
-    if not config["input"]["events"]:
-        stages.insert(0, ("generate_events", generate_events.run))
-    log.info("pipeline run %s: stages %s", run_id, ", ".join(name for name, _ in stages))
-    for name, stage in stages:
-        run_stage(spark, config, run_id, name, stage)
-    log.info("pipeline run %s: all %d stages succeeded; tables in %s", run_id, len(stages),
-             tables_of(config).location("<table>"))
-    return run_id
+    ctx = start_job("pipeline", __doc__, argv)
+    stages = pipeline_stages(ctx.settings)
+    log.info("pipeline run %s: stages %s", ctx.run_id, ", ".join(stage.name for stage in stages))
+    for stage in stages:
+        run_stage(ctx, stage.name)
+    log.info("pipeline run %s: all %d stages succeeded; tables under %s", ctx.run_id, len(stages),
+             ctx.tables.root or f"{ctx.tables.catalog}.{ctx.tables.schema}")
+    return ctx.run_id
 
 
 if __name__ == "__main__":

@@ -9,16 +9,6 @@ from pyspark.sql import functions as F
 SECONDS_PER_DAY = 86_400.0
 
 
-def validate_weights(weights: dict[str, float], event_types: list[str]) -> None:
-    """Every known event type needs a non-negative weight."""
-    missing = [name for name in event_types if name not in weights]
-    if missing:
-        raise ValueError(f"interactions.weights lacks a weight for event type(s) {', '.join(missing)}")
-    negative = [name for name, weight in weights.items() if weight < 0]
-    if negative:
-        raise ValueError(f"interactions.weights must be >= 0; negative for {', '.join(negative)}")
-
-
 def score_events(
     events: DataFrame,
     weights: dict[str, float],
@@ -94,6 +84,17 @@ def extend_index(
     return numbered.join(F.broadcast(offsets), "_part").select(
         id_col, (F.lit(start) + F.col("_offset") + F.col("_pos")).cast("int").alias(idx_col)
     )
+
+
+def index_additions(
+    scored: DataFrame,
+    user_index: DataFrame | None,
+    item_index: DataFrame | None,
+    partitions: int = 8,
+) -> tuple[DataFrame, DataFrame]:
+    """New (user_id, user_idx) and (item_id, item_idx) rows for the ids of ``scored`` the indices lack."""
+    return (extend_index(scored.select("user_id"), user_index, "user_id", "user_idx", partitions),
+            extend_index(scored.select("item_id"), item_index, "item_id", "item_idx", partitions))
 
 
 def to_matrix_entries(scored: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from lib.als import AlsParams, TuningResult, als_top_n, exclusion_tiers, fit_als, rank_and_exclude, tune_als
-from lib.interactions import extend_index, score_events, to_matrix_entries
+from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.metrics import evaluate, ranking_metrics
 from lib.splits import holdout_latest, relevant_items
 
@@ -173,10 +173,8 @@ def training_side(train_events: DataFrame, settings: EvaluationSettings, as_of: 
                   user_index: DataFrame | None = None, item_index: DataFrame | None = None) -> TrainingSide:
     """Scores (decayed to ``as_of``), indices (unless given) and exclusions from ``train_events`` only."""
     scored = score_events(train_events, settings.weights, settings.half_life_days, as_of)
-    if user_index is None:
-        user_index = extend_index(scored.select("user_id"), None, "user_id", "user_idx")
-    if item_index is None:
-        item_index = extend_index(scored.select("item_id"), None, "item_id", "item_idx")
+    if user_index is None or item_index is None:  # both from the training events
+        user_index, item_index = index_additions(scored, None, None)
     user_index, item_index = user_index.cache(), item_index.cache()
     entries = to_matrix_entries(scored, user_index, item_index).cache()
     excluded = to_indexed(excluded_pairs(train_events, settings.exclude_event_types), user_index, item_index).cache()

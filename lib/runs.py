@@ -6,10 +6,7 @@ from datetime import datetime
 
 from pyspark.sql import DataFrame, SparkSession
 
-PIPELINE_RUNS_SCHEMA = (
-    "run_id string, stage string, status string, started_at timestamp, finished_at timestamp, "
-    "rows_in long, rows_out long, message string, counts map<string, long>"
-)
+from lib.catalog import PIPELINE_RUNS
 
 
 @dataclass
@@ -37,4 +34,4 @@ def run_record(
         result.rows_in, result.rows_out, result.message[:4000],
         {key: int(value) for key, value in result.counts.items()},
     )
-    return spark.createDataFrame([row], PIPELINE_RUNS_SCHEMA)
+    return spark.createDataFrame([row], PIPELINE_RUNS.schema)

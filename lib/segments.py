@@ -16,7 +16,38 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from lib.nmf import NMFParams, factorize
+from lib.settings import SegmentsSettings
+
 TRANSFORMS = ("none", "log1p")
+
+
+def nmf_params(settings: SegmentsSettings, k: int | None = None, max_iter: int | None = None) -> NMFParams:
+    """The factorization's parameters from the [segments] settings (``k`` / ``max_iter`` for a sweep)."""
+    return NMFParams(
+        k=k or settings.k, solver=settings.solver, max_iter=max_iter or settings.max_iter,
+        tol=settings.tol, init=settings.init, seed=settings.seed,
+        l1_w=settings.l1_w, l2_w=settings.l2_w, l1_h=settings.l1_h, l2_h=settings.l2_h,
+        inner_passes=settings.inner_passes, row_blocks=settings.row_blocks,
+        col_blocks=settings.col_blocks, block_nnz=settings.block_nnz,
+        broadcast_limit_bytes=int(settings.broadcast_limit_mb * 1024 * 1024),
+        checkpoint_interval=settings.checkpoint_interval, parallelism=settings.parallelism,
+    )
+
+
+def segment_matrix(interactions: DataFrame, settings: SegmentsSettings) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """The matrix the segments factorize, as NMF entries (row, col, value), with its scalings
+    (user_idx, row_scale) and (item_idx, item_weight): see ``transform_scores``."""
+    entries, user_scales, item_weights = transform_scores(
+        interactions, settings.transform, settings.idf_items, settings.row_normalize)
+    return (entries.select(F.col("user_idx").alias("row"), F.col("item_idx").alias("col"), "value"),
+            user_scales, item_weights)
+
+
+def fit_segments(entries: DataFrame, settings: SegmentsSettings, n_rows: int, n_cols: int,
+                 k: int | None = None, max_iter: int | None = None):
+    """Factorize ``segment_matrix`` entries with the [segments] settings; the caller releases the result."""
+    return factorize(entries, nmf_params(settings, k, max_iter), n_rows=n_rows, n_cols=n_cols)
 
 
 def transformed_score(score: F.Column, transform: str) -> F.Column:

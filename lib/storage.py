@@ -6,10 +6,10 @@ part-way leaves each table at its previous version, readable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
-
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.errors import AnalysisException
+
+from lib.catalog import TableSpec
 
 
 @dataclass(frozen=True)
@@ -28,25 +28,25 @@ class Tables:
     def uses_catalog(self) -> bool:
         return bool(self.catalog and self.schema)
 
-    def location(self, table: str) -> str:
+    def location(self, table: TableSpec) -> str:
         """The table's path, or its fully qualified catalog name."""
         if self.uses_catalog:
-            return f"{self.catalog}.{self.schema}.{table}"
-        return f"{self.root.rstrip('/')}/{table}"
+            return f"{self.catalog}.{self.schema}.{table.name}"
+        return f"{self.root.rstrip('/')}/{table.name}"
 
-    def sql_name(self, table: str) -> str:
+    def sql_name(self, table: TableSpec) -> str:
         """The table as SQL names it: ``catalog.schema.table`` or ``delta.`path```."""
         if self.uses_catalog:
             return self.location(table)
         return f"delta.`{self.location(table)}`"
 
-    def exists(self, spark: SparkSession, table: str) -> bool:
+    def exists(self, spark: SparkSession, table: TableSpec) -> bool:
         """True when the table exists and is a readable Delta table."""
         if self.uses_catalog:
             return spark.catalog.tableExists(self.location(table))
         return is_delta_path(spark, self.location(table))
 
-    def read(self, spark: SparkSession, table: str) -> DataFrame:
+    def read(self, spark: SparkSession, table: TableSpec) -> DataFrame:
         """Read the current version of a table."""
         if self.uses_catalog:
             return spark.read.table(self.location(table))
@@ -57,11 +57,16 @@ class Tables:
         if self.uses_catalog:
             spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.catalog}.{self.schema}")
 
-    def _write(self, df: DataFrame, table: str, mode: str, partition_by: Iterable[str] = ()) -> None:
-        writer = df.write.format("delta").mode(mode)
-        partition_by = list(partition_by)
-        if partition_by:
-            writer = writer.partitionBy(*partition_by)
+    def require(self, spark: SparkSession, table: TableSpec, producer: str) -> DataFrame:
+        """Read a stage's input table, or fail naming the table and the stage that writes it."""
+        if not self.exists(spark, table):
+            raise ValueError(f"table {self.location(table)} does not exist: run the {producer} stage first")
+        return self.read(spark, table)
+
+    def _write(self, df: DataFrame, table: TableSpec, mode: str) -> None:
+        writer = table.conform(df).write.format("delta").mode(mode)
+        if table.partition_by:
+            writer = writer.partitionBy(*table.partition_by)
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
         if self.uses_catalog:
@@ -69,21 +74,20 @@ class Tables:
         else:
             writer.save(self.location(table))
 
-    def overwrite(self, df: DataFrame, table: str, partition_by: Iterable[str] = ()) -> None:
+    def overwrite(self, df: DataFrame, table: TableSpec) -> None:
         """Replace the table's contents (and schema) in one commit."""
-        self._write(df, table, "overwrite", partition_by)
+        self._write(df, table, "overwrite")
 
-    def append(self, df: DataFrame, table: str, partition_by: Iterable[str] = ()) -> None:
+    def append(self, df: DataFrame, table: TableSpec) -> None:
         """Append rows in one commit, creating the table if needed."""
-        self._write(df, table, "append", partition_by)
+        self._write(df, table, "append")
 
     def insert_new(
         self,
         spark: SparkSession,
         source: DataFrame,
-        table: str,
+        table: TableSpec,
         keys: list[str],
-        partition_by: Iterable[str] = (),
     ) -> int:
         """Insert the source rows whose ``keys`` are not in the table yet; return how many were inserted.
 
@@ -91,9 +95,9 @@ class Tables:
         (empty, with the source's schema) on first use.
         """
         if not self.exists(spark, table):
-            self._write(source.limit(0), table, "append", partition_by)
-        view = f"_insert_new_{table}"
-        source.createOrReplaceTempView(view)
+            self._write(source.limit(0), table, "append")
+        view = f"_insert_new_{table.name}"
+        table.conform(source).createOrReplaceTempView(view)
         condition = " AND ".join(f"target.`{key}` = source.`{key}`" for key in keys)
         result = spark.sql(
             f"MERGE INTO {self.sql_name(table)} AS target USING {view} AS source "

@@ -32,3 +32,14 @@ def spark():
     logging.getLogger("py4j").setLevel(logging.WARNING)
     yield session
     session.stop()
+
+
+@pytest.fixture
+def context(spark):
+    """``context(*sets, conf=(), run_id=...)``: a StageContext from conf/base.toml, conf files and --set pairs."""
+    from jobs.common import StageContext, load_settings
+
+    def make(*sets: str, conf: tuple[str, ...] = (), run_id: str = "run-1") -> StageContext:
+        return StageContext(spark, load_settings(list(conf), list(sets)), run_id)
+
+    return make

@@ -16,8 +16,10 @@ import pytest
 import yaml
 from databricks.sdk.service import jobs as dbjobs
 
-from jobs import entrypoints, run_pipeline
-from jobs.common import load_config, parse_args, tables_of
+from jobs import entrypoints
+from jobs.common import load_settings, parse_args, tables_of
+from jobs.stages import ALL_STAGES, PIPELINE
+from lib import catalog as C
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOB_KEY = "email_personalization"
@@ -169,11 +171,10 @@ def test_schedule_is_a_valid_quartz_cron(job):
     assert job.schedule.timezone_id in zoneinfo.available_timezones()
 
 
-def test_task_graph_runs_every_stage_in_order(job):
+def test_task_graph_is_the_stage_registry(job):
+    """One task per pipeline stage, each downstream of every stage that writes a table it reads."""
     tasks = {task.task_key: task for task in job.tasks}
-    missing = {name for name, _ in run_pipeline.STAGES} - set(tasks)
-    assert not missing, f"pipeline stages without a task: {missing}"
-    assert all((REPO_ROOT / "jobs" / f"{key}.py").is_file() for key in tasks), "a task per job module"
+    assert set(tasks) == {stage.name for stage in PIPELINE}, "bundle tasks and jobs/stages.PIPELINE differ"
     upstream = {key: {dep.task_key for dep in task.depends_on or []} for key, task in tasks.items()}
     assert all(deps <= tasks.keys() for deps in upstream.values())
 
@@ -186,17 +187,22 @@ def test_task_graph_runs_every_stage_in_order(job):
     def ancestors(key: str) -> set[str]:
         return upstream[key].union(*(ancestors(dep) for dep in upstream[key]))
 
-    assert upstream["ingest"] == set()
-    assert ancestors("build_interactions") == {"ingest"}
-    assert "build_interactions" in ancestors("segment_users")
-    # recommend_items reads user_segments and the NMF factors of the same run.
-    assert {"build_interactions", "segment_users"} <= ancestors("recommend_items")
+    writers = {table.name: stage.name for stage in PIPELINE for table in stage.writes}
+    for stage in PIPELINE:
+        producers = {writers[table.name] for table in stage.reads if table.name in writers} - {stage.name}
+        assert producers <= ancestors(stage.name), f"{stage.name} reads tables of {producers - ancestors(stage.name)}"
+
+
+def test_console_scripts_are_the_stage_registry():
+    scripts = project_scripts()
+    expected = {stage.console_script: f"jobs.entrypoints:{stage.name}" for stage in ALL_STAGES}
+    expected["email-personalization-pipeline"] = "jobs.entrypoints:pipeline"
+    assert scripts == expected
 
 
 def test_tasks_run_declared_console_scripts_of_their_stage(job, monkeypatch):
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     scripts = project_scripts()
-    stage_runs = {task.task_key: importlib.import_module(f"jobs.{task.task_key}").run for task in job.tasks}
     for task in job.tasks:
         wheel_task = task.python_wheel_task
         assert wheel_task is not None, task.task_key
@@ -205,9 +211,10 @@ def test_tasks_run_declared_console_scripts_of_their_stage(job, monkeypatch):
         module, function = scripts[wheel_task.entry_point].split(":")
         assert module == "jobs.entrypoints"
         calls = []
-        monkeypatch.setattr(entrypoints, "main_for", lambda name, doc, run: calls.append((name, run)))
+        monkeypatch.setattr(entrypoints, "main_for", calls.append)
         getattr(entrypoints, function)()
-        assert calls == [(task.task_key, stage_runs[task.task_key])]
+        assert calls == [task.task_key]
+        assert callable(importlib.import_module(f"jobs.{task.task_key}").run)
         assert [library.whl for library in task.libraries] == ["../dist/*.whl"]
 
 
@@ -217,11 +224,11 @@ def test_task_parameters_load_the_databricks_config_in_catalog_mode(bundle, job)
         parameters = resolved_parameters(job, task)
         args = parse_args("bundle", parameters)
         assert args.run_id == SAMPLE_RUN_ID
-        config = load_config(args.conf, args.sets)  # unknown keys or wrong types raise here
-        assert config["output"]["root"] == ""
-        assert tables_of(config).location("events") == f"{variables['catalog']}.{variables['schema']}.events"
-        assert config["input"]["events"] == variables["events_table"]
-        assert config["recommend"]["model_dir"] == variables["model_dir"]
+        settings = load_settings(args.conf, args.sets)  # unknown keys, wrong types, bad values raise here
+        assert settings.output.root == ""
+        assert tables_of(settings.output).location(C.EVENTS) == f"{variables['catalog']}.{variables['schema']}.events"
+        assert settings.input.events == variables["events_table"]
+        assert settings.recommend.model_dir == variables["model_dir"]
 
 
 # ---------------------------------------------------------------- the wheel the tasks install
@@ -252,9 +259,9 @@ def test_the_wheel_carries_the_entry_points_and_the_config(bundle, job, tmp_path
                     str(wheel)], check=True, timeout=300)
     site_packages = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
     probe = (
-        "import jobs.common as c; from importlib.metadata import entry_points; "
-        "config = c.load_config(['conf/databricks.toml'], []); "
-        "print(c.__file__); print(c.tables_of(config).location('events')); "
+        "import jobs.common as c; from lib import catalog; from importlib.metadata import entry_points; "
+        "settings = c.load_settings(['conf/databricks.toml'], []); "
+        "print(c.__file__); print(c.tables_of(settings.output).location(catalog.EVENTS)); "
         "print(sorted(e.name for e in entry_points(group='console_scripts') if e.dist.name == 'email-personalization'))"
     )
     # -S: no site hooks, so the repository's editable install cannot stand in for the wheel.

@@ -4,9 +4,12 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from jobs import ingest as ingest_job
-from jobs.common import load_config, run_stage, tables_of
+from dataclasses import replace
+
+from jobs.common import run_stage
+from lib import catalog as C
 from lib import ingest
+from lib.config import ConfigError
 
 EVENT_TYPES = ["view", "click", "add_to_cart", "purchase", "email_open", "email_click"]
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
@@ -104,36 +107,36 @@ a7,carol,sku-3,add_to_cart,not a date,,,,app
 """
 
 
-def _config(tmp_path: Path, csv_path: Path, extra: list[str] = ()):
-    return load_config([], [f"input.events={csv_path}", f"output.root={tmp_path / 'wh'}",
-                            "spark.shuffle_partitions=2", "ingest.now=2026-11-01T00:00:00+00:00", *extra])
+def _sets(tmp_path: Path, csv_path: Path) -> list[str]:
+    return [f"input.events={csv_path}", f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2",
+            "ingest.now=2026-11-01T00:00:00+00:00"]
 
 
-def test_ingest_stage_reconciles_counts_and_is_idempotent(spark, tmp_path):
+def test_ingest_stage_reconciles_counts_and_is_idempotent(spark, tmp_path, context):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)
-    config = _config(tmp_path, csv_path)
-    tables = tables_of(config)
+    ctx = context(*_sets(tmp_path, csv_path))
+    tables = ctx.tables
 
-    first = run_stage(spark, config, "run-1", "ingest", ingest_job.run)
+    first = run_stage(ctx, "ingest")
     assert (first.rows_in, first.rows_out) == (8, 3)
     assert first.counts["quarantined"] == 4 and first.counts["duplicates"] == 1
     assert first.rows_in == first.rows_out + first.counts["quarantined"] + first.counts["duplicates"]
 
-    events = tables.read(spark, "events")
+    events = tables.read(spark, C.EVENTS)
     assert sorted((r["event_id"], r["user_id"], r["event_type"]) for r in events.collect()) == [
         ("a1", "alice", "view"), ("a2", "alice", "purchase"), ("a3", "bob", "email_click")]
-    quarantine = {row["reason"]: row["raw"] for row in tables.read(spark, "events_quarantine").collect()}
+    quarantine = {row["reason"]: row["raw"] for row in tables.read(spark, C.EVENTS_QUARANTINE).collect()}
     assert set(quarantine) == {"missing_user_id", "unknown_event_type", "future_event_ts", "unparseable_event_ts"}
     assert '"event_id":"a5"' in quarantine["unknown_event_type"]
 
-    second = run_stage(spark, config, "run-2", "ingest", ingest_job.run)
+    second = run_stage(replace(ctx, run_id="run-2"), "ingest")
     assert (second.rows_in, second.rows_out, second.counts["duplicates"]) == (8, 0, 4)  # 3 known + 1 in batch
     assert second.counts["quarantine_new_rows"] == 0
-    assert tables.read(spark, "events").count() == 3
-    assert tables.read(spark, "events_quarantine").count() == 4
+    assert tables.read(spark, C.EVENTS).count() == 3
+    assert tables.read(spark, C.EVENTS_QUARANTINE).count() == 4
 
-    runs = tables.read(spark, "pipeline_runs").where("stage = 'ingest'").orderBy("run_id").collect()
+    runs = tables.read(spark, C.PIPELINE_RUNS).where("stage = 'ingest'").orderBy("run_id").collect()
     assert [(r["run_id"], r["status"], r["rows_in"], r["rows_out"]) for r in runs] == [
         ("run-1", "success", 8, 3), ("run-2", "success", 8, 0)]
     for r in runs:
@@ -161,17 +164,17 @@ def test_json_lines_with_typed_values_and_a_malformed_line(spark, tmp_path):
     assert "_corrupt_record" in bad["raw"] and "u3" in bad["raw"]
 
 
-def test_failed_stage_is_recorded_and_leaves_tables_readable(spark, tmp_path):
-    from jobs import build_interactions
-
+def test_failed_stage_is_recorded_and_leaves_tables_readable(spark, tmp_path, context):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)
-    config = _config(tmp_path, csv_path)
-    run_stage(spark, config, "run-1", "ingest", ingest_job.run)
-    broken = load_config([], [f"input.events={csv_path}", f"output.root={tmp_path / 'wh'}",
-                              "spark.shuffle_partitions=2", "interactions.half_life_days=0"])
-    with pytest.raises(ValueError, match="half_life_days must be > 0"):
-        run_stage(spark, broken, "run-2", "build_interactions", build_interactions.run)
-    failed = tables_of(config).read(spark, "pipeline_runs").where("run_id = 'run-2'").first()
-    assert failed["status"] == "failed" and "half_life_days must be > 0" in failed["message"]
-    assert tables_of(config).read(spark, "events").count() == 3
+    ctx = context(*_sets(tmp_path, csv_path))
+    run_stage(ctx, "ingest")
+    with pytest.raises(ConfigError, match="half_life_days' must be > 0"):
+        context(*_sets(tmp_path, csv_path), "interactions.half_life_days=0")
+    # A stage failing on its input is recorded as failed, with the error, before it re-raises.
+    empty = context(f"output.root={tmp_path / 'empty'}", "spark.shuffle_partitions=2", run_id="run-2")
+    with pytest.raises(ValueError, match="run the ingest stage first"):
+        run_stage(empty, "build_interactions")
+    failed = empty.tables.read(spark, C.PIPELINE_RUNS).where("run_id = 'run-2'").first()
+    assert failed["status"] == "failed" and "events does not exist" in failed["message"]
+    assert ctx.tables.read(spark, C.EVENTS).count() == 3

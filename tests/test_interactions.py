@@ -2,7 +2,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lib.interactions import extend_index, score_events, to_matrix_entries, validate_weights
+from lib.interactions import extend_index, score_events, to_matrix_entries
 
 AS_OF = datetime(2026, 10, 31, tzinfo=timezone.utc)
 WEIGHTS = {"view": 1.0, "purchase": 8.0}
@@ -23,13 +23,6 @@ def test_scores_are_weighted_and_decayed_exactly(spark):
         ("u1", "i1", pytest.approx(5.0), 2, datetime(2026, 10, 31)),
         ("u2", "i1", pytest.approx(0.25), 1, datetime(2026, 10, 11)),
     ]
-
-
-def test_weights_are_validated():
-    with pytest.raises(ValueError, match="lacks a weight for event type.*click"):
-        validate_weights(WEIGHTS, ["view", "click"])
-    with pytest.raises(ValueError, match="must be >= 0"):
-        validate_weights({"view": -1.0}, ["view"])
 
 
 def test_index_is_dense_ordered_and_stable_across_runs(spark):

@@ -9,8 +9,9 @@ from pyspark.sql import functions as F
 from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
-from jobs.common import load_config, tables_of
-from lib.interactions import extend_index, score_events, to_matrix_entries
+from lib import catalog as C
+from lib.config import ConfigError
+from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.sample_data import SampleSpec, generate_events, planted_user_segments
 from lib.segments import relative_error_from_tables
 
@@ -20,26 +21,28 @@ SPEC = SampleSpec(users=400, items=60, events=24_000, segments=4, seed=3)
 @pytest.fixture(scope="module")
 def segmented(spark, tmp_path_factory):
     """Interactions built from the sample by lib.interactions, then the stage run over them."""
+    from jobs.common import StageContext, load_settings
+
     root = tmp_path_factory.mktemp("segments_wh")
-    config = load_config([], [f"output.root={root}", f"segments.k={SPEC.segments}", "segments.max_iter=20",
-                              "segments.idf_items=true", "segments.sweep_ks=2,3", "segments.sweep_max_iter=2"])
-    tables = tables_of(config)
+    sets = [f"output.root={root}", f"segments.k={SPEC.segments}", "segments.max_iter=20",
+            "segments.idf_items=true", "segments.sweep_ks=2,3", "segments.sweep_max_iter=2"]
+    ctx = StageContext(spark, load_settings([], sets), "run-1")
+    tables = ctx.tables
     events = generate_events(spark, SPEC, partitions=1)
     as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
-    scored = score_events(events, {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0,
-                                   "email_open": 0.5, "email_click": 2.0}, 30.0, as_of).persist()
-    for id_col, idx_col, table in (("user_id", "user_idx", "user_index"), ("item_id", "item_idx", "item_index")):
-        tables.overwrite(extend_index(scored.select(id_col), None, id_col, idx_col, 2), table)
-    tables.overwrite(to_matrix_entries(scored, tables.read(spark, "user_index"), tables.read(spark, "item_index")),
-                     "interactions")
+    scored = score_events(events, ctx.settings.interactions.weights, 30.0, as_of).persist()
+    for table, rows in zip((C.USER_INDEX, C.ITEM_INDEX), index_additions(scored, None, None, 2)):
+        tables.overwrite(rows, table)
+    tables.overwrite(to_matrix_entries(scored, tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)),
+                     C.INTERACTIONS)
     scored.unpersist()
-    result = segment_users.run(spark, config, "run-1")
-    return config, tables, result
+    result = segment_users.run(ctx)
+    return ctx, tables, result
 
 
 def test_segments_recover_planted_labels(spark, segmented):
     _, tables, result = segmented
-    found = tables.read(spark, "user_segments")
+    found = tables.read(spark, C.USER_SEGMENTS)
     assert found.count() == found.select("user_id").distinct().count() == result.rows_out
     truth = planted_user_segments(spark, SPEC).withColumnRenamed("segment_id", "planted")
     labels = found.join(truth, "user_id").select("segment_id", "planted").toPandas()
@@ -51,10 +54,10 @@ def test_segments_recover_planted_labels(spark, segmented):
 
 def test_objective_recomputes_from_the_tables_alone(spark, segmented):
     _, tables, _ = segmented
-    history = tables.read(spark, "nmf_history").where("run_id = 'run-1'").orderBy("iteration").toPandas()
+    history = tables.read(spark, C.NMF_HISTORY).where("run_id = 'run-1'").orderBy("iteration").toPandas()
     assert list(history["iteration"]) == list(range(1, len(history) + 1))
-    interactions = tables.read(spark, "interactions")
-    users, items = tables.read(spark, "nmf_user_factors"), tables.read(spark, "nmf_item_factors")
+    interactions = tables.read(spark, C.INTERACTIONS)
+    users, items = tables.read(spark, C.NMF_USER_FACTORS), tables.read(spark, C.NMF_ITEM_FACTORS)
     assert relative_error_from_tables(interactions, users, items) == pytest.approx(
         history["rel_error"].iloc[-1], rel=1e-6)
 
@@ -75,36 +78,37 @@ def test_objective_recomputes_from_the_tables_alone(spark, segmented):
 
 
 def test_profiles_report_and_sweep(spark, segmented):
-    config, tables, _ = segmented
-    profiles = tables.read(spark, "segment_profiles").orderBy("segment_id").collect()
+    ctx, tables, _ = segmented
+    profiles = tables.read(spark, C.SEGMENT_PROFILES).orderBy("segment_id").collect()
     assert [p["segment_id"] for p in profiles] == list(range(SPEC.segments))
-    assert sum(p["size"] for p in profiles) == tables.read(spark, "user_segments").count()
+    assert sum(p["size"] for p in profiles) == tables.read(spark, C.USER_SEGMENTS).count()
     assert sum(p["share"] for p in profiles) == pytest.approx(1.0)
-    top_n = config["segments"]["top_items"]
+    top_n = ctx.settings.segments.top_items
     for profile in profiles:
         weights = [item["weight"] for item in profile["top_items"]]
         assert 0 < len(weights) <= top_n and weights == sorted(weights, reverse=True)
         assert profile["label"].startswith(profile["top_items"][0]["item_id"])
         assert profile["run_id"] == "run-1"
 
-    sweep = tables.read(spark, "nmf_k_sweep").orderBy("k").collect()
+    sweep = tables.read(spark, C.NMF_K_SWEEP).orderBy("k").collect()
     assert [row["k"] for row in sweep] == [2, 3]
     assert all(0 < row["rel_error"] < 1 and row["iterations"] <= 2 for row in sweep)
 
-    report = segment_users.report_directory(config)
+    report = segment_users.report_directory(ctx)
     text = (report / "segments.md").read_text()
     for name in ("segment_sizes.png", "convergence.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for profile in profiles:
         assert profile["label"] in text
-    assert "| 2 |" in text and "| 3 |" in text  # the k sweep table
+    sweep_section = text.split("## Choosing the number of segments", 1)[1].split("##", 1)[0]
+    for row in sweep:
+        assert f"| {row['k']} | {row['rel_error']:.4f} | {row['iterations']} |" in sweep_section
 
 
-def test_bad_settings_are_named(spark, segmented):
-    config, _, _ = segmented
-    bad = {**config, "segments": {**config["segments"], "transform": "sqrt"}}
-    with pytest.raises(ValueError, match="segments.transform"):
-        segment_users.run(spark, bad, "run-2")
-    bad = {**config, "segments": {**config["segments"], "sweep_ks": ["x"]}}
-    with pytest.raises(ValueError, match="sweep_ks"):
-        segment_users.run(spark, bad, "run-3")
+def test_bad_settings_are_named(context):
+    with pytest.raises(ConfigError, match="'segments.transform' must be one of none, log1p; got 'sqrt'"):
+        context("segments.transform=sqrt")
+    with pytest.raises(ConfigError, match="'segments.sweep_ks' expects a list of int, got 'x'"):
+        context("segments.sweep_ks=[\"x\"]")
+    with pytest.raises(ConfigError, match="'segments.sweep_ks' must hold integers >= 1"):
+        context("segments.sweep_ks=2,0")

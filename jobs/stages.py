@@ -1,0 +1,80 @@
+"""The stage registry: every stage of the pipeline, in order, with the tables it reads and writes.
+
+The pipeline (jobs/run_pipeline.py), the wheel's console entry points (jobs/entrypoints.py and
+pyproject.toml), the Databricks bundle and their tests all read this list; a stage is added here
+and nowhere else. Each stage's code is ``run(ctx)`` in ``jobs/<name>.py``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from lib import catalog as C
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its name (also its job module and task key), what it reads and writes."""
+
+    name: str
+    summary: str
+    reads: tuple[C.TableSpec, ...]
+    writes: tuple[C.TableSpec, ...]
+
+    @property
+    def module(self) -> str:
+        return f"jobs.{self.name}"
+
+    @property
+    def run(self) -> Callable:
+        """The stage's ``run(ctx) -> StageResult``, imported on first use."""
+        return importlib.import_module(self.module).run
+
+    @property
+    def console_script(self) -> str:
+        return "email-personalization-" + self.name.replace("_", "-")
+
+
+GENERATE_EVENTS = StageSpec(
+    "generate_events", "generate the sample clickstream with planted segments (when input.events is empty)",
+    reads=(), writes=())
+INGEST = StageSpec(
+    "ingest", "validate the raw clickstream into events, quarantine the rest",
+    reads=(), writes=(C.EVENTS, C.EVENTS_QUARANTINE))
+BUILD_INTERACTIONS = StageSpec(
+    "build_interactions", "weighted, decayed user-item scores and stable indices",
+    reads=(C.EVENTS,), writes=(C.USER_INDEX, C.ITEM_INDEX, C.INTERACTIONS))
+SEGMENT_USERS = StageSpec(
+    "segment_users", "customer segments from a blockwise NMF",
+    reads=(C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX),
+    writes=(C.NMF_USER_FACTORS, C.NMF_ITEM_FACTORS, C.NMF_HISTORY, C.NMF_K_SWEEP, C.USER_SEGMENTS,
+            C.SEGMENT_PROFILES))
+RECOMMEND_ITEMS = StageSpec(
+    "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines",
+    reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS),
+    writes=(C.ALS_TUNING, C.REC_METRICS, C.RECOMMENDATIONS))
+
+# The pipeline's stages in run order (generate_events runs first only for the embedded sample).
+PIPELINE: tuple[StageSpec, ...] = (INGEST, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS)
+ALL_STAGES: tuple[StageSpec, ...] = (GENERATE_EVENTS, *PIPELINE)
+BY_NAME = {stage.name: stage for stage in ALL_STAGES}
+
+
+def tables_markdown() -> str:
+    """The README's table list, generated from the catalog and this registry (a test holds them equal)."""
+    writers: dict[str, list[str]] = {}
+    for stage in ALL_STAGES:
+        for table in stage.writes:
+            writers.setdefault(table.name, []).append(stage.name)
+    lines = ["| table | columns | what it holds | written by |", "|---|---|---|---|"]
+    for table in C.ALL_TABLES:
+        columns = ", ".join(f.name + (" (partition)" if f.name in table.partition_by else "")
+                            for f in table.schema.fields)
+        written_by = ", ".join(writers.get(table.name, [])) or "every stage"
+        lines.append(f"| `{table.name}` | {columns} | {table.description} | {written_by} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m jobs.stages: print the README's table list
+    print(tables_markdown())

@@ -1,0 +1,188 @@
+"""The table catalog: every Delta table the suite writes, its name, schema and partitioning, in one place.
+
+Writers go through ``lib.storage.Tables`` with one of these specs, which conforms the DataFrame to
+the declared schema (columns in order, declared types; a missing column fails naming the table),
+so a table's shape is defined here and nowhere else. Readers and tests use the same specs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+_PRIMITIVES = {
+    "string": T.StringType(), "int": T.IntegerType(), "bigint": T.LongType(), "long": T.LongType(),
+    "double": T.DoubleType(), "float": T.FloatType(), "boolean": T.BooleanType(),
+    "timestamp": T.TimestampType(), "date": T.DateType(), "binary": T.BinaryType(),
+}
+
+
+def _split_top(text: str, separator: str) -> list[str]:
+    """Split on ``separator`` outside angle brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"<": 1, ">": -1}.get(char, 0)
+        if char == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def parse_type(text: str) -> T.DataType:
+    """A Spark SQL type from its DDL text (primitives, array<>, map<>, struct<name: type, ...>),
+    without a session: the catalog is read by Spark-free code and tests."""
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in _PRIMITIVES:
+        return _PRIMITIVES[lowered]
+    if lowered.startswith("array<") and text.endswith(">"):
+        return T.ArrayType(parse_type(text[6:-1]))
+    if lowered.startswith("map<") and text.endswith(">"):
+        key, value = _split_top(text[4:-1], ",")
+        return T.MapType(parse_type(key), parse_type(value))
+    if lowered.startswith("struct<") and text.endswith(">"):
+        return T.StructType([_parse_field(part.replace(":", " ", 1)) for part in _split_top(text[7:-1], ",")])
+    raise ValueError(f"unsupported column type {text!r}")
+
+
+def _parse_field(text: str) -> T.StructField:
+    name, type_text = text.strip().split(None, 1)
+    return T.StructField(name, parse_type(type_text))
+
+
+def parse_ddl(ddl: str) -> T.StructType:
+    """``name type, name type, ...`` as a StructType."""
+    return T.StructType([_parse_field(part) for part in _split_top(ddl, ",")])
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table: its name, its columns as a Spark DDL string, partition columns, what it holds."""
+
+    name: str
+    ddl: str
+    description: str
+    partition_by: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> T.StructType:
+        return parse_ddl(self.ddl)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.fieldNames()
+
+    def conform(self, df: DataFrame) -> DataFrame:
+        """``df`` with exactly this table's columns, in order, cast to the declared types."""
+        missing = [name for name in self.columns if name not in df.columns]
+        if missing:
+            raise ValueError(f"rows for table {self.name} lack column(s) {', '.join(missing)}; "
+                             f"they have {', '.join(df.columns)}")
+        return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in self.schema.fields])
+
+    def empty(self, spark) -> DataFrame:
+        return spark.createDataFrame([], self.schema)
+
+
+EVENTS = TableSpec(
+    "events",
+    "event_id string, user_id string, item_id string, event_type string, event_ts timestamp, quantity double, "
+    "revenue double, campaign_id string, channel string, event_date date, ingest_run_id string",
+    "the clickstream, normalized to the input contract; one row per event_id",
+    partition_by=("event_date",),
+)
+EVENTS_QUARANTINE = TableSpec(
+    "events_quarantine",
+    "raw string, raw_hash string, reason string, ingest_run_id string, detail string, raw_line string, "
+    "source_file string",
+    "input rows that failed a check: the raw row as JSON, why (reason, detail), the input line of a text "
+    "file, the file, and the ingest run",
+)
+USER_INDEX = TableSpec("user_index", "user_id string, user_idx int",
+                       "dense integer index of users, stable across runs")
+ITEM_INDEX = TableSpec("item_index", "item_id string, item_idx int",
+                       "dense integer index of items, stable across runs")
+INTERACTIONS = TableSpec(
+    "interactions",
+    "user_idx int, item_idx int, score double, n_events long, last_ts timestamp",
+    "weighted, time-decayed user-item scores (the sparse matrix)",
+)
+NMF_USER_FACTORS = TableSpec(
+    "nmf_user_factors",
+    "user_idx int, user_id string, factors array<double>, row_scale double, score_transform string, run_id string",
+    "NMF user factors W with the row scaling of the factorized matrix",
+)
+NMF_ITEM_FACTORS = TableSpec(
+    "nmf_item_factors",
+    "item_idx int, item_id string, factors array<double>, item_weight double, score_transform string, run_id string",
+    "NMF item factors H' with the item weighting of the factorized matrix",
+)
+USER_SEGMENTS = TableSpec("user_segments", "user_id string, segment_id int, affinity double, run_id string",
+                          "each user's dominant segment and its share of the user's weight")
+SEGMENT_PROFILES = TableSpec(
+    "segment_profiles",
+    "segment_id int, size long, share double, top_items array<struct<item_id: string, weight: double>>, "
+    "label string, run_id string",
+    "one row per segment: size, share, top items, a label",
+)
+NMF_HISTORY = TableSpec("nmf_history", "run_id string, iteration int, rel_error double, seconds double",
+                        "the NMF objective per iteration, per run (appended)")
+NMF_K_SWEEP = TableSpec("nmf_k_sweep", "run_id string, k int, rel_error double, iterations int",
+                        "final NMF error for each k of segments.sweep_ks (appended)")
+RECOMMENDATIONS = TableSpec(
+    "recommendations",
+    "user_id string, rank int, item_id string, score double, source string, run_id string",
+    "top-N items per user (source: als, segment_popular, popular)",
+)
+REC_METRICS = TableSpec("rec_metrics", "run_id string, model string, k int, metric string, value double",
+                        "offline ranking metrics per model on held-out events (appended)")
+ALS_TUNING = TableSpec(
+    "als_tuning",
+    "run_id string, candidate int, rank int, reg_param double, alpha double, max_iter int, metric string, "
+    "k int, value double, seconds double, chosen boolean",
+    "every ALS candidate's validation metric and which one was chosen (appended)",
+)
+CUSTOMER_SCORES = TableSpec(
+    "customer_scores",
+    "user_id string, as_of date, churn_probability double, churn_band string, churn_percentile double, "
+    "purchase_probability double, expected_revenue double, engagement_score double, eligible boolean, "
+    "reason_code string, model_version string, run_id string",
+    "per user per as_of date: churn and purchase probability in the next horizon, expected revenue, email "
+    "engagement; eligible = false with a reason_code instead of a score (a re-run replaces its as_of)",
+    partition_by=("as_of",),
+)
+MODEL_METRICS = TableSpec(
+    "model_metrics",
+    "run_id string, as_of date, target string, model string, metric string, bin int, value double",
+    "validation metrics per run, target (churn, purchase) and model, with the recency baseline and "
+    "10-bin reliability tables (bin set only for the reliability_* metrics; appended)",
+)
+SEND_TIMES = TableSpec(
+    "send_times",
+    "user_id string, hour_of_week_utc int, weekday_utc int, hour_utc int, time_zone string, "
+    "hour_of_week_local int, weekday_local int, hour_local int, confidence double, n_signals long, "
+    "is_fallback boolean, segment_id int, run_id string",
+    "per user the best hour of week to send (0 = Monday 00:00 UTC), smoothed toward the segment and everyone",
+)
+HOLDOUT_ASSIGNMENTS = TableSpec(
+    "holdout_assignments",
+    "user_id string, campaign_id string, control_bucket int, campaign_bucket int, variant string, run_id string",
+    "per user and configured campaign: treatment, holdout or global_control (hash of salt and user id)",
+)
+PIPELINE_RUNS = TableSpec(
+    "pipeline_runs",
+    "run_id string, stage string, status string, started_at timestamp, finished_at timestamp, rows_in long, "
+    "rows_out long, message string, counts map<string, bigint>",
+    "one row per stage per run: status, timings, row counts, a message",
+)
+
+ALL_TABLES: tuple[TableSpec, ...] = (
+    EVENTS, EVENTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
+    USER_SEGMENTS, SEGMENT_PROFILES, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
+    CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, PIPELINE_RUNS,
+)
+BY_NAME = {spec.name: spec for spec in ALL_TABLES}

@@ -1,0 +1,467 @@
+"""Typed settings: one frozen dataclass per config section, built and validated once at job start.
+
+``lib.config`` merges conf/base.toml, environment overlays and ``--set`` into a dict whose keys and
+types are already checked; ``Settings.from_config`` turns that dict into these dataclasses and runs
+every range and cross-key check, so a bad value fails before any stage reads or writes, naming its
+key. Stages and lib functions take the section they need, never the raw dict.
+
+A section's fields mirror its TOML table one to one (a test holds them equal): a key added to
+conf/base.toml needs a field here, and the other way round.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any, get_args, get_origin, get_type_hints
+
+from lib.config import ConfigError
+
+
+def parse_utc(text: str, key: str) -> datetime | None:
+    """An ISO-8601 date or time as an aware UTC datetime (naive means UTC); '' gives None."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"config key '{key}' expects an ISO-8601 date or time, got {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """``cls(**values)``, recursing into nested section dataclasses; keys must match fields exactly."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    missing = sorted(names - set(values))
+    if unknown or missing:  # conf/base.toml and this module disagree: a developer's error
+        raise ConfigError(f"section '{prefix}' does not match its settings class {cls.__name__}: "
+                          f"unknown {unknown}, missing {missing}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = _typed_items(value, hint, f"{prefix}.{name}".removeprefix("config."))
+        elif isinstance(value, dict):
+            kwargs[name] = dict(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _typed_items(values: list, hint: Any, key: str) -> tuple:
+    """A list as a tuple whose items have the element type ``tuple[T, ...]`` names (ints widen to floats)."""
+    args = get_args(hint) if get_origin(hint) is tuple else ()
+    item_type = args[0] if args else None
+    items = []
+    for value in values:
+        if item_type in (int, float) and isinstance(value, str):  # `--set key=1,2` on a list without a typed default
+            try:
+                value = item_type(value.strip())
+            except ValueError:
+                pass
+        if item_type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if item_type in (int, float, str) and (not isinstance(value, item_type) or isinstance(value, bool)):
+            raise ConfigError(f"config key '{key}' expects a list of {item_type.__name__}, got {value!r}")
+        items.append(value)
+    return tuple(items)
+
+
+# The input contract's columns: what ``input.columns`` may map a source column to.
+CONTRACT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "event_ts", "quantity", "revenue",
+                    "campaign_id", "channel")
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    events: str
+    format: str
+    timestamp_unit: str
+    timestamp_format: str
+    float_ids_as_int: bool
+    event_type: str
+    revenue_product: tuple[str, ...]
+    columns: dict[str, str]
+    event_type_map: dict[str, str]
+
+    def __post_init__(self) -> None:
+        one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "input.format")
+        one_of(self.timestamp_unit, ("s", "ms", "us"), "input.timestamp_unit")
+        targets = list(self.columns.values())
+        unknown = sorted(set(targets) - set(CONTRACT_COLUMNS))
+        require(not unknown, "input.columns", f"maps to {', '.join(unknown)}, not contract columns "
+                                              f"({', '.join(CONTRACT_COLUMNS)})")
+        twice = sorted({name for name in targets if targets.count(name) > 1})
+        require(not twice, "input.columns", f"maps several input columns to {', '.join(twice)}")
+        require(not (self.event_type and "event_type" in targets), "input.event_type",
+                "is set, so no input column may map to event_type (input.columns)")
+        require(all(isinstance(name, str) and name for name in self.revenue_product), "input.revenue_product",
+                "must hold input column names")
+        require(not (self.revenue_product and "revenue" in targets), "input.revenue_product",
+                "is set, so no input column may map to revenue (input.columns)")
+        empty = sorted(key for key, value in self.event_type_map.items() if not value.strip())
+        require(not empty, "input.event_type_map", f"maps {', '.join(empty)} to an empty event type")
+
+    @property
+    def source_names(self) -> dict[str, str]:
+        """Contract column -> the input column it comes from (itself when not renamed)."""
+        names = {name: name for name in CONTRACT_COLUMNS}
+        names.update({target: source for source, target in self.columns.items()})
+        return names
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    root: str
+    catalog: str
+    schema: str
+
+    def __post_init__(self) -> None:
+        require(bool(self.root) or bool(self.catalog and self.schema), "output.root",
+                "must be set, or output.catalog and output.schema")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    path: str
+    users: int
+    items: int
+    events: int
+    segments: int
+    seed: int
+    days: int
+    end_date: str
+    in_segment_share: float
+    churn_fraction: float
+    email_campaigns: bool
+
+    def __post_init__(self) -> None:
+        for key in ("users", "items", "events", "segments", "days"):
+            require(getattr(self, key) >= 1, f"sample.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.items >= 2 * self.segments, "sample.items", f"must be >= twice sample.segments ({self.segments})")
+        require(0.0 <= self.in_segment_share <= 1.0, "sample.in_segment_share", "must be in [0, 1]")
+        require(0.0 <= self.churn_fraction < 1.0, "sample.churn_fraction", "must be in [0, 1)")
+        parse_utc(self.end_date, "sample.end_date")
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    event_types: tuple[str, ...]
+    future_skew_minutes: int
+    now: str
+    csv_delimiter: str
+    csv_multiline: bool
+    encoding: str
+    earliest_event_ts: str
+    max_quarantine_share: float
+
+    def __post_init__(self) -> None:
+        require(len(self.event_types) > 0, "ingest.event_types", "must name at least one event type")
+        require(len(set(self.event_types)) == len(self.event_types), "ingest.event_types", "has duplicates")
+        require(self.future_skew_minutes >= 0, "ingest.future_skew_minutes", "must be >= 0")
+        require(len(self.csv_delimiter) == 1 and self.csv_delimiter not in '"\r\n', "ingest.csv_delimiter",
+                "must be one character other than a quote or a line break")
+        one_of(self.encoding, ("utf-8", "iso-8859-1", "us-ascii"), "ingest.encoding")
+        require(0.0 <= self.max_quarantine_share <= 1.0, "ingest.max_quarantine_share", "must be in [0, 1]")
+        parse_utc(self.now, "ingest.now")
+        earliest = parse_utc(self.earliest_event_ts, "ingest.earliest_event_ts")
+        now = parse_utc(self.now, "ingest.now")
+        require(earliest is None or now is None or earliest < now, "ingest.earliest_event_ts",
+                "must be before ingest.now")
+
+    @property
+    def now_utc(self) -> datetime | None:
+        return parse_utc(self.now, "ingest.now")
+
+    @property
+    def earliest_utc(self) -> datetime | None:
+        return parse_utc(self.earliest_event_ts, "ingest.earliest_event_ts")
+
+
+@dataclass(frozen=True)
+class InteractionsSettings:
+    half_life_days: float
+    as_of: str
+    weights: dict[str, float]
+
+    def __post_init__(self) -> None:
+        require(self.half_life_days > 0, "interactions.half_life_days", f"must be > 0, got {self.half_life_days}")
+        negative = sorted(name for name, weight in self.weights.items() if weight < 0)
+        require(not negative, "interactions.weights", f"must be >= 0; negative for {', '.join(negative)}")
+        parse_utc(self.as_of, "interactions.as_of")
+
+    @property
+    def as_of_utc(self) -> datetime | None:
+        return parse_utc(self.as_of, "interactions.as_of")
+
+
+@dataclass(frozen=True)
+class AlsSettings:
+    ranks: tuple[int, ...]
+    reg_params: tuple[float, ...]
+    alphas: tuple[float, ...]
+    search: str
+    max_candidates: int
+    max_iter: int
+    seed: int
+    checkpoint_interval: int
+    num_blocks: int
+
+    def __post_init__(self) -> None:
+        for key in ("ranks", "reg_params", "alphas"):
+            require(len(getattr(self, key)) > 0, f"recommend.als.{key}", "must hold at least one value")
+        require(min(self.ranks) >= 1, "recommend.als.ranks", "must hold integers >= 1")
+        require(min(self.reg_params) >= 0, "recommend.als.reg_params", "must hold values >= 0")
+        require(min(self.alphas) >= 0, "recommend.als.alphas", "must hold values >= 0")
+        one_of(self.search, ("grid", "random"), "recommend.als.search")
+        require(self.max_candidates >= 1, "recommend.als.max_candidates", "must be >= 1")
+        require(self.max_iter >= 1, "recommend.als.max_iter", "must be >= 1")
+        require(self.num_blocks >= 0, "recommend.als.num_blocks", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RecommendSettings:
+    top_n: int
+    exclude_event_types: tuple[str, ...]
+    min_history: int
+    k_values: tuple[int, ...]
+    tune_k: int
+    holdout_fraction: float
+    holdout_cutoff: str
+    validation_fraction: float
+    evaluate: bool
+    model_dir: str
+    als: AlsSettings
+
+    def __post_init__(self) -> None:
+        require(self.top_n >= 1, "recommend.top_n", f"must be >= 1, got {self.top_n}")
+        require(self.min_history >= 1, "recommend.min_history", f"must be >= 1, got {self.min_history}")
+        require(len(self.k_values) > 0 and min(self.k_values) >= 1, "recommend.k_values",
+                f"must hold integers >= 1, got {list(self.k_values)}")
+        require(self.tune_k >= 1, "recommend.tune_k", f"must be >= 1, got {self.tune_k}")
+        require(0.0 < self.holdout_fraction < 1.0, "recommend.holdout_fraction", "must be in (0, 1)")
+        require(0.0 < self.validation_fraction < 1.0, "recommend.validation_fraction", "must be in (0, 1)")
+        parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
+
+    @property
+    def holdout_cutoff_utc(self) -> datetime | None:
+        return parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
+
+
+@dataclass(frozen=True)
+class SegmentsSettings:
+    k: int
+    solver: str
+    max_iter: int
+    tol: float
+    init: str
+    seed: int
+    inner_passes: int
+    l1_w: float
+    l2_w: float
+    l1_h: float
+    l2_h: float
+    row_blocks: int
+    parallelism: int
+    col_blocks: int
+    block_nnz: int
+    broadcast_limit_mb: float
+    checkpoint_interval: int
+    transform: str
+    idf_items: bool
+    row_normalize: bool
+    top_items: int
+    sweep_ks: tuple[int, ...]
+    sweep_max_iter: int
+    report_dir: str
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "segments.k", f"must be >= 1, got {self.k}")
+        one_of(self.solver, ("hals", "mu"), "segments.solver")
+        one_of(self.init, ("sketch_svd", "random_columns", "random"), "segments.init")
+        one_of(self.transform, ("none", "log1p"), "segments.transform")
+        require(self.max_iter >= 1, "segments.max_iter", "must be >= 1")
+        require(self.tol >= 0, "segments.tol", "must be >= 0")
+        require(self.inner_passes >= 1, "segments.inner_passes", "must be >= 1")
+        for key in ("l1_w", "l2_w", "l1_h", "l2_h"):
+            require(getattr(self, key) >= 0, f"segments.{key}", "must be >= 0")
+        for key in ("row_blocks", "parallelism", "col_blocks"):
+            require(getattr(self, key) >= 0, f"segments.{key}", "must be >= 0 (0: automatic)")
+        require(self.block_nnz >= 1, "segments.block_nnz", "must be >= 1")
+        require(self.broadcast_limit_mb > 0, "segments.broadcast_limit_mb", "must be > 0")
+        require(self.checkpoint_interval >= 1, "segments.checkpoint_interval", "must be >= 1")
+        require(self.top_items >= 1, "segments.top_items", "must be >= 1")
+        require(all(k >= 1 for k in self.sweep_ks), "segments.sweep_ks", f"must hold integers >= 1, got {list(self.sweep_ks)}")
+        require(self.sweep_max_iter >= 1, "segments.sweep_max_iter", "must be >= 1")
+
+
+SCORE_MODELS = ("logistic_regression", "gbt")
+
+
+@dataclass(frozen=True)
+class ScoresSettings:
+    as_of: str
+    horizon_days: int
+    windows_days: tuple[int, ...]
+    churn_band_medium: float
+    churn_band_high: float
+    min_buyers: int
+    min_history_days: int
+    min_positives: int
+    models: tuple[str, ...]
+    calibration: str
+    gbt_max_iter: int
+    gbt_max_depth: int
+    lr_reg_param: float
+    seed: int
+    report_dir: str
+
+    def __post_init__(self) -> None:
+        parse_utc(self.as_of, "scores.as_of")
+        require(self.horizon_days >= 1, "scores.horizon_days", f"must be >= 1, got {self.horizon_days}")
+        require(len(self.windows_days) > 0 and min(self.windows_days) >= 1, "scores.windows_days",
+                f"must hold integers >= 1, got {list(self.windows_days)}")
+        require(len(set(self.windows_days)) == len(self.windows_days), "scores.windows_days", "has duplicates")
+        require(0.0 < self.churn_band_medium < 1.0, "scores.churn_band_medium",
+                f"must be in (0, 1), got {self.churn_band_medium}")
+        require(0.0 < self.churn_band_high < 1.0, "scores.churn_band_high",
+                f"must be in (0, 1), got {self.churn_band_high}")
+        require(self.churn_band_medium < self.churn_band_high, "scores.churn_band_high",
+                f"must be above scores.churn_band_medium ({self.churn_band_medium}): the bands would overlap, "
+                f"got {self.churn_band_high}")
+        for key in ("min_buyers", "min_history_days", "min_positives"):
+            require(getattr(self, key) >= 1, f"scores.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(len(self.models) > 0, "scores.models", "must name at least one model")
+        for name in self.models:
+            one_of(name, SCORE_MODELS, "scores.models")
+        one_of(self.calibration, ("isotonic", "platt"), "scores.calibration")
+        require(self.gbt_max_iter >= 1, "scores.gbt_max_iter", "must be >= 1")
+        require(1 <= self.gbt_max_depth <= 30, "scores.gbt_max_depth", "must be in 1..30")
+        require(self.lr_reg_param >= 0, "scores.lr_reg_param", "must be >= 0")
+
+    @property
+    def as_of_utc(self) -> datetime | None:
+        return parse_utc(self.as_of, "scores.as_of")
+
+
+@dataclass(frozen=True)
+class SendTimeSettings:
+    lookback_days: int
+    min_signals: int
+    prior_strength: float
+    segment_prior_strength: float
+    click_weight: float
+    site_weight: float
+    time_zone: str
+    quiet_hours: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        require(self.lookback_days >= 1, "send_time.lookback_days", f"must be >= 1, got {self.lookback_days}")
+        require(self.min_signals >= 1, "send_time.min_signals", f"must be >= 1, got {self.min_signals}")
+        for key in ("prior_strength", "segment_prior_strength"):
+            require(getattr(self, key) > 0, f"send_time.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("click_weight", "site_weight"):
+            require(getattr(self, key) >= 0, f"send_time.{key}", f"must be >= 0, got {getattr(self, key)}")
+        try:
+            import zoneinfo
+            zoneinfo.ZoneInfo(self.time_zone)
+        except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError):
+            raise ConfigError(f"config key 'send_time.time_zone' must be an IANA time zone, got {self.time_zone!r}") \
+                from None
+        require(all(0 <= h <= 23 for h in self.quiet_hours), "send_time.quiet_hours",
+                f"must hold hours 0..23, got {list(self.quiet_hours)}")
+        require(len(set(self.quiet_hours)) < 24, "send_time.quiet_hours", "must leave at least one hour to send")
+
+
+@dataclass(frozen=True)
+class HoldoutSettings:
+    salt: str
+    control_share: float
+    campaigns: tuple[str, ...]
+    holdout_shares: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        require(bool(self.salt), "holdout.salt", "must not be empty")
+        require(0.0 <= self.control_share < 1.0, "holdout.control_share", f"must be in [0, 1), got {self.control_share}")
+        require(len(self.holdout_shares) == len(self.campaigns), "holdout.holdout_shares",
+                f"needs one share per campaign of holdout.campaigns ({len(self.campaigns)}), got {len(self.holdout_shares)}")
+        require(len(set(self.campaigns)) == len(self.campaigns) and all(self.campaigns), "holdout.campaigns",
+                "must hold distinct, non-empty campaign ids")
+        require(all(0.0 <= share < 1.0 for share in self.holdout_shares), "holdout.holdout_shares",
+                f"must hold shares in [0, 1), got {list(self.holdout_shares)}")
+
+    @property
+    def shares(self) -> dict[str, float]:
+        return dict(zip(self.campaigns, self.holdout_shares))
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    shuffle_partitions: int
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every section of the configuration, validated, with the cross-section checks."""
+
+    input: InputSettings
+    output: OutputSettings
+    sample: SampleSettings
+    ingest: IngestSettings
+    interactions: InteractionsSettings
+    recommend: RecommendSettings
+    segments: SegmentsSettings
+    scores: ScoresSettings
+    send_time: SendTimeSettings
+    holdout: HoldoutSettings
+    spark: SparkSettings
+
+    def __post_init__(self) -> None:
+        event_types = set(self.ingest.event_types)
+        missing = [name for name in self.ingest.event_types if name not in self.interactions.weights]
+        require(not missing, "interactions.weights", f"lacks a weight for event type(s) {', '.join(missing)} "
+                                                     "(ingest.event_types)")
+        unknown = sorted(set(self.recommend.exclude_event_types) - event_types)
+        require(not unknown, "recommend.exclude_event_types",
+                f"names event type(s) {', '.join(unknown)} that ingest.event_types lacks "
+                f"({', '.join(self.ingest.event_types)})")
+        require("email_send" in event_types or not self.sample.email_campaigns, "ingest.event_types",
+                "must include email_send when sample.email_campaigns generates it")
+        require(not (self.output.catalog and self.output.schema) or bool(self.recommend.model_dir),
+                "recommend.model_dir", "must be set when tables are catalog tables (output.catalog)")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Settings":
+        """Typed, validated settings from a resolved config dict (see ``lib.config.resolve``)."""
+        return _build(cls, config, "config")
+
+
+def section_keys(cls: type = Settings, prefix: str = "") -> set[str]:
+    """Every dotted key the settings classes define (for checking them against conf/base.toml)."""
+    keys = set()
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= section_keys(hints[f.name], dotted + ".")
+        else:
+            keys.add(dotted)
+    return keys
