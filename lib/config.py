@@ -13,7 +13,9 @@ import json
 import tomllib
 from typing import Any
 
-OPEN_TABLES = ("interactions.weights", "spark.conf")
+# Open tables whose values are strings whatever their siblings (their base table is empty).
+STRING_TABLES = ("input.columns", "input.event_type_map")
+OPEN_TABLES = ("interactions.weights", "spark.conf", *STRING_TABLES)
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,9 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> di
         dotted = f"{prefix}{key}"
         if key not in base:
             parent = prefix.rstrip(".")
+            if parent in STRING_TABLES:
+                merged[key] = _check_value(dotted, "", value)
+                continue
             if parent in OPEN_TABLES:
                 sibling = next(iter(base.values()), value)
                 merged[key] = _check_value(dotted, sibling, value) if base else value
