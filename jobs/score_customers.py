@@ -1,0 +1,106 @@
+"""Customer scores: churn and purchase probability in the next horizon, expected revenue and email
+engagement per user into customer_scores (one row per user per as_of; a re-run replaces its as_of),
+validation metrics against a recency baseline into model_metrics, and a markdown report."""
+from __future__ import annotations
+
+import logging
+from datetime import date
+from pathlib import Path
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from jobs.common import StageContext, main_for
+from lib import catalog as C
+from lib.features import segment_affinities
+from lib.runs import StageResult
+from lib.score_report import write_score_report
+from lib.scoring import finalize_scores, score_customers
+from lib.storage import Tables
+
+log = logging.getLogger("jobs.score_customers")
+
+
+def scoring_date(ctx: StageContext, events: DataFrame) -> date:
+    """scores.as_of, or the date of the latest event."""
+    if ctx.settings.scores.as_of_utc is not None:
+        return ctx.settings.scores.as_of_utc.date()
+    latest = events.agg(F.max("event_ts")).first()[0]
+    if latest is None:
+        raise ValueError("events is empty: nothing to score")
+    return latest.date()
+
+
+def replace_as_of(ctx: StageContext, tables: Tables, rows: DataFrame, as_of: date) -> None:
+    """Write one as_of's rows in one Delta commit, replacing that date's earlier rows (replaceWhere)."""
+    spec = C.CUSTOMER_SCORES
+    if not tables.exists(ctx.spark, spec):
+        tables.append(rows, spec)
+        return
+    writer = (spec.conform(rows).write.format("delta").mode("overwrite")
+              .option("replaceWhere", f"as_of = DATE'{as_of.isoformat()}'"))
+    if tables.uses_catalog:
+        writer.saveAsTable(tables.location(spec))
+    else:
+        writer.save(tables.location(spec))
+
+
+def report_directory(ctx: StageContext) -> Path | None:
+    """scores.report_dir, else <output.root>/reports/scores beside the segment report (local roots only)."""
+    if ctx.settings.scores.report_dir:
+        return Path(ctx.settings.scores.report_dir)
+    tables = ctx.tables
+    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
+        return None
+    return Path(tables.root.removeprefix("file:")) / "reports" / "scores"
+
+
+def run(ctx: StageContext) -> StageResult:
+    settings = ctx.settings.scores
+    spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
+    events = tables.require(spark, C.EVENTS, "ingest")
+    as_of = scoring_date(ctx, events)
+    affinities, k = None, 0
+    if tables.exists(spark, C.NMF_USER_FACTORS):
+        factors = tables.read(spark, C.NMF_USER_FACTORS)
+        k = factors.agg(F.max(F.size("factors"))).first()[0] or 0
+        affinities = segment_affinities(factors) if k else None
+
+    outcome = score_customers(events, as_of, settings, affinities, k)
+    if outcome.eligible:
+        version = ";".join(f"{t}={m}+{settings.calibration}" for t, m in sorted(outcome.chosen.items()))
+        version += f"@{run_id}"
+    else:
+        version = f"none@{run_id}"
+    rows = finalize_scores(outcome.scores, as_of, settings, version, run_id).persist()
+    replace_as_of(ctx, tables, rows, as_of)
+    summary = rows.agg(F.count(F.lit(1)).alias("users"), F.sum(F.col("eligible").cast("int")).alias("eligible"),
+                       *[F.sum((F.col("churn_band") == b).cast("int")).alias(b) for b in ("low", "medium", "high")]
+                       ).first()
+    rows.unpersist()
+
+    if outcome.metrics:
+        tables.append(spark.createDataFrame(
+            [(run_id, as_of, t, m, metric, b, float(v)) for t, m, metric, b, v in outcome.metrics],
+            C.MODEL_METRICS.schema), C.MODEL_METRICS)
+    directory = report_directory(ctx)
+    message = (f"as_of={as_of} " + (" ".join(f"{t}={m}" for t, m in sorted(outcome.chosen.items())) if outcome.eligible
+                                     else f"not scored: {outcome.reason} ({outcome.counts})"))
+    if directory is not None:
+        path = write_score_report(directory, run_id, as_of.isoformat(), outcome.metrics, outcome.chosen,
+                                  settings.calibration, message)
+        log.info("score report written to %s", path)
+    roc = {t: v for t, m, metric, b, v in outcome.metrics
+           if metric == "roc_auc" and m == f"{outcome.chosen.get(t)}+{settings.calibration}"}
+    if roc:
+        message += " " + " ".join(f"{t}_roc_auc={v:.3f}" for t, v in sorted(roc.items()))
+    counts = {**outcome.counts, "users": summary["users"], "eligible": summary["eligible"] or 0,
+              "ineligible": summary["users"] - (summary["eligible"] or 0),
+              **{f"band.{b}": summary[b] or 0 for b in ("low", "medium", "high")}}
+    if not outcome.eligible:
+        counts[f"reason.{outcome.reason}"] = summary["users"]
+    return StageResult(rows_in=None, rows_out=summary["users"], message=message, counts=counts)
+
+
+if __name__ == "__main__":
+    main_for("score_customers")
