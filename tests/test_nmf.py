@@ -185,32 +185,62 @@ def test_bad_input_gets_a_clear_error(spark):
 
 
 DRIVER_PROBE = textwrap.dedent("""
-    import json, sys
+    import json, pickle, sys
     sys.path.insert(0, sys.argv[1])
     from pyspark.sql import SparkSession, functions as F
     from lib.nmf import NMFParams, factorize
+
     spark = (SparkSession.builder.master("local[2]").config("spark.driver.maxResultSize", "1m")
              .config("spark.sql.shuffle.partitions", "2").config("spark.ui.enabled", "false").getOrCreate())
+    # Count what every DataFrame collection hands the Python driver (rows and pickled bytes);
+    # take / head / first go through collect.
+    frame_class = type(spark.range(1))
+    collected = []
+    def counting(name):
+        original = getattr(frame_class, name)
+        def wrapper(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            collected.append((name, len(out) if hasattr(out, "__len__") else 1, len(pickle.dumps(out))))
+            return out
+        return wrapper
+    for name in ("collect", "tail", "toPandas", "toArrow"):
+        setattr(frame_class, name, counting(name))
+    def refuse(*args, **kwargs):
+        raise AssertionError("toLocalIterator streams a frame to the driver")
+    frame_class.toLocalIterator = refuse
     m, n, k = 60000, 30, 4
     # Each user touches about 3 of the 30 items at random (random values, so W does not compress):
-    # about 180k non-zeros, W is m x k doubles = 1.9 MB.
+    # about 180k non-zeros, W is m x k doubles (about 1.9 MB).
     entries = (spark.range(m * 3).select((F.col("id") / 3).cast("long").alias("row"),
                (F.rand(1) * n).cast("long").alias("col"), (0.1 + F.rand(2)).alias("value")))
-    result = factorize(entries, NMFParams(k=k, max_iter=3, tol=0.0, row_blocks=4), n_rows=m, n_cols=n)
-    out = {"rel_error": result.rel_error, "w_rows": result.w.count(),
-           "w_bytes": m * k * 8}
-    try:
-        result.w.collect()
-        out["collect_w"] = "succeeded"
-    except Exception as err:
-        out["collect_w"] = "failed: " + ("maxResultSize" if "maxResultSize" in str(err) else str(err)[:300])
+    out = {}
+    for name, params in (("1d", NMFParams(k=k, max_iter=3, tol=0.0, row_blocks=4)),
+                         ("2d", NMFParams(k=k, max_iter=2, tol=0.0, row_blocks=4, col_blocks=2, init="random",
+                                          broadcast_limit_bytes=64))):
+        collected.clear()
+        result = factorize(entries, params, n_rows=m, n_cols=n)
+        during = list(collected)
+        # W's size measured on the executors: only two scalars come back.
+        size = result.w.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.size("factors")).alias("values")).first()
+        out[name] = {"layout": result.layout, "rel_error": result.rel_error, "w_rows": size["rows"],
+                     "w_bytes": 8 * size["values"], "collections": len(during),
+                     "largest": max(b for _, _, b in during), "total": sum(b for _, _, b in during),
+                     "most_rows": max(r for _, r, _ in during)}
+        try:
+            result.w.collect()
+            out[name]["collect_w"] = "succeeded"
+        except Exception as err:
+            out[name]["collect_w"] = "failed: " + ("maxResultSize" if "maxResultSize" in str(err) else str(err)[:300])
+        result.release()
     print("RESULT " + json.dumps(out))
 """)
 
 
 def test_factors_never_pass_through_the_driver(tmp_path):
-    """With spark.driver.maxResultSize = 1 MB (a static setting, so in its own session), a factorization
-    whose W is about 1.9 MB succeeds, while collecting that W in the same session fails."""
+    """In a session of its own with spark.driver.maxResultSize = 1 MB (a static setting), both layouts
+    factorize a matrix whose W measures about 1.9 MB on the executors, while collecting that W fails;
+    and everything the factorization collected to the driver, counted call by call, is a few small
+    rows (k x k Grams, scalars, partition keys), nowhere near W's size."""
     script = tmp_path / "probe.py"
     script.write_text(DRIVER_PROBE)
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
@@ -218,11 +248,16 @@ def test_factors_never_pass_through_the_driver(tmp_path):
                           env=env, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
-    result = json.loads(lines[-1][len("RESULT "):])
-    assert result["w_bytes"] > 1024 * 1024
-    assert result["w_rows"] == 60000
-    assert 0 < result["rel_error"] < 1
-    assert result["collect_w"] == "failed: maxResultSize"
+    results = json.loads(lines[-1][len("RESULT "):])
+    for name, result in results.items():
+        assert result["layout"] == name
+        assert result["w_rows"] == 60000
+        assert result["w_bytes"] == 60000 * 4 * 8 > 1024 * 1024, result  # above maxResultSize
+        assert 0 < result["rel_error"] < 1
+        assert result["collect_w"] == "failed: maxResultSize", result
+        assert result["collections"] > 0, result  # the counting saw the factorization's own collects
+        assert result["largest"] < 16 * 1024 and result["most_rows"] <= 64, result
+        assert result["total"] < result["w_bytes"] / 20, result
 
 
 def test_2d_grid_layout_matches_sklearn_multiplicative_update(spark):

@@ -111,8 +111,9 @@ class Grid:
                    other_gram: np.ndarray, update: Rule, transpose: bool) -> DataFrame:
         """Update the ``own`` factor blocks from the sum over other blocks of X_block (or X_block') times them."""
         k = self.k
-        joined = self.x.join(other.select(F.col("block").alias(other_key), F.col("factor").alias("other_factor")),
-                             other_key)
+        # Never a broadcast join: that would collect the other factor to the driver.
+        other_blocks = other.select(F.col("block").alias(other_key), F.col("factor").alias("other_factor"))
+        joined = self.x.join(other_blocks.hint("shuffle_hash"), other_key)
 
         def multiply(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for batch in batches:
