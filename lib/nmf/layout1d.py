@@ -25,14 +25,13 @@ from lib.nmf.codec import Kind
 from lib.nmf.init import STREAM_ROW_BLOCKS, InitSpec, initial_block
 from lib.nmf.layout import Lineage
 from lib.nmf.matrix import MatrixStats
-from lib.nmf.params import NMFParams
+from lib.nmf.params import INITS, NMFParams
 from lib.nmf.placement import Chunks, ShippedChunks, grid_size, key_of, partition_keys, task_slots
 from lib.nmf.rules import Rule, hals_sweeps, make_rule
 from lib.nmf.shipped import initial_shipped, read_shipped, shipped_rows
 from lib.nmf.sketch import sketch_svd
 
 log = logging.getLogger("lib.nmf")
-INITS = ("sketch_svd", "random_columns", "random", "custom")
 
 
 class RowBlocks:
