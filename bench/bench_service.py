@@ -221,6 +221,9 @@ def wrk_load(port: int, paths: list[str], clients: int, seconds: float, workdir:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--write-only"]:  # the reload scenario's writer process
+        write_recommendations(Path(sys.argv[2]), int(sys.argv[3]), seed=2)
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--clients", type=int, default=50)
@@ -286,7 +289,10 @@ def main() -> None:
         async def new_version():
             await asyncio.sleep(2)
             t0 = time.perf_counter()
-            await asyncio.to_thread(write_recommendations, full / "recommendations", rows, 2)
+            # in another process: a writer in this one would stall the client's event loop, not the server's
+            writer_proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--write-only", str(full / "recommendations"), str(rows), cwd=REPO)
+            assert await writer_proc.wait() == 0
             written = time.perf_counter() - t0
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             while True:  # until the server serves the new version

@@ -105,8 +105,10 @@ def _latest_run(table: pa.Table, group: str | None = None) -> pa.Table:
         return table
     runs = table.column("run_id")
     if group is None:
-        latest = pc.max(runs)
-        return table.filter(pc.equal(runs, latest)) if latest.is_valid else table
+        bounds = pc.min_max(runs)
+        if not bounds["max"].is_valid or bounds["min"] == bounds["max"]:
+            return table  # one run (the usual overwrite): no copy
+        return table.filter(pc.equal(runs, bounds["max"]))
     keep = np.zeros(table.num_rows, dtype=bool)
     groups = table.column(group)
     for value in pc.unique(groups).to_pylist():
