@@ -21,6 +21,7 @@ snapshot to its end, so requests in flight during a reload finish on the old dat
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -366,6 +367,16 @@ def popular_from_recommendations(recs: Recommendations | None, n: int, versions:
     return Popular("recommendations", items, scores, versions)
 
 
+def _return_freed_memory() -> None:
+    """Give the memory of the Arrow tables read during a load back to the OS (Arrow's pool and glibc keep
+    freed pages otherwise, so the resident set would stay at the load's peak)."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 LOADERS = {
     RECOMMENDATIONS: load_recommendations,
     USER_SEGMENTS: load_user_segments,
@@ -471,6 +482,8 @@ class Store:
             self.current = Snapshot(parts=parts, versions=served, popular=popular, loaded_at=time.time(),
                                     errors=errors)
             self.reloads += 1
+            del old, parts, handles
+            _return_freed_memory()
             return True
 
     def _popular(self, old: Snapshot, parts: dict, handles: dict, served: dict, errors: dict) -> Popular:
