@@ -261,21 +261,26 @@ def test_factors_never_pass_through_the_driver(tmp_path):
 
 
 def test_2d_grid_layout_matches_sklearn_multiplicative_update(spark):
-    """With both factors above the broadcast limit the 2D grid runs; same numbers as scikit-learn."""
-    m, n, k, iterations = 40, 24, 3, 2
+    """With both factors above the broadcast limit the 2D grid runs; same numbers as scikit-learn, every
+    iteration, with the lineage cut every second iteration (persisted iterates in between)."""
+    m, n, k, iterations = 40, 24, 3, 3
     matrix = planted_matrix(m, n, k, seed=9)
     rng = np.random.default_rng(10)
     w0, h0 = rng.random((m, k)) + 0.1, rng.random((k, n)) + 0.1
     result = factorize(entries_df(spark, matrix), NMFParams(k=k, solver="mu", init="custom", max_iter=iterations,
                                                             tol=0.0, row_blocks=3, col_blocks=2,
-                                                            broadcast_limit_bytes=64),
+                                                            broadcast_limit_bytes=64, checkpoint_interval=2),
                        n_rows=m, n_cols=n, initial_w=factor_df(spark, w0, "row_idx"),
                        initial_h=factor_df(spark, h0.T, "col_idx"))
     assert result.layout == "2d" and result.grid == (3, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = NMF(k, solver="mu", init="custom", max_iter=iterations, tol=0.0)
-        w = model.fit_transform(matrix.tocsr(), W=w0.copy(), H=h0.copy())
-    assert result.rel_error == pytest.approx(rel_error(matrix.toarray(), w, model.components_), rel=1e-6)
+    assert [h[0] for h in result.history] == list(range(1, iterations + 1))
+    for iteration in range(1, iterations + 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = NMF(k, solver="mu", init="custom", max_iter=iteration, tol=0.0)
+            w = model.fit_transform(matrix.tocsr(), W=w0.copy(), H=h0.copy())
+        expected = rel_error(matrix.toarray(), w, model.components_)
+        assert result.history[iteration - 1][1] == pytest.approx(expected, rel=1e-6), iteration
     np.testing.assert_allclose(to_numpy(result.w, m, k), w, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(result.h, n, k), model.components_.T, rtol=1e-6, atol=1e-12)
     result.release()
