@@ -1,4 +1,9 @@
-"""Ingest the raw clickstream into the Delta tables ``events`` and ``events_quarantine``."""
+"""Ingest the raw clickstream into the Delta tables ``events`` and ``events_quarantine``.
+
+Reads with the strict readers, maps the source's shape to the contract, checks every row, then
+counts every outcome and checks them against the reader's record count and
+``ingest.max_quarantine_share`` before writing anything (docs/ingest.md).
+"""
 from __future__ import annotations
 
 import logging
@@ -6,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 from jobs.common import StageContext, main_for, sample_root
 from lib import catalog as C
-from lib import ingest
+from lib import ingest, readers
 from lib.runs import StageResult
 from lib.storage import is_delta_path
 
@@ -18,37 +23,44 @@ def input_location(ctx: StageContext) -> tuple[str, str]:
     source = ctx.settings.input
     if not source.events:
         return f"{sample_root(ctx.settings)}/events", "parquet"
-    fmt = source.format or ingest.infer_format(source.events, has_delta_log=is_delta_path(ctx.spark, source.events))
+    fmt = source.format or readers.infer_format(source.events, has_delta_log=is_delta_path(ctx.spark, source.events))
     return source.events, fmt
 
 
 def run(ctx: StageContext) -> StageResult:
-    settings = ctx.settings.ingest
+    source, settings = ctx.settings.input, ctx.settings.ingest
     spark, tables = ctx.spark, ctx.tables
     location, fmt = input_location(ctx)
     now = settings.now_utc or datetime.now(timezone.utc)
-    latest_allowed = now + timedelta(minutes=settings.future_skew_minutes)
-    log.info("ingesting %s (%s); events after %s are quarantined", location, fmt, latest_allowed.isoformat())
+    rules = ingest.Rules(event_types=settings.event_types, latest=now + timedelta(minutes=settings.future_skew_minutes),
+                         earliest=settings.earliest_utc, timestamp_unit=source.timestamp_unit)
+    log.info("ingesting %s (%s); event times outside %s .. %s are quarantined", location, fmt,
+             rules.earliest, rules.latest.isoformat())
 
-    raw = ingest.read_raw(spark.read, location, fmt, settings.csv_delimiter)
-    classified = ingest.classify(ingest.normalize(raw), list(settings.event_types), latest_allowed).persist()
-    # One pass counts every outcome: rows per reason, valid rows under a null reason.
-    per_reason = {row["reason"]: int(row["count"]) for row in classified.groupBy("reason").count().collect()}
-    rows_in = sum(per_reason.values())
-    reasons = {reason: count for reason, count in per_reason.items() if reason is not None}
-    quarantined = sum(reasons.values())
+    raw = readers.read_raw(spark, location, fmt, csv_delimiter=settings.csv_delimiter,
+                           csv_multiline=settings.csv_multiline, encoding=settings.encoding,
+                           json_columns=sorted({*source.source_names.values(), *source.revenue_product}))
+    rows_in = raw.count()  # the reader's own record count, independent of the sorting below
+    stored = tables.read(spark, C.EVENTS) if tables.exists(spark, C.EVENTS) else None
+    resolved = ingest.resolve(ingest.classify(ingest.normalize(raw, source), rules), stored).persist()
+    try:
+        outcome = ingest.count_outcomes(resolved)
+        ingest.check_reconciliation(rows_in, outcome)
+        ingest.check_quarantine_share(rows_in, outcome, settings.max_quarantine_share)
+        new_quarantined = tables.insert_new(spark, ingest.quarantined_rows(resolved, ctx.run_id),
+                                            C.EVENTS_QUARANTINE, ["raw_hash", "reason"])
+        inserted = tables.insert_new(spark, ingest.valid_events(resolved, ctx.run_id), C.EVENTS, ["event_id"])
+        ingest.check_inserted(inserted, outcome)
+    finally:
+        resolved.unpersist()
 
-    bad = ingest.quarantined_rows(classified, ctx.run_id)
-    new_quarantined = tables.insert_new(spark, bad, C.EVENTS_QUARANTINE, ["raw_hash", "reason"])
-    inserted = tables.insert_new(spark, ingest.valid_events(classified, ctx.run_id), C.EVENTS, ["event_id"])
-    classified.unpersist()
-
-    duplicates = rows_in - quarantined - inserted
-    counts = {"quarantined": quarantined, "duplicates": duplicates, "quarantine_new_rows": new_quarantined}
-    counts.update({f"reason.{reason}": count for reason, count in reasons.items()})
+    counts = {"quarantined": outcome.quarantined, "duplicates": outcome.duplicate_total,
+              "duplicates.stored": outcome.duplicates.get("stored", 0),
+              "duplicates.batch": outcome.duplicates.get("batch", 0), "quarantine_new_rows": new_quarantined}
+    counts.update({f"reason.{reason}": count for reason, count in outcome.reasons.items()})
     return StageResult(rows_in=rows_in, rows_out=inserted, counts=counts,
-                       message=f"{location} ({fmt}): {inserted} new events, {quarantined} quarantined, "
-                               f"{duplicates} duplicates")
+                       message=f"{location} ({fmt}): {inserted} new events, {outcome.quarantined} quarantined, "
+                               f"{outcome.duplicate_total} duplicates")
 
 
 if __name__ == "__main__":

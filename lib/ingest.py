@@ -1,118 +1,165 @@
-"""Ingest: normalize a raw clickstream to the input contract and sort rows into valid or quarantined.
+"""Ingest: normalize a raw clickstream to the input contract and sort every record into one outcome.
 
-Every input row ends in exactly one place: ``events`` (new), ``events_quarantine`` (with a reason),
-or counted as a duplicate of an event already kept, so ``rows_in = rows_out + quarantined +
-duplicates`` holds for every run.
+Each input record ends as exactly one of: a new event (``events``), a quarantined row with a reason
+(``events_quarantine``), or an exact duplicate (same event_id, same payload) of a row kept in this
+batch or already stored. ``count_outcomes`` counts them and ``check_reconciliation`` holds them
+against the reader's own record count, so ``rows_in = rows_out + quarantined + duplicates`` is a
+check that fails the stage, not an identity. Reasons and the source mapping: docs/ingest.md.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
+
+from lib import sources
+from lib.readers import META_COLUMNS, READ_REASONS, InputContractError, infer_format, read_raw  # noqa: F401
+from lib.settings import InputSettings
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "event_type", "event_ts")
-OPTIONAL_STRING_COLUMNS = ("event_id", "campaign_id", "channel")
-OPTIONAL_AMOUNT_COLUMNS = ("quantity", "revenue")
 
 EVENT_COLUMNS = (
     "event_id", "user_id", "item_id", "event_type", "event_ts",
     "quantity", "revenue", "campaign_id", "channel", "event_date",
 )
+# What "the same event" means for duplicates and event_id conflicts: every event column but the id.
+PAYLOAD_COLUMNS = ("user_id", "item_id", "event_type", "event_ts", "quantity", "revenue", "campaign_id", "channel")
 
-# Checked in this order; a row gets the first reason that applies.
+# Every quarantine reason, in the order they are checked (a row gets the first that applies).
 QUARANTINE_REASONS = (
+    *READ_REASONS,  # invalid_encoding, malformed_record, malformed_json (lib.readers)
     "missing_user_id",
+    "blank_user_id",
     "missing_item_id",
+    "blank_item_id",
     "missing_event_type",
     "unknown_event_type",
     "missing_event_ts",
     "unparseable_event_ts",
+    "timestamp_unit_mismatch",
+    "too_early_event_ts",
     "future_event_ts",
     "unparseable_quantity",
+    "non_finite_quantity",
     "negative_quantity",
     "unparseable_revenue",
+    "non_finite_revenue",
     "negative_revenue",
+    "event_id_conflict",  # decided after the row checks, against stored events and the batch (resolve)
 )
 
 
-class InputContractError(ValueError):
-    """The raw input lacks a required column of the events contract."""
+class IngestError(RuntimeError):
+    """Ingest refused to write: the counts do not reconcile, or too much of the input was quarantined."""
 
 
-def _blank_to_null(column: Column) -> Column:
-    trimmed = F.trim(column.cast("string"))
-    return F.when(trimmed == "", None).otherwise(trimmed)
+@dataclass(frozen=True)
+class Rules:
+    """The checks' parameters: accepted event types and the plausible event-time window."""
+
+    event_types: tuple[str, ...]
+    latest: datetime
+    earliest: datetime | None = None
+    timestamp_unit: str = "s"
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return (self.earliest.timestamp() if self.earliest else -math.inf), self.latest.timestamp()
 
 
-def _parse_timestamp(column: Column, data_type: T.DataType) -> Column:
-    """Timestamps arrive typed, as epoch seconds, or as ISO-8601 strings."""
-    if isinstance(data_type, (T.TimestampType, T.TimestampNTZType)):
-        return column.cast("timestamp")
-    if isinstance(data_type, (T.IntegralType, T.FloatType, T.DoubleType, T.DecimalType)):
-        return F.timestamp_seconds(column.cast("double"))
-    text = _blank_to_null(column)
-    epoch = text.rlike(r"^-?[0-9]+(\.[0-9]+)?$")
-    return F.when(epoch, F.timestamp_seconds(text.try_cast("double"))).otherwise(F.try_to_timestamp(text))
+def normalize(raw: DataFrame, source: InputSettings) -> DataFrame:
+    """Contract columns, cleaned and typed, beside the raw record and what the checks need.
 
-
-def normalize(raw: DataFrame) -> DataFrame:
-    """Contract columns, trimmed and typed, beside the raw row as JSON (``raw``).
-
-    Parsing failures become nulls here next to the original text (``*_text`` columns), so
-    ``classify`` can tell a missing value from an unparseable one.
+    A value that does not parse becomes null next to its text (``*_text``), so ``classify`` can tell
+    missing from unparseable; ``*_given`` tells an id that held only whitespace from an absent one.
     """
-    missing = [name for name in REQUIRED_COLUMNS if name not in raw.columns]
-    if missing:
-        raise InputContractError(
-            f"input lacks required column(s) {', '.join(missing)}; found {', '.join(raw.columns) or 'none'}"
-        )
-    types = {field.name: field.dataType for field in raw.schema.fields}
-
-    def text_of(name: str) -> Column:
-        return _blank_to_null(F.col(name)) if name in types else F.lit(None).cast("string")
-
-    def amount_of(name: str) -> Column:
-        return text_of(name).try_cast("double")
-
+    names = source.source_names
+    needed = [c for c in REQUIRED_COLUMNS if not (c == "event_type" and source.event_type)]
+    lacking = [names[c] for c in needed if names[c] not in raw.columns]
+    lacking += [name for name in source.revenue_product if name not in raw.columns]
+    if lacking:
+        found = ", ".join(c for c in raw.columns if c not in META_COLUMNS) or "none"
+        raise InputContractError(f"input lacks required column(s) {', '.join(lacking)}; found {found} "
+                                 "(input.columns maps input names to contract names)")
+    event_type, event_type_text = sources.event_type_of(raw, source)
+    seconds, number, ts_text = sources.event_seconds(raw, source)
+    quantity_text = sources.clean(sources.column_of(raw, names["quantity"]))
+    revenue_text = sources.revenue_text(raw, source)
     return raw.select(
-        F.to_json(F.struct(*[F.col(name) for name in raw.columns])).alias("raw"),
-        text_of("event_id").alias("event_id"),
-        text_of("user_id").alias("user_id"),
-        text_of("item_id").alias("item_id"),
-        F.lower(text_of("event_type")).alias("event_type"),
-        _parse_timestamp(F.col("event_ts"), types["event_ts"]).alias("event_ts"),
-        text_of("event_ts").alias("event_ts_text"),
-        amount_of("quantity").alias("quantity"),
-        text_of("quantity").alias("quantity_text"),
-        amount_of("revenue").alias("revenue"),
-        text_of("revenue").alias("revenue_text"),
-        text_of("campaign_id").alias("campaign_id"),
-        text_of("channel").alias("channel"),
+        F.col("_raw").alias("raw"), F.col("_raw_line").alias("raw_line"), F.col("_source_file").alias("source_file"),
+        F.col("_read_error").alias("read_error"), F.col("_read_detail").alias("read_detail"),
+        sources.id_text(raw, names["event_id"], source).alias("event_id"),
+        sources.id_text(raw, names["user_id"], source).alias("user_id"),
+        sources.given(sources.column_of(raw, names["user_id"])).alias("user_id_given"),
+        sources.id_text(raw, names["item_id"], source).alias("item_id"),
+        sources.given(sources.column_of(raw, names["item_id"])).alias("item_id_given"),
+        event_type.alias("event_type"), event_type_text.alias("event_type_text"),
+        sources.timestamp_of(seconds).alias("event_ts"), seconds.alias("event_ts_seconds"),
+        number.alias("event_ts_number"), ts_text.alias("event_ts_text"),
+        quantity_text.try_cast("double").alias("quantity"), quantity_text.alias("quantity_text"),
+        revenue_text.try_cast("double").alias("revenue"), revenue_text.alias("revenue_text"),
+        sources.clean(sources.column_of(raw, names["campaign_id"])).alias("campaign_id"),
+        sources.clean(sources.column_of(raw, names["channel"])).alias("channel"),
     )
 
 
-def quarantine_reason(event_types: list[str], latest_allowed: datetime) -> Column:
-    """The first quarantine reason that applies to a normalized row, or null for a valid row."""
-    known = F.col("event_type").isin(list(event_types))
-    checks = [
-        (F.col("user_id").isNull(), "missing_user_id"),
-        (F.col("item_id").isNull(), "missing_item_id"),
-        (F.col("event_type").isNull(), "missing_event_type"),
-        (~known, "unknown_event_type"),
-        (F.col("event_ts_text").isNull(), "missing_event_ts"),
-        (F.col("event_ts").isNull(), "unparseable_event_ts"),
-        (F.col("event_ts") > F.lit(latest_allowed), "future_event_ts"),
-        (F.col("quantity_text").isNotNull() & F.col("quantity").isNull(), "unparseable_quantity"),
-        (F.col("quantity") < 0, "negative_quantity"),
-        (F.col("revenue_text").isNotNull() & F.col("revenue").isNull(), "unparseable_revenue"),
-        (F.col("revenue") < 0, "negative_revenue"),
+def _unit_mismatch(rules: Rules) -> tuple[Column, Column]:
+    """(the epoch number is implausible in the configured unit but plausible in another, detail)."""
+    low, high = rules.bounds
+    number = F.col("event_ts_number")
+
+    def plausible(seconds: Column) -> Column:
+        return (seconds >= F.lit(low)) & (seconds <= F.lit(high))
+
+    configured = number / F.lit(sources.UNIT_FACTORS[rules.timestamp_unit])
+    detail = F.lit(None).cast("string")
+    for unit, factor in reversed(list(sources.UNIT_FACTORS.items())):
+        if unit == rules.timestamp_unit:
+            continue
+        as_unit = number / F.lit(factor)
+        text = F.concat(F.lit("epoch "), F.col("event_ts_text"), F.lit(f" is implausible in input.timestamp_unit "
+                        f"'{rules.timestamp_unit}'; read as '{unit}' it is "),
+                        F.date_format(sources.timestamp_of(as_unit), "yyyy-MM-dd HH:mm:ss"))
+        detail = F.when(plausible(as_unit), text).otherwise(detail)
+    return number.isNotNull() & ~plausible(configured) & detail.isNotNull(), detail
+
+
+def quarantine_checks(rules: Rules) -> list[tuple[Column, str, Column | None]]:
+    """(condition, reason, detail) per row check, in QUARANTINE_REASONS order (without the read and id checks)."""
+    low, high = rules.bounds
+    seconds = F.col("event_ts_seconds")
+    mismatch, mismatch_detail = _unit_mismatch(rules)
+
+    def amount(name: str) -> list[tuple[Column, str, Column | None]]:
+        value, text = F.col(name), F.col(f"{name}_text")
+        return [
+            (text.isNotNull() & value.isNull(), f"unparseable_{name}", None),
+            (F.isnan(value) | (F.abs(value) == F.lit(math.inf)), f"non_finite_{name}", None),
+            (value < 0, f"negative_{name}", None),
+        ]
+
+    return [
+        (F.col("user_id").isNull() & ~F.col("user_id_given"), "missing_user_id", None),
+        (F.col("user_id").isNull(), "blank_user_id", F.lit("only whitespace or control characters")),
+        (F.col("item_id").isNull() & ~F.col("item_id_given"), "missing_item_id", None),
+        (F.col("item_id").isNull(), "blank_item_id", F.lit("only whitespace or control characters")),
+        (F.col("event_type").isNull(), "missing_event_type", None),
+        (~F.col("event_type").isin(list(rules.event_types)), "unknown_event_type",
+         F.concat(F.lit("event type '"), F.col("event_type_text"),
+                  F.lit("' is neither in input.event_type_map nor in ingest.event_types"))),
+        (F.col("event_ts_text").isNull(), "missing_event_ts", None),
+        (seconds.isNull(), "unparseable_event_ts", None),
+        (mismatch, "timestamp_unit_mismatch", mismatch_detail),
+        (seconds < F.lit(low), "too_early_event_ts",
+         F.lit(f"before ingest.earliest_event_ts {rules.earliest.isoformat() if rules.earliest else ''}")),
+        (seconds > F.lit(high), "future_event_ts", F.lit(f"after now + ingest.future_skew_minutes "
+                                                          f"({rules.latest.isoformat()})")),
+        *amount("quantity"),
+        *amount("revenue"),
     ]
-    reason = F.lit(None).cast("string")
-    for condition, name in reversed(checks):
-        reason = F.when(condition, F.lit(name)).otherwise(reason)
-    return reason
 
 
 def row_hash(*columns: Column) -> Column:
@@ -120,67 +167,149 @@ def row_hash(*columns: Column) -> Column:
     return F.sha2(F.concat_ws("\u0001", *[F.coalesce(c.cast("string"), F.lit("\u0000")) for c in columns]), 256)
 
 
-def classify(normalized: DataFrame, event_types: list[str], latest_allowed: datetime) -> DataFrame:
-    """Add ``reason`` (null when valid) and fill a missing ``event_id`` with a hash of the event."""
-    event_hash = row_hash(
+def payload_hash() -> Column:
+    """A hash of an event's payload (``PAYLOAD_COLUMNS``), the same for a batch row and a stored event."""
+    return row_hash(*[F.unix_micros(F.col(c)) if c == "event_ts" else F.col(c) for c in PAYLOAD_COLUMNS])
+
+
+def classify(normalized: DataFrame, rules: Rules) -> DataFrame:
+    """Add ``reason`` and ``detail`` (null when valid) and fill a missing ``event_id`` with a hash of the event."""
+    reason = F.col("read_error")
+    detail = F.col("read_detail")
+    checks = quarantine_checks(rules)
+    chain_reason, chain_detail = F.lit(None).cast("string"), F.lit(None).cast("string")
+    for condition, name, why in reversed(checks):
+        chain_reason = F.when(condition, F.lit(name)).otherwise(chain_reason)
+        chain_detail = F.when(condition, why if why is not None else F.lit(None).cast("string")).otherwise(chain_detail)
+    event_hash = row_hash(  # unchanged since the first release: generated ids stay stable across versions
         F.col("user_id"), F.col("item_id"), F.col("event_type"),
         F.date_format(F.col("event_ts"), "yyyy-MM-dd'T'HH:mm:ss.SSSSSS"),
         F.col("quantity"), F.col("revenue"), F.col("campaign_id"), F.col("channel"),
     )
-    return normalized.withColumn("reason", quarantine_reason(event_types, latest_allowed)).withColumn(
-        "event_id", F.coalesce(F.col("event_id"), event_hash)
+    return normalized.select(
+        "*",
+        F.coalesce(reason, chain_reason).alias("reason"),
+        F.when(reason.isNotNull(), detail).otherwise(chain_detail).alias("detail"),
+    ).withColumn("event_id", F.coalesce(F.col("event_id"), event_hash))
+
+
+def resolve(classified: DataFrame, stored: DataFrame | None) -> DataFrame:
+    """Mark exact duplicates (``duplicate``: 'stored' or 'batch') and quarantine event_id conflicts.
+
+    A valid row whose event_id is stored is a duplicate when its payload equals the stored one and
+    an ``event_id_conflict`` otherwise (the stored event wins). Among valid rows of the batch that
+    share a new event_id, the one with the earliest event_ts wins (ties: the lowest payload hash);
+    rows with its payload are duplicates, rows with another payload conflicts.
+    """
+    valid = F.col("reason").isNull()
+    df = classified.withColumn("payload_hash", F.when(valid, payload_hash())).withColumn("_valid", valid)
+    if stored is not None:
+        ids = df.where(valid).select("event_id").distinct()
+        known = (stored.join(ids, "event_id", "left_semi").select("event_id", payload_hash().alias("h"))
+                 .groupBy("event_id").agg(F.collect_set("h").alias("stored_hashes")))
+        df = df.join(known, "event_id", "left")
+    else:
+        df = df.withColumn("stored_hashes", F.lit(None).cast("array<string>"))
+    window = Window.partitionBy("event_id", "_valid").orderBy("event_ts", "payload_hash")
+    df = df.withColumn("_rank", F.row_number().over(window)).withColumn("_winner", F.first("payload_hash").over(window))
+    is_stored = F.col("stored_hashes").isNotNull()
+    conflict = valid & F.when(is_stored, ~F.array_contains(F.col("stored_hashes"), F.col("payload_hash"))) \
+        .otherwise(F.col("payload_hash") != F.col("_winner"))
+    conflict_detail = F.when(is_stored, F.lit("event_id already stored with another payload (the stored event wins)")) \
+        .otherwise(F.lit("event_id repeated in the batch with another payload (the earliest event_ts wins)"))
+    duplicate = F.when(valid & ~conflict & is_stored, F.lit("stored")) \
+        .when(valid & ~conflict & (F.col("_rank") > 1), F.lit("batch"))
+    return df.select(
+        *[c for c in classified.columns if c not in ("reason", "detail")],
+        F.when(conflict, F.lit("event_id_conflict")).otherwise(F.col("reason")).alias("reason"),
+        F.when(conflict, conflict_detail).otherwise(F.col("detail")).alias("detail"),
+        duplicate.alias("duplicate"),
     )
 
 
-def valid_events(classified: DataFrame, run_id: str) -> DataFrame:
-    """The valid rows in the ``events`` table's columns, one row per ``event_id``."""
+@dataclass
+class Outcome:
+    """Counts of every outcome of one batch, and a sample raw record per quarantine reason."""
+
+    new: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)  # 'stored' / 'batch' -> rows
+    reasons: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def duplicate_total(self) -> int:
+        return sum(self.duplicates.values())
+
+    @property
+    def total(self) -> int:
+        return self.new + self.quarantined + self.duplicate_total
+
+
+def count_outcomes(resolved: DataFrame) -> Outcome:
+    """One aggregation: rows per (reason, duplicate) with a sample raw record (a handful of rows reach the driver)."""
+    rows = resolved.groupBy("reason", "duplicate").agg(
+        F.count(F.lit(1)).alias("n"), F.min(F.coalesce("raw_line", "raw")).alias("sample")).collect()
+    outcome = Outcome()
+    for row in rows:
+        if row["reason"] is not None:
+            outcome.reasons[row["reason"]] = int(row["n"])
+            outcome.samples[row["reason"]] = row["sample"]
+        elif row["duplicate"] is not None:
+            outcome.duplicates[row["duplicate"]] = int(row["n"])
+        else:
+            outcome.new = int(row["n"])
+    return outcome
+
+
+def check_reconciliation(rows_in: int, outcome: Outcome) -> None:
+    """Fail unless the reader's record count equals new + quarantined + duplicates."""
+    if rows_in != outcome.total:
+        raise IngestError(
+            f"counts do not reconcile: the reader saw {rows_in} records but ingest sorted {outcome.total} "
+            f"({outcome.new} new, {outcome.quarantined} quarantined, {outcome.duplicate_total} duplicates); "
+            "nothing was written")
+
+
+def check_inserted(inserted: int, outcome: Outcome) -> None:
+    """Fail when the MERGE inserted another number of events than were new (a concurrent writer)."""
+    if inserted != outcome.new:
+        raise IngestError(f"counts do not reconcile: {outcome.new} new events but the events MERGE inserted "
+                          f"{inserted} (another writer changed the table during this run?)")
+
+
+def check_quarantine_share(rows_in: int, outcome: Outcome, max_share: float, top: int = 3) -> None:
+    """Fail (before anything is written) when more than ``max_share`` of the records were quarantined."""
+    if rows_in == 0 or outcome.quarantined / rows_in <= max_share:
+        return
+    ranked = sorted(outcome.reasons.items(), key=lambda item: (-item[1], item[0]))[:top]
+    lines = [f"  {reason}: {count} rows, e.g. {outcome.samples.get(reason, '')[:300]}" for reason, count in ranked]
+    raise IngestError(
+        f"{outcome.quarantined} of {rows_in} input records ({outcome.quarantined / rows_in:.1%}) were quarantined, "
+        f"more than ingest.max_quarantine_share {max_share}; nothing was written. Top reasons:\n" + "\n".join(lines)
+        + "\nCheck the input's shape against [input] (docs/ingest.md, conf/sources/).")
+
+
+def valid_events(resolved: DataFrame, run_id: str) -> DataFrame:
+    """The new events in the ``events`` table's columns (one row per event_id by ``resolve``)."""
     return (
-        classified.where(F.col("reason").isNull())
-        .dropDuplicates(["event_id"])
+        resolved.where(F.col("reason").isNull() & F.col("duplicate").isNull())
         .withColumn("event_date", F.to_date("event_ts"))
         .select(*EVENT_COLUMNS, F.lit(run_id).alias("ingest_run_id"))
     )
 
 
-def quarantined_rows(classified: DataFrame, run_id: str) -> DataFrame:
-    """The rows that failed a check, as (raw, raw_hash, reason, ingest_run_id)."""
-    return classified.where(F.col("reason").isNotNull()).select(
+def quarantined_rows(resolved: DataFrame, run_id: str) -> DataFrame:
+    """The rows that failed a check, in the ``events_quarantine`` table's columns."""
+    return resolved.where(F.col("reason").isNotNull()).select(
         "raw",
         F.sha2(F.col("raw"), 256).alias("raw_hash"),
         "reason",
         F.lit(run_id).alias("ingest_run_id"),
-    )
-
-
-def read_raw(reader, location: str, fmt: str, csv_delimiter: str = ","):
-    """Read the raw clickstream from a path (csv, json, parquet, delta) or a catalog table.
-
-    CSV is read with every column as a string so parsing (and its failures) happens in
-    ``normalize``, not silently in the reader.
-    """
-    if fmt == "table":
-        return reader.table(location)
-    if fmt == "csv":
-        return reader.option("header", "true").option("sep", csv_delimiter).option("inferSchema", "false").csv(location)
-    if fmt == "json":
-        # Typed JSON values (numbers) stay as they are; malformed lines come back in _corrupt_record.
-        return reader.option("mode", "PERMISSIVE").json(location)
-    if fmt in ("parquet", "delta"):
-        return reader.format(fmt).load(location)
-    raise ValueError(f"input.format must be csv, json, parquet, delta or table, got {fmt!r}")
-
-
-def infer_format(location: str, has_delta_log: bool) -> str:
-    """csv / json / parquet / delta / table from a location when input.format is not set."""
-    lowered = location.lower().rstrip("/")
-    for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".json", "json"), (".jsonl", "json"),
-                        (".json.gz", "json"), (".parquet", "parquet")):
-        if lowered.endswith(suffix):
-            return fmt
-    if has_delta_log:
-        return "delta"
-    if "/" not in location and "." in location:
-        return "table"
-    raise ValueError(
-        f"cannot infer input.format from {location!r}: set input.format to csv, json, parquet, delta or table"
+        "detail",
+        "raw_line",
+        "source_file",
     )
