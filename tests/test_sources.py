@@ -1,0 +1,90 @@
+"""Source presets (conf/sources/*.toml): a file in each public shape, with its own column names, event
+names and time format, goes through the ingest stage with one --conf and no conversion."""
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from jobs.common import BASE_CONFIG, load_settings, run_stage
+from lib import catalog as C
+
+SOURCES = BASE_CONFIG.parent / "sources"
+
+
+def _ingest(context, tmp_path: Path, name: str, text: str, preset: str, *sets: str):
+    path = tmp_path / name
+    path.write_text(text)
+    ctx = context(f"input.events={path}", f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2",
+                  "ingest.now=2026-11-01T00:00:00+00:00", *sets, conf=(str(SOURCES / preset),))
+    result = run_stage(ctx, "ingest")
+    assert result.rows_in == result.rows_out + result.counts["quarantined"] + result.counts["duplicates"]
+    events = {r["user_id"] + "/" + r["item_id"] + "/" + r["event_type"]: r
+              for r in ctx.tables.read(ctx.spark, C.EVENTS).collect()}
+    reasons = {r["raw_line"]: r["reason"] for r in ctx.tables.read(ctx.spark, C.EVENTS_QUARANTINE).collect()}
+    return result, events, reasons
+
+
+def test_every_preset_is_a_valid_overlay():
+    presets = sorted(SOURCES.glob("*.toml"))
+    assert {p.stem for p in presets} >= {"retailrocket", "rees46", "invoice_lines"}
+    for preset in presets:
+        settings = load_settings([str(preset)], [])
+        assert settings.input.columns, preset.name
+
+
+RETAILROCKET = """timestamp,visitorid,event,itemid,transactionid
+1433221332117,257597,view,355908,
+1433224214164,992329,addtocart,248676,
+1433221999827,111016,transaction,318965,4000
+1433221955914,483717,remove,253185,
+1433221999,992329,view,248676,
+"""
+
+
+def test_retailrocket_events(spark, tmp_path, context):
+    result, events, reasons = _ingest(context, tmp_path, "events.csv", RETAILROCKET, "retailrocket.toml")
+    assert (result.rows_in, result.rows_out) == (5, 3)
+    assert set(events) == {"257597/355908/view", "992329/248676/add_to_cart", "111016/318965/purchase"}
+    assert events["257597/355908/view"]["event_ts"] == datetime(2015, 6, 2, 5, 2, 12, 117000)
+    assert reasons == {"1433221955914,483717,remove,253185,": "unknown_event_type",
+                       "1433221999,992329,view,248676,": "timestamp_unit_mismatch"}  # seconds in a ms file
+
+
+REES46 = """event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session
+2019-10-01 00:00:00 UTC,view,44600062,2103807459595387724,,shiseido,35.79,541312140,72d76fde-8bb3-4e00-8c23-a032dfed738c
+2019-10-01 00:00:05 UTC,cart,3900821,2053013552326770905,appliances.environment.water_heater,aqua,33.20,554748717,9333dfbd-b87a-4708-9857-6336556b0fcc
+2019-10-01 00:01:10 UTC,purchase,3900821,2053013552326770905,appliances.environment.water_heater,aqua,33.20,554748717,9333dfbd-b87a-4708-9857-6336556b0fcc
+2019-10-01 00:02:00 UTC,remove_from_cart,3900821,2053013552326770905,appliances.environment.water_heater,aqua,33.20,554748717,9333dfbd-b87a-4708-9857-6336556b0fcc
+"""
+
+
+def test_rees46_events(spark, tmp_path, context):
+    result, events, reasons = _ingest(context, tmp_path, "2019-Oct.csv", REES46, "rees46.toml")
+    assert (result.rows_in, result.rows_out) == (4, 3)
+    assert set(events) == {"541312140/44600062/view", "554748717/3900821/add_to_cart",
+                           "554748717/3900821/purchase"}
+    purchase = events["554748717/3900821/purchase"]
+    assert (purchase["event_ts"], purchase["revenue"]) == (datetime(2019, 10, 1, 0, 1, 10), 33.2)
+    assert list(reasons.values()) == ["unknown_event_type"]
+
+
+INVOICES = """InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country
+536365,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,12/1/2010 8:26,2.55,17850.0,United Kingdom
+536365,71053,"WHITE METAL LANTERN, LARGE",6,12/1/2010 8:26,3.39,17850.0,United Kingdom
+536366,22633,HAND WARMER UNION JACK,6,12/1/2010 8:28,1.85,,United Kingdom
+C536379,D,Discount,-1,12/1/2010 9:41,27.5,14527.0,United Kingdom
+536367,84879,ASSORTED COLOUR BIRD ORNAMENT,32,12/1/2010 8:34,1.69,13047.0,United Kingdom
+536367,84879,ASSORTED COLOUR BIRD ORNAMENT,32,12/1/2010 8:34,1.69,13047.0,United Kingdom
+"""
+
+
+def test_invoice_lines(spark, tmp_path, context):
+    result, events, reasons = _ingest(context, tmp_path, "online_retail.csv", INVOICES, "invoice_lines.toml")
+    assert (result.rows_in, result.rows_out, result.counts["duplicates"]) == (6, 3, 1)
+    assert set(events) == {"17850/85123A/purchase", "17850/71053/purchase", "13047/84879/purchase"}
+    line = events["17850/71053/purchase"]
+    assert (line["event_ts"], line["quantity"]) == (datetime(2010, 12, 1, 8, 26), 6.0)
+    assert line["revenue"] == pytest.approx(6 * 3.39)
+    assert events["13047/84879/purchase"]["revenue"] == pytest.approx(32 * 1.69)
+    assert sorted(reasons.values()) == ["missing_user_id", "negative_quantity"]
+    assert reasons["C536379,D,Discount,-1,12/1/2010 9:41,27.5,14527.0,United Kingdom"] == "negative_quantity"
