@@ -12,23 +12,13 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
 from lib import catalog as C
-from lib.features import segment_affinities
+from lib.features import resolve_as_of, segment_affinities
 from lib.runs import StageResult
 from lib.score_report import write_score_report
 from lib.scoring import finalize_scores, score_customers
 from lib.storage import Tables
 
 log = logging.getLogger("jobs.score_customers")
-
-
-def scoring_date(ctx: StageContext, events: DataFrame) -> date:
-    """scores.as_of, or the date of the latest event."""
-    if ctx.settings.scores.as_of_utc is not None:
-        return ctx.settings.scores.as_of_utc.date()
-    latest = events.agg(F.max("event_ts")).first()[0]
-    if latest is None:
-        raise ValueError("events is empty: nothing to score")
-    return latest.date()
 
 
 def replace_as_of(ctx: StageContext, tables: Tables, rows: DataFrame, as_of: date) -> None:
@@ -59,7 +49,7 @@ def run(ctx: StageContext) -> StageResult:
     settings = ctx.settings.scores
     spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
     events = tables.require(spark, C.EVENTS, "ingest")
-    as_of = scoring_date(ctx, events)
+    as_of = resolve_as_of(settings.as_of_utc, events)
     affinities, k = None, 0
     if tables.exists(spark, C.NMF_USER_FACTORS):
         factors = tables.read(spark, C.NMF_USER_FACTORS)

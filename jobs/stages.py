@@ -54,9 +54,18 @@ RECOMMEND_ITEMS = StageSpec(
     "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines",
     reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS),
     writes=(C.ALS_TUNING, C.REC_METRICS, C.RECOMMENDATIONS))
+SCORE_CUSTOMERS = StageSpec(
+    "score_customers", "churn and purchase probability, expected revenue, email engagement per customer",
+    reads=(C.EVENTS, C.NMF_USER_FACTORS),
+    writes=(C.CUSTOMER_SCORES, C.MODEL_METRICS))
+PLAN_SENDS = StageSpec(
+    "plan_sends", "best send hour per customer and the global control / campaign holdout assignments",
+    reads=(C.EVENTS, C.USER_SEGMENTS),
+    writes=(C.SEND_TIMES, C.HOLDOUT_ASSIGNMENTS))
 
 # The pipeline's stages in run order (generate_events runs first only for the embedded sample).
-PIPELINE: tuple[StageSpec, ...] = (INGEST, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS)
+PIPELINE: tuple[StageSpec, ...] = (INGEST, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
+                                    PLAN_SENDS)
 ALL_STAGES: tuple[StageSpec, ...] = (GENERATE_EVENTS, *PIPELINE)
 BY_NAME = {stage.name: stage for stage in ALL_STAGES}
 

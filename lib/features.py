@@ -139,3 +139,13 @@ def segment_affinities(user_factors: DataFrame) -> DataFrame:
         "user_id",
         F.when(total > 0, F.transform("factors", lambda x: x / total))
         .otherwise(F.transform("factors", lambda x: x * 0.0)).alias("affinities"))
+
+
+def resolve_as_of(configured: datetime | None, events: DataFrame) -> date:
+    """The date scored: ``scores.as_of`` when set, else the date of the latest event (one scalar)."""
+    if configured is not None:
+        return configured.date()
+    latest = events.agg(F.max("event_ts")).first()[0]
+    if latest is None:
+        raise ValueError("events is empty: nothing to score")
+    return latest.date()

@@ -8,12 +8,13 @@ import pytest
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.sql import functions as F
 
-from jobs.common import load_settings, run_stage
+from jobs.common import BASE_CONFIG, load_settings, run_stage
 from lib import catalog as C
-from lib.config import ConfigError
+from lib.config import ConfigError, parse_toml
 from lib.features import customer_features, feature_names, labels
 from lib.sample_data import SampleSpec, generate_events, planted_users
 from lib.scoring import finalize_scores, score_customers
+from lib.settings import ScoresSettings
 
 SPEC = SampleSpec(users=400, items=60, events=60_000, segments=3, seed=5, churn_fraction=0.3, email_campaigns=True)
 START = date.fromisoformat(SPEC.end_date) - timedelta(days=SPEC.days)
@@ -29,8 +30,11 @@ def events(spark):
     df.unpersist()
 
 
-def _settings(*sets: str):
-    return load_settings([], [f"scores.horizon_days={HORIZON}", "scores.gbt_max_iter=15", *sets]).scores
+def _settings(**overrides) -> ScoresSettings:
+    """conf/base.toml's [scores] defaults, a 14-day horizon, smaller GBTs, then ``overrides``."""
+    section = parse_toml(BASE_CONFIG.read_text(), "base")["scores"]
+    values = {**section, "horizon_days": HORIZON, "gbt_max_iter": 15, **overrides}
+    return ScoresSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _same(left, right) -> bool:
@@ -118,7 +122,7 @@ def test_too_short_a_history_gives_ineligible_rows_without_scores(spark, events)
 
 
 def test_too_few_positives_in_a_label_window_gives_ineligible_rows(events):
-    outcome = score_customers(events, AS_OF, _settings("scores.min_positives=500"))
+    outcome = score_customers(events, AS_OF, _settings(min_positives=500))
     assert outcome.reason == "too_few_positives"
     assert 0 < outcome.counts["train_churn_positives"] < 500
     assert outcome.scores.where("eligible or churn_probability is not null").count() == 0
