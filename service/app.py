@@ -39,6 +39,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if not logging.getLogger().handlers:  # a --workers child process: uvicorn configured only its own loggers
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         started = time.perf_counter()
         store.poll()  # serve nothing before the first snapshot is in memory
         snap = store.current
