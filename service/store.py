@@ -51,7 +51,8 @@ PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 # customer_scores columns the profile serves, when the table has them (DESIGN.md's contract).
 SCORE_COLUMNS = ("as_of", "churn_band", "churn_probability", "churn_percentile", "purchase_probability",
                  "expected_revenue", "engagement_score", "eligible", "reason_code", "model_version", "run_id")
-SEND_TIME_COLUMNS = ("hour_of_week_utc", "confidence", "n_signals", "is_fallback", "run_id")
+SEND_TIME_COLUMNS = ("hour_of_week_utc", "weekday_utc", "hour_utc", "time_zone", "hour_of_week_local", "weekday_local",
+                     "hour_local", "confidence", "n_signals", "is_fallback", "segment_id", "run_id")
 
 
 class TableError(ValueError):

@@ -224,10 +224,11 @@ def test_reload_serves_a_new_table_version_without_failing_requests(warehouse):
             # A new run: overwrite recommendations, and a customer_scores table appears (two as_of per user).
             write(warehouse, "recommendations", recs_columns([("u1", 1, "new1", 0.8, "als"),
                                                              ("u1", 2, "new2", 0.6, "als")]))
-            write(warehouse, "customer_scores", {
+            # partitioned by as_of, like the score_customers stage writes it
+            write_deltalake(str(warehouse / "customer_scores"), pa.table({
                 "user_id": ["u1", "u1"], "as_of": pa.array([19000, 19010], pa.date32()),
                 "churn_probability": [0.2, 0.7], "churn_band": ["low", "high"],
-                "purchase_probability": [0.5, 0.1], "run_id": ["r1", "r2"]})
+                "purchase_probability": [0.5, 0.1], "run_id": ["r1", "r2"]}), partition_by=["as_of"])
             deadline = time.monotonic() + 20
             while True:
                 recs = http.get("/v1/users/u1/recommendations").json()
