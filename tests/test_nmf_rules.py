@@ -219,3 +219,13 @@ def test_an_init_a_layout_lacks_falls_back_to_random():
     stats = MatrixStats(n_rows=6, n_cols=8, nnz=10, total=12.0, norm_sq=30.0)
     assert InitSpec.of(NMFParams(k=2, init="sketch_svd"), stats, 8, ("random", "custom")).init == "random"
     np.testing.assert_array_equal(initial_block(spec("sketch_svd"), 0, 0, 2), np.zeros((2, 3)))
+
+
+def test_the_2d_grid_is_planned_without_spark_and_holds_no_cache_before_it_starts():
+    from lib.nmf.layout2d import Grid
+
+    stats = MatrixStats(n_rows=10, n_cols=7, nnz=30, total=30.0, norm_sq=50.0)
+    grid = Grid(None, stats, NMFParams(k=2, row_blocks=3, col_blocks=2, init="sketch_svd"), None, None)
+    assert grid.grid == (3, 2) and (grid.rows.size, grid.cols.size) == (4, 4)
+    assert grid.spec_w.init == grid.spec_h.init == "random"  # sketch_svd is 1D-only
+    assert grid.cached() == []  # a fit that fails before start() releases nothing that does not exist

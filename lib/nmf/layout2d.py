@@ -37,6 +37,7 @@ class Grid:
                  initial_w: DataFrame | None, initial_h: DataFrame | None) -> None:
         m, n, k = stats.n_rows, stats.n_cols, params.k
         self.summed, self.k = summed, k
+        self.x: DataFrame | None = None  # the blocks of X, built by start()
         self.initial_w, self.initial_h = initial_w, initial_h
         self.rows = Chunks.of(m, grid_size(stats.nnz, params.row_blocks, params.block_nnz, m))
         self.cols = Chunks.of(n, grid_size(stats.nnz, params.col_blocks, params.block_nnz, n))
@@ -79,7 +80,7 @@ class Grid:
                 rows(self.h, self.cols).withColumnRenamed("idx", "col_idx"))
 
     def cached(self) -> list[DataFrame]:
-        return [self.x]
+        return [self.x] if self.x is not None else []
 
     def _initial(self, initial: DataFrame | None, chunks: Chunks, spec: InitSpec, stream: int) -> DataFrame:
         """FACTOR_BLOCK rows of an initial factor, one per block (custom: assembled from ``initial``'s rows)."""
