@@ -1,12 +1,15 @@
 """Recommend items per user with implicit ALS: tune and evaluate offline, then write top-N lists.
 
-Reads events, interactions, user_index, item_index (and user_segments / nmf_* when present);
-writes recommendations, rec_metrics, als_tuning and the ALS model under a versioned path.
+Reads events, interactions, user_index, item_index (and user_segments / nmf_* / products when present);
+writes recommendations (one list per user and strategy: discover, buy_again, blended), rec_metrics,
+als_tuning and the ALS model under a versioned path.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from datetime import timezone
+from pathlib import Path
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -14,11 +17,14 @@ from pyspark.sql import functions as F
 from jobs.common import StageContext, main_for, read_matrix
 from lib import catalog as C
 from lib.als import AlsParams, TuningResult, als_top_n, candidate_grid, fit_als
+from lib.buy_again import BuyAgainParams, purchase_occasions
+from lib.metrics import write_strategy_report
+from lib.products import excluded_items
 from lib.recommend import (EvaluationSettings, TrainingSide, evaluate_offline, excluded_pairs, factor_top_n,
-                           final_recommendations, to_indexed)
+                           final_recommendations, strategy_lists, to_indexed)
 from lib.runs import StageResult
 from lib.segments import fit_segments, segment_matrix
-from lib.settings import AlsSettings, Settings
+from lib.settings import AlsSettings, RecommendSettings, Settings
 
 log = logging.getLogger("jobs.recommend_items")
 
@@ -27,6 +33,11 @@ def _candidates(als: AlsSettings, partitions: int) -> list[AlsParams]:
     # Blocks default to the job's shuffle partitions: about one task per partition, as everywhere else.
     return candidate_grid(list(als.ranks), list(als.reg_params), list(als.alphas), als.max_iter, als.seed,
                           als.checkpoint_interval, als.search, als.max_candidates, als.num_blocks or partitions)
+
+
+def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
+    return BuyAgainParams(settings.buy_again_horizon_days, settings.buy_again_overdue_decay,
+                          settings.buy_again_min_gaps, settings.blend_prior_strength)
 
 
 def _model_path(ctx: StageContext) -> str:
@@ -70,6 +81,15 @@ def run(ctx: StageContext) -> StageResult:
     notes: list[str] = []
     counts: dict[str, int] = {}
 
+    # Items no list may hold: the catalog's unavailable / unrecommendable items and ids matching
+    # products.exclude_item_patterns (postage, fees, ...). Small: one row per excluded item.
+    products = tables.read(spark, C.PRODUCTS) if tables.exists(spark, C.PRODUCTS) else None
+    exclude = excluded_items(products, item_index, ctx.settings.products.exclude_item_patterns).cache()
+    counts["excluded_items"] = exclude.count()
+    notes.append(("products table absent: " if products is None else "")
+                 + f"{counts['excluded_items']} items excluded from every list (catalog flags and patterns)")
+    exclude_ids = exclude.select("item_id") if counts["excluded_items"] else None
+
     if settings.evaluate:
         interactions = ctx.settings.interactions
         evaluation = EvaluationSettings(
@@ -77,6 +97,8 @@ def run(ctx: StageContext) -> StageResult:
             exclude_event_types=list(settings.exclude_event_types), k_values=list(settings.k_values),
             tune_k=settings.tune_k, holdout_fraction=settings.holdout_fraction,
             holdout_cutoff=settings.holdout_cutoff_utc, validation_fraction=settings.validation_fraction,
+            strategies=tuple(settings.strategies), purchase_event_types=tuple(settings.purchase_event_types),
+            buy_again=_buy_again_params(settings), blend_ranks=settings.top_n,
         )
         has_nmf = tables.exists(spark, C.NMF_USER_FACTORS) and tables.exists(spark, C.NMF_ITEM_FACTORS)
         nmf_recommender = _nmf_recommender(ctx.settings) if has_nmf else None
@@ -85,8 +107,11 @@ def run(ctx: StageContext) -> StageResult:
         log.info("%s", notes[-1])
 
         tuning: list[TuningResult] = []
-        report = evaluate_offline(events, evaluation, candidates, nmf_recommender, "nmf_score", tuning.append)
+        report = evaluate_offline(events, evaluation, candidates, nmf_recommender, "nmf_score", tuning.append,
+                                  exclude_ids)
+        notes.extend(report.notes)
         best = report.best
+        calibration = report.calibration
         tuning_rows = [(run_id, number, r.params.rank, r.params.reg_param, r.params.alpha, r.params.max_iter,
                         r.metric, r.k, r.value, r.seconds, r.params == best)
                        for number, r in enumerate(tuning, start=1)]
@@ -94,14 +119,26 @@ def run(ctx: StageContext) -> StageResult:
         metrics = [(run_id, model, k, metric, value) for model, k, metric, value in report.metrics]
         tables.append(spark.createDataFrame(metrics, C.REC_METRICS.schema), C.REC_METRICS)
         counts["candidates"] = len(tuning_rows)
+        if tables.uses_catalog or not tables.root or "://" in tables.root:
+            log.info("strategy report skipped: tables are not under a local output.root")
+        else:
+            path = write_strategy_report(Path(tables.root) / "reports" / "recommendations", run_id, report.metrics,
+                                         report.notes)
+            if path is not None:
+                log.info("strategy report: %s", path)
     else:
         best = _candidates(replace(settings.als, search="grid"), partitions)[0]
+        calibration = None
+        notes.append("no blend calibration without evaluation: blended lists interleave by propensity")
         notes.append("evaluation off: no tuning, first grid candidate used")
     log.info("final ALS: %s", best)
 
     if best.checkpoint_interval > 0 and not spark.conf.get("spark.checkpoint.dir", ""):
         log.info("spark.checkpoint.dir is not set: ALS checkpointing is off for this run")
 
+    if exclude_ids is not None:  # excluded items are neither learned nor ranked
+        entries = entries.join(F.broadcast(exclude_ids.join(item_index, "item_id").select("item_idx")),
+                               "item_idx", "left_anti")
     entries = entries.cache()
     excluded = to_indexed(excluded_pairs(events, list(settings.exclude_event_types)), user_index, item_index).cache()
     model = fit_als(entries, best)
@@ -112,23 +149,34 @@ def run(ctx: StageContext) -> StageResult:
     segments = tables.read(spark, C.USER_SEGMENTS) if tables.exists(spark, C.USER_SEGMENTS) else None
     if segments is None:
         notes.append("user_segments absent: cold-start users get global popularity")
-    recommendations = final_recommendations(
-        lambda users, n, exclude: als_top_n(model, users, n, exclude),
+    discover = final_recommendations(
+        lambda users, n, exclude_pairs: als_top_n(model, users, n, exclude_pairs),
         entries, user_index, item_index, excluded, settings.top_n, settings.min_history, segments,
-    ).withColumn("run_id", F.lit(run_id))
+    )
+    if "blended" in settings.strategies:  # read twice: as itself and inside the blend
+        discover = discover.localCheckpoint(eager=True)
+    as_of = ctx.settings.interactions.as_of_utc or events.agg(F.max("event_ts")).first()[0].replace(
+        tzinfo=timezone.utc)
+    occasions = purchase_occasions(events, settings.purchase_event_types)
+    recommendations = strategy_lists(discover, occasions, as_of, _buy_again_params(settings), settings.top_n,
+                                     settings.strategies, exclude_ids, calibration).withColumn("run_id", F.lit(run_id))
     tables.overwrite(recommendations, C.RECOMMENDATIONS)
 
     written = tables.read(spark, C.RECOMMENDATIONS)
     counts.update({f"users_{source}": 0 for source in ("als", "segment_popular", "popular")})
+    counts.update({f"rows_{strategy}": 0 for strategy in settings.strategies})
     rows_out = 0
-    for row in written.groupBy("source").agg(F.count(F.lit(1)).alias("rows"),
-                                             F.countDistinct("user_id").alias("users")).collect():
-        counts[f"users_{row['source']}"] = int(row["users"])
+    for row in written.groupBy("strategy", "source").agg(F.count(F.lit(1)).alias("rows"),
+                                                         F.countDistinct("user_id").alias("users")).collect():
+        if row["strategy"] == "discover":
+            counts[f"users_{row['source']}"] = int(row["users"])
+        counts[f"rows_{row['strategy']}"] += int(row["rows"])
         rows_out += int(row["rows"])
     entries.unpersist()
     excluded.unpersist()
+    exclude.unpersist()
     message = (f"ALS rank={best.rank} reg_param={best.reg_param} alpha={best.alpha}; model {model_path}; "
-               + "; ".join(notes))
+               f"strategies {', '.join(settings.strategies)}; " + "; ".join(notes))
     return StageResult(rows_in=events.count(), rows_out=rows_out, message=message, counts=counts)
 
 

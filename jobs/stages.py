@@ -42,6 +42,9 @@ GENERATE_EVENTS = StageSpec(
 INGEST = StageSpec(
     "ingest", "validate the raw clickstream into events, quarantine the rest",
     reads=(), writes=(C.EVENTS, C.EVENTS_QUARANTINE))
+INGEST_PRODUCTS = StageSpec(
+    "ingest_products", "validate the optional product catalog (input.items) into products, quarantine the rest",
+    reads=(), writes=(C.PRODUCTS, C.PRODUCTS_QUARANTINE))
 BUILD_INTERACTIONS = StageSpec(
     "build_interactions", "weighted, decayed user-item scores and stable indices",
     reads=(C.EVENTS,), writes=(C.USER_INDEX, C.ITEM_INDEX, C.INTERACTIONS))
@@ -52,7 +55,7 @@ SEGMENT_USERS = StageSpec(
             C.SEGMENT_PROFILES))
 RECOMMEND_ITEMS = StageSpec(
     "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines",
-    reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS),
+    reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS, C.PRODUCTS),
     writes=(C.ALS_TUNING, C.REC_METRICS, C.RECOMMENDATIONS))
 SCORE_CUSTOMERS = StageSpec(
     "score_customers", "churn and purchase probability, expected revenue, email engagement per customer",
@@ -64,7 +67,7 @@ PLAN_SENDS = StageSpec(
     writes=(C.SEND_TIMES, C.HOLDOUT_ASSIGNMENTS))
 
 # The pipeline's stages in run order (generate_events runs first only for the embedded sample).
-PIPELINE: tuple[StageSpec, ...] = (INGEST, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
+PIPELINE: tuple[StageSpec, ...] = (INGEST, INGEST_PRODUCTS, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
                                     PLAN_SENDS)
 ALL_STAGES: tuple[StageSpec, ...] = (GENERATE_EVENTS, *PIPELINE)
 BY_NAME = {stage.name: stage for stage in ALL_STAGES}

@@ -197,11 +197,13 @@ def tune_als(
     evaluate: Callable[[DataFrame, DataFrame, int], float],
     exclude: DataFrame | None = None,
     on_result: Callable[[TuningResult], None] | None = None,
+    best_model: list | None = None,
 ) -> tuple[AlsParams, list[TuningResult]]:
     """Fit every candidate on ``train``, score its top K for the validation users, keep the best.
 
     ``evaluate(recommended, truth, k)`` returns the selection metric (higher is better), e.g.
-    NDCG@K; ``on_result`` sees each candidate as soon as it finishes.
+    NDCG@K; ``on_result`` sees each candidate as soon as it finishes. ``best_model``: a list that
+    ends up holding the best candidate's fitted model (only one model is kept at a time).
     """
     if not candidates:
         raise ValueError("ALS tuning needs at least one candidate")
@@ -213,6 +215,8 @@ def tune_als(
         recommended = als_top_n(model, users, k, exclude)
         value = evaluate(recommended, validation_truth, k)
         result = TuningResult(params, "ndcg", k, value, time.perf_counter() - started)
+        if best_model is not None and (not results or value > max(r.value for r in results)):
+            best_model[:] = [model]
         results.append(result)
         log.info("ALS candidate %d/%d %s: validation NDCG@%d = %.4f (%.1f s)", number, len(candidates),
                  {key: val for key, val in asdict(params).items() if key in ("rank", "reg_param", "alpha")},

@@ -133,10 +133,24 @@ NMF_HISTORY = TableSpec("nmf_history", "run_id string, iteration int, rel_error 
                         "the NMF objective per iteration, per run (appended)")
 NMF_K_SWEEP = TableSpec("nmf_k_sweep", "run_id string, k int, rel_error double, iterations int",
                         "final NMF error for each k of segments.sweep_ks (appended)")
+PRODUCTS = TableSpec(
+    "products",
+    "item_id string, name string, category string, price double, available boolean, recommendable boolean, "
+    "run_id string",
+    "the optional product catalog (input.items), one row per item_id; unavailable or unrecommendable items "
+    "are in no list",
+)
+PRODUCTS_QUARANTINE = TableSpec(
+    "products_quarantine",
+    "raw string, reason string, detail string, source_file string, run_id string",
+    "catalog rows with a problem (missing or duplicate item_id, bad price or flag): the raw row as JSON, why, "
+    "the file",
+)
 RECOMMENDATIONS = TableSpec(
     "recommendations",
-    "user_id string, rank int, item_id string, score double, source string, run_id string",
-    "top-N items per user (source: als, segment_popular, popular)",
+    "user_id string, rank int, item_id string, score double, source string, run_id string, strategy string",
+    "top-N items per user and strategy (discover, buy_again, blended; source: als, segment_popular, popular, "
+    "buy_again)",
 )
 REC_METRICS = TableSpec("rec_metrics", "run_id string, model string, k int, metric string, value double",
                         "offline ranking metrics per model on held-out events (appended)")
@@ -181,7 +195,7 @@ PIPELINE_RUNS = TableSpec(
 )
 
 ALL_TABLES: tuple[TableSpec, ...] = (
-    EVENTS, EVENTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
+    EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
     USER_SEGMENTS, SEGMENT_PROFILES, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
     CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, PIPELINE_RUNS,
 )

@@ -162,3 +162,63 @@ def ranking_evaluator_input(
         F.coalesce(F.col("prediction"), F.array().cast("array<double>")).alias("prediction"),
         "label",
     )
+
+
+# The strategy comparisons of the offline evaluation (lib.recommend.evaluate_strategies): each list
+# beside the trivial baselines it must beat, measured on the same ground truth.
+STRATEGY_COMPARISONS = (
+    ("buy_again", "all next purchases", ("buy_again", "most_bought")),
+    ("blended", "all next purchases", ("blended", "most_bought", "popular_all")),
+    ("discover", "next purchases of new items", ("discover", "popular_new")),
+)
+
+
+def write_strategy_report(directory, run_id: str, metrics: list[tuple[str, int, str, float]],
+                          notes: list[str] = ()) -> "object | None":
+    """recommendations.md and strategies.png in ``directory``: NDCG@K and recall@K of each strategy beside
+    its baselines (``metrics``: (model, k, metric, value) rows). Returns the markdown path, or None when
+    the metrics hold no strategy rows."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # batch jobs have no display
+    import matplotlib.pyplot as plt
+
+    values = {(model, k, metric): value for model, k, metric, value in metrics}
+    ks = sorted({k for _, k, _, _ in metrics})
+    if not ks or not any((models[0], ks[0], "ndcg") in values for _, _, models in STRATEGY_COMPARISONS):
+        return None
+    k = ks[0] if 10 not in ks else 10
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    panels = [(name, truth, [m for m in models if (m, k, "ndcg") in values])
+              for name, truth, models in STRATEGY_COMPARISONS if (models[0], k, "ndcg") in values]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, truth, models) in zip(axes[0], panels):
+        ndcg = [values[(m, k, "ndcg")] for m in models]
+        recall = [values[(m, k, "recall")] for m in models]
+        positions = range(len(models))
+        ax.bar([p - 0.2 for p in positions], ndcg, width=0.4, label=f"NDCG@{k}", color="#4477aa")
+        ax.bar([p + 0.2 for p in positions], recall, width=0.4, label=f"recall@{k}", color="#ccbb44")
+        ax.set_xticks(list(positions), models, rotation=20)
+        ax.set_title(f"{name}\non {truth}", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "strategies.png", dpi=110)
+    plt.close(fig)
+
+    lines = [f"# Recommendation strategies, run {run_id}", "",
+             "Each list beside the trivial baselines it must beat, on the same time-based split "
+             "(docs/recommendations.md).", "", "![strategies](strategies.png)", "",
+             f"| list | ground truth | model | NDCG@{k} | recall@{k} | precision@{k} | users |", "|---|---|---|---|---|---|---|"]
+    for name, truth, models in panels:
+        for model in models:
+            lines.append(f"| {name} | {truth} | {model} | {values[(model, k, 'ndcg')]:.4f} | "
+                         f"{values[(model, k, 'recall')]:.4f} | {values[(model, k, 'precision')]:.4f} | "
+                         f"{values[(model, k, 'users')]:.0f} |")
+    lines += ["", *[f"- {note}" for note in notes]]
+    path = out / "recommendations.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

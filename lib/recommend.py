@@ -14,13 +14,19 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from lib.als import AlsParams, TuningResult, als_top_n, exclusion_tiers, fit_als, rank_and_exclude, tune_als
+from lib.buy_again import (BlendCalibration, BuyAgainParams, blend, buy_again_top_n, global_repeat_share,
+                           hit_curve, most_bought_top_n, purchase_occasions, repeat_propensity, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.metrics import evaluate, ranking_metrics
-from lib.splits import holdout_latest, relevant_items
+from lib.splits import holdout_latest, purchase_truth, relevant_items, user_history_end
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("als", "segment_popular", "popular")
+SOURCES = ("als", "segment_popular", "popular", "buy_again")
+STRATEGIES = ("discover", "buy_again", "blended")
+# rec_metrics models of the strategy evaluation, by ground truth (see evaluate_strategies).
+ALL_PURCHASE_MODELS = ("buy_again", "most_bought", "blended", "popular_all")
+NEW_PURCHASE_MODELS = ("discover", "popular_new")
 METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
 
 
@@ -152,10 +158,19 @@ class EvaluationSettings:
     holdout_fraction: float = 0.2
     holdout_cutoff: datetime | None = None
     validation_fraction: float = 0.2
+    # The strategy evaluation (buy again, discover, blended against their trivial baselines on held-out
+    # purchases) runs when this names any strategy.
+    strategies: tuple[str, ...] = ()
+    purchase_event_types: tuple[str, ...] = ("purchase",)
+    buy_again: BuyAgainParams = BuyAgainParams()
+    blend_ranks: int = 0   # the blend is calibrated for ranks 1..max(k_values, blend_ranks) (the lists' length)
 
     def __post_init__(self) -> None:
         if not self.k_values or min(self.k_values) < 1 or self.tune_k < 1:
             raise ValueError(f"evaluation K values must be >= 1, got {self.k_values} and tune_k={self.tune_k}")
+        unknown = sorted(set(self.strategies) - set(STRATEGIES))
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
 
 
 @dataclass
@@ -170,12 +185,19 @@ class TrainingSide:
 
 
 def training_side(train_events: DataFrame, settings: EvaluationSettings, as_of: datetime,
-                  user_index: DataFrame | None = None, item_index: DataFrame | None = None) -> TrainingSide:
-    """Scores (decayed to ``as_of``), indices (unless given) and exclusions from ``train_events`` only."""
+                  user_index: DataFrame | None = None, item_index: DataFrame | None = None,
+                  exclude_items: DataFrame | None = None) -> TrainingSide:
+    """Scores (decayed to ``as_of``), indices (unless given) and exclusions from ``train_events`` only.
+
+    Items of ``exclude_items`` (item_id; never recommendable, e.g. postage) stay in the indices but not
+    in ``entries``, so no model learns or ranks them.
+    """
     scored = score_events(train_events, settings.weights, settings.half_life_days, as_of)
     if user_index is None or item_index is None:  # both from the training events
         user_index, item_index = index_additions(scored, None, None)
     user_index, item_index = user_index.cache(), item_index.cache()
+    if exclude_items is not None:
+        scored = scored.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti")
     entries = to_matrix_entries(scored, user_index, item_index).cache()
     excluded = to_indexed(excluded_pairs(train_events, settings.exclude_event_types), user_index, item_index).cache()
     return TrainingSide(entries, user_index, item_index, excluded, as_of)
@@ -194,6 +216,7 @@ class EvaluationReport:
     tuning: list[TuningResult]
     metrics: list[tuple[str, int, str, float]] = field(default_factory=list)  # (model, k, metric, value)
     notes: list[str] = field(default_factory=list)
+    calibration: BlendCalibration | None = None  # the blend's per-rank hit rates, from the validation split
 
     def value(self, model: str, k: int, metric: str) -> float:
         for row in self.metrics:
@@ -221,14 +244,19 @@ def evaluate_offline(
     factor_recommender: Callable[[TrainingSide, DataFrame, int], DataFrame] | None = None,
     factor_model_name: str = "nmf_score",
     on_tuning_result: Callable[[TuningResult], None] | None = None,
+    exclude_items: DataFrame | None = None,
 ) -> EvaluationReport:
     """Hold out each user's latest events, tune ALS on a validation split of the training side,
     then compare tuned ALS, global popularity and (optionally) a factor recommender on the held-out
     events. ``factor_recommender(training_side, users, n)`` must itself fit only on the training side.
+
+    With ``settings.strategies`` the same split also measures the three list strategies against their
+    trivial baselines on the held-out purchases (``evaluate_strategies``). ``exclude_items`` (item_id):
+    items no list may hold (the catalog's exclusions); they are left out of training and of every list.
     """
     split = holdout_latest(events, settings.holdout_fraction, settings.holdout_cutoff)
     train_events = split.train.cache()
-    side = training_side(train_events, settings, split.train_end)
+    side = training_side(train_events, settings, split.train_end, exclude_items=exclude_items)
     excluded_ids = excluded_pairs(train_events, settings.exclude_event_types)
     test_truth_ids = _truth(split.held_out, side, excluded_ids).cache()
     max_k = max(settings.k_values)
@@ -238,19 +266,36 @@ def evaluate_offline(
 
     # Validation carved from the training side; it reuses the training side's indices (ids only).
     inner = holdout_latest(train_events, settings.validation_fraction)
-    inner_side = training_side(inner.train, settings, inner.train_end, side.user_index, side.item_index)
+    inner_side = training_side(inner.train, settings, inner.train_end, side.user_index, side.item_index,
+                               exclude_items)
     inner_excluded_ids = excluded_pairs(inner.train, settings.exclude_event_types)
     validation_truth = to_indexed(_truth(inner.held_out, inner_side, inner_excluded_ids),
                                   side.user_index, side.item_index).cache()
+    best_model: list = []
     best, tuning = tune_als(inner_side.entries, validation_truth, candidates, settings.tune_k, _ndcg_at,
-                            inner_side.excluded, on_tuning_result)
+                            inner_side.excluded, on_tuning_result, best_model)
     log.info("ALS tuning chose %s", best)
     report = EvaluationReport(best=best, tuning=tuning)
+    if settings.strategies:
+        report.calibration = calibrate_blend(settings, inner, inner_side, best_model[0], exclude_items)
+        if report.calibration is None:
+            report.notes.append("no validation purchases: the blend interleaves by propensity, uncalibrated")
+        else:
+            log.info("blend calibration: %s", report.calibration)
 
     test_users = test_truth_ids.select("user_id").distinct().join(side.user_index, "user_id").select("user_idx").cache()
+    purchases = None
+    list_users = test_users
+    if settings.strategies:
+        purchases = purchase_truth(split.held_out, side.user_index, excluded_pairs(
+            train_events, list(settings.purchase_event_types)), settings.purchase_event_types).cache()
+        list_users = test_users.unionByName(purchases.select("user_id").distinct().join(side.user_index, "user_id")
+                                            .select("user_idx")).distinct().cache()
 
     model = fit_als(side.entries, best)
-    als_recs = to_ids(als_top_n(model, test_users, max_k, side.excluded), side.user_index, side.item_index)
+    als_all = to_ids(als_top_n(model, list_users, max_k, side.excluded), side.user_index, side.item_index) \
+        .localCheckpoint(eager=True)
+    als_recs = als_all.join(test_truth_ids.select("user_id").distinct(), "user_id")
     _measure(report, "als", als_recs, test_truth_ids, settings.k_values, catalog_size)
 
     popular = to_ids(popular_top_n(test_users, side.entries, max_k, side.excluded), side.user_index, side.item_index)
@@ -260,10 +305,128 @@ def evaluate_offline(
         factor_recs = to_ids(factor_recommender(side, test_users, max_k), side.user_index, side.item_index)
         _measure(report, factor_model_name, factor_recs, test_truth_ids, settings.k_values, catalog_size)
 
+    if purchases is not None:
+        evaluate_strategies(report, settings, split, train_events, purchases, als_all, exclude_items, catalog_size)
+        purchases.unpersist()
+        list_users.unpersist()
+
     for df in (train_events, test_truth_ids, validation_truth, test_users, side.entries, side.excluded,
                inner_side.entries, inner_side.excluded, side.user_index, side.item_index):
         df.unpersist()
     return report
+
+
+def calibrate_blend(settings: EvaluationSettings, inner, inner_side: TrainingSide, model,
+                    exclude_items: DataFrame | None) -> BlendCalibration | None:
+    """The blend's per-rank hit rates of buy-again and discovery lists on the validation split (carved
+    from the training side, so the held-out events stay unseen), and the validation users' mean
+    propensity. None when the validation side holds no purchases."""
+    length = max(max(settings.k_values), settings.blend_ranks)
+    types = settings.purchase_event_types
+    purchases = purchase_truth(inner.held_out, inner_side.user_index, excluded_pairs(inner.train, list(types)),
+                               types).select("user_id", "item_id").cache()
+    users = purchases.select("user_id").distinct()
+    occasions = purchase_occasions(inner.train, types)
+    propensity = repeat_propensity(occasions, settings.buy_again.prior_strength).join(users, "user_id")
+    mean_p = propensity.agg(F.avg("propensity")).first()[0]
+    if mean_p is None or not 0.0 < mean_p < 1.0:
+        purchases.unpersist()
+        return None
+    user_occasions = occasions.join(user_history_end(inner.train), "user_id").join(users, "user_id")
+    again = buy_again_top_n(user_occasions, F.col("history_end"), settings.buy_again, length, exclude_items)
+    user_idx = users.join(inner_side.user_index, "user_id").select("user_idx")
+    discover = to_ids(als_top_n(model, user_idx, length, inner_side.excluded), inner_side.user_index,
+                      inner_side.item_index)
+    calibration = BlendCalibration(hit_curve(again, purchases, length), hit_curve(discover, purchases, length),
+                                   float(mean_p))
+    purchases.unpersist()
+    return calibration
+
+
+def purchase_popularity(occasions: DataFrame) -> DataFrame:
+    """(item_id, score): distinct buyers per item."""
+    return occasions.groupBy("item_id").agg(F.countDistinct("user_id").cast("double").alias("score"))
+
+
+def popular_for(users: DataFrame, popularity: DataFrame, n: int, exclude_pairs: DataFrame | None = None,
+                exclude_items: DataFrame | None = None) -> DataFrame:
+    """(user_id, item_id, score, rank): the most popular items of ``popularity`` (item_id, score) for
+    ``users`` (user_id), minus their ``exclude_pairs``; a user needs at most n + (their exclusions)."""
+    if exclude_items is not None:
+        popularity = popularity.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti")
+    longest = 0
+    if exclude_pairs is not None:
+        longest = int(exclude_pairs.groupBy("user_id").count().agg(F.max("count")).first()[0] or 0)
+    shortlist = popularity.orderBy(F.col("score").desc(), "item_id").limit(n + longest)
+    candidates = users.select("user_id").distinct().crossJoin(F.broadcast(shortlist))
+    return top_n(candidates, n, [F.col("score").desc()], exclude_pairs=exclude_pairs)
+
+
+def evaluate_strategies(
+    report: EvaluationReport,
+    settings: EvaluationSettings,
+    split,
+    train_events: DataFrame,
+    purchases: DataFrame,
+    discover: DataFrame,
+    exclude_items: DataFrame | None,
+    catalog_size: int,
+) -> None:
+    """The three list strategies against their trivial baselines on the held-out purchases of one split.
+
+    ``purchases`` (user_id, item_id, is_new): the held-out purchases (``lib.splits.purchase_truth``);
+    ``discover`` (user_id, item_id, score, rank): the tuned ALS lists (purchases excluded) of these users.
+    Appends to ``report.metrics``:
+
+    - on all next purchases: ``buy_again``, ``most_bought`` (the trivial "your most bought items"),
+      ``blended`` and ``popular_all`` (the most bought items overall, nothing excluded);
+    - on next purchases of new items (not bought in training): ``discover`` and ``popular_new``
+      (overall popularity minus the user's purchases).
+
+    Buy-again lists are scored as of each user's own end of training history (the split is per user),
+    or the cutoff with ``holdout_cutoff``.
+    """
+    max_k = max(settings.k_values)
+    truth_all = purchases.select("user_id", "item_id")
+    truth_new = purchases.where(F.col("is_new")).select("user_id", "item_id")
+    if truth_all.limit(1).count() == 0:
+        report.notes.append("no held-out purchases: strategies not evaluated")
+        log.info("%s", report.notes[-1])
+        return
+    users = truth_all.select("user_id").distinct()
+    occasions = purchase_occasions(train_events, settings.purchase_event_types)
+    if settings.holdout_cutoff is not None:
+        as_of = F.lit(split.train_end).cast("timestamp")
+        user_occasions = occasions.withColumn("history_end", as_of)
+    else:
+        user_occasions = occasions.join(user_history_end(train_events), "user_id")
+    user_occasions = user_occasions.join(users, "user_id").cache()
+    params = settings.buy_again
+    again = buy_again_top_n(user_occasions, F.col("history_end"), params, max_k, exclude_items).localCheckpoint(eager=True)
+    most_bought = most_bought_top_n(user_occasions, F.col("history_end"), max_k, exclude_items)
+    popularity = purchase_popularity(occasions)
+    propensity = repeat_propensity(occasions, params.prior_strength).cache()
+    share = global_repeat_share(propensity)
+    discover_users = discover.join(users, "user_id").withColumn("source", F.lit("als"))
+    blended = blend(again, discover_users, propensity, max_k, share, report.calibration)
+    bought = occasions.select("user_id", "item_id").distinct()
+    catalog = catalog_size
+    _measure(report, "buy_again", again, truth_all, settings.k_values, catalog)
+    _measure(report, "most_bought", most_bought, truth_all, settings.k_values, catalog)
+    _measure(report, "blended", blended, truth_all, settings.k_values, catalog)
+    _measure(report, "popular_all", popular_for(users, popularity, max_k, exclude_items=exclude_items),
+             truth_all, settings.k_values, catalog)
+    if truth_new.limit(1).count() == 0:
+        report.notes.append("no held-out purchases of new items: discover not evaluated on purchases")
+    else:
+        new_users = truth_new.select("user_id").distinct()
+        _measure(report, "discover", discover.join(new_users, "user_id"), truth_new, settings.k_values, catalog)
+        _measure(report, "popular_new", popular_for(new_users, popularity, max_k,
+                                                    bought.join(new_users, "user_id"), exclude_items),
+                 truth_new, settings.k_values, catalog)
+    report.notes.append(f"global repeat share of purchase occasions {share:.3f}")
+    user_occasions.unpersist()
+    propensity.unpersist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,3 +467,49 @@ def final_recommendations(
     for part in parts[1:]:
         union = union.unionByName(part)
     return to_ids(union, user_index, item_index).select("user_id", "rank", "item_id", "score", "source")
+
+
+def strategy_lists(
+    discover: DataFrame,
+    occasions: DataFrame,
+    as_of: datetime,
+    params: BuyAgainParams,
+    n: int,
+    strategies: tuple[str, ...] | list[str],
+    exclude_items: DataFrame | None = None,
+    calibration: BlendCalibration | None = None,
+) -> DataFrame:
+    """(user_id, rank, item_id, score, source, strategy): the lists of each requested strategy.
+
+    ``discover`` (user_id, rank, item_id, score, source): ``final_recommendations``' lists.
+    ``buy_again``: every user with a purchase occasion (``lib.buy_again.purchase_occasions``) before
+    ``as_of`` gets their repeat-purchase list (source ``buy_again``). ``blended``: both interleaved by the
+    user's repeat propensity (calibrated by ``calibration`` when given, see ``lib.buy_again.blend``); each
+    row keeps the source it came from. ``exclude_items`` (item_id) never
+    appear in any list.
+    """
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        raise ValueError(f"strategies must name some of {', '.join(STRATEGIES)}, got {list(strategies)}")
+    if exclude_items is not None:  # discover lists were built without these items; this is the safety net
+        discover = discover.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti").withColumn(
+            "rank", F.row_number().over(Window.partitionBy("user_id").orderBy("rank")))
+    parts = []
+    if "discover" in strategies:
+        parts.append(discover.withColumn("strategy", F.lit("discover")))
+    if "buy_again" in strategies or "blended" in strategies:
+        again = buy_again_top_n(occasions, as_of, params, n, exclude_items).withColumn("source", F.lit("buy_again"))
+        if "blended" in strategies:
+            again = again.localCheckpoint(eager=True)
+        if "buy_again" in strategies:
+            parts.append(again.withColumn("strategy", F.lit("buy_again")))
+        if "blended" in strategies:
+            propensity = repeat_propensity(occasions.where(F.col("ts") <= F.lit(as_of).cast("timestamp")),
+                                           params.prior_strength).cache()
+            share = global_repeat_share(propensity)
+            parts.append(blend(again, discover, propensity, n, share, calibration)
+                         .withColumn("strategy", F.lit("blended")))
+    union = parts[0]
+    for part in parts[1:]:
+        union = union.unionByName(part)
+    return union.select("user_id", "rank", "item_id", "score", "source", "strategy")

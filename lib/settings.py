@@ -97,6 +97,7 @@ class InputSettings:
     revenue_product: tuple[str, ...]
     columns: dict[str, str]
     event_type_map: dict[str, str]
+    items: str
 
     def __post_init__(self) -> None:
         one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "input.format")
@@ -245,6 +246,12 @@ class RecommendSettings:
     validation_fraction: float
     evaluate: bool
     model_dir: str
+    strategies: tuple[str, ...]
+    purchase_event_types: tuple[str, ...]
+    buy_again_horizon_days: float
+    buy_again_overdue_decay: float
+    buy_again_min_gaps: int
+    blend_prior_strength: float
     als: AlsSettings
 
     def __post_init__(self) -> None:
@@ -256,10 +263,37 @@ class RecommendSettings:
         require(0.0 < self.holdout_fraction < 1.0, "recommend.holdout_fraction", "must be in (0, 1)")
         require(0.0 < self.validation_fraction < 1.0, "recommend.validation_fraction", "must be in (0, 1)")
         parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
+        strategies = ("discover", "buy_again", "blended")
+        unknown = sorted(set(self.strategies) - set(strategies))
+        require(len(self.strategies) > 0 and not unknown, "recommend.strategies",
+                f"must name some of {', '.join(strategies)}; got {list(self.strategies)}")
+        require(len(self.purchase_event_types) > 0, "recommend.purchase_event_types", "must name an event type")
+        require(self.buy_again_horizon_days > 0, "recommend.buy_again_horizon_days", "must be > 0")
+        require(self.buy_again_overdue_decay > 0, "recommend.buy_again_overdue_decay", "must be > 0")
+        require(self.buy_again_min_gaps >= 1, "recommend.buy_again_min_gaps", "must be >= 1")
+        require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
 
     @property
     def holdout_cutoff_utc(self) -> datetime | None:
         return parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
+
+
+@dataclass(frozen=True)
+class ProductsSettings:
+    format: str
+    exclude_item_patterns: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        import re
+
+        one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "products.format")
+        for pattern in self.exclude_item_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"config key 'products.exclude_item_patterns' holds an invalid regular "
+                                  f"expression {pattern!r}: {err}") from None
+            require(bool(pattern), "products.exclude_item_patterns", "must not hold an empty pattern")
 
 
 @dataclass(frozen=True)
@@ -428,6 +462,7 @@ class Settings:
     ingest: IngestSettings
     interactions: InteractionsSettings
     recommend: RecommendSettings
+    products: ProductsSettings
     segments: SegmentsSettings
     scores: ScoresSettings
     send_time: SendTimeSettings
@@ -443,6 +478,9 @@ class Settings:
         require(not unknown, "recommend.exclude_event_types",
                 f"names event type(s) {', '.join(unknown)} that ingest.event_types lacks "
                 f"({', '.join(self.ingest.event_types)})")
+        unknown = sorted(set(self.recommend.purchase_event_types) - event_types)
+        require(not unknown, "recommend.purchase_event_types",
+                f"names event type(s) {', '.join(unknown)} that ingest.event_types lacks")
         require("email_send" in event_types or not self.sample.email_campaigns, "ingest.event_types",
                 "must include email_send when sample.email_campaigns generates it")
         require(not (self.output.catalog and self.output.schema) or bool(self.recommend.model_dir),

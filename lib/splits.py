@@ -80,3 +80,26 @@ def relevant_items(
     if excluded is not None:
         truth = truth.join(excluded.select(user_col, item_col), [user_col, item_col], "left_anti")
     return truth
+
+
+def user_history_end(train: DataFrame, user_col: str = "user_id", ts_col: str = "event_ts") -> DataFrame:
+    """(user, history_end): each user's latest training event, the moment their held-out events follow.
+
+    With a per-user holdout (``holdout_latest`` by fraction) each user's next events start after their
+    own history, not after the training side's global end; a recommender that depends on time since
+    an event (buy again) is scored as of this moment.
+    """
+    return train.groupBy(user_col).agg(F.max(ts_col).alias("history_end"))
+
+
+def purchase_truth(held_out: DataFrame, train_users: DataFrame, bought_before: DataFrame | None,
+                   purchase_types: list[str] | tuple[str, ...]) -> DataFrame:
+    """(user_id, item_id, is_new): the distinct items bought in held-out events by users the training side
+    knows; ``is_new`` is false for items in ``bought_before`` (user_id, item_id), the user's training purchases."""
+    truth = (held_out.where(F.col("event_type").isin(list(purchase_types))).select("user_id", "item_id").distinct()
+             .join(train_users.select("user_id").distinct(), "user_id"))
+    if bought_before is None:
+        return truth.withColumn("is_new", F.lit(True))
+    before = bought_before.select("user_id", "item_id").distinct().withColumn("_before", F.lit(True))
+    return truth.join(before, ["user_id", "item_id"], "left").select(
+        "user_id", "item_id", F.col("_before").isNull().alias("is_new"))

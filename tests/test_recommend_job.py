@@ -41,17 +41,28 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
     result = recommend_items.run(ctx)
 
     recs = tables.read(spark, C.RECOMMENDATIONS).cache()
-    assert recs.columns[:6] == ["user_id", "rank", "item_id", "score", "source", "run_id"]
-    assert recs.select("user_id").distinct().count() == tables.read(spark, C.INTERACTIONS).select("user_idx").distinct().count()
-    assert recs.groupBy("user_id").count().where("count > 5").count() == 0
-    assert {row["source"] for row in recs.select("source").distinct().collect()} == {"als", "segment_popular", "popular"}
-    bought = events.where("event_type = 'purchase'").select("user_id", "item_id")
-    assert recs.join(bought, ["user_id", "item_id"]).count() == 0
+    assert recs.columns == ["user_id", "rank", "item_id", "score", "source", "run_id", "strategy"]
+    discover = recs.where("strategy = 'discover'")
+    assert discover.select("user_id").distinct().count() == \
+        tables.read(spark, C.INTERACTIONS).select("user_idx").distinct().count()
+    assert recs.groupBy("user_id", "strategy").count().where("count > 5").count() == 0
+    assert recs.groupBy("user_id", "strategy", "rank").count().where("count > 1").count() == 0
+    assert {row["source"] for row in discover.select("source").distinct().collect()} == \
+        {"als", "segment_popular", "popular"}
+    bought = events.where("event_type = 'purchase'").select("user_id", "item_id").distinct()
+    assert discover.join(bought, ["user_id", "item_id"]).count() == 0
+    again = recs.where("strategy = 'buy_again'")
+    assert again.count() > 0 and again.join(bought, ["user_id", "item_id"], "left_anti").count() == 0
+    assert {r["source"] for r in again.select("source").distinct().collect()} == {"buy_again"}
+    blended_sources = {r["source"] for r in recs.where("strategy = 'blended'").select("source").distinct().collect()}
+    assert "buy_again" in blended_sources and blended_sources & {"als", "segment_popular", "popular"}
     assert result.counts["users_als"] > 0 and result.rows_out == recs.count()
 
     metrics = tables.read(spark, C.REC_METRICS)
     got = {(r["model"], r["k"], r["metric"]): r["value"] for r in metrics.collect()}
-    assert {model for model, _, _ in got} == {"als", "popular"}   # no NMF tables: NMF-score skipped
+    # No NMF tables: NMF-score skipped; every strategy beside its trivial baselines.
+    assert {model for model, _, _ in got} == {"als", "popular", "buy_again", "most_bought", "blended",
+                                              "popular_all", "discover", "popular_new"}
     assert {k for _, k, _ in got} == {5, 10}
     assert all(0.0 <= value <= 1.0 for (_, _, metric), value in got.items() if metric != "users")
     tuning = tables.read(spark, C.ALS_TUNING).collect()

@@ -1,0 +1,143 @@
+"""Buy-again scores, the trivial "most bought" baseline, repeat propensity, the blend, and the
+repeat-purchase generator; on generated repeat-purchase data the buy-again and blended lists beat
+their trivial baselines and discovery keeps beating popularity on new items."""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+import pytest
+from pyspark.sql import functions as F
+
+from lib.als import AlsParams
+from lib.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, item_intervals,
+                           most_bought_top_n, purchase_occasions, repeat_propensity)
+from lib.recommend import EvaluationSettings, evaluate_offline
+from lib.sample_repeat import RepeatSpec, generate_repeat_purchases, item_interval_days
+
+AS_OF = datetime(2026, 3, 1, tzinfo=timezone.utc)
+DAY = 86_400
+
+
+def _purchases(spark, rows):
+    """rows: (user, item, days before AS_OF)."""
+    data = [(f"e{n}", u, i, "purchase", datetime.fromtimestamp(AS_OF.timestamp() - d * DAY, timezone.utc))
+            for n, (u, i, d) in enumerate(rows)]
+    return spark.createDataFrame(data, "event_id string, user_id string, item_id string, event_type string, "
+                                       "event_ts timestamp")
+
+
+def test_scores_follow_frequency_interval_and_recency(spark):
+    # Item "milk" is re-bought every 10 days by u1 and u2; "tv" bought once by u1; "soap" every 30 days.
+    rows = ([("u1", "milk", d) for d in (42, 32, 22, 12)] + [("u2", "milk", d) for d in (30, 20, 10)]
+            + [("u1", "tv", 3)] + [("u1", "soap", d) for d in (95, 65)]       # soap: last 65 days ago, overdue
+            + [("u2", "soap", d) for d in (62, 32)]                          # u2's soap due in 28 days
+            + [("u1", "milk", 12)]                                           # same day twice: one occasion
+            + [("u1", "late", -1)])                                          # after as_of: ignored
+    events = _purchases(spark, rows).withColumn(
+        "event_ts", F.when(F.col("event_id") == "e12", F.col("event_ts") + F.expr("INTERVAL 1 HOUR"))
+        .otherwise(F.col("event_ts")))
+    occasions = purchase_occasions(events, ["purchase"])
+    intervals = {r["item_id"]: r for r in item_intervals(occasions.where(F.col("ts") <= F.lit(AS_OF)), 2).collect()}
+    assert intervals["milk"]["interval_days"] == pytest.approx(10.0, abs=0.01)   # 5 gaps of 10 days
+    assert intervals["soap"]["interval_days"] == pytest.approx(30.0, abs=0.01)
+    assert intervals["tv"]["interval_days"] == pytest.approx(10.0, abs=0.01)     # < 2 gaps: median of all gaps
+    assert intervals["milk"]["repeat_rate"] == 1.0 and intervals["tv"]["repeat_rate"] == 0.0
+
+    params = BuyAgainParams(horizon_days=7.0, overdue_decay=1.0, min_gaps=2)
+    scores = {(r["user_id"], r["item_id"]): r for r in buy_again_scores(occasions, AS_OF, params).collect()}
+    assert ("u1", "late") not in scores
+    milk = scores[("u1", "milk")]
+    assert milk["n_occasions"] == 4
+    # staple = (4 - 1 + 1) / 4 = 1; since 12 d less the hour, interval 10: due = 1 * exp(-(since / 10 - 1) / 1)
+    assert milk["score"] == pytest.approx(math.exp(-((12 - 1 / 24) / 10 - 1)), rel=1e-6)
+    # tv: one occasion of an item nobody re-buys: staple 0
+    assert scores[("u1", "tv")]["score"] == 0.0
+    # u2's soap: since 32 d of 30: due = 1 * exp(-2/30); staple = (2 - 1 + 1) / 2 = 1
+    assert scores[("u2", "soap")]["score"] == pytest.approx(math.exp(-2 / 30), rel=1e-6)
+    # u1's soap is 65 days since, overdue by > one interval: ranked below milk. u2's milk (since 10 d
+    # of 10, 3 occasions) is due: 1.0, above u2's soap
+    assert scores[("u1", "soap")]["score"] == pytest.approx(math.exp(-35 / 30), rel=1e-6)
+
+    lists = buy_again_top_n(occasions, AS_OF, params, 2).orderBy("user_id", "rank").collect()
+    assert [(r["user_id"], r["item_id"]) for r in lists] == [("u1", "milk"), ("u1", "soap"),
+                                                              ("u2", "milk"), ("u2", "soap")]
+    trivial = most_bought_top_n(occasions, AS_OF, 2, spark.createDataFrame([("soap",)], "item_id string"))
+    assert [(r["user_id"], r["item_id"], r["score"]) for r in trivial.orderBy("user_id", "rank").collect()] == [
+        ("u1", "milk", 4.0), ("u1", "tv", 1.0), ("u2", "milk", 3.0)]
+
+
+def test_repeat_propensity_is_shrunk_to_the_global_share(spark):
+    # u1: 4 occasions of one item (3 repeats); u2: 4 different items (0 repeats). Global 3 / 8.
+    rows = [("u1", "a", d) for d in (40, 30, 20, 10)] + [("u2", i, 5) for i in "wxyz"]
+    occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
+    got = {r["user_id"]: r for r in repeat_propensity(occasions, 4.0).collect()}
+    assert (got["u1"]["occasions"], got["u1"]["repeats"]) == (4, 3)
+    assert got["u1"]["propensity"] == pytest.approx((3 + 4 * 3 / 8) / 8)
+    assert got["u2"]["propensity"] == pytest.approx((0 + 4 * 3 / 8) / 8)
+    raw = {r["user_id"]: r["propensity"] for r in repeat_propensity(occasions, 0.0).collect()}
+    assert raw == {"u1": 0.75, "u2": 0.0}
+
+
+def test_blend_interleaves_by_propensity_and_dedupes(spark):
+    again = spark.createDataFrame([(u, f"a{r}", 1.0, r) for u in ("u1", "u2") for r in range(1, 5)],
+                                  "user_id string, item_id string, score double, rank int")
+    discover = spark.createDataFrame([(u, f"d{r}", 1.0, r, "als") for u in ("u1", "u2", "u3") for r in range(1, 5)]
+                                     + [("u2", "a1", 1.0, 5, "als")],
+                                     "user_id string, item_id string, score double, rank int, source string")
+    propensity = spark.createDataFrame([("u1", 0.75), ("u2", 0.25)], "user_id string, propensity double")
+    lists = blend(again, discover, propensity, 4, default_propensity=0.5).orderBy("user_id", "rank").collect()
+    by_user = {}
+    for row in lists:
+        by_user.setdefault(row["user_id"], []).append((row["item_id"], row["source"]))
+    # u1 (p = 0.75): places a: 0.67, 2, 3.33, 4.67; d: 2, 6 -> a1, a2 (tie goes to buy-again), d1, a3
+    assert by_user["u1"] == [("a1", "buy_again"), ("a2", "buy_again"), ("d1", "als"), ("a3", "buy_again")]
+    # u2 (p = 0.25): d at 0.67, 2, 3.33, 4.67; a at 2, 6 -> d1, a1, d2, d3 (a1 from discovery's rank 5 dropped)
+    assert by_user["u2"] == [("d1", "als"), ("a1", "buy_again"), ("d2", "als"), ("d3", "als")]
+    # u3 has no buy-again list: discovery only
+    assert [item for item, _ in by_user["u3"]] == ["d1", "d2", "d3", "d4"]
+    assert all(r["score"] > 0 for r in lists)
+
+
+def test_generator_is_seeded_distributed_and_plants_intervals(spark):
+    spec = RepeatSpec(users=300, items=60, days=150, segments=3, seed=5)
+    events = generate_repeat_purchases(spark, spec, partitions=3).cache()
+    again = generate_repeat_purchases(spark, spec, partitions=1)
+    assert events.count() == again.count() > 0
+    assert events.exceptAll(again).count() == 0                      # partitioning does not matter
+    assert events.select("event_id").distinct().count() == events.count()
+    assert {r[0] for r in events.select("event_type").distinct().collect()} == {"purchase"}
+    occasions = purchase_occasions(events, ["purchase"])
+    propensity = repeat_propensity(occasions, 0.0)
+    stats = propensity.where("occasions >= 10").agg(F.min("propensity"), F.max("propensity"),
+                                                    F.sum("repeats") / F.sum("occasions")).first()
+    assert stats[0] < 0.35 and stats[1] > 0.8                        # users differ in repeat behaviour
+    assert 0.3 < stats[2] < 0.85
+    # The median gap of well-observed items recovers the planted interval.
+    planted = spark.range(spec.items).select(F.format_string("i%05d", "id").alias("item_id"),
+                                             item_interval_days(spec, F.col("id")).alias("planted"))
+    observed = item_intervals(occasions, 30).where("n_gaps >= 30").join(planted, "item_id").cache()
+    close = observed.where(F.abs(F.col("interval_days") / F.col("planted") - 1) < 0.15).count()
+    assert observed.count() >= 10 and close / observed.count() > 0.7
+    events.unpersist()
+
+
+@pytest.mark.slow
+def test_strategies_beat_their_trivial_baselines_on_repeat_purchases(spark):
+    """Buy again beats "your most bought items", blended beats both it and popularity on all next
+    purchases, and discovery beats popularity on new items."""
+    events = generate_repeat_purchases(spark, RepeatSpec(users=700, items=150, days=180, max_staples=12,
+                                                         explore_mean=10, seed=3)).cache()
+    settings = EvaluationSettings({"purchase": 8.0}, 30.0, ["purchase"], [10], 10,
+                                  strategies=("discover", "buy_again", "blended"),
+                                  buy_again=BuyAgainParams(horizon_days=28.0))
+    report = evaluate_offline(events, settings, [AlsParams(16, 0.1, 10.0, max_iter=8, num_blocks=2)])
+    ndcg = {model: report.value(model, 10, "ndcg")
+            for model in ("buy_again", "most_bought", "blended", "popular_all", "discover", "popular_new")}
+    print("NDCG@10", {k: round(v, 4) for k, v in ndcg.items()}, report.notes)
+    assert ndcg["buy_again"] > ndcg["most_bought"]
+    assert ndcg["blended"] > ndcg["most_bought"] and ndcg["blended"] > ndcg["popular_all"]
+    assert ndcg["discover"] > ndcg["popular_new"]
+    assert report.value("blended", 10, "users") == report.value("most_bought", 10, "users") > 500
+    assert report.value("discover", 10, "users") == report.value("popular_new", 10, "users") > 100
+    events.unpersist()

@@ -1,0 +1,141 @@
+"""The product catalog: validation into products / products_quarantine, exclusions, and that excluded
+items never reach any recommendations list."""
+from __future__ import annotations
+
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from jobs import ingest_products, recommend_items
+from lib import catalog as C
+from lib.interactions import index_additions, score_events, to_matrix_entries
+from lib.products import CatalogError, excluded_items, read_catalog, recommendable_items, validate_products
+from lib.sample_repeat import POSTAGE_ID, RepeatSpec, generate_repeat_purchases
+
+CATALOG = """item_id,name,category,price,available,recommendable
+A1,Mug,kitchen,4.5,true,true
+A2,Plate,kitchen,abc,yes,1
+A3,Bowl,kitchen,-2,true,TRUE
+A4,Cup,kitchen,3.0,maybe,true
+A5,Lamp,home,20,true,nope
+,Nameless,home,1.0,true,true
+A6,Chair,home,40,true,true
+A6,Chair v2,home,40,true,false
+A7,Vase,home,,false,
+A8,Rug,,12.5,,no
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "items.csv") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_validation_quarantines_with_reasons_and_keeps_items_conservatively(spark, tmp_path: Path):
+    location = _write(tmp_path, CATALOG)
+    products, quarantine = validate_products(read_catalog(spark, location, "csv"), location, "r1")
+    got = {r["item_id"]: r for r in products.collect()}
+    assert sorted(got) == ["A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8"]   # one row per usable id
+    assert (got["A1"]["name"], got["A1"]["price"], got["A1"]["available"], got["A1"]["recommendable"]) == \
+        ("Mug", 4.5, True, True)
+    assert got["A2"]["price"] is None and got["A2"]["recommendable"] is True      # "abc": no price; "1": true
+    assert got["A3"]["price"] is None                                            # negative price dropped
+    assert got["A4"]["available"] is False                                       # unreadable flag: false
+    assert got["A5"]["recommendable"] is False
+    assert got["A6"]["recommendable"] is False and got["A6"]["name"] is None     # copies disagree
+    assert got["A6"]["price"] == 40.0                                            # copies agree
+    assert got["A7"]["available"] is False and got["A7"]["recommendable"] is True  # blank flag: true
+    assert got["A8"]["recommendable"] is False and got["A8"]["category"] is None
+    assert {r["run_id"] for r in got.values()} == {"r1"}
+
+    reasons = sorted((r["reason"], r["raw"]) for r in quarantine.collect())
+    assert [reason for reason, _ in reasons] == ["bad_available", "bad_price", "bad_recommendable",
+                                                 "duplicate_item_id", "duplicate_item_id", "missing_item_id",
+                                                 "negative_price"]
+    assert any('"name":"Nameless"' in raw for reason, raw in reasons if reason == "missing_item_id")
+    rows = quarantine.collect()
+    assert all(r["source_file"].endswith("items.csv") and r["detail"] for r in rows)
+
+
+def test_catalog_without_item_id_fails_naming_the_column_and_file(spark, tmp_path: Path):
+    location = _write(tmp_path, "sku,name\nA1,Mug\n", "bad.csv")
+    with pytest.raises(CatalogError, match=r"input.items .*bad.csv: the catalog has no item_id column"):
+        validate_products(read_catalog(spark, location, "csv"), location, "r1")
+
+
+def test_exclusions_from_flags_and_patterns(spark):
+    items = spark.createDataFrame([(i,) for i in ("10001", "POST", "m", "M", "gift_0001_20", "DOT", "POSTAGE",
+                                                  "A1", "A2", "A3")], "item_id string")
+    products = spark.createDataFrame(
+        [("A1", True, True), ("A2", False, True), ("A3", True, False), ("Z9", False, False)],
+        "item_id string, available boolean, recommendable boolean")
+    patterns = ["POST", "DOT", "(?i)m", "(?i)gift_.*"]
+    got = {r["item_id"]: r["reason"] for r in excluded_items(products, items, patterns).collect()}
+    assert got == {"POST": "pattern", "m": "pattern", "M": "pattern", "gift_0001_20": "pattern", "DOT": "pattern",
+                   "A2": "unavailable", "A3": "not_recommendable", "Z9": "unavailable"}
+    # Patterns match the whole id: POSTAGE stays; without a catalog only patterns apply.
+    assert {r["item_id"] for r in recommendable_items(products, items, patterns).collect()} == {"10001", "POSTAGE",
+                                                                                                 "A1"}
+    assert {r["item_id"] for r in excluded_items(None, items, ["POST"]).collect()} == {"POST"}
+    assert excluded_items(None, items, []).count() == 0
+
+
+def test_stage_without_catalog_writes_nothing_and_says_so(spark, tmp_path: Path, context):
+    ctx = context(f"output.root={tmp_path / 'wh'}")
+    result = ingest_products.run(ctx)
+    assert "input.items is empty" in result.message and result.rows_out == 0
+    assert not ctx.tables.exists(spark, C.PRODUCTS)
+
+    ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, CATALOG)}")
+    result = ingest_products.run(ctx)
+    assert ctx.tables.read(spark, C.PRODUCTS).count() == 8 == result.rows_out
+    assert ctx.tables.read(spark, C.PRODUCTS_QUARANTINE).count() == 7
+    assert result.rows_in == 10 and result.counts["quarantined_duplicate_item_id"] == 2
+
+
+SETS = ("spark.shuffle_partitions=2", "recommend.top_n=8", "recommend.k_values=8", "recommend.tune_k=8",
+        "recommend.min_history=3", "recommend.als.search=grid", "recommend.als.ranks=8",
+        "recommend.als.reg_params=0.1", "recommend.als.alphas=10.0", "recommend.als.max_iter=5")
+
+
+@pytest.mark.slow
+def test_excluded_items_never_appear_in_any_list(spark, tmp_path: Path, context):
+    """Postage lines on a third of the purchases, and the most bought items marked unavailable or not
+    recommendable in the catalog: none of them is in any strategy's list, and the lists stay full."""
+    events = generate_repeat_purchases(spark, RepeatSpec(users=150, items=80, days=120, segments=2,
+                                                         postage_share=0.3, seed=4))
+    top = [r["item_id"] for r in events.where(F.col("item_id") != POSTAGE_ID).groupBy("item_id").count()
+           .orderBy(F.desc("count"), "item_id").limit(4).collect()]
+    catalog = "item_id,available,recommendable\n" + "\n".join(
+        [f"{top[0]},false,true", f"{top[1]},true,false", f"{top[2]},no,yes", f"{top[3]},true,true"]) + "\n"
+    ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, catalog)}", *SETS)
+    tables = ctx.tables
+    tables.overwrite(events.withColumn("event_date", F.to_date("event_ts")).withColumn("ingest_run_id", F.lit("x")),
+                     C.EVENTS)
+    events = tables.read(spark, C.EVENTS)
+    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
+    scored = score_events(events, ctx.settings.interactions.weights, 30.0, as_of)
+    new_users, new_items = index_additions(scored, None, None, 2)
+    tables.overwrite(new_users, C.USER_INDEX)
+    tables.overwrite(new_items, C.ITEM_INDEX)
+    tables.overwrite(to_matrix_entries(scored, tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)),
+                     C.INTERACTIONS)
+    ingest_products.run(ctx)
+
+    result = recommend_items.run(ctx)
+    recs = tables.read(spark, C.RECOMMENDATIONS).cache()
+    forbidden = {POSTAGE_ID, top[0], top[1], top[2]}
+    assert recs.where(F.col("item_id").isin(*forbidden)).count() == 0
+    assert result.counts["excluded_items"] == 4
+    assert {r[0] for r in recs.select("strategy").distinct().collect()} == {"discover", "buy_again", "blended"}
+    # Without the exclusions postage and the top items would be everywhere: the lists are not empty of them
+    # by accident. The allowed top item is still recommended.
+    assert recs.where(F.col("item_id") == top[3]).count() > 0
+    per_list = recs.where("strategy != 'buy_again'").groupBy("user_id", "strategy").count()
+    assert per_list.where("count < 8").count() == 0
+    metrics = tables.read(spark, C.REC_METRICS)
+    assert metrics.where(F.col("model") == "buy_again").count() > 0
+    recs.unpersist()
