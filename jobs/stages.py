@@ -65,10 +65,19 @@ PLAN_SENDS = StageSpec(
     "plan_sends", "best send hour per customer and the global control / campaign holdout assignments",
     reads=(C.EVENTS, C.USER_SEGMENTS),
     writes=(C.SEND_TIMES, C.HOLDOUT_ASSIGNMENTS))
+BUILD_AUDIENCE = StageSpec(
+    "build_audience", "campaign audiences (filters, suppressions, cap, treatment / holdout / control) and "
+                      "email-platform exports with a manifest",
+    reads=(C.RECOMMENDATIONS, C.USER_SEGMENTS, C.CUSTOMER_SCORES, C.SEND_TIMES, C.EVENTS),
+    writes=(C.CAMPAIGN_AUDIENCE,))
+CAMPAIGN_REPORT = StageSpec(
+    "campaign_report", "lift of each campaign's treatment over its holdout after the send, with 95% intervals",
+    reads=(C.EVENTS, C.CAMPAIGN_AUDIENCE),
+    writes=(C.CAMPAIGN_RESULTS,))
 
 # The pipeline's stages in run order (generate_events runs first only for the embedded sample).
 PIPELINE: tuple[StageSpec, ...] = (INGEST, INGEST_PRODUCTS, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
-                                    PLAN_SENDS)
+                                    PLAN_SENDS, BUILD_AUDIENCE, CAMPAIGN_REPORT)
 ALL_STAGES: tuple[StageSpec, ...] = (GENERATE_EVENTS, *PIPELINE)
 BY_NAME = {stage.name: stage for stage in ALL_STAGES}
 

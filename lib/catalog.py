@@ -187,6 +187,23 @@ HOLDOUT_ASSIGNMENTS = TableSpec(
     "user_id string, campaign_id string, control_bucket int, campaign_bucket int, variant string, run_id string",
     "per user and configured campaign: treatment, holdout or global_control (hash of salt and user id)",
 )
+CAMPAIGN_AUDIENCE = TableSpec(
+    "campaign_audience",
+    "campaign_id string, user_id string, variant string, segment_id int, "
+    "products array<struct<item_id: string, rank: int, score: double, source: string>>, churn_band string, "
+    "purchase_probability double, send_hour_utc int, run_id string",
+    "per enabled campaign its audience: variant (treatment / holdout / global_control by a hash of the user id), "
+    "the products to show and the attributes exported; suppressed customers never appear",
+)
+CAMPAIGN_RESULTS = TableSpec(
+    "campaign_results",
+    "campaign_id string, variant string, recipients long, sent long, conversions long, conversion_rate double, "
+    "revenue double, revenue_per_recipient double, lift double, ci_low double, ci_high double, "
+    "relative_lift double, relative_ci_low double, relative_ci_high double, revenue_lift double, "
+    "revenue_ci_low double, revenue_ci_high double, send_start timestamp, window_days int, run_id string",
+    "per campaign with sends and variant: conversions and revenue in the window after the first send; on the "
+    "treatment row the lift over the holdout with 95% intervals (absolute, relative, revenue per recipient)",
+)
 PIPELINE_RUNS = TableSpec(
     "pipeline_runs",
     "run_id string, stage string, status string, started_at timestamp, finished_at timestamp, rows_in long, "
@@ -197,6 +214,7 @@ PIPELINE_RUNS = TableSpec(
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
     USER_SEGMENTS, SEGMENT_PROFILES, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
-    CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, PIPELINE_RUNS,
+    CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE, CAMPAIGN_RESULTS,
+    PIPELINE_RUNS,
 )
 BY_NAME = {spec.name: spec for spec in ALL_TABLES}

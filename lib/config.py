@@ -15,7 +15,10 @@ from typing import Any
 
 # Open tables whose values are strings whatever their siblings (their base table is empty).
 STRING_TABLES = ("input.columns", "input.event_type_map")
-OPEN_TABLES = ("interactions.weights", "spark.conf", *STRING_TABLES)
+# Open tables of tables, e.g. ``[campaigns.<name>]``: a new entry is a table whose keys and types are
+# those of its siblings (the base's entries); lib.settings types and validates each entry.
+TABLES_OF_TABLES = ("campaigns",)
+OPEN_TABLES = ("interactions.weights", "spark.conf", *STRING_TABLES, *TABLES_OF_TABLES)
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,11 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> di
     merged = copy.deepcopy(base)
     for key, value in overlay.items():
         dotted = f"{prefix}{key}"
+        if prefix.rstrip(".") in TABLES_OF_TABLES:  # an entry: keys and types of its siblings
+            own = base.get(key, {}) if isinstance(base.get(key), dict) else {}
+            template = {**next(iter(base.values()), {}), **own} if base else None
+            merged[key] = {**own, **_check_entry(dotted, template, value)}
+            continue
         if key not in base:
             parent = prefix.rstrip(".")
             if parent in STRING_TABLES:
@@ -85,8 +93,25 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> di
     return merged
 
 
+def _check_entry(dotted: str, template: dict[str, Any] | None, value: Any) -> dict[str, Any]:
+    """A new entry of a table of tables, its keys and types checked against a sibling entry (if any)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{dotted}' is a table, got {_type_name(value)} {value!r}")
+    if template is None:
+        return copy.deepcopy(value)
+    checked = {}
+    for key, item in value.items():
+        if key not in template:
+            raise ConfigError(f"unknown config key '{dotted}.{key}'")
+        checked[key] = _check_value(f"{dotted}.{key}", template[key], item)
+    return checked
+
+
 def _split_key(dotted: str) -> list[str]:
     """Dotted path to parts; under an open table the rest is one key (Spark settings contain dots)."""
+    for table in TABLES_OF_TABLES:
+        if dotted.startswith(table + "."):
+            return table.split(".") + dotted[len(table) + 1:].split(".", 1)
     for table in OPEN_TABLES:
         if dotted.startswith(table + ".") and len(dotted) > len(table) + 1:
             return table.split(".") + [dotted[len(table) + 1:]]
@@ -96,6 +121,12 @@ def _split_key(dotted: str) -> list[str]:
 def _lookup_default(base: dict[str, Any], dotted: str) -> Any:
     node: Any = base
     parts = _split_key(dotted)
+    if len(parts) == 3 and parts[0] in TABLES_OF_TABLES:  # campaigns.<name>.<key>: typed by the siblings
+        entries = base.get(parts[0]) or {}
+        template = {**next(iter(entries.values()), {}), **entries.get(parts[1], {})}
+        if template and parts[2] not in template:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        return template.get(parts[2], "")
     for depth, part in enumerate(parts):
         if not isinstance(node, dict):
             raise ConfigError(f"unknown config key '{dotted}'")

@@ -11,6 +11,7 @@ conf/base.toml needs a field here, and the other way round.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, get_args, get_origin, get_type_hints
@@ -53,12 +54,54 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}.{name}")
+        elif get_origin(hint) is dict and dataclasses.is_dataclass(get_args(hint)[1]):  # [campaigns.<name>]
+            key = f"{prefix}.{name}".removeprefix("config.")
+            kwargs[name] = {entry: _build_entry(get_args(hint)[1], entry, table, f"{key}.{entry}")
+                            for entry, table in value.items()}
         elif isinstance(value, list):
             kwargs[name] = _typed_items(value, hint, f"{prefix}.{name}".removeprefix("config."))
         elif isinstance(value, dict):
             kwargs[name] = dict(value)
         else:
             kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _typed_scalar(value: Any, hint: Any, key: str) -> Any:
+    """A scalar of type ``hint`` (bool, int, float, str); a string from ``--set`` is parsed."""
+    if hint in (int, float) and isinstance(value, str):
+        try:
+            value = hint(value.strip())
+        except ValueError:
+            pass
+    if hint is bool and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint in (bool, int, float, str) and (not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))):
+        raise ConfigError(f"config key '{key}' expects a {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_entry(cls: type, name: str, values: Any, key: str) -> Any:
+    """One entry of a table of tables (``[campaigns.<name>]``): ``cls(name=name, **values)``, keys not
+    given take the field's default; an unknown key or a wrong type fails naming ``<key>.<field>``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{key}' must be a table, got {values!r}")
+    hints = get_type_hints(cls)
+    settable = {f.name for f in fields(cls)} - {"name"}
+    unknown = sorted(set(values) - settable)
+    if unknown:
+        raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (known: {', '.join(sorted(settable))})")
+    kwargs: dict[str, Any] = {"name": name}
+    for field_name, value in values.items():
+        hint = hints[field_name]
+        if isinstance(value, list):
+            kwargs[field_name] = _typed_items(value, hint, f"{key}.{field_name}")
+        elif get_origin(hint) is tuple:
+            raise ConfigError(f"config key '{key}.{field_name}' expects a list, got {value!r}")
+        else:
+            kwargs[field_name] = _typed_scalar(value, hint, f"{key}.{field_name}")
     return cls(**kwargs)
 
 
@@ -97,6 +140,7 @@ class InputSettings:
     revenue_product: tuple[str, ...]
     columns: dict[str, str]
     event_type_map: dict[str, str]
+    suppressions: str
     items: str
 
     def __post_init__(self) -> None:
@@ -425,22 +469,92 @@ class SendTimeSettings:
 class HoldoutSettings:
     salt: str
     control_share: float
-    campaigns: tuple[str, ...]
-    holdout_shares: tuple[float, ...]
 
     def __post_init__(self) -> None:
         require(bool(self.salt), "holdout.salt", "must not be empty")
         require(0.0 <= self.control_share < 1.0, "holdout.control_share", f"must be in [0, 1), got {self.control_share}")
-        require(len(self.holdout_shares) == len(self.campaigns), "holdout.holdout_shares",
-                f"needs one share per campaign of holdout.campaigns ({len(self.campaigns)}), got {len(self.holdout_shares)}")
-        require(len(set(self.campaigns)) == len(self.campaigns) and all(self.campaigns), "holdout.campaigns",
-                "must hold distinct, non-empty campaign ids")
-        require(all(0.0 <= share < 1.0 for share in self.holdout_shares), "holdout.holdout_shares",
-                f"must hold shares in [0, 1), got {list(self.holdout_shares)}")
 
-    @property
-    def shares(self) -> dict[str, float]:
-        return dict(zip(self.campaigns, self.holdout_shares))
+
+CHURN_BANDS = ("low", "medium", "high")
+EXPORT_FORMATS = ("csv", "json")
+
+
+@dataclass(frozen=True)
+class CampaignSettings:
+    """One ``[campaigns.<name>]`` table (the name is the campaign id); keys left out take these defaults.
+    The single home of per-campaign settings, holdout share included (plan_sends and build_audience)."""
+
+    name: str
+    enabled: bool = True
+    segments: tuple[int, ...] = ()             # empty: every segment
+    churn_bands: tuple[str, ...] = ()          # empty: every band (and customers without a score)
+    min_purchase_probability: float = 0.0      # > 0: customers without a purchase_probability are left out
+    active_within_days: int = 0                # 0: no activity filter
+    products: int = 4                          # products per person (<= recommend.top_n)
+    strategy: str = "blended"                  # which recommendations list: discover | buy_again | blended
+    holdout_share: float = 0.1                 # of the audience outside the global control
+    max_audience: int = 0                      # 0: no cap; else the highest purchase_probability first
+    suppressions: str = ""                     # extra suppression list (path or table) on top of input.suppressions
+    send_hour_utc: int = 9                     # hour for customers without a send_times row
+
+    def __post_init__(self) -> None:
+        key = f"campaigns.{self.name}"
+        require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name)) and self.name != "global", key,
+                "must be named by letters, digits, '_' or '-' (and not 'global', the global control's key)")
+        require(all(s >= 0 for s in self.segments), f"{key}.segments", f"must hold segment ids >= 0, got "
+                                                                       f"{list(self.segments)}")
+        for band in self.churn_bands:
+            one_of(band, CHURN_BANDS, f"{key}.churn_bands")
+        require(0.0 <= self.min_purchase_probability <= 1.0, f"{key}.min_purchase_probability",
+                f"must be in [0, 1], got {self.min_purchase_probability}")
+        require(self.active_within_days >= 0, f"{key}.active_within_days", f"must be >= 0, got {self.active_within_days}")
+        require(self.products >= 1, f"{key}.products", f"must be >= 1, got {self.products}")
+        one_of(self.strategy, ("discover", "buy_again", "blended"), f"{key}.strategy")
+        require(0.0 <= self.holdout_share < 1.0, f"{key}.holdout_share", f"must be in [0, 1), got {self.holdout_share}")
+        require(self.max_audience >= 0, f"{key}.max_audience", f"must be >= 0 (0: no cap), got {self.max_audience}")
+        require(0 <= self.send_hour_utc <= 23, f"{key}.send_hour_utc", f"must be in 0..23, got {self.send_hour_utc}")
+
+
+@dataclass(frozen=True)
+class ExportsSettings:
+    dir: str
+    max_rows_per_file: int
+    formats: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        require(self.max_rows_per_file >= 1, "exports.max_rows_per_file", f"must be >= 1, got {self.max_rows_per_file}")
+        require(len(self.formats) > 0, "exports.formats", "must name at least one format")
+        for fmt in self.formats:
+            one_of(fmt, EXPORT_FORMATS, "exports.formats")
+        require("://" not in self.dir or self.dir.startswith("file:"), "exports.dir",
+                f"must be a local or mounted path (/dbfs, /Volumes): the manifest is written with plain file I/O, "
+                f"got {self.dir!r}")
+
+
+@dataclass(frozen=True)
+class CampaignReportSettings:
+    conversion_window_days: int
+    report_dir: str
+
+    def __post_init__(self) -> None:
+        require(self.conversion_window_days >= 1, "campaign_report.conversion_window_days",
+                f"must be >= 1, got {self.conversion_window_days}")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    pseudonymize: bool
+    key_env: str
+    secret_scope: str
+    secret_key: str
+    erasure_request: str
+    vacuum_retention_hours: float
+
+    def __post_init__(self) -> None:
+        require(bool(self.key_env), "privacy.key_env", "must name an environment variable")
+        require(not self.secret_scope or bool(self.secret_key), "privacy.secret_key",
+                "must be set when privacy.secret_scope is")
+        require(self.vacuum_retention_hours >= 0, "privacy.vacuum_retention_hours", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -467,6 +581,9 @@ class Settings:
     scores: ScoresSettings
     send_time: SendTimeSettings
     holdout: HoldoutSettings
+    campaigns: dict[str, CampaignSettings]
+    exports: ExportsSettings
+    campaign_report: CampaignReportSettings
     spark: SparkSettings
 
     def __post_init__(self) -> None:
@@ -485,6 +602,23 @@ class Settings:
                 "must include email_send when sample.email_campaigns generates it")
         require(not (self.output.catalog and self.output.schema) or bool(self.recommend.model_dir),
                 "recommend.model_dir", "must be set when tables are catalog tables (output.catalog)")
+        for name, campaign in self.campaigns.items():
+            require(campaign.products <= self.recommend.top_n, f"campaigns.{name}.products",
+                    f"must be <= recommend.top_n ({self.recommend.top_n}), got {campaign.products}")
+            require(campaign.strategy in self.recommend.strategies, f"campaigns.{name}.strategy",
+                    f"names {campaign.strategy!r}, a list recommend.strategies does not write "
+                    f"({', '.join(self.recommend.strategies)})")
+
+    @property
+    def enabled_campaigns(self) -> dict[str, CampaignSettings]:
+        """The campaigns to build, by id (``[campaigns.<name>]`` with enabled = true)."""
+        return {name: campaign for name, campaign in self.campaigns.items() if campaign.enabled}
+
+    @property
+    def holdout_shares(self) -> dict[str, float]:
+        """Campaign id -> holdout share of the enabled campaigns (for lib.holdout.holdout_assignments)."""
+        return {name: campaign.holdout_share for name, campaign in self.enabled_campaigns.items()}
+
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Settings":

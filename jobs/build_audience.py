@@ -1,0 +1,113 @@
+"""Campaign audiences into campaign_audience, and per campaign an email-platform export (CSV and JSON
+lines of the treatment rows, a manifest written last) under exports.dir/<campaign_id>/<run_id>/."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from functools import reduce
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from jobs.common import StageContext, main_for
+from lib import catalog as C
+from lib.audience import AudienceInputs, campaign_audience, last_activity, latest_scores
+from lib.campaigns import blank_suppressions, check_segments, suppression_lists
+from lib.exports import export_directory, write_export
+from lib.runs import StageResult
+
+log = logging.getLogger("jobs.build_audience")
+
+
+def exports_root(ctx: StageContext) -> str | None:
+    """exports.dir, else <output.root>/exports on a local root; None for catalog tables without a dir."""
+    if ctx.settings.exports.dir:
+        return str(Path(ctx.settings.exports.dir.removeprefix("file:")).resolve())
+    tables = ctx.tables
+    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
+        return None
+    return str(Path(tables.root.removeprefix("file:")) / "exports")
+
+
+def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
+    spark, tables = ctx.spark, ctx.tables
+    inputs = AudienceInputs(recommendations=tables.require(spark, C.RECOMMENDATIONS, "recommend_items"))
+    if "strategy" not in inputs.recommendations.columns:
+        raise ValueError(f"{tables.location(C.RECOMMENDATIONS)} lacks column strategy (written before strategies "
+                         "existed): re-run recommend_items")
+    optional = ((C.USER_SEGMENTS, "segment_users", "no segment ids"),
+                (C.CUSTOMER_SCORES, "score_customers", "no churn_band / purchase_probability, no score filters"),
+                (C.SEND_TIMES, "plan_sends", "every send_hour_utc is the campaign's send_hour_utc"))
+    found = {}
+    for table, producer, consequence in optional:
+        if tables.exists(spark, table):
+            found[table.name] = tables.read(spark, table)
+        else:
+            inputs.notes.append(f"{table.name} missing (run {producer}): {consequence}")
+    inputs.segments = found.get(C.USER_SEGMENTS.name)
+    if C.CUSTOMER_SCORES.name in found:
+        inputs.scores = latest_scores(found[C.CUSTOMER_SCORES.name])
+    inputs.send_times = found.get(C.SEND_TIMES.name)
+    if need_activity and tables.exists(spark, C.EVENTS):
+        events = tables.read(spark, C.EVENTS)
+        inputs.activity = last_activity(events)
+        as_of = ctx.settings.scores.as_of_utc
+        latest = events.agg(F.max("event_ts")).first()[0]
+        inputs.activity_reference = as_of or (latest.replace(tzinfo=timezone.utc) if latest else None)
+    return inputs
+
+
+def run(ctx: StageContext) -> StageResult:
+    settings = ctx.settings
+    spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
+    campaigns = settings.enabled_campaigns
+    started = datetime.now(timezone.utc)
+    inputs = read_inputs(ctx, any(c.active_within_days for c in campaigns.values()))
+    known = None
+    if inputs.segments is not None:
+        known = {r[0] for r in inputs.segments.select("segment_id").distinct().collect()}  # k rows
+    check_segments(campaigns, known)
+    common, lists = suppression_lists(spark, settings.input.suppressions, campaigns)
+
+    notes = list(inputs.notes)
+    frames = []
+    for name, campaign in campaigns.items():
+        frame, campaign_notes = campaign_audience(inputs, campaign, lists[name], settings.holdout.salt,
+                                                  settings.holdout.control_share, run_id)
+        frames.append(frame)
+        notes += campaign_notes
+    if not frames:
+        tables.overwrite(C.CAMPAIGN_AUDIENCE.empty(spark), C.CAMPAIGN_AUDIENCE)
+        return StageResult(rows_out=0, message="no enabled campaigns ([campaigns.<name>] with enabled = true)")
+    tables.overwrite(reduce(lambda a, b: a.unionByName(b), frames), C.CAMPAIGN_AUDIENCE)
+
+    audience = tables.read(spark, C.CAMPAIGN_AUDIENCE)
+    sizes = {(r["campaign_id"], r["variant"]): r["count"]
+             for r in audience.groupBy("campaign_id", "variant").count().collect()}  # campaigns x 3 rows
+    counts = {f"{c}.{v}": n for (c, v), n in sorted(sizes.items())}
+    blank = blank_suppressions(common) if settings.input.suppressions else 0
+    if blank:
+        counts["suppressions.blank_user_id"] = blank
+        notes.append(f"input.suppressions: {blank} row(s) without a user_id suppress nobody")
+
+    root = exports_root(ctx)
+    if root is None:
+        notes.append("exports skipped: catalog tables and no exports.dir")
+    else:
+        for name in campaigns:
+            directory = export_directory(root, name, run_id)
+            manifest = write_export(spark, audience.where(F.col("campaign_id") == name), directory,
+                                    settings.exports.formats, settings.exports.max_rows_per_file, name, run_id,
+                                    started)
+            counts[f"{name}.exported"] = manifest["rows"]
+            log.info("export of %s: %d rows, %s", name, manifest["rows"], directory)
+    summary = ", ".join(f"{c}: " + "/".join(str(sizes.get((c, v), 0)) for v in ("treatment", "holdout", "global_control"))
+                        for c in campaigns)
+    message = f"audiences (treatment/holdout/global_control) {summary}" + (f"; exports under {root}" if root else "")
+    if notes:
+        message += "; " + "; ".join(notes)
+    return StageResult(rows_out=sum(sizes.values()), message=message, counts=counts)
+
+
+if __name__ == "__main__":
+    main_for("build_audience")
