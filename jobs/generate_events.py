@@ -11,7 +11,11 @@ from lib.sample_data import (SampleSpec, generate_events, planted_segment_items,
 
 
 def run(ctx: StageContext) -> StageResult:
-    spec = SampleSpec(**{key: value for key, value in asdict(ctx.settings.sample).items() if key != "path"})
+    if ctx.settings.sample.mode == "realistic":  # an invoice log with real-data skew (issue 13)
+        from lib.sample_realistic import write_sample
+        return write_sample(ctx.spark, ctx.settings.sample, sample_root(ctx.settings))
+    spec = SampleSpec(**{key: value for key, value in asdict(ctx.settings.sample).items()
+                         if key not in ("path", "mode")})
     root = sample_root(ctx.settings)
     generate_events(ctx.spark, spec).write.mode("overwrite").parquet(f"{root}/events")
     planted_user_segments(ctx.spark, spec).write.mode("overwrite").parquet(f"{root}/truth_user_segments")

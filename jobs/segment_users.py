@@ -1,19 +1,21 @@
 """Customer segments: NMF of the user x item interaction matrix into nmf_user_factors,
-nmf_item_factors, user_segments, segment_profiles and nmf_history, plus a markdown report."""
+nmf_item_factors, user_segments, segment_profiles, nmf_history and segment_quality, plus a markdown report."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, read_matrix
 from lib import catalog as C
 from lib.report import write_segment_report
 from lib.runs import StageResult
-from lib.segments import (assign_segments, component_mass, factor_table, fit_segments, segment_matrix,
-                          segment_profiles)
+from lib.segments import (SegmentQuality, assign_segments, assignment_agreement, capped_item_count, component_mass,
+                          excluded_item_indices, factor_table, fit_segments, segment_matrix, segment_profiles, size_balance,
+                          top_item_lifts)
 
 log = logging.getLogger("jobs.segment_users")
 
@@ -39,7 +41,12 @@ def run(ctx: StageContext) -> StageResult:
                          "build_interactions found no events to index")
     n_rows, n_cols = n_users + 1, n_items + 1
 
-    entries, user_scales, item_weights = segment_matrix(interactions, settings)
+    # Items in no list are in no segment either: non-product lines (products.exclude_item_patterns) and,
+    # when the optional catalog exists, unavailable or unrecommendable products; it also names the segments.
+    products = tables.read(spark, C.PRODUCTS) if tables.exists(spark, C.PRODUCTS) else None
+    excluded = excluded_item_indices(item_index, products, ctx.settings.products.exclude_item_patterns).persist()
+    n_excluded = excluded.count()
+    entries, user_scales, item_weights = segment_matrix(interactions, settings, excluded)
     entries = entries.persist()
     try:
         result = fit_segments(entries, settings, n_rows, n_cols)
@@ -48,6 +55,22 @@ def run(ctx: StageContext) -> StageResult:
         tables.overwrite(factor_table(result.h, item_index, "item_idx", "item_id", item_weights, "item_weight",
                                       settings.transform, run_id), C.NMF_ITEM_FACTORS)
         result.release()
+        user_factors = tables.read(spark, C.NMF_USER_FACTORS)
+        item_factors = tables.read(spark, C.NMF_ITEM_FACTORS)
+        tables.overwrite(assign_segments(user_factors, component_mass(item_factors, settings.k), run_id),
+                         C.USER_SEGMENTS)
+        user_segments = tables.read(spark, C.USER_SEGMENTS)
+
+        stability = float("nan")
+        if settings.stability_check:
+            # The same fit from another seed: do customers land together again?
+            other = fit_segments(entries, replace(settings, seed=settings.seed + 1), n_rows, n_cols)
+            other_users = factor_table(other.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
+                                       settings.transform, run_id)
+            stability = assignment_agreement(
+                user_segments, assign_segments(other_users, component_mass(other.h, settings.k), run_id))
+            other.release()
+            log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
 
         sweep: list[tuple[int, float, int]] = []
         for k in settings.sweep_ks:
@@ -64,33 +87,49 @@ def run(ctx: StageContext) -> StageResult:
         tables.append(spark.createDataFrame([(run_id, k, err, its) for k, err, its in sweep], C.NMF_K_SWEEP.schema),
                       C.NMF_K_SWEEP)
 
-    user_factors = tables.read(spark, C.NMF_USER_FACTORS)
-    item_factors = tables.read(spark, C.NMF_ITEM_FACTORS)
-    mass = component_mass(item_factors, settings.k)
-    tables.overwrite(assign_segments(user_factors, mass, run_id), C.USER_SEGMENTS)
-    user_segments = tables.read(spark, C.USER_SEGMENTS)
-    tables.overwrite(segment_profiles(user_segments, item_factors, settings.k, settings.top_items, run_id),
+    tables.overwrite(segment_profiles(user_segments, item_factors, settings.k, settings.top_items, run_id,
+                                      products=products, excluded=excluded),
                      C.SEGMENT_PROFILES)
-
+    profile_rows = tables.read(spark, C.SEGMENT_PROFILES)
+    excluded.unpersist()
+    lifts = {(row["segment_id"], row["item_id"]): row["lift"]  # k x top_items rows
+             for row in top_item_lifts(interactions, user_index, item_index, user_segments, profile_rows).collect()}
     profiles = [
         {"segment_id": row["segment_id"], "size": row["size"], "share": row["share"], "label": row["label"],
-         "top_items": [(item["item_id"], item["weight"]) for item in (row["top_items"] or [])]}
-        for row in tables.read(spark, C.SEGMENT_PROFILES).collect()  # k rows
+         "top_items": [(item["item_id"], item["weight"]) for item in (row["top_items"] or [])],
+         "lifts": [lifts.get((row["segment_id"], item["item_id"]), 0.0) for item in (row["top_items"] or [])]}
+        for row in profile_rows.collect()  # k rows
     ]
+    profiles.sort(key=lambda p: p["segment_id"])
+    matrix_users = interactions.where(F.col("score") > 0).select("user_idx").distinct().count()
+    assigned = sum(p["size"] for p in profiles)
+    largest, entropy = size_balance([p["size"] for p in profiles], settings.k)
+    quality = SegmentQuality(
+        k=settings.k, users=matrix_users, assigned_share=assigned / matrix_users if matrix_users else 0.0,
+        largest_share=largest, size_entropy=entropy, stability_ari=stability,
+        top_lifts=tuple(float(np.mean(p["lifts"])) if p["lifts"] else 0.0 for p in profiles),
+        excluded_items=n_excluded, capped_items=capped_item_count(interactions, settings.popular_share_cap))
+    tables.append(spark.createDataFrame([quality.row(run_id)], C.SEGMENT_QUALITY.schema), C.SEGMENT_QUALITY)
+    log.info("segment quality: largest share %.3f, size entropy %.3f, stability ARI %.3f, top-item lift "
+             "min %.2f median %.2f", quality.largest_share, quality.size_entropy, quality.stability_ari,
+             quality.min_top_lift, quality.median_top_lift)
+
     directory = report_directory(ctx)
     if directory is None:
         log.info("segment report skipped: catalog tables and no segments.report_dir configured")
     else:
         shown = {key: value for key, value in asdict(settings).items()
-                 if key in ("k", "solver", "transform", "idf_items", "row_normalize", "init", "seed")}
-        path = write_segment_report(directory, run_id, profiles, result.history, sweep, shown)
+                 if key in ("k", "solver", "transform", "idf_items", "row_normalize", "popular_share_cap",
+                            "init", "seed")}
+        path = write_segment_report(directory, run_id, profiles, result.history, sweep, shown, quality)
         log.info("segment report written to %s", path)
 
-    assigned = sum(p["size"] for p in profiles)
-    counts = {"users": n_rows, "items": n_cols, "assigned_users": assigned, "iterations": result.iterations}
+    counts = {"users": n_rows, "items": n_cols, "assigned_users": assigned, "iterations": result.iterations,
+              "excluded_items": n_excluded, "capped_items": quality.capped_items}
     return StageResult(rows_in=interactions.count(), rows_out=assigned, counts=counts,
                        message=f"k={settings.k} rel_error={result.rel_error:.5f} layout={result.layout} "
-                               f"grid={result.grid[0]}x{result.grid[1]}")
+                               f"grid={result.grid[0]}x{result.grid[1]} largest_share={quality.largest_share:.3f} "
+                               f"stability_ari={quality.stability_ari:.3f}")
 
 
 if __name__ == "__main__":

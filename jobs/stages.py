@@ -50,9 +50,9 @@ BUILD_INTERACTIONS = StageSpec(
     reads=(C.EVENTS,), writes=(C.USER_INDEX, C.ITEM_INDEX, C.INTERACTIONS))
 SEGMENT_USERS = StageSpec(
     "segment_users", "customer segments from a blockwise NMF",
-    reads=(C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX),
+    reads=(C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.PRODUCTS),
     writes=(C.NMF_USER_FACTORS, C.NMF_ITEM_FACTORS, C.NMF_HISTORY, C.NMF_K_SWEEP, C.USER_SEGMENTS,
-            C.SEGMENT_PROFILES))
+            C.SEGMENT_PROFILES, C.SEGMENT_QUALITY))
 RECOMMEND_ITEMS = StageSpec(
     "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines",
     reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS, C.PRODUCTS),

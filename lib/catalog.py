@@ -129,6 +129,14 @@ SEGMENT_PROFILES = TableSpec(
     "label string, run_id string",
     "one row per segment: size, share, top items, a label",
 )
+SEGMENT_QUALITY = TableSpec(
+    "segment_quality",
+    "run_id string, k int, users long, assigned_share double, largest_share double, size_entropy double, "
+    "stability_ari double, min_top_lift double, median_top_lift double, top_lifts array<double>, "
+    "excluded_items int, capped_items int",
+    "per run: largest segment share, normalised size entropy, ARI between two seeds, each segment's "
+    "top-item lift over the global rate, share of users assigned (appended)",
+)
 NMF_HISTORY = TableSpec("nmf_history", "run_id string, iteration int, rel_error double, seconds double",
                         "the NMF objective per iteration, per run (appended)")
 NMF_K_SWEEP = TableSpec("nmf_k_sweep", "run_id string, k int, rel_error double, iterations int",
@@ -213,7 +221,7 @@ PIPELINE_RUNS = TableSpec(
 
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
-    USER_SEGMENTS, SEGMENT_PROFILES, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
+    USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
     CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE, CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
 )

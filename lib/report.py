@@ -21,11 +21,14 @@ def write_segment_report(
     history: list[tuple[int, float, float]],
     sweep: list[tuple[int, float, int]] | None = None,
     settings: dict[str, Any] | None = None,
+    quality: Any | None = None,
 ) -> Path:
     """Write segments.md, segment_sizes.png and convergence.png into ``directory``; return the markdown path.
 
     ``profiles``: dicts with segment_id, size, share, label, top_items (list of (item_id, weight)).
     ``history``: (iteration, relative error, seconds). ``sweep``: (k, final relative error, iterations).
+    ``quality``: a ``lib.segments.SegmentQuality`` (adds segment_quality.png and its section); profiles may
+    then carry ``lifts`` (per top item).
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +53,9 @@ def write_segment_report(
     fig.savefig(out / "convergence.png", dpi=100)
     plt.close(fig)
 
+    if quality is not None:
+        _quality_plot(out / "segment_quality.png", profiles, quality)
+
     final = history[-1] if history else (0, float("nan"), 0.0)
     lines = [
         f"# Customer segments (run {run_id})",
@@ -69,6 +75,23 @@ def write_segment_report(
     for p in profiles:
         items = ", ".join(f"{item} ({weight:.3f})" for item, weight in (p.get("top_items") or [])[:10])
         lines.append(f"| {p['segment_id']} | {p['size']} | {p['share']:.1%} | {p['label']} | {items} |")
+    if quality is not None:
+        lines += ["", "## Are the segments usable?", "", _quality_text(quality), "",
+                  "![segment quality](segment_quality.png)", "",
+                  "| figure | value | reads well when |", "|---|---:|---|",
+                  f"| largest segment share | {quality.largest_share:.1%} | near 1/k = {1 / quality.k:.1%}; "
+                  "far above it, one segment is 'everyone' |",
+                  f"| size entropy (normalised) | {quality.size_entropy:.3f} | near 1 (equal sizes); 0 = one segment |",
+                  f"| stability (ARI, seed vs seed + 1) | {_fmt(quality.stability_ari, '.3f')} | near 1: the same "
+                  "customers group together from another start |",
+                  f"| top-item lift, min / median over segments | {quality.min_top_lift:.2f} / "
+                  f"{quality.median_top_lift:.2f} | well above 1: a segment's top items are its own, not "
+                  "everyone's best sellers |",
+                  f"| customers assigned | {quality.assigned_share:.1%} | near 100% |",
+                  f"| items left out (products.exclude_item_patterns, catalog flags) | {quality.excluded_items} | the non-product lines and unrecommendable products |",
+                  f"| items damped (more than segments.popular_share_cap of users have them) | "
+                  f"{quality.capped_items} | a handful of best sellers |",
+                  ""]
     lines += ["", "## Convergence", "", "![convergence](convergence.png)", ""]
     if sweep:
         lines += ["## Choosing the number of segments", "",
@@ -81,3 +104,44 @@ def write_segment_report(
     path = out / "segments.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "not measured" if value != value else format(value, spec)
+
+
+def _quality_text(quality: Any) -> str:
+    verdicts = []
+    if quality.largest_share > max(0.5, 2.0 / quality.k):
+        verdicts.append(f"one segment holds {quality.largest_share:.0%} of the customers: it is a catch-all, "
+                        "not a segment")
+    if quality.min_top_lift < 1.5:
+        verdicts.append(f"a segment's top items are bought only {quality.min_top_lift:.1f}x as often by its "
+                        "customers as by everyone: it is led by generally popular items")
+    if quality.stability_ari == quality.stability_ari and quality.stability_ari < 0.8:
+        verdicts.append(f"another seed regroups the customers (ARI {quality.stability_ari:.2f}): the segments "
+                        "are not stable")
+    if not verdicts:
+        return ("Balanced, stable and distinct: no segment is a catch-all, each is led by items its customers "
+                "buy more than others do, and another seed finds the same groups.")
+    return "Warning: " + "; ".join(verdicts) + "."
+
+
+def _quality_plot(path: Path, profiles: list[dict[str, Any]], quality: Any) -> None:
+    names = [str(p["segment_id"]) for p in profiles]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.bar(names, [p["share"] for p in profiles], color="#4477aa")
+    left.axhline(1.0 / quality.k, color="#888888", linestyle="--", label="1/k (equal sizes)")
+    left.set_xlabel("segment")
+    left.set_ylabel("share of customers")
+    left.set_title(f"Sizes (entropy {quality.size_entropy:.2f})")
+    left.legend(fontsize=8)
+    right.bar(names, list(quality.top_lifts), color="#228833")
+    right.axhline(1.0, color="#888888", linestyle="--", label="no lift (global rate)")
+    right.set_xlabel("segment")
+    right.set_ylabel("mean lift of top items")
+    right.set_title(f"Distinctness (stability ARI {_fmt(quality.stability_ari, '.2f')})")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -9,6 +9,7 @@ tables alone give X, and with it ||X - W H||_F / ||X||_F.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -35,11 +36,14 @@ def nmf_params(settings: SegmentsSettings, k: int | None = None, max_iter: int |
     )
 
 
-def segment_matrix(interactions: DataFrame, settings: SegmentsSettings) -> tuple[DataFrame, DataFrame, DataFrame]:
+def segment_matrix(interactions: DataFrame, settings: SegmentsSettings,
+                   excluded: DataFrame | None = None) -> tuple[DataFrame, DataFrame, DataFrame]:
     """The matrix the segments factorize, as NMF entries (row, col, value), with its scalings
-    (user_idx, row_scale) and (item_idx, item_weight): see ``transform_scores``."""
+    (user_idx, row_scale) and (item_idx, item_weight): see ``transform_scores``. ``excluded``
+    (item_idx) lists items left out (non-product lines, non-recommendable products): weight 0."""
     entries, user_scales, item_weights = transform_scores(
-        interactions, settings.transform, settings.idf_items, settings.row_normalize)
+        interactions, settings.transform, settings.idf_items, settings.row_normalize,
+        popular_share_cap=settings.popular_share_cap, excluded=excluded)
     return (entries.select(F.col("user_idx").alias("row"), F.col("item_idx").alias("col"), "value"),
             user_scales, item_weights)
 
@@ -59,24 +63,38 @@ def transformed_score(score: F.Column, transform: str) -> F.Column:
 
 def transform_scores(
     interactions: DataFrame, transform: str, idf_items: bool, row_normalize: bool,
+    popular_share_cap: float = 1.0, excluded: DataFrame | None = None,
 ) -> tuple[DataFrame, DataFrame, DataFrame]:
     """The matrix to factorize and its scalings.
 
     Returns (entries(user_idx, item_idx, value), user_scales(user_idx, row_scale),
     item_weights(item_idx, item_weight)). ``idf_items`` weights item i by log(1 + users / users_of_i)
-    so that items everyone touches shape segments less; ``row_normalize`` scales each user's row to
-    sum 1 so heavy users do not dominate the factorization.
+    so that items everyone touches shape segments less; ``popular_share_cap`` c multiplies the weight
+    of an item that more than a share c of the users have by c / share (an item everyone buys counts
+    as if a share c bought it; rarer items keep weight 1); ``excluded`` items (item_idx) get weight 0
+    and no entries; ``row_normalize`` scales each user's row to sum 1 so heavy users do not dominate.
     """
     base = interactions.select("user_idx", "item_idx",
                                transformed_score(F.col("score").cast("double"), transform).alias("fscore"))
-    if idf_items:
-        users = interactions.agg(F.countDistinct("user_idx")).first()[0]
-        item_weights = base.where(F.col("fscore") > 0).groupBy("item_idx").agg(
-            F.log1p(F.lit(float(users)) / F.count(F.lit(1))).alias("item_weight"))
-    else:
-        item_weights = base.select("item_idx").distinct().withColumn("item_weight", F.lit(1.0))
+    item_users = base.where(F.col("fscore") > 0).groupBy("item_idx").agg(F.count(F.lit(1)).alias("item_users"))
+    weight = F.lit(1.0)
+    if idf_items or popular_share_cap < 1.0:
+        users = interactions.where(F.col("score") > 0).agg(F.countDistinct("user_idx")).first()[0] or 1
+        share = F.col("item_users") / F.lit(float(users))
+        if idf_items:
+            weight = weight * F.log1p(F.lit(float(users)) / F.col("item_users"))
+        if popular_share_cap < 1.0:
+            weight = weight * F.least(F.lit(1.0), F.lit(float(popular_share_cap)) / share)
+    item_weights = base.select("item_idx").distinct().join(item_users, "item_idx", "left")
+    if excluded is not None:
+        flagged = excluded.select(F.col("item_idx").cast("int"), F.lit(True).alias("excluded")).distinct()
+        item_weights = item_weights.join(flagged, "item_idx", "left")
+        weight = F.when(F.col("excluded").isNotNull(), F.lit(0.0)).otherwise(weight)
+    item_weights = item_weights.select(
+        "item_idx", F.when(F.col("item_users") > 0, weight).otherwise(F.lit(0.0)).alias("item_weight"))
     weighted = base.join(item_weights, "item_idx", "left").select(
         "user_idx", "item_idx", (F.col("fscore") * F.coalesce("item_weight", F.lit(0.0))).alias("weighted"))
+    weighted = weighted.where(F.col("weighted") > 0)
     if row_normalize:
         user_scales = weighted.groupBy("user_idx").agg(F.sum("weighted").alias("row_total")).select(
             "user_idx", F.when(F.col("row_total") > 0, 1.0 / F.col("row_total")).otherwise(1.0).alias("row_scale"))
@@ -85,6 +103,17 @@ def transform_scores(
     entries = weighted.join(user_scales, "user_idx").select(
         "user_idx", "item_idx", (F.col("weighted") * F.col("row_scale")).alias("value"))
     return entries, user_scales, item_weights
+
+
+def excluded_item_indices(item_index: DataFrame, products: DataFrame | None,
+                          patterns: tuple[str, ...] | list[str]) -> DataFrame:
+    """(item_idx, item_id, reason) of the indexed items the segments leave out: the items
+    ``lib.products.excluded_items`` keeps out of every list (ids matching products.exclude_item_patterns,
+    such as postage and manual adjustments, and, with a catalog, unavailable or unrecommendable items)."""
+    from lib.products import excluded_items
+
+    return (item_index.join(excluded_items(products, item_index, patterns), "item_id")
+            .select("item_idx", "item_id", "reason"))
 
 
 def factor_table(
@@ -135,23 +164,49 @@ def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str) -> 
 
 def segment_profiles(
     user_segments: DataFrame, item_factors: DataFrame, k: int, top_n: int, run_id: str,
+    products: DataFrame | None = None, excluded: DataFrame | None = None,
 ) -> DataFrame:
-    """One row per segment: size, share of assigned users, top items by normalized H weight, a label."""
+    """One row per segment: size, share of assigned users, top items by normalized H weight, a label.
+
+    The label is the three top item ids; with ``products`` (the catalog: item_id, name, category) it is
+    the segment's dominant category (the largest summed weight among its top items) and the three top
+    items' names (an item the catalog does not name keeps its id). ``excluded`` items (item_id) are
+    never among the top items.
+    """
     sizes = user_segments.groupBy("segment_id").agg(F.count(F.lit(1)).alias("size"))
     total = F.sum("size").over(Window.partitionBy())
     items = item_factors.select("item_id", F.posexplode("factors").alias("segment_id", "weight"))
+    if excluded is not None:
+        items = items.join(excluded.select("item_id").distinct(), "item_id", "left_anti")
     normalized = items.withColumn(
         "weight", F.col("weight") / F.sum("weight").over(Window.partitionBy("segment_id")))
     ranked = normalized.where(F.col("weight") > 0).withColumn(
         "rank", F.row_number().over(Window.partitionBy("segment_id").orderBy(F.desc("weight"), "item_id")))
-    top = (ranked.where(F.col("rank") <= top_n)
-           .groupBy("segment_id")
-           .agg(F.sort_array(F.collect_list(F.struct("rank", "item_id", "weight"))).alias("ranked")))
+    ranked = ranked.where(F.col("rank") <= top_n)
+    if products is not None:
+        names = products.select("item_id", F.trim("name").alias("name"), F.trim("category").alias("category"))
+        ranked = ranked.join(names, "item_id", "left").withColumn(
+            "name", F.when(F.length("name") > 0, F.col("name")).otherwise(F.col("item_id")))
+        categories = (ranked.where(F.length("category") > 0).groupBy("segment_id", "category")
+                      .agg(F.sum("weight").alias("category_weight"))
+                      .withColumn("pick", F.row_number().over(
+                          Window.partitionBy("segment_id").orderBy(F.desc("category_weight"), "category")))
+                      .where(F.col("pick") == 1).select("segment_id", "category"))
+    else:
+        ranked = ranked.withColumn("name", F.col("item_id"))
+    top = (ranked.groupBy("segment_id")
+           .agg(F.sort_array(F.collect_list(F.struct("rank", "item_id", "weight", "name"))).alias("ranked")))
+    names_label = F.concat_ws(" / ", F.slice(F.transform("ranked", lambda r: r["name"]), 1, 3))
     top = top.select(
         "segment_id",
         F.transform("ranked", lambda r: F.struct(r["item_id"].alias("item_id"), r["weight"].alias("weight"))).alias("top_items"),
-        F.concat_ws(" / ", F.slice(F.transform("ranked", lambda r: r["item_id"]), 1, 3)).alias("label"),
+        names_label.alias("label"),
     )
+    if products is not None:
+        top = top.join(categories, "segment_id", "left").select(
+            "segment_id", "top_items",
+            F.when(F.col("category").isNotNull(), F.concat_ws(": ", "category", "label"))
+            .otherwise(F.col("label")).alias("label"))
     all_segments = item_factors.sparkSession.range(k).select(F.col("id").cast("int").alias("segment_id"))
     return (
         all_segments.join(sizes, "segment_id", "left").join(top, "segment_id", "left")
@@ -160,6 +215,111 @@ def segment_profiles(
         .select("segment_id", "size", "share", "top_items",
                 F.coalesce("label", F.lit("(empty)")).alias("label"), F.lit(run_id).alias("run_id"))
     )
+
+
+def adjusted_rand_index(contingency: np.ndarray) -> float:
+    """ARI of two labelings from their contingency table (counts[a, b]); 1.0 when both put everyone together."""
+    table = np.asarray(contingency, dtype=float)
+    n = table.sum()
+
+    def pairs(x):
+        return float(np.sum(x * (x - 1) / 2.0))
+
+    index, rows, cols = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    total = n * (n - 1) / 2.0
+    if total == 0:
+        return 1.0
+    expected = rows * cols / total
+    maximum = (rows + cols) / 2.0
+    if maximum == expected:
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def assignment_agreement(first: DataFrame, second: DataFrame) -> float:
+    """ARI between two (user_id, segment_id) assignments over the users both assign (a k x k table
+    is all that reaches the driver)."""
+    counts = (first.select("user_id", F.col("segment_id").alias("a"))
+              .join(second.select("user_id", F.col("segment_id").alias("b")), "user_id")
+              .groupBy("a", "b").count().collect())
+    if not counts:
+        return float("nan")
+    size = max(max(row["a"], row["b"]) for row in counts) + 1
+    table = np.zeros((size, size))
+    for row in counts:
+        table[row["a"], row["b"]] = row["count"]
+    return adjusted_rand_index(table)
+
+
+def top_item_lifts(interactions: DataFrame, user_index: DataFrame, item_index: DataFrame,
+                   user_segments: DataFrame, profiles: DataFrame) -> DataFrame:
+    """(segment_id, item_id, lift) for each segment's top items: the share of the segment's customers who
+    have the item over the share of all assigned customers who have it (1 = no more than anyone)."""
+    members = user_segments.join(user_index, "user_id").select("user_idx", "segment_id")
+    top = (profiles.select("segment_id", F.explode("top_items").alias("top"))
+           .select("segment_id", F.col("top.item_id").alias("item_id"))
+           .join(item_index, "item_id"))
+    had = interactions.where(F.col("score") > 0).select("user_idx", "item_idx").distinct().join(members, "user_idx")
+    everyone = had.join(top.select("item_idx").distinct(), "item_idx").groupBy("item_idx").agg(
+        F.count(F.lit(1)).alias("item_users"))
+    within = had.join(top, ["item_idx", "segment_id"]).groupBy("segment_id", "item_idx").agg(
+        F.count(F.lit(1)).alias("segment_item_users"))
+    sizes = members.groupBy("segment_id").agg(F.count(F.lit(1)).alias("segment_users"))
+    assigned = members.agg(F.count(F.lit(1)).alias("assigned"))
+    return (top.join(within, ["segment_id", "item_idx"], "left").join(everyone, "item_idx", "left")
+            .join(sizes, "segment_id", "left").crossJoin(assigned)
+            .select("segment_id", "item_id",
+                    F.when(F.col("item_users") > 0,
+                           (F.coalesce("segment_item_users", F.lit(0)) / F.col("segment_users"))
+                           / (F.col("item_users") / F.col("assigned"))).otherwise(F.lit(0.0)).alias("lift")))
+
+
+@dataclass(frozen=True)
+class SegmentQuality:
+    """How usable one run's segments are (one row of ``segment_quality``)."""
+
+    k: int
+    users: int                 # users in the matrix
+    assigned_share: float      # share of them with a segment
+    largest_share: float       # share of assigned users in the largest segment (1/k at best)
+    size_entropy: float        # entropy of the segment sizes / log k (1 = equal sizes, 0 = one segment)
+    stability_ari: float       # ARI between this fit and one with segments.seed + 1 (nan: not measured)
+    top_lifts: tuple[float, ...]  # per segment: mean lift of its top items over the global rate
+    excluded_items: int
+    capped_items: int          # items down-weighted by segments.popular_share_cap
+
+    @property
+    def min_top_lift(self) -> float:
+        return min(self.top_lifts) if self.top_lifts else float("nan")
+
+    @property
+    def median_top_lift(self) -> float:
+        return float(np.median(self.top_lifts)) if self.top_lifts else float("nan")
+
+    def row(self, run_id: str) -> tuple:
+        return (run_id, int(self.k), int(self.users), float(self.assigned_share), float(self.largest_share),
+                float(self.size_entropy), float(self.stability_ari), float(self.min_top_lift),
+                float(self.median_top_lift), [float(v) for v in self.top_lifts], int(self.excluded_items),
+                int(self.capped_items))
+
+
+def size_balance(sizes: list[int], k: int) -> tuple[float, float]:
+    """(largest share, entropy of the size distribution / log k) of segment sizes."""
+    total = float(sum(sizes))
+    if total <= 0:
+        return float("nan"), float("nan")
+    shares = np.array([size / total for size in sizes if size > 0])
+    entropy = float(-(shares * np.log(shares)).sum() / math.log(k)) if k > 1 else 1.0
+    return float(shares.max()), entropy
+
+
+def capped_item_count(interactions: DataFrame, cap: float) -> int:
+    """How many items more than a share ``cap`` of the users have (those segments.popular_share_cap damps)."""
+    if cap >= 1.0:
+        return 0
+    had = interactions.where(F.col("score") > 0)
+    users = had.agg(F.countDistinct("user_idx")).first()[0] or 0
+    return had.groupBy("item_idx").count().where(F.col("count") > cap * users).count()
 
 
 def _gram_partials(factors: DataFrame, k: int) -> DataFrame:

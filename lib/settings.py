@@ -183,6 +183,7 @@ class OutputSettings:
 @dataclass(frozen=True)
 class SampleSettings:
     path: str
+    mode: str
     users: int
     items: int
     events: int
@@ -198,6 +199,10 @@ class SampleSettings:
         for key in ("users", "items", "events", "segments", "days"):
             require(getattr(self, key) >= 1, f"sample.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(self.items >= 2 * self.segments, "sample.items", f"must be >= twice sample.segments ({self.segments})")
+        one_of(self.mode, ("planted", "realistic"), "sample.mode")
+        if self.mode == "realistic":  # lib.sample_realistic: 3 best sellers, 2+ items per segment and general
+            require(self.items >= 3 + 2 * (self.segments + 1), "sample.items",
+                    f"must be >= {3 + 2 * (self.segments + 1)} in realistic mode (sample.segments = {self.segments})")
         require(0.0 <= self.in_segment_share <= 1.0, "sample.in_segment_share", "must be in [0, 1]")
         require(0.0 <= self.churn_fraction < 1.0, "sample.churn_fraction", "must be in [0, 1)")
         parse_utc(self.end_date, "sample.end_date")
@@ -362,6 +367,8 @@ class SegmentsSettings:
     transform: str
     idf_items: bool
     row_normalize: bool
+    popular_share_cap: float
+    stability_check: bool
     top_items: int
     sweep_ks: tuple[int, ...]
     sweep_max_iter: int
@@ -385,6 +392,8 @@ class SegmentsSettings:
         require(self.top_items >= 1, "segments.top_items", "must be >= 1")
         require(all(k >= 1 for k in self.sweep_ks), "segments.sweep_ks", f"must hold integers >= 1, got {list(self.sweep_ks)}")
         require(self.sweep_max_iter >= 1, "segments.sweep_max_iter", "must be >= 1")
+        require(0.0 < self.popular_share_cap <= 1.0, "segments.popular_share_cap",
+                f"must be in (0, 1] (1: off), got {self.popular_share_cap}")
 
 
 SCORE_MODELS = ("logistic_regression", "gbt")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from jobs.common import run_stage
 from lib import catalog as C
-from lib import ingest
+from lib import ingest, readers
 
 HEADER = "event_id,user_id,item_id,event_type,event_ts,quantity,revenue"
 TS = "2026-10-01T10:00:00Z"
@@ -140,3 +140,15 @@ def test_latin1_input_is_decoded_when_declared(spark, tmp_path, context):
     assert run_stage(latin1, "ingest").rows_out == 1
     row = latin1.tables.read(spark, C.EVENTS).first()
     assert (row["user_id"], row["item_id"]) == ("Zoë", "Crème brûlée")
+
+
+def test_a_directory_of_csv_files_with_headers_bom_and_crlf(spark, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "part-1.csv").write_bytes(f"\ufeff{HEADER}\r\nv1,u1,i1,view,{TS},,\r\nv2,u2,i2,view,{TS},,\r\n".encode())
+    (folder / "part-2.csv").write_bytes(f"{HEADER}\nv3,u3,i3,view,{TS},,\n\nm1,u1\n".encode())
+    raw = readers.read_raw(spark, str(folder), "csv")
+    rows = {r["event_id"] or r["_raw_line"]: (r["_read_error"], r["_source_file"].rsplit("/", 1)[-1])
+            for r in raw.select("event_id", "_raw_line", "_read_error", "_source_file").collect()}
+    assert rows == {"v1": (None, "part-1.csv"), "v2": (None, "part-1.csv"), "v3": (None, "part-2.csv"),
+                    "m1,u1": ("malformed_record", "part-2.csv")}
