@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
 from lib import catalog as C
-from lib.interactions import index_additions, score_events, to_matrix_entries
+from lib.interactions import grow_index, score_events, to_matrix_entries
 from lib.runs import StageResult
 
 log = logging.getLogger("jobs.build_interactions")
@@ -17,7 +17,9 @@ log = logging.getLogger("jobs.build_interactions")
 def run(ctx: StageContext) -> StageResult:
     settings = ctx.settings.interactions
     spark, tables = ctx.spark, ctx.tables
-    events = tables.require(spark, C.EVENTS, "ingest")
+    tables.require(spark, C.EVENTS, "ingest")
+    # One snapshot of events for the whole stage: a concurrent ingest must not change what is counted.
+    events = tables.read(spark, C.EVENTS, tables.version(spark, C.EVENTS))
 
     as_of = settings.as_of_utc
     if as_of is None:
@@ -29,15 +31,10 @@ def run(ctx: StageContext) -> StageResult:
     log.info("scoring events as of %s, half-life %.1f days", as_of.isoformat(), settings.half_life_days)
 
     scored = score_events(events, settings.weights, settings.half_life_days, as_of).persist()
-    existing = [tables.read(spark, t) if tables.exists(spark, t) else None for t in (C.USER_INDEX, C.ITEM_INDEX)]
-    additions = index_additions(scored, *existing, ctx.settings.spark.shuffle_partitions)
-    for table, before, new_rows in zip((C.USER_INDEX, C.ITEM_INDEX), existing, additions):
-        new_rows = new_rows.persist()
-        added = new_rows.count()
-        if added or before is None:
-            tables.append(new_rows, table)
-        new_rows.unpersist()
-        log.info("%s: %d new ids appended", table.name, added)
+    partitions = ctx.settings.spark.shuffle_partitions
+    for table, id_col, idx_col in ((C.USER_INDEX, "user_id", "user_idx"), (C.ITEM_INDEX, "item_id", "item_idx")):
+        added = grow_index(spark, tables, table, scored.select(id_col), id_col, idx_col, partitions)
+        log.info("%s: %d new ids added", table.name, added)
 
     user_index, item_index = tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)
     tables.overwrite(to_matrix_entries(scored, user_index, item_index), C.INTERACTIONS)
@@ -47,10 +44,14 @@ def run(ctx: StageContext) -> StageResult:
         F.count(F.lit(1)).alias("entries"), F.sum("n_events").alias("events_used"),
         F.countDistinct("user_idx").alias("users"), F.countDistinct("item_idx").alias("items"),
     ).first()
-    rows_in = events.count()
-    counts = {"users": int(written["users"]), "items": int(written["items"]),
-              "events_used": int(written["events_used"] or 0),
-              "events_after_as_of": rows_in - int(written["events_used"] or 0)}
+    snapshot = events.agg(F.count(F.lit(1)).alias("rows"),
+                          F.sum(F.when(F.col("event_ts") <= F.lit(as_of), 1).otherwise(0)).alias("until_as_of")).first()
+    rows_in, used = int(snapshot["rows"]), int(written["events_used"] or 0)
+    if used != int(snapshot["until_as_of"] or 0):  # every event up to as_of lands in exactly one entry
+        raise ValueError(f"interactions count {used} events but events holds {snapshot['until_as_of']} up to "
+                         f"{as_of.isoformat()}: ids are missing from user_index / item_index")
+    counts = {"users": int(written["users"]), "items": int(written["items"]), "events_used": used,
+              "events_after_as_of": rows_in - used}
     return StageResult(rows_in=rows_in, rows_out=int(written["entries"]), counts=counts,
                        message=f"as_of={as_of.isoformat()}")
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 
+from jobs.stages import BY_NAME, StageSpec
 from lib import catalog as C
 from lib.config import ConfigError, parse_toml, resolve
+from lib.quality import GateInput, check_gates, quality_rows, raise_on_failure
 from lib.runs import StageResult, run_record
 from lib.settings import OutputSettings, Settings
-from lib.storage import Tables
+from lib.storage import COMMIT_METADATA_CONF, Tables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.toml"
@@ -89,30 +91,76 @@ def get_session(app_name: str, settings: Settings) -> SparkSession:
 
 
 def run_stage(ctx: StageContext, name: str) -> StageResult:
-    """Run one registered stage and record it in ``pipeline_runs`` as success or failure (then re-raise)."""
-    from jobs.stages import BY_NAME
+    """Run one registered stage all-or-nothing, recorded in ``pipeline_runs``.
 
+    A ``running`` row is written first (a killed run stays visible as one), then the stage runs with
+    every Delta commit tagged ``<run_id>:<stage>``, then its data-quality gates. When the stage or a
+    gate fails, every table the registry says it writes is restored to the version it had before
+    (only where all newer commits carry this run's tag), the row becomes ``failed`` with the error,
+    and the error is re-raised.
+    """
     stage = BY_NAME[name]
-    tables = ctx.tables
+    spark, tables = ctx.spark, ctx.tables
+    tag = f"{ctx.run_id}:{name}"
     started = datetime.now(timezone.utc)
     log.info("stage %s: started (run %s)", name, ctx.run_id)
+    versions_before = {table.name: tables.version(spark, table) for table in stage.writes}
+    tables.append(run_record(spark, ctx.run_id, name, "running", started, None, StageResult()), C.PIPELINE_RUNS)
+    spark.conf.set(COMMIT_METADATA_CONF, tag)
     try:
         result = stage.run(ctx)
+        measurements = check_gates(name, GateInput(spark, tables, ctx.settings, result, versions_before))
+        if measurements:
+            tables.append(quality_rows(spark, ctx.run_id, name, measurements), C.DATA_QUALITY)
+        raise_on_failure(name, measurements)
     except Exception as err:
         finished = datetime.now(timezone.utc)
         message = f"{type(err).__name__}: {err}"
         log.error("stage %s: failed after %.1f s: %s", name, (finished - started).total_seconds(), message)
         try:
-            tables.append(run_record(ctx.spark, ctx.run_id, name, "failed", started, finished,
-                                     StageResult(message=message)), C.PIPELINE_RUNS)
-        except Exception:  # the original error matters more than a failed bookkeeping write
-            log.error("could not record the failure in pipeline_runs:\n%s", traceback.format_exc())
+            spark.conf.unset(COMMIT_METADATA_CONF)
+            message += rollback(ctx, stage, versions_before, tag)
+            _finish(ctx, name, "failed", started, finished, StageResult(message=message))
+        except Exception:  # the original error matters more than a failed rollback or bookkeeping write
+            log.error("could not roll back or record the failure:\n%s", traceback.format_exc())
         raise
+    finally:
+        spark.conf.unset(COMMIT_METADATA_CONF)
     finished = datetime.now(timezone.utc)
-    tables.append(run_record(ctx.spark, ctx.run_id, name, "success", started, finished, result), C.PIPELINE_RUNS)
+    _finish(ctx, name, "success", started, finished, result)
     log.info("stage %s: done in %.1f s, rows_in=%s rows_out=%s %s %s", name,
              (finished - started).total_seconds(), result.rows_in, result.rows_out, result.counts, result.message)
     return result
+
+
+def _finish(ctx: StageContext, name: str, status: str, started: datetime, finished: datetime,
+            result: StageResult) -> None:
+    """Replace this attempt's ``running`` row with its outcome."""
+    row = run_record(ctx.spark, ctx.run_id, name, status, started, finished, result)
+    ctx.tables.upsert(ctx.spark, row, C.PIPELINE_RUNS,
+                      "target.run_id = source.run_id AND target.stage = source.stage "
+                      "AND target.started_at = source.started_at AND target.status = 'running'")
+
+
+def rollback(ctx: StageContext, stage: StageSpec, versions_before: dict[str, int | None], tag: str) -> str:
+    """Restore the stage's tables to ``versions_before``; returns a note for the run's message."""
+    restored, kept = [], []
+    for table in stage.writes:
+        commits = ctx.tables.commits_since(ctx.spark, table, versions_before[table.name])
+        if not commits:
+            continue
+        if all(metadata == tag for _, metadata in commits):
+            ctx.tables.restore(ctx.spark, table, versions_before[table.name])
+            restored.append(table.name)
+        else:  # another run committed too: restoring would undo its work
+            kept.append(table.name)
+    if restored:
+        log.warning("stage %s failed: restored %s to their previous versions", stage.name, ", ".join(restored))
+    if kept:
+        log.warning("stage %s failed: %s also hold another run's commits and were NOT restored",
+                    stage.name, ", ".join(kept))
+    return ((f"; restored {', '.join(restored)}" if restored else "")
+            + (f"; not restored (concurrent commits): {', '.join(kept)}" if kept else ""))
 
 
 def setup_logging() -> None:
@@ -137,7 +185,6 @@ def start_job(name: str, description: str, argv: list[str] | None = None) -> Sta
 
 def main_for(name: str, argv: list[str] | None = None) -> StageResult:
     """Entry point of a single-stage job: settings, session, the registered stage under bookkeeping."""
-    from jobs.stages import BY_NAME
 
     ctx = start_job(name, BY_NAME[name].summary, argv)
     return run_stage(ctx, name)

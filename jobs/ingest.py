@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
+from pyspark.sql import functions as F
+
 from jobs.common import StageContext, main_for, sample_root
 from lib import catalog as C
 from lib import ingest, readers
+from lib.privacy import load_key, pseudonymize_events
 from lib.runs import StageResult
 from lib.storage import is_delta_path
 
@@ -28,8 +31,10 @@ def input_location(ctx: StageContext) -> tuple[str, str]:
 
 
 def run(ctx: StageContext) -> StageResult:
-    source, settings = ctx.settings.input, ctx.settings.ingest
+    source, settings, privacy = ctx.settings.input, ctx.settings.ingest, ctx.settings.privacy
     spark, tables = ctx.spark, ctx.tables
+    # Fails before reading anything when pseudonymisation is on and the key is missing.
+    key = load_key(privacy.key_env, privacy.secret_scope, privacy.secret_key) if privacy.pseudonymize else None
     location, fmt = input_location(ctx)
     now = settings.now_utc or datetime.now(timezone.utc)
     rules = ingest.Rules(event_types=settings.event_types, latest=now + timedelta(minutes=settings.future_skew_minutes),
@@ -42,11 +47,18 @@ def run(ctx: StageContext) -> StageResult:
                            json_columns=sorted({*source.source_names.values(), *source.revenue_product}))
     rows_in = raw.count()  # the reader's own record count, independent of the sorting below
     stored = tables.read(spark, C.EVENTS) if tables.exists(spark, C.EVENTS) else None
-    resolved = ingest.resolve(ingest.classify(ingest.normalize(raw, source), rules), stored).persist()
+    classified = ingest.classify(ingest.normalize(raw, source), rules)
+    identities = None
+    if key is not None:  # stored events hold pseudonyms: compare and store the batch's the same way
+        classified, identities = pseudonymize_events(classified, key)
+    resolved = ingest.resolve(classified, stored).persist()
     try:
         outcome = ingest.count_outcomes(resolved)
         ingest.check_reconciliation(rows_in, outcome)
         ingest.check_quarantine_share(rows_in, outcome, settings.max_quarantine_share)
+        if identities is not None:
+            tables.insert_new(spark, identities.withColumn("first_seen_run_id", F.lit(ctx.run_id)),
+                              C.USER_IDENTITIES, ["user_key"])
         new_quarantined = tables.insert_new(spark, ingest.quarantined_rows(resolved, ctx.run_id),
                                             C.EVENTS_QUARANTINE, ["raw_hash", "reason"])
         inserted = tables.insert_new(spark, ingest.valid_events(resolved, ctx.run_id), C.EVENTS, ["event_id"])

@@ -41,7 +41,7 @@ GENERATE_EVENTS = StageSpec(
     reads=(), writes=())
 INGEST = StageSpec(
     "ingest", "validate the raw clickstream into events, quarantine the rest",
-    reads=(), writes=(C.EVENTS, C.EVENTS_QUARANTINE))
+    reads=(), writes=(C.EVENTS, C.EVENTS_QUARANTINE, C.USER_IDENTITIES))
 INGEST_PRODUCTS = StageSpec(
     "ingest_products", "validate the optional product catalog (input.items) into products, quarantine the rest",
     reads=(), writes=(C.PRODUCTS, C.PRODUCTS_QUARANTINE))
@@ -75,10 +75,14 @@ CAMPAIGN_REPORT = StageSpec(
     reads=(C.EVENTS, C.CAMPAIGN_AUDIENCE),
     writes=(C.CAMPAIGN_RESULTS,))
 
+FORGET_USERS = StageSpec(
+    "forget_users", "erase customers listed in privacy.erasure_request from every table, then VACUUM",
+    reads=(), writes=())  # deletes rather than writes: not rolled back, safe to re-run
+
 # The pipeline's stages in run order (generate_events runs first only for the embedded sample).
 PIPELINE: tuple[StageSpec, ...] = (INGEST, INGEST_PRODUCTS, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
                                     PLAN_SENDS, BUILD_AUDIENCE, CAMPAIGN_REPORT)
-ALL_STAGES: tuple[StageSpec, ...] = (GENERATE_EVENTS, *PIPELINE)
+ALL_STAGES: tuple[StageSpec, ...] = (GENERATE_EVENTS, *PIPELINE, FORGET_USERS)
 BY_NAME = {stage.name: stage for stage in ALL_STAGES}
 
 
@@ -92,7 +96,7 @@ def tables_markdown() -> str:
     for table in C.ALL_TABLES:
         columns = ", ".join(f.name + (" (partition)" if f.name in table.partition_by else "")
                             for f in table.schema.fields)
-        written_by = ", ".join(writers.get(table.name, [])) or "every stage"
+        written_by = ", ".join(writers.get(table.name, [])) or "every stage (jobs.common.run_stage)"
         lines.append(f"| `{table.name}` | {columns} | {table.description} | {written_by} |")
     return "\n".join(lines)
 

@@ -59,6 +59,10 @@ def parse_ddl(ddl: str) -> T.StructType:
     return T.StructType([_parse_field(part) for part in _split_top(ddl, ",")])
 
 
+# Column names that hold customer ids or raw input rows (see TableSpec.personal, lib.privacy).
+PERSONAL_COLUMNS = ("user_id", "raw", "raw_line", "detail", "external_id")  # detail may quote input values
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One table: its name, its columns as a Spark DDL string, partition columns, what it holds."""
@@ -67,6 +71,11 @@ class TableSpec:
     ddl: str
     description: str
     partition_by: tuple[str, ...] = ()
+
+    @property
+    def personal(self) -> tuple[str, ...]:
+        """Columns that may hold a customer id: no Delta statistics are kept on them (erasable)."""
+        return tuple(name for name in self.columns if name in PERSONAL_COLUMNS)
 
     @property
     def schema(self) -> T.StructType:
@@ -195,6 +204,15 @@ HOLDOUT_ASSIGNMENTS = TableSpec(
     "user_id string, campaign_id string, control_bucket int, campaign_bucket int, variant string, run_id string",
     "per user and configured campaign: treatment, holdout or global_control (hash of salt and user id)",
 )
+USER_IDENTITIES = TableSpec(
+    "user_identities", "user_key string, user_id string, first_seen_run_id string",
+    "the only map from pseudonyms back to raw customer ids (privacy.pseudonymize); access-control it",
+)
+DATA_QUALITY = TableSpec(
+    "data_quality",
+    "run_id string, stage string, gate string, value double, threshold double, passed boolean, detail string",
+    "every data-quality gate measured after a stage: value, threshold, passed (appended)",
+)
 CAMPAIGN_AUDIENCE = TableSpec(
     "campaign_audience",
     "campaign_id string, user_id string, variant string, segment_id int, "
@@ -224,5 +242,8 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
     CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE, CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
+    DATA_QUALITY, USER_IDENTITIES,
 )
 BY_NAME = {spec.name: spec for spec in ALL_TABLES}
+# Written around every stage by jobs.common.run_stage rather than by a stage itself.
+BOOKKEEPING: tuple[TableSpec, ...] = (PIPELINE_RUNS, DATA_QUALITY)

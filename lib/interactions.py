@@ -1,10 +1,18 @@
 """Interactions: weighted, time-decayed (user, item) scores and dense, stable integer indices."""
 from __future__ import annotations
 
+import logging
+import random
+import time
 from datetime import datetime
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+
+from lib.catalog import TableSpec
+from lib.storage import Tables, is_commit_conflict
+
+log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -95,6 +103,33 @@ def index_additions(
     """New (user_id, user_idx) and (item_id, item_idx) rows for the ids of ``scored`` the indices lack."""
     return (extend_index(scored.select("user_id"), user_index, "user_id", "user_idx", partitions),
             extend_index(scored.select("item_id"), item_index, "item_id", "item_idx", partitions))
+
+
+def grow_index(spark: SparkSession, tables: Tables, table: TableSpec, ids: DataFrame, id_col: str, idx_col: str,
+               partitions: int = 8, attempts: int = 8) -> int:
+    """Add the ``ids`` the index table lacks, numbered after its largest index; return how many.
+
+    Safe against a concurrent writer: the insert is a MERGE that skips taken ids *and* taken
+    indices, so two runs can never give one index twice; a run that lost the commit race, or whose
+    numbers were taken, re-reads the index and numbers its remaining ids again.
+    """
+    added = 0
+    for attempt in range(1, attempts + 1):
+        existing = tables.read(spark, table) if tables.exists(spark, table) else None
+        new_rows = extend_index(ids, existing, id_col, idx_col, partitions)
+        wanted = new_rows.count()
+        if wanted == 0:
+            if existing is None:  # no ids at all: the (empty) index still exists for later stages
+                tables.insert_new(spark, new_rows, table, [id_col])
+            return added
+        try:
+            added += tables.insert_new(spark, new_rows, table, [id_col], also_unique=[idx_col], attempts=1)
+        except Exception as err:  # noqa: BLE001 - only a lost commit race is retried
+            if not is_commit_conflict(err) or attempt == attempts:
+                raise
+            log.warning("%s: a concurrent run extended the index first; renumbering (attempt %d)", table.name, attempt)
+            time.sleep(0.2 * attempt * (1 + random.random()))
+    raise RuntimeError(f"{table.name}: could not add new ids after {attempts} attempts against concurrent writers")
 
 
 def to_matrix_entries(scored: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:

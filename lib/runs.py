@@ -1,4 +1,4 @@
-"""Run bookkeeping: one ``pipeline_runs`` row per stage per run."""
+"""Run bookkeeping: one ``pipeline_runs`` row per stage per run (``running`` until it ends)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ def run_record(
     stage: str,
     status: str,
     started_at: datetime,
-    finished_at: datetime,
+    finished_at: datetime | None,
     result: StageResult,
 ) -> DataFrame:
     """A one-row DataFrame for ``pipeline_runs``."""

@@ -567,6 +567,18 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class QualitySettings:
+    enabled: bool
+    max_row_drop: float
+    max_segment_share: float
+    min_recommended_user_share: float
+
+    def __post_init__(self) -> None:
+        for key in ("max_row_drop", "max_segment_share", "min_recommended_user_share"):
+            require(0.0 <= getattr(self, key) <= 1.0, f"quality.{key}", f"must be in [0, 1], got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class SparkSettings:
     shuffle_partitions: int
     conf: dict[str, str] = field(default_factory=dict)
@@ -590,9 +602,11 @@ class Settings:
     scores: ScoresSettings
     send_time: SendTimeSettings
     holdout: HoldoutSettings
+    quality: QualitySettings
     campaigns: dict[str, CampaignSettings]
     exports: ExportsSettings
     campaign_report: CampaignReportSettings
+    privacy: PrivacySettings
     spark: SparkSettings
 
     def __post_init__(self) -> None:
@@ -627,7 +641,6 @@ class Settings:
     def holdout_shares(self) -> dict[str, float]:
         """Campaign id -> holdout share of the enabled campaigns (for lib.holdout.holdout_assignments)."""
         return {name: campaign.holdout_share for name, campaign in self.enabled_campaigns.items()}
-
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Settings":

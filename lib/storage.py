@@ -1,15 +1,65 @@
-"""Where the suite's Delta tables live: path-based under a root directory, or catalog tables.
+"""Where the suite's Delta tables live (paths under a root, or catalog tables) and how they are written.
 
-Every write is a single Delta commit (overwrite, append or insert-only MERGE), so a run that fails
-part-way leaves each table at its previous version, readable.
+Every write is one Delta commit (overwrite, append or insert-only MERGE) conformed to the table's
+catalog schema, retried with backoff when a concurrent writer wins the commit race (a failed commit
+leaves nothing behind, so a retry is safe). Stages that write several tables are made all-or-nothing
+one level up (``jobs.common.run_stage``) with ``version`` and ``restore``: each commit carries the
+run and stage in its ``userMetadata``, so a restore never rolls back another run's commits.
 """
 from __future__ import annotations
 
+import logging
+import random
+import shutil
+import time
+import uuid
 from dataclasses import dataclass
-from pyspark.sql import DataFrame, SparkSession
+from pathlib import Path
+from typing import Callable, TypeVar
+
 from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.types import DateType, NumericType, StringType, TimestampNTZType, TimestampType
 
 from lib.catalog import TableSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Delta's optimistic-concurrency failures: another writer committed first; the write may be retried.
+CONFLICT_MARKERS = (
+    "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+    "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
+    "ProtocolChangedException", "DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
+)
+COMMIT_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
+# Column types Delta keeps min/max statistics for (it refuses others in dataSkippingStatsColumns).
+STATS_TYPES = (NumericType, StringType, DateType, TimestampType, TimestampNTZType)
+
+
+def is_commit_conflict(err: BaseException) -> bool:
+    """True for a Delta commit lost to a concurrent writer (classic and Spark Connect errors alike)."""
+    text = f"{type(err).__name__}: {err}"
+    return any(marker in text for marker in CONFLICT_MARKERS)
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+    """Run ``action``; on a commit conflict wait (exponential backoff with jitter) and run it again.
+
+    ``action`` must recompute everything it derived from the table it writes: a retry sees the
+    winner's commit. After ``attempts`` conflicts the last error is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is a commit conflict
+            if not is_commit_conflict(err) or attempt == attempts:
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * (1 + random.random())
+            log.warning("%s: concurrent commit (%s), retry %d/%d in %.1f s", what, type(err).__name__,
+                        attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -46,16 +96,12 @@ class Tables:
             return spark.catalog.tableExists(self.location(table))
         return is_delta_path(spark, self.location(table))
 
-    def read(self, spark: SparkSession, table: TableSpec) -> DataFrame:
-        """Read the current version of a table."""
+    def read(self, spark: SparkSession, table: TableSpec, version: int | None = None) -> DataFrame:
+        """Read the current version of a table, or the given one (time travel)."""
+        reader = spark.read if version is None else spark.read.option("versionAsOf", version)
         if self.uses_catalog:
-            return spark.read.table(self.location(table))
-        return spark.read.format("delta").load(self.location(table))
-
-    def ensure_schema(self, spark: SparkSession) -> None:
-        """Create the catalog schema when tables are catalog tables (no-op for paths)."""
-        if self.uses_catalog:
-            spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.catalog}.{self.schema}")
+            return reader.table(self.location(table))
+        return reader.format("delta").load(self.location(table))
 
     def require(self, spark: SparkSession, table: TableSpec, producer: str) -> DataFrame:
         """Read a stage's input table, or fail naming the table and the stage that writes it."""
@@ -63,16 +109,42 @@ class Tables:
             raise ValueError(f"table {self.location(table)} does not exist: run the {producer} stage first")
         return self.read(spark, table)
 
+    def ensure_schema(self, spark: SparkSession) -> None:
+        """Create the catalog schema when tables are catalog tables (no-op for paths)."""
+        if self.uses_catalog:
+            spark.sql(f"CREATE SCHEMA IF NOT EXISTS {self.catalog}.{self.schema}")
+
+    def create(self, spark: SparkSession, table: TableSpec) -> None:
+        """Create the table empty, with no Delta statistics on its personal columns (so customer ids
+        never land in the transaction log, which VACUUM does not clean)."""
+        def attempt() -> None:
+            if self.exists(spark, table):
+                return
+            writer = table.empty(spark).write.format("delta").mode("append")
+            if table.partition_by:
+                writer = writer.partitionBy(*table.partition_by)
+            writer.saveAsTable(self.location(table)) if self.uses_catalog else writer.save(self.location(table))
+            if table.personal:
+                # Statistics only on plain, non-personal, non-partition columns (Delta refuses the others).
+                indexed = [f.name for f in table.schema.fields if f.name not in table.personal
+                           and f.name not in table.partition_by and isinstance(f.dataType, STATS_TYPES)]
+                setting = (f"'delta.dataSkippingStatsColumns' = '{','.join(indexed)}'" if indexed
+                           else "'delta.dataSkippingNumIndexedCols' = '0'")
+                spark.sql(f"ALTER TABLE {self.sql_name(table)} SET TBLPROPERTIES ({setting})")
+
+        with_retries(attempt, f"create {table.name}")
+
     def _write(self, df: DataFrame, table: TableSpec, mode: str) -> None:
+        if table.personal and not self.exists(spark := df.sparkSession, table):
+            self.create(spark, table)
         writer = table.conform(df).write.format("delta").mode(mode)
         if table.partition_by:
             writer = writer.partitionBy(*table.partition_by)
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
-        if self.uses_catalog:
-            writer.saveAsTable(self.location(table))
-        else:
-            writer.save(self.location(table))
+        target = self.location(table)
+        with_retries(lambda: writer.saveAsTable(target) if self.uses_catalog else writer.save(target),
+                     f"{mode} {table.name}")
 
     def overwrite(self, df: DataFrame, table: TableSpec) -> None:
         """Replace the table's contents (and schema) in one commit."""
@@ -82,29 +154,69 @@ class Tables:
         """Append rows in one commit, creating the table if needed."""
         self._write(df, table, "append")
 
-    def insert_new(
-        self,
-        spark: SparkSession,
-        source: DataFrame,
-        table: TableSpec,
-        keys: list[str],
-    ) -> int:
+    def insert_new(self, spark: SparkSession, source: DataFrame, table: TableSpec, keys: list[str],
+                   also_unique: list[str] = (), attempts: int = 6) -> int:
         """Insert the source rows whose ``keys`` are not in the table yet; return how many were inserted.
 
-        An insert-only MERGE: re-running with the same source inserts nothing. The table is created
-        (empty, with the source's schema) on first use.
+        An insert-only MERGE: re-running with the same source inserts nothing, and two writers at
+        once serialize (the loser's MERGE conflicts and is retried against the winner's rows). A row
+        whose ``also_unique`` column value is already taken is not inserted either. ``attempts=1``
+        leaves the retry to a caller that must recompute its rows. The table is created (empty, with
+        the catalog schema) on first use.
         """
         if not self.exists(spark, table):
-            self._write(source.limit(0), table, "append")
-        view = f"_insert_new_{table.name}"
+            self.create(spark, table)
+        view = f"_insert_new_{table.name}_{uuid.uuid4().hex[:8]}"  # unique: concurrent writers share a session
         table.conform(source).createOrReplaceTempView(view)
         condition = " AND ".join(f"target.`{key}` = source.`{key}`" for key in keys)
-        result = spark.sql(
-            f"MERGE INTO {self.sql_name(table)} AS target USING {view} AS source "
-            f"ON {condition} WHEN NOT MATCHED THEN INSERT *"
-        ).collect()
+        condition = " OR ".join([f"({condition})"] + [f"target.`{col}` = source.`{col}`" for col in also_unique])
+        statement = (f"MERGE INTO {self.sql_name(table)} AS target USING {view} AS source "
+                     f"ON {condition} WHEN NOT MATCHED THEN INSERT *")
+        result = with_retries(lambda: spark.sql(statement).collect(), f"merge into {table.name}", attempts)
         spark.catalog.dropTempView(view)
         return int(result[0]["num_inserted_rows"]) if result else 0
+
+    def upsert(self, spark: SparkSession, source: DataFrame, table: TableSpec, condition: str) -> None:
+        """MERGE ``source`` into the table: rows matching ``condition`` (SQL over ``target`` and
+        ``source``) are replaced, the others inserted; one commit, retried on conflicts."""
+        if not self.exists(spark, table):
+            self.create(spark, table)
+        view = f"_upsert_{table.name}_{uuid.uuid4().hex[:8]}"
+        table.conform(source).createOrReplaceTempView(view)
+        statement = (f"MERGE INTO {self.sql_name(table)} AS target USING {view} AS source ON {condition} "
+                     "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT *")
+        with_retries(lambda: spark.sql(statement).collect(), f"upsert into {table.name}")
+        spark.catalog.dropTempView(view)
+
+    def version(self, spark: SparkSession, table: TableSpec) -> int | None:
+        """The table's current Delta version, or None when it does not exist."""
+        try:
+            row = spark.sql(f"DESCRIBE HISTORY {self.sql_name(table)} LIMIT 1").select("version").first()
+        except AnalysisException:
+            return None
+        return None if row is None else int(row["version"])
+
+    def commits_since(self, spark: SparkSession, table: TableSpec, version: int | None) -> list[tuple[int, str]]:
+        """(version, userMetadata) of the table's commits after ``version`` (all of them for None)."""
+        try:
+            history = spark.sql(f"DESCRIBE HISTORY {self.sql_name(table)}")
+        except AnalysisException:
+            return []
+        if version is not None:
+            history = history.where(history["version"] > version)
+        return [(int(r["version"]), r["userMetadata"] or "") for r in history.select("version", "userMetadata").collect()]
+
+    def restore(self, spark: SparkSession, table: TableSpec, version: int | None) -> None:
+        """Put the table back at ``version``; a table that did not exist then is removed."""
+        if version is not None:
+            spark.sql(f"RESTORE TABLE {self.sql_name(table)} TO VERSION AS OF {version}")
+        elif self.uses_catalog:
+            spark.sql(f"DROP TABLE IF EXISTS {self.location(table)}")
+        elif "://" not in self.root or self.root.startswith("file:"):
+            shutil.rmtree(Path(self.location(table).removeprefix("file:")), ignore_errors=True)
+        else:
+            log.warning("%s was created by the failed stage and is left in place (remote path)",
+                        self.location(table))
 
 
 def is_delta_path(spark: SparkSession, path: str) -> bool:

@@ -247,7 +247,8 @@ def test_the_wheel_carries_the_entry_points_and_the_config(bundle, job, tmp_path
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
         metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
-    assert {"conf/base.toml", "conf/databricks.toml", "jobs/entrypoints.py", "lib/storage.py"} <= names
+    assert {"conf/base.toml", "conf/databricks.toml", "conf/sources/retailrocket.toml", "jobs/entrypoints.py",
+            "jobs/stages.py", "lib/storage.py", "lib/nmf/fit.py"} <= names
     for task in job.tasks:
         assert re.search(rf"^{re.escape(task.python_wheel_task.entry_point)} = ", entry_points, re.M)
     requirements = re.findall(r"^Requires-Dist: (.*)$", metadata, re.M)

@@ -1,0 +1,109 @@
+"""Keyed pseudonyms and erasure: an erased customer is gone from every table and every file on disk."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import functions as F
+
+from jobs.common import run_stage
+from lib import catalog as C
+from lib.privacy import PrivacyError, load_key, pseudonym
+
+ERASED = "alice-7f3c9e"      # distinctive, so a byte search cannot match anything else
+KEPT = "bob-41d2aa"
+CSV = f"""event_id,user_id,item_id,event_type,event_ts,quantity,revenue,campaign_id,channel
+e1,{ERASED},sku-1,view,2026-10-01T10:00:00Z,,,,web
+e2,{ERASED},sku-2,purchase,2026-10-02T10:00:00Z,1,19.5,,web
+e3,{KEPT},sku-1,view,2026-10-01T11:00:00Z,,,,web
+e4,{KEPT},sku-3,add_to_cart,2026-10-03T11:00:00Z,,,,app
+e5,{ERASED},sku-3,teleport,2026-10-03T12:00:00Z,,,,web
+"""
+
+
+def test_pseudonym_is_hmac_sha256(spark):
+    key = b"k" * 20
+    ids = ["u1", "jos\u00e9", "a" * 100]
+    got = [r[0] for r in spark.createDataFrame([(i,) for i in ids], "user_id string")
+           .select(pseudonym(F.col("user_id"), key)).collect()]
+    assert got == [hmac.new(key, i.encode(), hashlib.sha256).hexdigest() for i in ids]
+    long_key = b"x" * 100  # longer than a block: hashed first, as RFC 2104 says
+    assert spark.range(1).select(pseudonym(F.lit("u1"), long_key)).first()[0] == \
+        hmac.new(long_key, b"u1", hashlib.sha256).hexdigest()
+
+
+def test_missing_key_fails_naming_the_variable(monkeypatch):
+    monkeypatch.delenv("EP_TEST_KEY", raising=False)
+    with pytest.raises(PrivacyError, match="set the environment variable EP_TEST_KEY"):
+        load_key("EP_TEST_KEY")
+    monkeypatch.setenv("EP_TEST_KEY", "short")
+    with pytest.raises(PrivacyError, match="at least 16 characters"):
+        load_key("EP_TEST_KEY")
+
+
+def _strings_in_parquet(path: Path) -> set[str]:
+    table = pq.read_table(path)
+    found: set[str] = set()
+    for column in table.columns:
+        for value in column.to_pylist():
+            found.add(str(value))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pseudonymize", [False, True])
+def test_forget_removes_every_trace_after_vacuum(spark, tmp_path, context, monkeypatch, pseudonymize):
+    source = tmp_path / "clicks.csv"
+    source.write_text(CSV)
+    request = tmp_path / "erase.csv"
+    request.write_text(f"user_id\n{ERASED}\n")
+    root = tmp_path / "wh"
+    key = "test-key-0123456789abcdef"
+    monkeypatch.setenv("EP_TEST_PSEUDONYM_KEY", key)
+    ctx = context(f"input.events={source}", f"output.root={root}", "spark.shuffle_partitions=2",
+                  "ingest.now=2026-11-01T00:00:00+00:00", f"privacy.erasure_request={request}",
+                  "privacy.vacuum_retention_hours=0", f"privacy.pseudonymize={str(pseudonymize).lower()}",
+                  "privacy.key_env=EP_TEST_PSEUDONYM_KEY")
+    run_stage(ctx, "ingest")
+    run_stage(ctx, "build_interactions")
+    assert ctx.tables.read(spark, C.EVENTS_QUARANTINE).where(F.col("raw").contains(ERASED)).count() == 1
+    stored_ids = {r["user_id"] for r in ctx.tables.read(spark, C.EVENTS).select("user_id").distinct().collect()}
+    if pseudonymize:
+        expected = {hmac.new(key.encode(), raw.encode(), hashlib.sha256).hexdigest() for raw in (ERASED, KEPT)}
+        assert stored_ids == expected
+        identities = {(r["user_key"], r["user_id"]) for r in ctx.tables.read(spark, C.USER_IDENTITIES).collect()}
+        assert {raw for _, raw in identities} == {ERASED, KEPT} and {k for k, _ in identities} >= expected
+    else:
+        assert stored_ids == {ERASED, KEPT}
+    before_version = ctx.tables.version(spark, C.EVENTS)
+
+    result = run_stage(replace(ctx, run_id="erase-1"), "forget_users")
+    assert result.counts["deleted.events"] == 2 and result.counts["deleted.events_quarantine"] == 1
+    assert result.counts["deleted.user_index"] == 1 and result.counts["deleted.interactions"] == 2
+    assert result.counts.get("deleted.user_identities", 0) == (1 if pseudonymize else 0)
+
+    for table in C.ALL_TABLES:
+        if table in C.BOOKKEEPING or not ctx.tables.exists(spark, table):
+            continue
+        rows = ctx.tables.read(spark, table)
+        text = F.concat_ws("|", *[F.col(c).cast("string") for c in rows.columns])
+        assert rows.where(text.contains(ERASED)).count() == 0, table.name
+    assert ctx.tables.read(spark, C.EVENTS).count() == 2   # the other customer's events stay
+
+    # Nothing on disk: no data file holds the id (old versions were vacuumed), nor any log file.
+    data_files = [p for p in root.rglob("*.parquet") if "_delta_log" not in p.parts]
+    assert data_files
+    for path in data_files:
+        assert not any(ERASED in value for value in _strings_in_parquet(path)), path
+    for path in root.rglob("*"):
+        if path.is_file() and "_delta_log" in path.parts:
+            if path.suffix == ".parquet":
+                assert not any(ERASED in value for value in _strings_in_parquet(path)), path
+            else:
+                assert ERASED.encode() not in path.read_bytes(), path
+    with pytest.raises(Exception):  # the old version's files are gone: time travel cannot bring it back
+        ctx.tables.read(spark, C.EVENTS, before_version).where(F.col("user_id") == ERASED).count()
