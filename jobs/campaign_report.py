@@ -4,24 +4,14 @@ and a markdown report with a chart."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from jobs.common import StageContext, main_for
+from jobs.common import StageContext, main_for, report_directory
 from lib import catalog as C
 from lib.lift import lift_results, outcome_rows, write_lift_report
 from lib.runs import StageResult
 
 log = logging.getLogger("jobs.campaign_report")
 
-
-def report_directory(ctx: StageContext) -> Path | None:
-    """campaign_report.report_dir, else <output.root>/reports/campaigns (local roots only)."""
-    if ctx.settings.campaign_report.report_dir:
-        return Path(ctx.settings.campaign_report.report_dir)
-    tables = ctx.tables
-    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
-        return None
-    return Path(tables.root.removeprefix("file:")) / "reports" / "campaigns"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -45,7 +35,7 @@ def run(ctx: StageContext) -> StageResult:
                          f"({r['conversions']}/{r['recipients']} treated)")
         elif r["variant"] == "treatment":
             notes.append(f"{r['campaign_id']}: no holdout, no lift")
-    directory = report_directory(ctx)
+    directory = report_directory(ctx, ctx.settings.campaign_report.report_dir, "campaigns")
     if directory is not None:
         path = write_lift_report(directory, run_id, results, window, notes)
         log.info("campaign report written to %s", path)

@@ -190,6 +190,17 @@ def main_for(name: str, argv: list[str] | None = None) -> StageResult:
     return run_stage(ctx, name)
 
 
+def report_directory(ctx: StageContext, configured: str, name: str) -> Path | None:
+    """Where a stage's markdown report goes: the configured directory, else <output.root>/reports/<name>
+    on a local root; None (no report) for catalog tables or a remote root without a configured one."""
+    if configured:
+        return Path(configured)
+    tables = ctx.tables
+    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
+        return None
+    return Path(tables.root.removeprefix("file:")) / "reports" / name
+
+
 def read_matrix(ctx: StageContext) -> tuple[DataFrame, DataFrame, DataFrame]:
     """(interactions, user_index, item_index) as build_interactions wrote them, or fail naming the missing one."""
     return tuple(ctx.tables.require(ctx.spark, table, "build_interactions")  # type: ignore[return-value]

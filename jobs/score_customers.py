@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 from datetime import date
-from pathlib import Path
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for
+from jobs.common import StageContext, main_for, report_directory
 from lib import catalog as C
 from lib.features import resolve_as_of, segment_affinities
 from lib.runs import StageResult
@@ -23,26 +22,10 @@ log = logging.getLogger("jobs.score_customers")
 
 def replace_as_of(ctx: StageContext, tables: Tables, rows: DataFrame, as_of: date) -> None:
     """Write one as_of's rows in one Delta commit, replacing that date's earlier rows (replaceWhere)."""
-    spec = C.CUSTOMER_SCORES
-    if not tables.exists(ctx.spark, spec):
-        tables.append(rows, spec)
-        return
-    writer = (spec.conform(rows).write.format("delta").mode("overwrite")
-              .option("replaceWhere", f"as_of = DATE'{as_of.isoformat()}'"))
-    if tables.uses_catalog:
-        writer.saveAsTable(tables.location(spec))
+    if not tables.exists(ctx.spark, C.CUSTOMER_SCORES):
+        tables.append(rows, C.CUSTOMER_SCORES)
     else:
-        writer.save(tables.location(spec))
-
-
-def report_directory(ctx: StageContext) -> Path | None:
-    """scores.report_dir, else <output.root>/reports/scores beside the segment report (local roots only)."""
-    if ctx.settings.scores.report_dir:
-        return Path(ctx.settings.scores.report_dir)
-    tables = ctx.tables
-    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
-        return None
-    return Path(tables.root.removeprefix("file:")) / "reports" / "scores"
+        tables.replace_where(rows, C.CUSTOMER_SCORES, f"as_of = DATE'{as_of.isoformat()}'")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -73,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
         tables.append(spark.createDataFrame(
             [(run_id, as_of, t, m, metric, b, float(v)) for t, m, metric, b, v in outcome.metrics],
             C.MODEL_METRICS.schema), C.MODEL_METRICS)
-    directory = report_directory(ctx)
+    directory = report_directory(ctx, ctx.settings.scores.report_dir, "scores")
     message = (f"as_of={as_of} " + (" ".join(f"{t}={m}" for t, m in sorted(outcome.chosen.items())) if outcome.eligible
                                      else f"not scored: {outcome.reason} ({outcome.counts})"))
     if directory is not None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import numpy as np
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, read_matrix
+from jobs.common import StageContext, main_for, read_matrix, report_directory
 from lib import catalog as C
 from lib.report import write_segment_report
 from lib.runs import StageResult
@@ -19,15 +18,6 @@ from lib.segments import (SegmentQuality, assign_segments, assignment_agreement,
 
 log = logging.getLogger("jobs.segment_users")
 
-
-def report_directory(ctx: StageContext) -> Path | None:
-    """Where the report goes: segments.report_dir, else <output.root>/reports/segments on a local root."""
-    if ctx.settings.segments.report_dir:
-        return Path(ctx.settings.segments.report_dir)
-    tables = ctx.tables
-    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
-        return None
-    return Path(tables.root.removeprefix("file:")) / "reports" / "segments"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -114,7 +104,7 @@ def run(ctx: StageContext) -> StageResult:
              "min %.2f median %.2f", quality.largest_share, quality.size_entropy, quality.stability_ari,
              quality.min_top_lift, quality.median_top_lift)
 
-    directory = report_directory(ctx)
+    directory = report_directory(ctx, ctx.settings.segments.report_dir, "segments")
     if directory is None:
         log.info("segment report skipped: catalog tables and no segments.report_dir configured")
     else:

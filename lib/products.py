@@ -36,6 +36,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lib import readers
+
 CATALOG_COLUMNS = ("item_id", "name", "category", "price", "available", "recommendable")
 REASONS = ("missing_item_id", "duplicate_item_id", "bad_price", "negative_price", "bad_available",
            "bad_recommendable")
@@ -48,18 +50,13 @@ class CatalogError(ValueError):
 
 
 def infer_format(location: str, has_delta_log: bool) -> str:
-    """csv / json / parquet / delta / table from a location when ``products.format`` is empty."""
-    lowered = location.lower().rstrip("/")
-    for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".tsv", "csv"), (".json", "json"),
-                        (".jsonl", "json"), (".json.gz", "json"), (".parquet", "parquet")):
-        if lowered.endswith(suffix):
-            return fmt
-    if has_delta_log:
-        return "delta"
-    if "/" not in location and "." in location:
-        return "table"
-    raise CatalogError(f"cannot infer the format of input.items {location!r}: set products.format to csv, json, "
-                       "parquet, delta or table")
+    """csv / json / parquet / delta / table from a location when ``products.format`` is empty
+    (the same rules as the clickstream's, ``lib.readers.infer_format``)."""
+    try:
+        return readers.infer_format(location, has_delta_log)
+    except ValueError:
+        raise CatalogError(f"cannot infer the format of input.items {location!r}: set products.format to csv, "
+                           "json, parquet, delta or table") from None
 
 
 def read_catalog(spark: SparkSession, location: str, fmt: str, csv_delimiter: str = ",") -> DataFrame:

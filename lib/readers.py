@@ -205,7 +205,7 @@ def read_raw(spark: SparkSession, location: str, fmt: str, *, csv_delimiter: str
 def infer_format(location: str, has_delta_log: bool) -> str:
     """csv / json / parquet / delta / table from a location when input.format is not set."""
     lowered = location.lower().rstrip("/")
-    for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".json", "json"), (".jsonl", "json"),
+    for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".tsv", "csv"), (".json", "json"), (".jsonl", "json"),
                         (".json.gz", "json"), (".jsonl.gz", "json"), (".parquet", "parquet")):
         if lowered.endswith(suffix):
             return fmt

@@ -32,6 +32,8 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from lib.sample_data import _draw, _zipf_cdf  # the same Zipf tables and inverse-CDF draws as the planted sample
+
 BLOCK_EVENTS = 100_000
 # Non-product invoice codes, as a retailer's log has them (named after the UCI Online Retail codes).
 NON_PRODUCT_ITEMS = ("POST", "DOT", "C2", "M", "BANK CHARGES")
@@ -100,15 +102,6 @@ class _Planted:
     tail_items: np.ndarray      # every product, most popular first
     tail_cdf: np.ndarray
     price: np.ndarray
-
-
-def _zipf_cdf(size: int, exponent: float) -> np.ndarray:
-    weights = 1.0 / np.arange(1, size + 1) ** exponent
-    return np.cumsum(weights) / weights.sum()
-
-
-def _draw(cdf: np.ndarray, uniform: np.ndarray) -> np.ndarray:
-    return np.minimum(np.searchsorted(cdf, uniform, side="right"), len(cdf) - 1)
 
 
 def segment_proportions(segments: int) -> np.ndarray:

@@ -134,13 +134,15 @@ class Tables:
 
         with_retries(attempt, f"create {table.name}")
 
-    def _write(self, df: DataFrame, table: TableSpec, mode: str) -> None:
+    def _write(self, df: DataFrame, table: TableSpec, mode: str, replace_where: str = "") -> None:
         if table.personal and not self.exists(spark := df.sparkSession, table):
             self.create(spark, table)
         writer = table.conform(df).write.format("delta").mode(mode)
+        if replace_where:
+            writer = writer.option("replaceWhere", replace_where)
         if table.partition_by:
             writer = writer.partitionBy(*table.partition_by)
-        if mode == "overwrite":
+        if mode == "overwrite" and not replace_where:
             writer = writer.option("overwriteSchema", "true")
         target = self.location(table)
         with_retries(lambda: writer.saveAsTable(target) if self.uses_catalog else writer.save(target),
@@ -149,6 +151,10 @@ class Tables:
     def overwrite(self, df: DataFrame, table: TableSpec) -> None:
         """Replace the table's contents (and schema) in one commit."""
         self._write(df, table, "overwrite")
+
+    def replace_where(self, df: DataFrame, table: TableSpec, condition: str) -> None:
+        """Replace the rows matching ``condition`` (e.g. one partition) by ``df`` in one commit."""
+        self._write(df, table, "overwrite", condition)
 
     def append(self, df: DataFrame, table: TableSpec) -> None:
         """Append rows in one commit, creating the table if needed."""

@@ -10,6 +10,7 @@ from pyspark.sql import functions as F
 from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
+from jobs.common import report_directory
 from lib import catalog as C
 from lib import sample_data
 from lib import sample_realistic as R
@@ -178,7 +179,7 @@ def test_labels_use_the_catalog_and_unrecommendable_items_stay_out(spark, realis
     assert all(name.startswith("Category ") for name in categories)
     assert len(set(categories)) >= SPEC.segments - 1
 
-    report = segment_users.report_directory(ctx)
+    report = report_directory(ctx, ctx.settings.segments.report_dir, "segments")
     text = (report / "segments.md").read_text()
     assert (report / "segment_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![segment quality](segment_quality.png)" in text

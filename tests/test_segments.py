@@ -9,6 +9,7 @@ from pyspark.sql import functions as F
 from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
+from jobs.common import report_directory
 from lib import catalog as C
 from lib.config import ConfigError
 from lib.interactions import index_additions, score_events, to_matrix_entries
@@ -94,7 +95,7 @@ def test_profiles_report_and_sweep(spark, segmented):
     assert [row["k"] for row in sweep] == [2, 3]
     assert all(0 < row["rel_error"] < 1 and row["iterations"] <= 2 for row in sweep)
 
-    report = segment_users.report_directory(ctx)
+    report = report_directory(ctx, ctx.settings.segments.report_dir, "segments")
     text = (report / "segments.md").read_text()
     for name in ("segment_sizes.png", "convergence.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
