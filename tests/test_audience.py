@@ -15,6 +15,8 @@ from lib.config import ConfigError
 from lib.exports import read_export
 from lib.holdout import GLOBAL_KEY, bucket_of
 
+pytestmark = pytest.mark.slow  # runs whole stages on generated data
+
 USERS = [f"u{i:04d}" for i in range(400)]
 SALT = "ep-holdout-1"  # conf/base.toml's holdout.salt
 

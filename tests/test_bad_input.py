@@ -5,6 +5,9 @@ from pathlib import Path
 from jobs.common import run_stage
 from lib import catalog as C
 from lib import ingest, readers
+import pytest
+
+pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
 HEADER = "event_id,user_id,item_id,event_type,event_ts,quantity,revenue"
 TS = "2026-10-01T10:00:00Z"

@@ -167,6 +167,7 @@ def _sets(tmp_path: Path, csv_path: Path) -> list[str]:
             "ingest.now=2026-11-01T00:00:00+00:00"]
 
 
+@pytest.mark.slow
 def test_ingest_stage_reconciles_counts_and_is_idempotent(spark, tmp_path, context):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)
@@ -203,6 +204,7 @@ def test_ingest_stage_reconciles_counts_and_is_idempotent(spark, tmp_path, conte
     assert len(partitions) == 2  # 2026-10-01 and the epoch event's 2025-10-01
 
 
+@pytest.mark.slow
 def test_a_changed_payload_under_a_stored_event_id_is_a_conflict(spark, tmp_path, context):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)
@@ -223,6 +225,7 @@ def test_a_changed_payload_under_a_stored_event_id_is_a_conflict(spark, tmp_path
     assert "29.99" in conflict["raw_line"] and "already stored" in conflict["detail"]
 
 
+@pytest.mark.slow
 def test_too_much_quarantined_fails_before_writing(spark, tmp_path, context):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)
@@ -247,6 +250,7 @@ def test_too_much_quarantined_fails_before_writing(spark, tmp_path, context):
     assert (ok.rows_in, ok.rows_out, ok.counts["quarantined"]) == (5, 1, 4)
 
 
+@pytest.mark.slow
 def test_counts_that_do_not_reconcile_fail_the_stage_before_writing(spark, tmp_path, context, monkeypatch):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)
@@ -260,6 +264,7 @@ def test_counts_that_do_not_reconcile_fail_the_stage_before_writing(spark, tmp_p
     assert not ctx.tables.exists(spark, C.EVENTS)
 
 
+@pytest.mark.slow
 def test_failed_stage_is_recorded_and_leaves_tables_readable(spark, tmp_path, context):
     csv_path = tmp_path / "clicks.csv"
     csv_path.write_text(CSV)

@@ -14,6 +14,8 @@ from lib.config import ConfigError
 from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.sample_data import SampleSpec, generate_events
 
+pytestmark = pytest.mark.slow  # runs whole stages on generated data
+
 SETS = ("spark.shuffle_partitions=2", "recommend.top_n=5", "recommend.k_values=5,10",
         "recommend.tune_k=5", "recommend.min_history=8", "recommend.als.search=grid", "recommend.als.ranks=6",
         "recommend.als.reg_params=0.1", "recommend.als.alphas=1.0", "recommend.als.max_iter=5")

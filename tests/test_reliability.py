@@ -13,6 +13,8 @@ from jobs.common import run_stage
 from lib import catalog as C
 from lib.quality import DataQualityError
 
+pytestmark = pytest.mark.slow  # runs whole stages on generated data
+
 START = datetime(2026, 10, 1)
 
 

@@ -16,6 +16,8 @@ from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.sample_data import SampleSpec, generate_events, planted_user_segments
 from lib.segments import relative_error_from_tables
 
+pytestmark = pytest.mark.slow  # runs whole stages on generated data
+
 SPEC = SampleSpec(users=400, items=60, events=24_000, segments=4, seed=3)
 
 

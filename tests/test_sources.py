@@ -8,6 +8,8 @@ import pytest
 from jobs.common import BASE_CONFIG, load_settings, run_stage
 from lib import catalog as C
 
+pytestmark = pytest.mark.slow  # runs whole stages on generated data
+
 SOURCES = BASE_CONFIG.parent / "sources"
 
 
