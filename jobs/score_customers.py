@@ -52,10 +52,10 @@ def run(ctx: StageContext) -> StageResult:
                        ).first()
     rows.unpersist()
 
-    if outcome.metrics:
-        tables.append(spark.createDataFrame(
-            [(run_id, as_of, t, m, metric, b, float(v)) for t, m, metric, b, v in outcome.metrics],
-            C.MODEL_METRICS.schema), C.MODEL_METRICS)
+    # Appended even when empty (an ineligible run): the table then exists for readers and exports.
+    tables.append(spark.createDataFrame(
+        [(run_id, as_of, t, m, metric, b, float(v)) for t, m, metric, b, v in outcome.metrics],
+        C.MODEL_METRICS.schema), C.MODEL_METRICS)
     directory = report_directory(ctx, ctx.settings.scores.report_dir, "scores")
     message = (f"as_of={as_of} " + (" ".join(f"{t}={m}" for t, m in sorted(outcome.chosen.items())) if outcome.eligible
                                      else f"not scored: {outcome.reason} ({outcome.counts})"))
