@@ -49,6 +49,12 @@ HOUR_WEIGHTS = np.array(
 )
 
 
+def window_start_epoch(end_date: str, days: int) -> int:
+    """Epoch seconds of the sample window's first instant: ``days`` before midnight UTC of ``end_date``."""
+    end = datetime.combine(date.fromisoformat(end_date), datetime.min.time(), timezone.utc)
+    return int(end.timestamp()) - days * 86_400
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """Parameters of the generated clickstream."""
@@ -80,8 +86,7 @@ class SampleSpec:
 
     @property
     def start_epoch(self) -> int:
-        end = datetime.combine(date.fromisoformat(self.end_date), datetime.min.time(), timezone.utc)
-        return int(end.timestamp()) - self.days * 86_400
+        return window_start_epoch(self.end_date, self.days)
 
 
 @dataclass(frozen=True)

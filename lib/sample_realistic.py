@@ -32,7 +32,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lib.sample_data import _draw, _zipf_cdf  # the same Zipf tables and inverse-CDF draws as the planted sample
+from lib.sample_data import _draw, _zipf_cdf, window_start_epoch  # the same Zipf tables and inverse-CDF draws as the planted sample
 
 BLOCK_EVENTS = 100_000
 # Non-product invoice codes, as a retailer's log has them (named after the UCI Online Retail codes).
@@ -84,8 +84,7 @@ class RealisticSpec:
 
     @property
     def start_epoch(self) -> int:
-        end = datetime.combine(date.fromisoformat(self.end_date), datetime.min.time(), timezone.utc)
-        return int(end.timestamp()) - self.days * 86_400
+        return window_start_epoch(self.end_date, self.days)
 
 
 @dataclass(frozen=True)
