@@ -24,7 +24,7 @@ Lines are generated in blocks of ``BLOCK_EVENTS`` by ``mapInArrow`` with numpy, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Iterator
 
 import numpy as np
