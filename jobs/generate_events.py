@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from jobs.common import StageContext, main_for, sample_root
 from lib.runs import StageResult
+from lib.sample_campaign import sample_campaign_events
 from lib.sample_data import (SampleSpec, generate_events, planted_segment_items, planted_user_segments,
                              planted_users)
 
@@ -17,13 +18,20 @@ def run(ctx: StageContext) -> StageResult:
     spec = SampleSpec(**{key: value for key, value in asdict(ctx.settings.sample).items()
                          if key not in ("path", "mode")})
     root = sample_root(ctx.settings)
-    generate_events(ctx.spark, spec).write.mode("overwrite").parquet(f"{root}/events")
+    events = generate_events(ctx.spark, spec)
+    if spec.email_campaigns:
+        # The first enabled campaign, sent with a known lift, so campaign_report has a send to measure.
+        users = planted_users(ctx.spark, spec).select("user_id")
+        events = events.unionByName(sample_campaign_events(users, ctx.settings))
+    events.write.mode("overwrite").parquet(f"{root}/events")
     planted_user_segments(ctx.spark, spec).write.mode("overwrite").parquet(f"{root}/truth_user_segments")
     planted_segment_items(ctx.spark, spec).write.mode("overwrite").parquet(f"{root}/truth_segment_items")
     # Churn dates, the day churners stop opening, preferred email hours and weekdays: what the
     # score_customers and plan_sends tests measure recovery against.
     planted_users(ctx.spark, spec).write.mode("overwrite").parquet(f"{root}/truth_users")
-    return StageResult(rows_in=0, rows_out=spec.events, message=f"sample written to {root}")
+    written = ctx.spark.read.parquet(f"{root}/events").count()  # the sample plus the planted campaign
+    return StageResult(rows_in=0, rows_out=written, message=f"sample written to {root}",
+                       counts={"sample_events": spec.events, "campaign_events": written - spec.events})
 
 
 if __name__ == "__main__":

@@ -325,9 +325,12 @@ def test_executor_python_cannot_import_the_repository_by_itself(executor_python,
 def test_pipeline_on_a_standalone_cluster(spark, standalone_cluster, cluster_run, cluster_counts):
     assert sorted(cluster_counts) == EXPECTED_TABLES
     assert_pipeline_succeeded(read_path(spark, cluster_run, "pipeline_runs"))
-    assert cluster_counts["events"] == SAMPLE_EVENTS
+    generated = read_path(spark, cluster_run, "pipeline_runs").where("stage = 'generate_events'").first()
+    assert generated["counts"]["sample_events"] == SAMPLE_EVENTS  # plus the planted campaign's events
+    assert cluster_counts["events"] == generated["rows_out"]
     interactions = read_path(spark, cluster_run, "interactions")
-    assert interactions.agg(F.sum("n_events")).first()[0] == SAMPLE_EVENTS
+    assert interactions.agg(F.sum("n_events")).first()[0] == generated["rows_out"]
+    assert cluster_counts["campaign_results"] > 0
 
     # The work ran in the worker's executor, which fetched lib.zip from the driver.
     with urllib.request.urlopen(f"http://127.0.0.1:{standalone_cluster['ui_port']}/json/", timeout=10) as response:

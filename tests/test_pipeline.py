@@ -30,19 +30,25 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
         assert (root / table / "_delta_log").is_dir(), table
 
     read = lambda name: spark.read.format("delta").load(str(root / name))  # noqa: E731
-    assert read("events").count() == 6000
-    assert read("events_quarantine").count() == 0
     stages = [stage.name for stage in PIPELINE]
     runs = read("pipeline_runs").where("run_id = 'run-a'")
     assert sorted(r["stage"] for r in runs.collect()) == sorted(["generate_events", *stages])
     assert runs.where("status != 'success'").count() == 0
+    generated = runs.where("stage = 'generate_events'").first()
+    # The sample's 6000 events plus the planted campaign's sends and purchases.
+    assert generated["counts"]["sample_events"] == 6000 and generated["counts"]["campaign_events"] > 0
+    events_in = generated["rows_out"]
+    assert read("events").count() == events_in
+    assert read("events_quarantine").count() == 0
     ingest_run = runs.where("stage = 'ingest'").first()
-    assert (ingest_run["rows_in"], ingest_run["rows_out"]) == (6000, 6000)
+    assert (ingest_run["rows_in"], ingest_run["rows_out"]) == (events_in, events_in)
+    results = read("campaign_results").where("variant = 'treatment'").collect()
+    assert [r["campaign_id"] for r in results] == ["weekly_newsletter"] and results[0]["recipients"] > 0
 
     interactions = read("interactions")
     users, items = read("user_index"), read("item_index")
     assert interactions.where("score < 0").count() == 0
-    assert interactions.agg(F.sum("n_events")).first()[0] == 6000
+    assert interactions.agg(F.sum("n_events")).first()[0] == events_in
     n_users = users.count()
     assert users.agg(F.min("user_idx"), F.max("user_idx"), F.countDistinct("user_idx")).first() == \
         (0, n_users - 1, n_users)
@@ -58,9 +64,9 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     ctx = context(*[a for a in args if "=" in a], conf=("conf/local.toml",), run_id="run-b")
     for stage in (INGEST, BUILD_INTERACTIONS):
         run_stage(ctx, stage.name)
-    assert read("events").count() == 6000
+    assert read("events").count() == events_in
     ingest_again = read("pipeline_runs").where("run_id = 'run-b' and stage = 'ingest'").first()
-    assert (ingest_again["rows_out"], ingest_again["counts"]["duplicates"]) == (0, 6000)
+    assert (ingest_again["rows_out"], ingest_again["counts"]["duplicates"]) == (0, events_in)
     assert sorted(tuple(r) for r in read("user_index").collect()) == index_before
 
     history = spark.sql(f"DESCRIBE HISTORY delta.`{root / 'events'}`").collect()
