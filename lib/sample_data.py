@@ -56,8 +56,8 @@ def window_start_epoch(end_date: str, days: int) -> int:
 
 
 @dataclass(frozen=True)
-class SampleSpec:
-    """Parameters of the generated clickstream."""
+class ClickstreamShape:
+    """Size, window and planted-structure parameters every sample generator shares, validated once."""
 
     users: int
     items: int
@@ -68,25 +68,36 @@ class SampleSpec:
     end_date: str = "2026-10-31"
     in_segment_share: float = 0.85
     churn_fraction: float = 0.15
-    email_campaigns: bool = False
+
+    def min_items(self) -> tuple[int, str]:
+        """The fewest items this generator can plant, and why."""
+        return 2 * self.segments, f"(twice the segments, {self.segments})"
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.events < 1 or self.days < 1:
             raise ValueError("sample users, events and days must be positive")
         if not 1 <= self.segments:
             raise ValueError("sample segments must be at least 1")
-        if self.items < 2 * self.segments:
-            raise ValueError(f"sample items ({self.items}) must be at least twice the segments ({self.segments})")
+        minimum, why = self.min_items()
+        if self.items < minimum:
+            raise ValueError(f"sample items ({self.items}) must be at least {minimum} {why}")
         if not 0.0 <= self.in_segment_share <= 1.0 or not 0.0 <= self.churn_fraction <= 1.0:
             raise ValueError("sample in_segment_share and churn_fraction must lie in [0, 1]")
 
     @property
-    def event_types(self) -> tuple[str, ...]:
-        return EMAIL_EVENT_TYPES if self.email_campaigns else EVENT_TYPES
-
-    @property
     def start_epoch(self) -> int:
         return window_start_epoch(self.end_date, self.days)
+
+
+@dataclass(frozen=True)
+class SampleSpec(ClickstreamShape):
+    """Parameters of the generated clickstream."""
+
+    email_campaigns: bool = False
+
+    @property
+    def event_types(self) -> tuple[str, ...]:
+        return EMAIL_EVENT_TYPES if self.email_campaigns else EVENT_TYPES
 
 
 @dataclass(frozen=True)

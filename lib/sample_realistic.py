@@ -32,7 +32,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lib.sample_data import _draw, _zipf_cdf, window_start_epoch  # the same Zipf tables and inverse-CDF draws as the planted sample
+from lib.sample_data import ClickstreamShape, _draw, _zipf_cdf  # the same Zipf tables and inverse-CDF draws as the planted sample
 
 BLOCK_EVENTS = 100_000
 # Non-product invoice codes, as a retailer's log has them (named after the UCI Online Retail codes).
@@ -58,33 +58,12 @@ WEEKDAY_WEIGHTS = np.array([1.2, 1.1, 1.2, 1.3, 1.0, 0.2, 0.8])  # Monday first
 
 
 @dataclass(frozen=True)
-class RealisticSpec:
+class RealisticSpec(ClickstreamShape):
     """Parameters of the realistic invoice log; ``items`` counts products (non-product codes come on top)."""
 
-    users: int
-    items: int
-    events: int
-    segments: int
-    seed: int
-    days: int = 90
-    end_date: str = "2026-10-31"
-    in_segment_share: float = 0.85
-    churn_fraction: float = 0.15
-
-    def __post_init__(self) -> None:
-        if self.users < 1 or self.events < 1 or self.days < 1:
-            raise ValueError("sample users, events and days must be positive")
-        if self.segments < 1:
-            raise ValueError("sample segments must be at least 1")
-        if self.items < HERO_ITEMS + 2 * (self.segments + 1):
-            raise ValueError(f"sample items ({self.items}) must be at least {HERO_ITEMS + 2 * (self.segments + 1)} "
-                             f"in realistic mode ({HERO_ITEMS} best sellers and two items per segment and general)")
-        if not 0.0 <= self.in_segment_share <= 1.0 or not 0.0 <= self.churn_fraction <= 1.0:
-            raise ValueError("sample in_segment_share and churn_fraction must lie in [0, 1]")
-
-    @property
-    def start_epoch(self) -> int:
-        return window_start_epoch(self.end_date, self.days)
+    def min_items(self) -> tuple[int, str]:
+        return (HERO_ITEMS + 2 * (self.segments + 1),
+                f"in realistic mode ({HERO_ITEMS} best sellers and two items per segment and general)")
 
 
 @dataclass(frozen=True)
