@@ -4,11 +4,15 @@ For each size (about 1M and 5M interactions by default) it generates a user x it
 planted taste groups, holds out 20% of each user's items (users with >= 5 items), then times on
 local[2] (implicit with 2 threads):
 
-- MLlib: ALS fit, then top-10 for all users with their training items excluded (lib.als.als_top_n);
+- MLlib: ALS fit, then top-10 for all users with their training items excluded, by both top-N paths
+  on the same model: the blockwise scoring of lib.als.als_top_n (user blocks x broadcast item blocks,
+  numpy matmul and partial sort in mapInArrow) and MLlib's recommendForUserSubset per exclusion tier
+  (lib.als.mllib_top_n, the previous path); both write their lists to parquet;
 - implicit: AlternatingLeastSquares fit (exact Cholesky solver, use_cg=False), then
   ``recommend(..., N=10, filter_already_liked_items=True)`` for all users;
 
-and scores both top-10 lists with lib.metrics.ranking_metrics (NDCG@10) on the held-out items.
+and scores every top-10 list with lib.metrics.ranking_metrics (NDCG@10) on the held-out items; it also
+counts the blockwise rows that differ from MLlib's lists and the excluded (training) items in them.
 
 Same in substance: MLlib's confidence is 1 + alpha * r; implicit's is alpha * value, so implicit
 gets value = 1 + alpha * r and alpha = 1. MLlib scales its ridge term by each user's (item's)
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +48,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 from pyspark.sql import DataFrame, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from lib.als import AlsParams, als_top_n, fit_als  # noqa: E402
+from lib.als import AlsParams, TopNBlocks, als_top_n, fit_als, mllib_top_n  # noqa: E402
 from lib.metrics import ranking_metrics  # noqa: E402
 from lib.session import local_session  # noqa: E402
 
@@ -94,7 +99,8 @@ def split_matrix(entries: DataFrame, seed: int) -> tuple[DataFrame, DataFrame]:
     return sized.where(~held).drop("_n"), sized.where(held).select("user_idx", "item_idx")
 
 
-def run_size(spark: SparkSession, workdir: Path, size: int, params: AlsParams, seed: int) -> dict:
+def run_size(spark: SparkSession, workdir: Path, size: int, params: AlsParams, seed: int,
+             blocks: TopNBlocks) -> dict:
     import implicit
     import pandas as pd
     import scipy.sparse as sp
@@ -112,14 +118,26 @@ def run_size(spark: SparkSession, workdir: Path, size: int, params: AlsParams, s
     model = fit_als(train, params)
     model.userFactors.count()
     mllib_fit = time.perf_counter() - started
-    started = time.perf_counter()
     users = train.select("user_idx").distinct()
-    mllib_recs = als_top_n(model, users, 10, train.select("user_idx", "item_idx"))
-    mllib_recs.write.mode("overwrite").parquet(str(workdir / f"mllib_recs_{size}"))
-    mllib_top = time.perf_counter() - started
-    mllib_ndcg = ranking_metrics(spark.read.parquet(str(workdir / f"mllib_recs_{size}")), test, 10,
-                                 "user_idx", "item_idx")["ndcg"]
-    log.info("MLlib: fit %.1f s, top-10 %.1f s, NDCG@10 %.4f", mllib_fit, mllib_top, mllib_ndcg)
+    exclude = train.select("user_idx", "item_idx")
+    timings, ndcgs = {}, {}
+    # Both paths on the same model, each writing its lists: the blockwise one first, then MLlib's.
+    for name, top_n in (("block", lambda: als_top_n(model, users, 10, exclude, blocks)),
+                        ("mllib", lambda: mllib_top_n(model, users, 10, exclude))):
+        started = time.perf_counter()
+        top_n().write.mode("overwrite").parquet(str(workdir / f"{name}_recs_{size}"))
+        timings[name] = time.perf_counter() - started
+        ndcgs[name] = ranking_metrics(spark.read.parquet(str(workdir / f"{name}_recs_{size}")), test, 10,
+                                      "user_idx", "item_idx")["ndcg"]
+        log.info("MLlib model, %s top-10: %.1f s, NDCG@10 %.4f", name, timings[name], ndcgs[name])
+    block = spark.read.parquet(str(workdir / f"block_recs_{size}"))
+    mllib = spark.read.parquet(str(workdir / f"mllib_recs_{size}"))
+    block_rows = block.count()
+    # Rows (user, rank, item) of one path that the other lacks: float rounding can swap near-ties.
+    differing = block.select("user_idx", "rank", "item_idx").exceptAll(mllib.select("user_idx", "rank", "item_idx")).count()
+    excluded_shown = block.join(exclude, ["user_idx", "item_idx"]).count()
+    log.info("blockwise vs MLlib lists: %d of %d rows differ; %d excluded pairs in the blockwise lists",
+             differing, block_rows, excluded_shown)
 
     # implicit reads the same training matrix; the driver holds it because implicit is single-node.
     frame = pd.read_parquet(workdir / f"train_{size}")
@@ -151,12 +169,14 @@ def run_size(spark: SparkSession, workdir: Path, size: int, params: AlsParams, s
     train.unpersist()
     test.unpersist()
     return {"size": size, "users": n_users, "items": n_items, "train_nnz": nnz, "test_nnz": test_nnz,
-            "mllib_fit": mllib_fit, "mllib_top": mllib_top, "mllib_ndcg": mllib_ndcg,
+            "mllib_fit": mllib_fit, "block_top": timings["block"], "block_ndcg": ndcgs["block"],
+            "mllib_top": timings["mllib"], "mllib_ndcg": ndcgs["mllib"], "rows": block_rows,
+            "differing": differing, "excluded_shown": excluded_shown,
             "implicit_fit": implicit_fit, "implicit_top": implicit_top, "implicit_ndcg": implicit_ndcg,
             "implicit_reg": regularization, "implicit_version": implicit.__version__}
 
 
-def write_report(rows: list[dict], params: AlsParams, out: Path) -> None:
+def write_report(rows: list[dict], params: AlsParams, blocks: TopNBlocks, load: str, out: Path) -> None:
     lines = [
         "# ALS benchmark: MLlib vs implicit",
         "",
@@ -165,16 +185,26 @@ def write_report(rows: list[dict], params: AlsParams, out: Path) -> None:
         "values 1 + Poisson(1) summed per pair; 20% of each user's items (users with >= 5) held out.",
         f"Both: rank {params.rank}, {params.max_iter} iterations, MLlib regParam {params.reg_param}, alpha {params.alpha}.",
         "Top-10 excludes each user's training items. NDCG@10 from `lib.metrics` on the held-out items.",
+        "Two top-N paths on the same MLlib model, side by side: **blockwise** (`lib.als.als_top_n`: user",
+        f"blocks of {blocks.user_block_size:,} x broadcast item blocks of <= {blocks.item_block_mb:g} MB, numpy matmul, -inf",
+        "masking and a partial sort inside `mapInArrow`) and **MLlib** (`lib.als.mllib_top_n`:",
+        "`recommendForUserSubset` once per exclusion tier, the previous path). Both top-N timings include",
+        "writing the lists to parquet.",
         "",
-        "| interactions (all) | interactions (train) | users | items | MLlib fit s | MLlib top-10 s | implicit fit s | implicit top-10 s "
-        "| NDCG@10 MLlib | NDCG@10 implicit | difference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Load average at the start of the run (`uptime`): {load}",
+        "",
+        "| interactions (all) | interactions (train) | users | items | MLlib fit s | implicit fit s "
+        "| top-10 s blockwise | top-10 s MLlib | top-10 s implicit | blockwise / implicit "
+        "| NDCG@10 blockwise | NDCG@10 MLlib | NDCG@10 implicit | rows differing blockwise vs MLlib | excluded items shown |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['train_nnz'] + row['test_nnz']:,} | {row['train_nnz']:,} | {row['users']:,} | {row['items']:,} | {row['mllib_fit']:.1f} | "
-            f"{row['mllib_top']:.1f} | {row['implicit_fit']:.1f} | {row['implicit_top']:.1f} | "
-            f"{row['mllib_ndcg']:.4f} | {row['implicit_ndcg']:.4f} | {row['mllib_ndcg'] - row['implicit_ndcg']:+.4f} |")
+            f"| {row['train_nnz'] + row['test_nnz']:,} | {row['train_nnz']:,} | {row['users']:,} | {row['items']:,} "
+            f"| {row['mllib_fit']:.1f} | {row['implicit_fit']:.1f} | {row['block_top']:.1f} | {row['mllib_top']:.1f} "
+            f"| {row['implicit_top']:.1f} | {row['block_top'] / row['implicit_top']:.1f}x "
+            f"| {row['block_ndcg']:.4f} | {row['mllib_ndcg']:.4f} | {row['implicit_ndcg']:.4f} "
+            f"| {row['differing']:,} of {row['rows']:,} | {row['excluded_shown']} |")
     version = rows[0]["implicit_version"] if rows else "?"
     lines += [
         "",
@@ -203,6 +233,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=5.0)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--user-block", type=int, default=TopNBlocks().user_block_size,
+                        help="users per block of the blockwise top-N")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "als_benchmark.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -210,11 +242,15 @@ def main() -> None:
     spark = local_session("bench-als", "local[2]", {"spark.driver.memory": "8g", "spark.sql.shuffle.partitions": "8"})
     params = AlsParams(rank=args.rank, reg_param=args.reg, alpha=args.alpha, max_iter=args.iters,
                        seed=args.seed, checkpoint_interval=-1)
+    blocks = TopNBlocks(user_block_size=args.user_block)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    log.info("load at start: %s", load)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_als_") as tmp:
         for size in (int(part) for part in args.sizes.split(",")):
-            rows.append(run_size(spark, Path(tmp), size, params, args.seed))
-            write_report(rows, params, Path(args.out))
+            rows.append(run_size(spark, Path(tmp), size, params, args.seed, blocks))
+            write_report(rows, params, blocks, load, Path(args.out))
+    log.info("load at the end: %s", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     log.info("wrote %s", args.out)
 
 

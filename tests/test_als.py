@@ -1,10 +1,12 @@
 """ALS: top-N with exclusions, candidate grids, and the offline comparison with popularity."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from lib.als import AlsParams, als_top_n, candidate_grid, exclusion_tiers, fit_als
+from lib.als import (AlsParams, TopNBlocks, als_top_n, block_top_n, candidate_grid, exclusion_tiers, fit_als,
+                     mllib_top_n)
 from lib.recommend import EvaluationSettings, evaluate_offline
 from lib.sample_data import SampleSpec, generate_events
 
@@ -30,6 +32,10 @@ def test_top_n_excludes_items_and_fills_every_list(spark):
     assert 5 not in {e["item_idx"] for e in per_user[12]}
     # A group-B user's best unseen items come from group B: the factors learned the planted split.
     assert {e["item_idx"] for e in per_user[12]} <= set(range(5, 10))
+    # The blockwise lists are MLlib's own (recommendForUserSubset per exclusion tier).
+    reference = mllib_top_n(model, spark.createDataFrame([(0,), (3,), (12,)], "user_idx int"), 3, exclude)
+    assert sorted(recs.select("user_idx", "item_idx", "rank").collect()) == \
+        sorted(reference.select("user_idx", "item_idx", "rank").collect())
     recs.unpersist()
 
 
@@ -62,3 +68,47 @@ def test_tuned_als_beats_popularity_on_planted_preferences(spark):
     assert report.value("als", 10, "users") == report.value("popular", 10, "users") > 100
     assert report.value("als", 10, "coverage") > report.value("popular", 10, "coverage")
     events.unpersist()
+
+
+def _factors(spark, key: str, rows: dict[int, list[float]]):
+    return spark.createDataFrame([(idx, [float(v) for v in factors]) for idx, factors in rows.items()],
+                                 f"{key} int, factors array<float>")
+
+
+def test_blockwise_top_n_exact_rows_exclusions_and_ties(spark):
+    items = _factors(spark, "item_idx", {0: [1, 0], 1: [1, 0], 2: [0, 1], 3: [2, 0], 4: [0, 2], 5: [1, 1], 6: [0, 0]})
+    users = _factors(spark, "user_idx", {0: [1, 0], 1: [0, 1], 2: [1, 1], 3: [1, 0], 4: [1, 0]})
+    exclude = spark.createDataFrame([(0, 3), (2, 4), (3, 0), (3, 1), (3, 3), (3, 5), (3, 6), (4, 0), (9, 2)],
+                                    "user_idx int, item_idx int")
+    wanted = spark.createDataFrame([(0,), (1,), (2,), (3,), (5,)], "user_idx int")  # 4 not asked, 5 has no factors
+    expected = [
+        (0, 0, 1.0, 1), (0, 1, 1.0, 2), (0, 5, 1.0, 3),   # item 3 (score 2) excluded; ties by item_idx
+        (1, 4, 2.0, 1), (1, 2, 1.0, 2), (1, 5, 1.0, 3),
+        (2, 3, 2.0, 1), (2, 5, 2.0, 2), (2, 0, 1.0, 3),   # item 4 (score 2) excluded
+        (3, 2, 0.0, 1), (3, 4, 0.0, 2),                   # only two items left: a short list
+    ]
+    # One block of everything, and two users per block with item blocks of ~two items (a merge pass).
+    for blocks in (TopNBlocks(), TopNBlocks(user_block_size=2, item_block_mb=16 / 2**20, chunk_elements=3)):
+        rows = block_top_n(users, items, wanted, 3, exclude, blocks).collect()
+        got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"]) for r in rows)
+        assert got == sorted(expected), blocks
+
+
+def test_blockwise_top_n_equals_brute_force_numpy(spark):
+    rng = np.random.default_rng(5)
+    n_users, n_items, rank, n = 40, 90, 4, 7
+    user_f = rng.integers(-3, 4, (n_users, rank)).astype(np.float32)   # small integers: exact float32 sums, ties
+    item_f = rng.integers(-3, 4, (n_items, rank)).astype(np.float32)
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, n_users, 900), rng.integers(0, n_items, 900))}
+    users = _factors(spark, "user_idx", {u: user_f[u].tolist() for u in range(n_users)})
+    items = _factors(spark, "item_idx", {i: item_f[i].tolist() for i in range(n_items)})
+    exclude = spark.createDataFrame(sorted(pairs), "user_idx int, item_idx int")
+    scores = user_f.astype(np.float64) @ item_f.astype(np.float64).T
+    expected = []
+    for u in range(n_users):
+        ranked = sorted((-scores[u, i], i) for i in range(n_items) if (u, i) not in pairs)[:n]
+        expected += [(u, i, -s, r) for r, (s, i) in enumerate(ranked, start=1)]
+    for blocks in (TopNBlocks(), TopNBlocks(user_block_size=7, item_block_mb=rank * 4 * 25 / 2**20, chunk_elements=200)):
+        got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"])
+                     for r in block_top_n(users, items, users.select("user_idx"), n, exclude, blocks).collect())
+        assert got == sorted(expected), blocks
