@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, sample_root
@@ -28,6 +29,15 @@ def input_location(ctx: StageContext) -> tuple[str, str]:
         return f"{sample_root(ctx.settings)}/events", "parquet"
     fmt = source.format or readers.infer_format(source.events, has_delta_log=is_delta_path(ctx.spark, source.events))
     return source.events, fmt
+
+
+def without_own_inserts(ctx: StageContext, batch_new: DataFrame) -> DataFrame:
+    """The stored events less the ones this run's MERGE inserted (``batch_new``'s event_ids that carry
+    this run's id): what the batch must be resolved against after a concurrent writer's commit."""
+    stored = ctx.tables.read(ctx.spark, C.EVENTS)
+    ours = (stored.where(F.col("ingest_run_id") == F.lit(ctx.run_id)).select("event_id")
+            .join(batch_new.select("event_id"), "event_id", "left_semi"))
+    return stored.join(ours, "event_id", "left_anti")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -59,10 +69,22 @@ def run(ctx: StageContext) -> StageResult:
         if identities is not None:
             tables.insert_new(spark, identities.withColumn("first_seen_run_id", F.lit(ctx.run_id)),
                               C.USER_IDENTITIES, ["user_key"])
+        inserted = tables.insert_new(spark, ingest.valid_events(resolved, ctx.run_id), C.EVENTS, ["event_id"])
+        if inserted != outcome.new:
+            # A concurrent ingest stored some of this batch's new event_ids between our read and our
+            # MERGE: sort the batch again against the events as stored now, less the ones this run added.
+            log.warning("events MERGE inserted %d of %d new events: another writer stored the others; "
+                        "resolving the batch again", inserted, outcome.new)
+            settled = ingest.resolve(classified, without_own_inserts(ctx, ingest.valid_events(resolved, ctx.run_id)))
+            settled = settled.persist()
+            outcome = ingest.count_outcomes(settled)  # materializes settled while the first resolve is cached
+            resolved.unpersist()
+            resolved = settled
+            ingest.check_reconciliation(rows_in, outcome)
+        ingest.check_inserted(inserted, outcome)
+        # After the events, so event_id conflicts found against a concurrent run's events are quarantined too.
         new_quarantined = tables.insert_new(spark, ingest.quarantined_rows(resolved, ctx.run_id),
                                             C.EVENTS_QUARANTINE, ["raw_hash", "reason"])
-        inserted = tables.insert_new(spark, ingest.valid_events(resolved, ctx.run_id), C.EVENTS, ["event_id"])
-        ingest.check_inserted(inserted, outcome)
     finally:
         resolved.unpersist()
 

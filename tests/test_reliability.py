@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 from jobs import build_interactions
 from jobs.common import run_stage
 from lib import catalog as C
+from lib import ingest
 from lib.quality import DataQualityError
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
@@ -119,3 +120,74 @@ def test_concurrent_build_interactions_keep_the_indices_exact(spark, tmp_path, c
     runs = first.tables.read(spark, C.PIPELINE_RUNS).where("stage = 'build_interactions'")
     assert runs.where("status = 'success'").count() == 4
     assert runs.where("counts['events_after_as_of'] < 0").count() == 0
+
+
+CSV_HEADER = "event_id,user_id,item_id,event_type,event_ts,quantity,revenue"
+
+
+def _csv_lines(ids: range) -> list[str]:
+    return [f"e{i:04d},u{i % 37:03d},i{i % 13:03d},{'purchase' if i % 5 == 0 else 'view'},"
+            f"2026-10-{1 + i % 28:02d}T{i % 24:02d}:00:00Z,{'1' if i % 5 == 0 else ''},{'9.5' if i % 5 == 0 else ''}"
+            for i in ids]
+
+
+@pytest.mark.slow
+def test_concurrent_ingests_of_overlapping_files_leave_exact_tables(spark, tmp_path, context, monkeypatch):
+    """Two ingests at once over files sharing event_ids (and one id with two payloads, and the same bad
+    lines): every event once, quarantine rows once, and each run's counts reconcile."""
+    shared_bad = ["b1,u1,i1,teleport,2026-10-01T10:00:00Z,,", "b2,,i1,view,2026-10-01T10:00:00Z,,"]
+    files = {
+        "a": _csv_lines(range(0, 300)) + shared_bad + ["c1,u1,i1,view,2026-10-02T10:00:00Z,,", "b3,u1,i1,view,,,"],
+        "b": _csv_lines(range(200, 500)) + shared_bad + ["c1,u1,i2,view,2026-10-02T10:00:00Z,,"],
+    }
+    for name, lines in files.items():
+        (tmp_path / f"{name}.csv").write_text("\n".join([CSV_HEADER, *lines]) + "\n")
+    root = tmp_path / "wh"
+
+    # Both runs have sorted their batch against the (empty) events table before either writes: the race
+    # in which the second MERGE finds another run's rows under event_ids it counted as new.
+    barrier = threading.Barrier(2, timeout=300)
+    check_share = ingest.check_quarantine_share
+
+    def both_sorted_then_write(*args, **kwargs):
+        check_share(*args, **kwargs)
+        barrier.wait()
+
+    monkeypatch.setattr(ingest, "check_quarantine_share", both_sorted_then_write)
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            run_stage(context(*_sets(root), f"input.events={tmp_path / name}.csv",
+                              "ingest.now=2026-11-01T00:00:00+00:00", run_id=f"ingest-{name}"), "ingest")
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+    tables = context(*_sets(root)).tables
+    events = tables.read(spark, C.EVENTS)
+    ids = {f"e{i:04d}" for i in range(500)} | {"c1"}
+    assert events.agg(F.count(F.lit(1)), F.countDistinct("event_id")).first() == (len(ids), len(ids))
+    assert {r["event_id"] for r in events.select("event_id").collect()} == ids
+    quarantine = tables.read(spark, C.EVENTS_QUARANTINE)
+    assert quarantine.count() == quarantine.select("raw_hash", "reason").distinct().count() == 4
+    assert {r["reason"]: r["n"] for r in quarantine.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()} \
+        == {"unknown_event_type": 1, "missing_user_id": 1, "missing_event_ts": 1, "event_id_conflict": 1}
+
+    runs = {r["run_id"]: r for r in tables.read(spark, C.PIPELINE_RUNS).where("stage = 'ingest'").collect()}
+    assert sorted(runs) == ["ingest-a", "ingest-b"]
+    for name, run_row in runs.items():
+        counts = run_row["counts"]
+        assert run_row["status"] == "success", run_row["message"]
+        assert run_row["rows_in"] == len(files[name[-1]])
+        assert run_row["rows_in"] == run_row["rows_out"] + counts["quarantined"] + counts["duplicates"]
+    assert sum(r["rows_out"] for r in runs.values()) == len(ids)
+    # The 100 shared events and the conflicting c1 went to whichever run lost the race.
+    loser = min(runs.values(), key=lambda r: r["rows_out"])
+    assert loser["counts"]["duplicates.stored"] == 100 and loser["counts"]["reason.event_id_conflict"] == 1
