@@ -209,7 +209,7 @@ def score_customers(events: DataFrame, as_of: date, settings: ScoresSettings,
 
 def _order_value(valid: DataFrame, longest: int) -> tuple[float, float]:
     """(global revenue per purchase in the history, global revenue per buyer of a label window)."""
-    row = valid.agg((F.sum(f"revenue_{longest}d") / F.sum(f"purchases_{longest}d")).alias("aov"),
+    row = valid.agg(F.try_divide(F.sum(f"revenue_{longest}d"), F.sum(f"purchases_{longest}d")).alias("aov"),
                     F.avg(F.when(F.col("purchase") == 1.0, F.col("revenue_next"))).alias("per_buyer")).first()
     return float(row["aov"] or 0.0), float(row["per_buyer"] or 0.0)
 
@@ -226,7 +226,8 @@ def _engagement(features: DataFrame, longest: int) -> DataFrame:
     """(user_id, engagement_score): reactions (opens + clicks) per delivered email over the longest window,
     shrunk toward everyone's rate, capped at 1; null for users never mailed."""
     sends, reactions = F.col(f"sends_{longest}d"), F.col(f"opens_{longest}d") + F.col(f"email_clicks_{longest}d")
-    overall = features.agg(F.sum(reactions) / F.sum(sends)).first()[0] or 0.0
+    # try_divide: a clickstream without email events (most source presets) has no sends at all.
+    overall = features.agg(F.try_divide(F.sum(reactions), F.sum(sends))).first()[0] or 0.0
     score = F.least(F.lit(1.0), (reactions + F.lit(ENGAGEMENT_SHRINK * overall)) / (sends + F.lit(ENGAGEMENT_SHRINK)))
     return features.select("user_id", F.when(sends > 0, score).alias("engagement_score"),
                            *[c for c in features.columns if c != "user_id"])
