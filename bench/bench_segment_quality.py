@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ def main() -> None:
     from jobs.common import StageContext, load_settings
     from lib import catalog as C
     from lib import sample_realistic as R
-    from lib.interactions import index_additions, score_events, to_matrix_entries
+    from lib.interactions import write_matrix_tables
     from lib.session import local_session
 
     spark = local_session("bench-segment-quality", master="local[2]",
@@ -60,13 +59,7 @@ def main() -> None:
     ctx = StageContext(spark, load_settings([], base), "prep")
     tables = ctx.tables
     events = R.generate_events(spark, spec)
-    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
-    scored = score_events(events, ctx.settings.interactions.weights, 30.0, as_of).persist()
-    for table, rows in zip((C.USER_INDEX, C.ITEM_INDEX), index_additions(scored, None, None, 4)):
-        tables.overwrite(rows, table)
-    tables.overwrite(to_matrix_entries(scored, tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)),
-                     C.INTERACTIONS)
-    scored.unpersist()
+    write_matrix_tables(spark, tables, events, ctx.settings.interactions.weights, 30.0, partitions=4)
     truth = R.planted_user_segments(spark, spec).withColumnRenamed("segment_id", "planted")
 
     chosen = list(VARIANTS.items())

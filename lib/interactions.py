@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from lib.catalog import TableSpec
+from lib.catalog import INTERACTIONS, ITEM_INDEX, USER_INDEX, TableSpec
 from lib.storage import Tables, is_commit_conflict
 
 log = logging.getLogger(__name__)
@@ -139,3 +139,20 @@ def to_matrix_entries(scored: DataFrame, user_index: DataFrame, item_index: Data
         .join(item_index, "item_id")
         .select("user_idx", "item_idx", "score", "n_events", "last_ts")
     )
+
+
+def write_matrix_tables(spark: SparkSession, tables: Tables, events: DataFrame, weights: dict[str, float],
+                        half_life_days: float, partitions: int = 2) -> datetime:
+    """Score ``events`` as of their latest event and overwrite user_index, item_index and interactions.
+
+    A from-scratch matrix (fixtures, benchmarks, a rebuild): indices numbered afresh, without the
+    incremental, conflict-safe growth of the build_interactions stage. Returns the as-of instant.
+    """
+    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
+    scored = score_events(events, weights, half_life_days, as_of).persist()
+    for table, rows in zip((USER_INDEX, ITEM_INDEX), index_additions(scored, None, None, partitions)):
+        tables.overwrite(rows, table)
+    tables.overwrite(to_matrix_entries(scored, tables.read(spark, USER_INDEX), tables.read(spark, ITEM_INDEX)),
+                     INTERACTIONS)
+    scored.unpersist()
+    return as_of

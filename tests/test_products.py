@@ -2,7 +2,6 @@
 items never reach any recommendations list."""
 from __future__ import annotations
 
-from datetime import timezone
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from pyspark.sql import functions as F
 
 from jobs import ingest_products, recommend_items
 from lib import catalog as C
-from lib.interactions import index_additions, score_events, to_matrix_entries
+from lib.interactions import write_matrix_tables
 from lib.products import CatalogError, excluded_items, read_catalog, recommendable_items, validate_products
 from lib.sample_repeat import POSTAGE_ID, RepeatSpec, generate_repeat_purchases
 
@@ -116,13 +115,7 @@ def test_excluded_items_never_appear_in_any_list(spark, tmp_path: Path, context)
     tables.overwrite(events.withColumn("event_date", F.to_date("event_ts")).withColumn("ingest_run_id", F.lit("x")),
                      C.EVENTS)
     events = tables.read(spark, C.EVENTS)
-    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
-    scored = score_events(events, ctx.settings.interactions.weights, 30.0, as_of)
-    new_users, new_items = index_additions(scored, None, None, 2)
-    tables.overwrite(new_users, C.USER_INDEX)
-    tables.overwrite(new_items, C.ITEM_INDEX)
-    tables.overwrite(to_matrix_entries(scored, tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)),
-                     C.INTERACTIONS)
+    write_matrix_tables(spark, tables, events, ctx.settings.interactions.weights, 30.0)
     ingest_products.run(ctx)
 
     result = recommend_items.run(ctx)

@@ -2,7 +2,6 @@
 settings' balance, stability and lift on realistic data (against the settings before issue 13)."""
 from __future__ import annotations
 
-from datetime import timezone
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from jobs.common import report_directory
 from lib import catalog as C
 from lib import sample_data
 from lib import sample_realistic as R
-from lib.interactions import index_additions, score_events, to_matrix_entries
+from lib.interactions import write_matrix_tables
 from lib.segments import adjusted_rand_index, size_balance
 
 SPEC = R.RealisticSpec(users=1000, items=200, events=60_000, segments=5, seed=3)
@@ -96,13 +95,7 @@ def realistic(spark, tmp_path_factory):
     ctx = StageContext(spark, load_settings([], [f"output.root={root}"]), "prep")
     tables = ctx.tables
     events = R.generate_events(spark, SPEC, partitions=1)
-    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
-    scored = score_events(events, ctx.settings.interactions.weights, 30.0, as_of).persist()
-    for table, rows in zip((C.USER_INDEX, C.ITEM_INDEX), index_additions(scored, None, None, 2)):
-        tables.overwrite(rows, table)
-    tables.overwrite(to_matrix_entries(scored, tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)),
-                     C.INTERACTIONS)
-    scored.unpersist()
+    write_matrix_tables(spark, tables, events, ctx.settings.interactions.weights, 30.0)
     before = _segment(spark, root, "before", *BEFORE)
     before_profiles = tables.read(spark, C.SEGMENT_PROFILES).collect()
     now = _segment(spark, root, "now")

@@ -1,7 +1,6 @@
 """The segment_users stage on a tiny generated clickstream with planted segments."""
 from __future__ import annotations
 
-from datetime import timezone
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from jobs import segment_users
 from jobs.common import report_directory
 from lib import catalog as C
 from lib.config import ConfigError
-from lib.interactions import index_additions, score_events, to_matrix_entries
+from lib.interactions import write_matrix_tables
 from lib.sample_data import SampleSpec, generate_events, planted_user_segments
 from lib.segments import relative_error_from_tables
 
@@ -32,13 +31,7 @@ def segmented(spark, tmp_path_factory):
     ctx = StageContext(spark, load_settings([], sets), "run-1")
     tables = ctx.tables
     events = generate_events(spark, SPEC, partitions=1)
-    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
-    scored = score_events(events, ctx.settings.interactions.weights, 30.0, as_of).persist()
-    for table, rows in zip((C.USER_INDEX, C.ITEM_INDEX), index_additions(scored, None, None, 2)):
-        tables.overwrite(rows, table)
-    tables.overwrite(to_matrix_entries(scored, tables.read(spark, C.USER_INDEX), tables.read(spark, C.ITEM_INDEX)),
-                     C.INTERACTIONS)
-    scored.unpersist()
+    write_matrix_tables(spark, tables, events, ctx.settings.interactions.weights, 30.0)
     result = segment_users.run(ctx)
     return ctx, tables, result
 
