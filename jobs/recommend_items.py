@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, read_matrix
 from lib import catalog as C
-from lib.als import AlsParams, TuningResult, als_top_n, candidate_grid, fit_als
+from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, candidate_grid, fit_als
 from lib.buy_again import BuyAgainParams, purchase_occasions
 from lib.metrics import write_strategy_report
 from lib.products import excluded_items
@@ -33,6 +33,10 @@ def _candidates(als: AlsSettings, partitions: int) -> list[AlsParams]:
     # Blocks default to the job's shuffle partitions: about one task per partition, as everywhere else.
     return candidate_grid(list(als.ranks), list(als.reg_params), list(als.alphas), als.max_iter, als.seed,
                           als.checkpoint_interval, als.search, als.max_candidates, als.num_blocks or partitions)
+
+
+def _top_n_blocks(als: AlsSettings) -> TopNBlocks:
+    return TopNBlocks(als.top_n_user_block, als.top_n_item_block_mb, als.top_n_broadcast_mb)
 
 
 def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
@@ -99,6 +103,8 @@ def run(ctx: StageContext) -> StageResult:
             holdout_cutoff=settings.holdout_cutoff_utc, validation_fraction=settings.validation_fraction,
             strategies=tuple(settings.strategies), purchase_event_types=tuple(settings.purchase_event_types),
             buy_again=_buy_again_params(settings), blend_ranks=settings.top_n,
+            top_n_blocks=_top_n_blocks(settings.als), eval_sample_users=settings.eval_sample_users,
+            sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
         )
         has_nmf = tables.exists(spark, C.NMF_USER_FACTORS) and tables.exists(spark, C.NMF_ITEM_FACTORS)
         nmf_recommender = _nmf_recommender(ctx.settings) if has_nmf else None
@@ -119,6 +125,10 @@ def run(ctx: StageContext) -> StageResult:
         metrics = [(run_id, model, k, metric, value) for model, k, metric, value in report.metrics]
         tables.append(spark.createDataFrame(metrics, C.REC_METRICS.schema), C.REC_METRICS)
         counts["candidates"] = len(tuning_rows)
+        counts["candidates_stopped_early"] = sum(result.stopped_early for result in tuning)
+        if counts["candidates_stopped_early"]:
+            notes.append(f"{counts['candidates_stopped_early']} of {len(tuning)} ALS candidates stopped early "
+                         f"(clearly worse on the first quarter of the validation users)")
         if tables.uses_catalog or not tables.root or "://" in tables.root:
             log.info("strategy report skipped: tables are not under a local output.root")
         else:
@@ -150,7 +160,7 @@ def run(ctx: StageContext) -> StageResult:
     if segments is None:
         notes.append("user_segments absent: cold-start users get global popularity")
     discover = final_recommendations(
-        lambda users, n, exclude_pairs: als_top_n(model, users, n, exclude_pairs),
+        lambda users, n, exclude_pairs: als_top_n(model, users, n, exclude_pairs, _top_n_blocks(settings.als)),
         entries, user_index, item_index, excluded, settings.top_n, settings.min_history, segments,
     )
     if "blended" in settings.strategies:  # read twice: as itself and inside the blend

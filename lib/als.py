@@ -50,14 +50,57 @@ class AlsParams:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """A metric's mean over evaluated users with its sampling error (standard error of the mean)."""
+
+    users: int
+    mean: float
+    se: float = 0.0
+
+    def lower(self, z: float) -> float:
+        return self.mean - z * self.se
+
+    def upper(self, z: float) -> float:
+        return self.mean + z * self.se
+
+    def combine(self, other: "Estimate") -> "Estimate":
+        """The estimate over both (disjoint) sets of users, exactly as if measured at once."""
+        users = self.users + other.users
+        if users == 0:
+            return self
+        mean = (self.users * self.mean + other.users * other.mean) / users
+        # Each part's sum of squared deviations from the pooled mean, from its own sd (se * sqrt(n)).
+        squares = sum((part.users - 1) * part.users * part.se ** 2 + part.users * (part.mean - mean) ** 2
+                      for part in (self, other) if part.users)
+        se = math.sqrt(squares / (users - 1) / users) if users > 1 else 0.0
+        return Estimate(users, mean, se)
+
+
+@dataclass(frozen=True)
 class TuningResult:
-    """A candidate's validation score and how long its fit and evaluation took."""
+    """A candidate's validation score (with its sampling error) and how long its fit and evaluation took.
+
+    ``stopped_early``: the candidate was measured on the first stage of the validation users only and
+    found clearly worse than the best so far (see ``tune_als``); ``value`` is then that stage's mean.
+    """
 
     params: AlsParams
     metric: str
     k: int
     value: float
     seconds: float
+    se: float = 0.0
+    users: int = 0
+    stopped_early: bool = False
+
+
+# Share of the validation users a candidate is measured on first, when it may be stopped early.
+FIRST_STAGE_SHARE = 0.25
+
+
+def user_hash_fraction(column: str, seed: int):
+    """A seeded, uniform value in [0, 1) per user id: the same user lands in the same sample every run."""
+    return F.pmod(F.xxhash64(F.col(column).cast("string"), F.lit(seed)), F.lit(1_000_003)) / F.lit(1_000_003.0)
 
 
 def fit_als(
@@ -398,35 +441,72 @@ def tune_als(
     validation_truth: DataFrame,
     candidates: list[AlsParams],
     k: int,
-    evaluate: Callable[[DataFrame, DataFrame, int], float],
+    evaluate: Callable[[DataFrame, DataFrame, int], Estimate],
     exclude: DataFrame | None = None,
     on_result: Callable[[TuningResult], None] | None = None,
     best_model: list | None = None,
+    blocks: TopNBlocks | None = None,
+    stop_z: float = 0.0,
+    seed: int = 42,
 ) -> tuple[AlsParams, list[TuningResult]]:
     """Fit every candidate on ``train``, score its top K for the validation users, keep the best.
 
-    ``evaluate(recommended, truth, k)`` returns the selection metric (higher is better), e.g.
-    NDCG@K; ``on_result`` sees each candidate as soon as it finishes. ``best_model``: a list that
-    ends up holding the best candidate's fitted model (only one model is kept at a time).
+    ``evaluate(recommended, truth, k)`` returns the selection metric (higher is better) over the users
+    of ``truth`` with its standard error, e.g. NDCG@K; ``on_result`` sees each candidate as soon as it
+    finishes. ``best_model``: a list that ends up holding the best candidate's fitted model (only one
+    model is kept at a time).
+
+    With ``stop_z`` > 0 every candidate after the first is measured in two stages: first on a seeded
+    ``FIRST_STAGE_SHARE`` of the validation users; when its upper bound (mean + z SE) there is below the
+    best's lower bound (mean - z SE), it is clearly worse and stops (its top-N for the remaining users is
+    never computed); otherwise the remaining users are measured and both stages pooled, which gives
+    exactly the mean over all validation users. A stopped candidate is never chosen.
     """
     if not candidates:
         raise ValueError("ALS tuning needs at least one candidate")
-    users = validation_truth.select("user_idx").distinct().cache()
+    truth = validation_truth.cache()
+    users = truth.select("user_idx").distinct().cache()
+    staged = stop_z > 0 and len(candidates) > 1
+    if staged:
+        first = user_hash_fraction("user_idx", seed + 1) < F.lit(FIRST_STAGE_SHARE)
+        stages = [(users.where(first).cache(), truth.where(first)), (users.where(~first).cache(), truth.where(~first))]
+        # A stage without users cannot be measured: small validation sets are measured at once.
+        staged = all(stage_users.limit(1).count() for stage_users, _ in stages)
+        if not staged:
+            for stage_users, _ in stages:
+                stage_users.unpersist()
     results: list[TuningResult] = []
+    best: TuningResult | None = None
     for number, params in enumerate(candidates, start=1):
         started = time.perf_counter()
         model = fit_als(train, params)
-        recommended = als_top_n(model, users, k, exclude)
-        value = evaluate(recommended, validation_truth, k)
-        result = TuningResult(params, "ndcg", k, value, time.perf_counter() - started)
-        if best_model is not None and (not results or value > max(r.value for r in results)):
-            best_model[:] = [model]
+        stopped = False
+        if staged and best is not None:
+            estimate = evaluate(als_top_n(model, stages[0][0], k, exclude, blocks), stages[0][1], k)
+            stopped = estimate.upper(stop_z) < best.value - stop_z * best.se
+            if not stopped:
+                estimate = estimate.combine(
+                    evaluate(als_top_n(model, stages[1][0], k, exclude, blocks), stages[1][1], k))
+        else:
+            estimate = evaluate(als_top_n(model, users, k, exclude, blocks), truth, k)
+        result = TuningResult(params, "ndcg", k, estimate.mean, time.perf_counter() - started, estimate.se,
+                              estimate.users, stopped)
+        if not stopped and (best is None or result.value > best.value):
+            best = result
+            if best_model is not None:
+                best_model[:] = [model]
         results.append(result)
-        log.info("ALS candidate %d/%d %s: validation NDCG@%d = %.4f (%.1f s)", number, len(candidates),
+        log.info("ALS candidate %d/%d %s: validation NDCG@%d = %.4f +- %.4f (SE, %d users)%s (%.1f s)", number,
+                 len(candidates),
                  {key: val for key, val in asdict(params).items() if key in ("rank", "reg_param", "alpha")},
-                 k, value, result.seconds)
+                 k, result.value, result.se, result.users,
+                 f"; stopped early, clearly below the best's {best.value:.4f} +- {best.se:.4f}" if stopped else "",
+                 result.seconds)
         if on_result is not None:
             on_result(result)
     users.unpersist()
-    best = max(results, key=lambda result: result.value)
+    truth.unpersist()
+    if staged:
+        for stage_users, _ in stages:
+            stage_users.unpersist()
     return best.params, results

@@ -107,6 +107,30 @@ def ranking_metrics(
     return {"users": float(row["users"]), **{name: float(row[name]) for name in RANKING_METRICS}}
 
 
+def ranking_metrics_with_error(
+    recommended: DataFrame,
+    relevant: DataFrame,
+    k: int,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    rank_col: str = "rank",
+) -> dict[str, float]:
+    """``ranking_metrics`` plus each metric's sampling error: ``<metric>_se``, the standard error of the
+    mean over users (sample standard deviation / sqrt(users); 0 for a single user)."""
+    per_user = per_user_ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
+    row = per_user.agg(
+        F.count(F.lit(1)).alias("users"),
+        *[F.avg(name).alias(name) for name in RANKING_METRICS],
+        *[F.stddev_samp(name).alias(f"{name}_sd") for name in RANKING_METRICS],
+    ).first()
+    users = row["users"]
+    if not users:
+        raise ValueError("no evaluated users: the relevant table is empty")
+    values = {"users": float(users), **{name: float(row[name]) for name in RANKING_METRICS}}
+    values.update({f"{name}_se": float(row[f"{name}_sd"] or 0.0) / math.sqrt(users) for name in RANKING_METRICS})
+    return values
+
+
 def catalog_coverage(
     recommended: DataFrame,
     catalog_size: int,

@@ -1,6 +1,6 @@
 """Recommenders around ALS: popularity baselines, factor-score top-N, offline evaluation, final lists.
 
-All user/item tables stay DataFrames: top-N lists come from ``recommendForUserSubset`` or from
+All user/item tables stay DataFrames: top-N lists come from blockwise factor scoring (``lib.als``) or from
 joins of users with short per-group candidate lists, ranked by a window per user.
 """
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import Callable
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from lib.als import AlsParams, TuningResult, als_top_n, exclusion_tiers, fit_als, rank_and_exclude, tune_als
+from lib.als import (AlsParams, Estimate, TopNBlocks, TuningResult, als_top_n, exclusion_tiers, fit_als,
+                     rank_and_exclude, tune_als, user_hash_fraction)
 from lib.buy_again import (BlendCalibration, BuyAgainParams, blend, buy_again_top_n, global_repeat_share,
                            hit_curve, most_bought_top_n, purchase_occasions, repeat_propensity, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
-from lib.metrics import evaluate, ranking_metrics
+from lib.metrics import catalog_coverage, ranking_metrics_with_error
 from lib.splits import holdout_latest, purchase_truth, relevant_items, user_history_end
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ STRATEGIES = ("discover", "buy_again", "blended")
 ALL_PURCHASE_MODELS = ("buy_again", "most_bought", "blended", "popular_all")
 NEW_PURCHASE_MODELS = ("discover", "popular_new")
 METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
+# Each ranking metric's sampling error over the evaluated users, written beside it as <metric>_se.
+ERROR_NAMES = ("precision_se", "recall_se", "map_se", "ndcg_se")
 
 
 def excluded_pairs(events: DataFrame, event_types: list[str]) -> DataFrame:
@@ -164,6 +167,12 @@ class EvaluationSettings:
     purchase_event_types: tuple[str, ...] = ("purchase",)
     buy_again: BuyAgainParams = BuyAgainParams()
     blend_ranks: int = 0   # the blend is calibrated for ranks 1..max(k_values, blend_ranks) (the lists' length)
+    top_n_blocks: TopNBlocks | None = None   # how ALS top-N lists are cut into blocks (None: the defaults)
+    # Validation and offline metrics on a seeded sample of about this many users per evaluated set
+    # (0: every user); the models still learn from every user.
+    eval_sample_users: int = 0
+    sample_seed: int = 42
+    tune_stop_z: float = 0.0   # > 0: tuning stops a clearly worse candidate early (lib.als.tune_als)
 
     def __post_init__(self) -> None:
         if not self.k_values or min(self.k_values) < 1 or self.tune_k < 1:
@@ -171,6 +180,25 @@ class EvaluationSettings:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown:
             raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+        if self.eval_sample_users < 0 or self.tune_stop_z < 0:
+            raise ValueError(f"eval_sample_users and tune_stop_z must be >= 0, got {self.eval_sample_users}, "
+                             f"{self.tune_stop_z}")
+
+
+def sample_users(rows: DataFrame, size: int, seed: int, user_col: str = "user_id") -> DataFrame:
+    """The rows of about ``size`` of the distinct users of ``rows``, drawn by a seeded hash of the user id.
+
+    ``size`` 0, or no more users than that: every row. A user's draw depends on their id and the seed
+    only, so a sample is the same every run and a bigger sample holds a smaller one.
+    """
+    if size <= 0:
+        return rows
+    users = rows.select(user_col).distinct().count()
+    if users <= size:
+        return rows
+    fraction = size / users
+    log.info("evaluation sample: about %d of %d users (%.3f)", size, users, fraction)
+    return rows.where(user_hash_fraction(user_col, seed) < F.lit(fraction))
 
 
 @dataclass
@@ -225,16 +253,19 @@ class EvaluationReport:
         raise KeyError((model, k, metric))
 
 
-def _ndcg_at(recommended: DataFrame, truth: DataFrame, k: int) -> float:
-    return ranking_metrics(recommended, truth, k, "user_idx", "item_idx")["ndcg"]
+def _ndcg_at(recommended: DataFrame, truth: DataFrame, k: int) -> Estimate:
+    values = ranking_metrics_with_error(recommended, truth, k, "user_idx", "item_idx")
+    return Estimate(int(values["users"]), values["ndcg"], values["ndcg_se"])
 
 
 def _measure(report: EvaluationReport, model: str, recommended_ids: DataFrame, truth: DataFrame,
              k_values: list[int], catalog_size: int) -> None:
     for k in sorted(k_values):
-        values = evaluate(recommended_ids, truth, k, catalog_size)
-        report.metrics.extend((model, k, name, float(values[name])) for name in METRIC_NAMES)
-        log.info("evaluation %s @%d: %s", model, k, {name: round(values[name], 4) for name in METRIC_NAMES})
+        values = ranking_metrics_with_error(recommended_ids, truth, k)
+        values["coverage"] = catalog_coverage(recommended_ids, catalog_size, k)
+        report.metrics.extend((model, k, name, float(values[name])) for name in METRIC_NAMES + ERROR_NAMES)
+        log.info("evaluation %s @%d: %s", model, k, {name: round(values[name], 4) for name in METRIC_NAMES}
+                 | {"ndcg_se": round(values["ndcg_se"], 4)})
 
 
 def evaluate_offline(
@@ -258,7 +289,8 @@ def evaluate_offline(
     train_events = split.train.cache()
     side = training_side(train_events, settings, split.train_end, exclude_items=exclude_items)
     excluded_ids = excluded_pairs(train_events, settings.exclude_event_types)
-    test_truth_ids = _truth(split.held_out, side, excluded_ids).cache()
+    sample = lambda rows: sample_users(rows, settings.eval_sample_users, settings.sample_seed)  # noqa: E731
+    test_truth_ids = sample(_truth(split.held_out, side, excluded_ids)).cache()
     max_k = max(settings.k_values)
     catalog_size = side.item_index.count()
     log.info("offline evaluation: training side ends %s; %d held-out users; catalog %d items",
@@ -269,11 +301,12 @@ def evaluate_offline(
     inner_side = training_side(inner.train, settings, inner.train_end, side.user_index, side.item_index,
                                exclude_items)
     inner_excluded_ids = excluded_pairs(inner.train, settings.exclude_event_types)
-    validation_truth = to_indexed(_truth(inner.held_out, inner_side, inner_excluded_ids),
+    validation_truth = to_indexed(sample(_truth(inner.held_out, inner_side, inner_excluded_ids)),
                                   side.user_index, side.item_index).cache()
     best_model: list = []
     best, tuning = tune_als(inner_side.entries, validation_truth, candidates, settings.tune_k, _ndcg_at,
-                            inner_side.excluded, on_tuning_result, best_model)
+                            inner_side.excluded, on_tuning_result, best_model, settings.top_n_blocks,
+                            settings.tune_stop_z, settings.sample_seed)
     log.info("ALS tuning chose %s", best)
     report = EvaluationReport(best=best, tuning=tuning)
     if settings.strategies:
@@ -287,13 +320,14 @@ def evaluate_offline(
     purchases = None
     list_users = test_users
     if settings.strategies:
-        purchases = purchase_truth(split.held_out, side.user_index, excluded_pairs(
-            train_events, list(settings.purchase_event_types)), settings.purchase_event_types).cache()
+        purchases = sample(purchase_truth(split.held_out, side.user_index, excluded_pairs(
+            train_events, list(settings.purchase_event_types)), settings.purchase_event_types)).cache()
         list_users = test_users.unionByName(purchases.select("user_id").distinct().join(side.user_index, "user_id")
                                             .select("user_idx")).distinct().cache()
 
     model = fit_als(side.entries, best)
-    als_all = to_ids(als_top_n(model, list_users, max_k, side.excluded), side.user_index, side.item_index) \
+    als_all = to_ids(als_top_n(model, list_users, max_k, side.excluded, settings.top_n_blocks), side.user_index,
+                     side.item_index) \
         .localCheckpoint(eager=True)
     als_recs = als_all.join(test_truth_ids.select("user_id").distinct(), "user_id")
     _measure(report, "als", als_recs, test_truth_ids, settings.k_values, catalog_size)
@@ -323,8 +357,9 @@ def calibrate_blend(settings: EvaluationSettings, inner, inner_side: TrainingSid
     propensity. None when the validation side holds no purchases."""
     length = max(max(settings.k_values), settings.blend_ranks)
     types = settings.purchase_event_types
-    purchases = purchase_truth(inner.held_out, inner_side.user_index, excluded_pairs(inner.train, list(types)),
-                               types).select("user_id", "item_id").cache()
+    purchases = sample_users(purchase_truth(inner.held_out, inner_side.user_index,
+                                            excluded_pairs(inner.train, list(types)), types),
+                             settings.eval_sample_users, settings.sample_seed).select("user_id", "item_id").cache()
     users = purchases.select("user_id").distinct()
     occasions = purchase_occasions(inner.train, types)
     propensity = repeat_propensity(occasions, settings.buy_again.prior_strength).join(users, "user_id")
@@ -335,7 +370,8 @@ def calibrate_blend(settings: EvaluationSettings, inner, inner_side: TrainingSid
     user_occasions = occasions.join(user_history_end(inner.train), "user_id").join(users, "user_id")
     again = buy_again_top_n(user_occasions, F.col("history_end"), settings.buy_again, length, exclude_items)
     user_idx = users.join(inner_side.user_index, "user_id").select("user_idx")
-    discover = to_ids(als_top_n(model, user_idx, length, inner_side.excluded), inner_side.user_index,
+    discover = to_ids(als_top_n(model, user_idx, length, inner_side.excluded, settings.top_n_blocks),
+                      inner_side.user_index,
                       inner_side.item_index)
     calibration = BlendCalibration(hit_curve(again, purchases, length), hit_curve(discover, purchases, length),
                                    float(mean_p))

@@ -270,6 +270,9 @@ class AlsSettings:
     seed: int
     checkpoint_interval: int
     num_blocks: int
+    top_n_user_block: int
+    top_n_item_block_mb: float
+    top_n_broadcast_mb: float
 
     def __post_init__(self) -> None:
         for key in ("ranks", "reg_params", "alphas"):
@@ -281,6 +284,9 @@ class AlsSettings:
         require(self.max_candidates >= 1, "recommend.als.max_candidates", "must be >= 1")
         require(self.max_iter >= 1, "recommend.als.max_iter", "must be >= 1")
         require(self.num_blocks >= 0, "recommend.als.num_blocks", "must be >= 0")
+        require(self.top_n_user_block >= 1, "recommend.als.top_n_user_block", "must be >= 1")
+        require(self.top_n_item_block_mb > 0, "recommend.als.top_n_item_block_mb", "must be > 0")
+        require(self.top_n_broadcast_mb >= 0, "recommend.als.top_n_broadcast_mb", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,8 @@ class RecommendSettings:
     buy_again_overdue_decay: float
     buy_again_min_gaps: int
     blend_prior_strength: float
+    eval_sample_users: int
+    tune_stop_z: float
     als: AlsSettings
 
     def __post_init__(self) -> None:
@@ -321,6 +329,8 @@ class RecommendSettings:
         require(self.buy_again_overdue_decay > 0, "recommend.buy_again_overdue_decay", "must be > 0")
         require(self.buy_again_min_gaps >= 1, "recommend.buy_again_min_gaps", "must be >= 1")
         require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
+        require(self.eval_sample_users >= 0, "recommend.eval_sample_users", "must be >= 0 (0: all users)")
+        require(self.tune_stop_z >= 0, "recommend.tune_stop_z", "must be >= 0 (0: never stop a candidate early)")
 
     @property
     def holdout_cutoff_utc(self) -> datetime | None:

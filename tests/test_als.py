@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from lib.als import (AlsParams, TopNBlocks, als_top_n, block_top_n, candidate_grid, exclusion_tiers, fit_als,
-                     mllib_top_n)
+from lib.als import (AlsParams, Estimate, TopNBlocks, als_top_n, block_top_n, candidate_grid, exclusion_tiers,
+                     fit_als, mllib_top_n, tune_als)
+from lib.metrics import ranking_metrics_with_error
 from lib.recommend import EvaluationSettings, evaluate_offline
 from lib.sample_data import SampleSpec, generate_events
 
@@ -112,3 +113,49 @@ def test_blockwise_top_n_equals_brute_force_numpy(spark):
         got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"])
                      for r in block_top_n(users, items, users.select("user_idx"), n, exclude, blocks).collect())
         assert got == sorted(expected), blocks
+
+
+def test_estimates_pool_exactly():
+    values = np.random.default_rng(3).random(50)
+    part = lambda v: Estimate(len(v), float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))))  # noqa: E731
+    pooled = part(values[:13]).combine(part(values[13:]))
+    assert pooled.users == 50
+    assert pooled.mean == pytest.approx(values.mean(), abs=1e-12)
+    assert pooled.se == pytest.approx(values.std(ddof=1) / np.sqrt(50), abs=1e-12)
+    assert pooled.lower(2.0) < pooled.mean < pooled.upper(2.0)
+
+
+def test_tuning_stops_a_clearly_worse_candidate_after_its_first_stage(spark):
+    # Two taste groups of 20 items; each user trains on 8 items of their group and is validated on 3 others.
+    rng = np.random.default_rng(8)
+    train_rows, truth_rows = [], []
+    for user in range(240):
+        group = np.arange(20) + (20 if user % 2 else 0)
+        picked = rng.permutation(group)[:11]
+        train_rows += [(user, int(item), 1.0 + float(rng.integers(0, 3))) for item in picked[:8]]
+        truth_rows += [(user, int(item)) for item in picked[8:]]
+    train = spark.createDataFrame(train_rows, "user_idx int, item_idx int, score double").cache()
+    truth = spark.createDataFrame(truth_rows, "user_idx int, item_idx int").cache()
+    exclude = train.select("user_idx", "item_idx")
+
+    def ndcg(recommended, relevant, k):
+        values = ranking_metrics_with_error(recommended, relevant, k, "user_idx", "item_idx")
+        return Estimate(int(values["users"]), values["ndcg"], values["ndcg_se"])
+
+    good = AlsParams(rank=4, reg_param=0.05, alpha=5.0, max_iter=6, num_blocks=2, checkpoint_interval=-1)
+    bad = AlsParams(rank=1, reg_param=50.0, alpha=0.0, max_iter=1, num_blocks=2, checkpoint_interval=-1, seed=1)
+    _, plain = tune_als(train, truth, [good, bad], 5, ndcg, exclude)
+    assert not any(r.stopped_early for r in plain) and all(r.users == 240 and r.se > 0 for r in plain)
+    assert plain[0].value > plain[1].value + 4 * (plain[0].se + plain[1].se)
+
+    best, staged = tune_als(train, truth, [bad, good, bad], 5, ndcg, exclude, stop_z=2.0, seed=5)
+    assert best == good
+    # The first candidate and a promising one are measured on every user; pooling the two stages gives
+    # exactly the all-user mean.
+    assert not staged[0].stopped_early and not staged[1].stopped_early and staged[1].users == 240
+    assert staged[1].value == pytest.approx(plain[0].value, abs=1e-12)
+    assert staged[1].se == pytest.approx(plain[0].se, abs=1e-12)
+    # The last one is clearly worse than the best on its first quarter and stops there.
+    assert staged[2].stopped_early and 0 < staged[2].users < 120
+    train.unpersist()
+    truth.unpersist()

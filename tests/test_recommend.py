@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pyspark.sql import functions as F
 
-from lib.recommend import factor_top_n, final_recommendations, popular_top_n, segment_popular_top_n
+from lib.recommend import factor_top_n, final_recommendations, popular_top_n, sample_users, segment_popular_top_n
 
 
 def _entries(spark):
@@ -63,3 +63,16 @@ def test_factor_top_n_is_a_dot_product(spark):
     recs = factor_top_n(users, items, users.select("user_idx"), 2, exclude).orderBy("user_idx", "rank").collect()
     assert [(row["user_idx"], row["item_idx"], row["score"]) for row in recs] == [
         (0, 0, 3.0), (0, 2, 2.0), (1, 2, 4.0), (1, 0, 2.0)]
+
+
+def test_evaluation_sample_is_seeded_sized_and_nested(spark):
+    rows = spark.createDataFrame([(f"u{u}", i) for u in range(2000) for i in range(2)], "user_id string, item int")
+    users = lambda df: {r["user_id"] for r in df.select("user_id").distinct().collect()}  # noqa: E731
+    assert sample_users(rows, 0, 1) is rows and sample_users(rows, 5000, 1) is rows   # 0 or too few: everyone
+    small, large = users(sample_users(rows, 300, 1)), users(sample_users(rows, 900, 1))
+    assert 200 < len(small) < 400 and 750 < len(large) < 1050
+    assert small <= large                                      # one hash per user: samples nest
+    assert users(sample_users(rows, 300, 1)) == small          # and repeat
+    assert users(sample_users(rows, 300, 2)) != small          # another seed, another sample
+    # A sampled user keeps every row.
+    assert sample_users(rows, 300, 1).count() == 2 * len(small)
