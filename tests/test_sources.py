@@ -1,6 +1,6 @@
 """Source presets (conf/sources/*.toml): a file in each public shape, with its own column names, event
 names and time format, goes through the ingest stage with one --conf and no conversion."""
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -90,3 +90,60 @@ def test_invoice_lines(spark, tmp_path, context):
     assert events["13047/84879/purchase"]["revenue"] == pytest.approx(32 * 1.69)
     assert sorted(reasons.values()) == ["missing_user_id", "negative_quantity"]
     assert reasons["C536379,D,Discount,-1,12/1/2010 9:41,27.5,14527.0,United Kingdom"] == "negative_quantity"
+
+
+def _retailrocket_file(path: Path, users: int = 200, items: int = 40, seed: int = 3) -> int:
+    """A RetailRocket-shaped events.csv: epoch ms, numeric visitor ids, view / addtocart / transaction over
+    60 days ending 2015-09-18, each visitor mostly on one of four item groups; returns the row count."""
+    import random
+
+    rng = random.Random(seed)
+    end_ms = int(datetime(2015, 9, 18, tzinfo=timezone.utc).timestamp() * 1000)
+    lines, transaction = ["timestamp,visitorid,event,itemid,transactionid"], 4000
+    for user in range(users):
+        group = user % 4
+        for _ in range(rng.randint(6, 20)):
+            item = 355000 + (group * 10 + rng.randrange(10) if rng.random() < 0.8 else rng.randrange(items))
+            ts = end_ms - rng.randrange(60 * 86_400_000)
+            event = rng.choices(["view", "addtocart", "transaction"], [0.8, 0.12, 0.08])[0]
+            transaction += event == "transaction"
+            lines.append(f"{ts},{257000 + user},{event},{item},{transaction if event == 'transaction' else ''}")
+    lines += [f"{end_ms - 5000},257001,remove,355001,", f"{end_ms // 1000},257002,view,355002,"]
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines) - 1
+
+
+@pytest.mark.slow
+def test_a_retailrocket_file_runs_the_whole_pipeline_with_one_conf(spark, tmp_path):
+    """Issue 13: a file in the preset's native shape (epoch ms, visitorid, addtocart / transaction) goes
+    through every stage with --conf conf/sources/retailrocket.toml and no conversion."""
+    from pyspark.sql import functions as F
+
+    from jobs import run_pipeline
+    from jobs.stages import PIPELINE
+
+    path, root = tmp_path / "events.csv", tmp_path / "wh"
+    rows = _retailrocket_file(path)
+    cheap = ["spark.shuffle_partitions=2", "segments.k=3", "segments.max_iter=10", "segments.stability_check=false",
+             "recommend.als.ranks=8", "recommend.als.max_candidates=1", "recommend.als.max_iter=5",
+             "scores.models=logistic_regression", "recommend.evaluate=false"]
+    args = ["--conf", str(SOURCES / "retailrocket.toml"), "--set", f"input.events={path}",
+            "--set", f"output.root={root}", "--run-id", "rr"]
+    assert run_pipeline.main(args + [a for pair in cheap for a in ("--set", pair)]) == "rr"
+
+    read = lambda name: spark.read.format("delta").load(str(root / name))  # noqa: E731
+    runs = {r["stage"]: r for r in read("pipeline_runs").where("run_id = 'rr'").collect()}
+    assert sorted(runs) == sorted(stage.name for stage in PIPELINE)  # no generate_events: the file is the input
+    assert {stage: r["status"] for stage, r in runs.items() if r["status"] != "success"} == {}
+    ingest = runs["ingest"]
+    assert (ingest["rows_in"], ingest["rows_out"], ingest["counts"]["quarantined"]) == (rows, rows - 2, 2)
+    assert (ingest["counts"]["reason.unknown_event_type"], ingest["counts"]["reason.timestamp_unit_mismatch"]) == (1, 1)
+    events = read("events")
+    assert {r["event_type"] for r in events.select("event_type").distinct().collect()} == \
+        {"view", "add_to_cart", "purchase"}
+    assert events.agg(F.min("event_ts")).first()[0].year == 2015
+    recommendations = read("recommendations").where("run_id = 'rr'")
+    users = read("user_index").count()
+    assert users == 200
+    assert recommendations.where("strategy = 'discover'").select("user_id").distinct().count() == users
+    assert recommendations.where("item_id NOT LIKE '355%'").count() == 0
