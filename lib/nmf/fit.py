@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
-from lib.nmf.layout import Layout, Lineage
+from lib.nmf.layout import Layout, Lineage, session_conf
 from lib.nmf.layout1d import RowBlocks
 from lib.nmf.layout2d import Grid
 from lib.nmf.matrix import MatrixStats, matrix_entries, matrix_stats
@@ -38,7 +38,8 @@ def factorize(
         stats = matrix_stats(summed, n_rows, n_cols)
         log.info("NMF: %d x %d, nnz=%d, k=%d, solver=%s, init=%s", stats.n_rows, stats.n_cols, stats.nnz,
                  params.k, params.solver, params.init)
-        result = run(choose_layout(summed, stats, params, initial_w, initial_h), stats, params)
+        result = run(choose_layout(summed, stats, params, initial_w, initial_h), stats, params,
+                     summed.sparkSession)
     except BaseException:
         summed.unpersist()
         raise
@@ -55,22 +56,26 @@ def choose_layout(summed: DataFrame, stats: MatrixStats, params: NMFParams,
     return Grid(summed, stats, params, initial_w, initial_h)
 
 
-def run(layout: Layout, stats: MatrixStats, params: NMFParams) -> NMFResult:
-    """Iterate until ``max_iter`` or until an iteration improves the relative error by less than ``tol``."""
+def run(layout: Layout, stats: MatrixStats, params: NMFParams, spark: SparkSession) -> NMFResult:
+    """Iterate until ``max_iter`` or until an iteration improves the relative error by less than ``tol``.
+
+    The iterations (not the building of the blocks) run under the layout's ``iteration_conf``.
+    """
     lineage = Lineage(params.checkpoint_interval)
     history: list[HistoryEntry] = []
     try:
         layout.start(lineage)
-        for iteration in range(1, params.max_iter + 1):
-            started = time.perf_counter()
-            lineage.begin_iteration(iteration)
-            tr_cross, tr_gram = layout.step(lineage)
-            lineage.end_iteration()
-            seconds = time.perf_counter() - started
-            history.append((iteration, rel_error(stats.norm_sq, tr_cross, tr_gram), seconds))
-            log.info("NMF iteration %d: relative error %.6f (%.2f s)", iteration, history[-1][1], seconds)
-            if converged(history, params.tol):
-                break
+        with session_conf(spark, layout.iteration_conf):
+            for iteration in range(1, params.max_iter + 1):
+                started = time.perf_counter()
+                lineage.begin_iteration(iteration)
+                tr_cross, tr_gram = layout.step(lineage)
+                lineage.end_iteration()
+                seconds = time.perf_counter() - started
+                history.append((iteration, rel_error(stats.norm_sq, tr_cross, tr_gram), seconds))
+                log.info("NMF iteration %d: relative error %.6f (%.2f s)", iteration, history[-1][1], seconds)
+                if converged(history, params.tol):
+                    break
     except BaseException:
         for df in lineage.held() + layout.cached():
             df.unpersist()

@@ -1,9 +1,10 @@
 """The interface the driver loop sees of a block layout, and the lineage bookkeeping both layouts share."""
 from __future__ import annotations
 
-from typing import Protocol
+from contextlib import contextmanager
+from typing import Iterator, Protocol
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
 
 class Lineage:
@@ -24,12 +25,17 @@ class Lineage:
     def begin_iteration(self, iteration: int) -> None:
         self.cutting = iteration % self.interval == 0
 
-    def keep(self, df: DataFrame) -> DataFrame:
-        """An iterate: checkpointed on a cutting iteration (releasing what was held), else persisted."""
+    def keep(self, df: DataFrame, eager: bool = True) -> DataFrame:
+        """An iterate: checkpointed on a cutting iteration (releasing what was held), else persisted.
+
+        ``eager=False`` leaves it to the next action to compute it (the checkpoint or cache is filled
+        then, and the plans built on it start from the checkpoint either way), so one Spark job can
+        both compute the iterate and consume it; it must be computed before ``end_iteration``.
+        """
         if self.cutting:
             self._stale += self._held
             self._held = []
-            return df.localCheckpoint(eager=True)
+            return df.localCheckpoint(eager=eager)
         return self.hold(df)
 
     def hold(self, df: DataFrame) -> DataFrame:
@@ -39,9 +45,10 @@ class Lineage:
         return df
 
     @staticmethod
-    def cut(df: DataFrame) -> DataFrame:
-        """Materialized now and cut from its plan (small frames: the shipped factor, Gram rows)."""
-        return df.localCheckpoint(eager=True)
+    def cut(df: DataFrame, eager: bool = True) -> DataFrame:
+        """Cut from its plan (small frames: the shipped factor, Gram rows); materialized now, or by the
+        first action on it when not ``eager``."""
+        return df.localCheckpoint(eager=eager)
 
     def end_iteration(self) -> None:
         for df in self._stale:
@@ -57,6 +64,7 @@ class Layout(Protocol):
 
     name: str                 # "1d", "1d-transposed" or "2d"
     grid: tuple[int, int]     # blocks of X: (row blocks, column blocks)
+    iteration_conf: dict[str, str]   # runtime SQL settings while iterating (not while building blocks)
 
     def start(self, lineage: Lineage) -> None:
         """Build the blocks of X and the initial factors."""
@@ -69,3 +77,22 @@ class Layout(Protocol):
 
     def cached(self) -> list[DataFrame]:
         """Frames cached for the whole fit (released with the result)."""
+
+
+@contextmanager
+def session_conf(spark: SparkSession, conf: dict[str, str]) -> Iterator[None]:
+    """Runtime SQL settings for the duration of a block, each restored (or unset) afterwards.
+
+    Only plans executed (or lazily checkpointed) inside the block run under them.
+    """
+    previous = {key: spark.conf.get(key, None) for key in conf}
+    for key, value in conf.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)

@@ -6,7 +6,8 @@ one partition per task slot, so the kept factor's half-step is a map. The shippe
 block per task. Each map task also emits the partial product X_i' F_i and Gram F_i' F_i summed over
 its blocks, cut into chunks of shipped rows; the shipped half-step is row-separable, so one reduce
 task per chunk sums its partials and updates it. Per iteration: one pass over X, a shuffle of
-tasks x n x k doubles, exactly two Python stages of one wave each.
+tasks x n x k doubles, exactly two Python stages of one wave each, run as one Spark job (after the
+job that broadcasts the shipped factor) by the one action of the iteration, reading the objective.
 """
 from __future__ import annotations
 
@@ -34,8 +35,18 @@ from lib.nmf.sketch import sketch_svd
 log = logging.getLogger("lib.nmf")
 
 
+# Runtime SQL settings the iterations run under (fit.run sets them around the loop and restores them):
+# - one row block per Arrow batch, so a map task works on a block while the JVM converts the next
+#   (with the default 10,000 rows a batch, Python waited for all of its blocks before starting);
+# - no adaptive execution: these plans have nothing for it to adapt (explicit partitioning, a hinted
+#   broadcast), and it ran each stage as a job of its own, re-planned on the driver in between.
+ITERATION_CONF = {"spark.sql.execution.arrow.maxRecordsPerBatch": "1", "spark.sql.adaptive.enabled": "false"}
+
+
 class RowBlocks:
     """The kept side is the larger dimension: rows of X, or of X' when ``transposed``."""
+
+    iteration_conf = ITERATION_CONF
 
     def __init__(self, summed: DataFrame, stats: MatrixStats, params: NMFParams,
                  initial_w: DataFrame | None, initial_h: DataFrame | None, transposed: bool) -> None:
@@ -84,8 +95,11 @@ class RowBlocks:
             self.shipped = Lineage.cut(self._reduce(partials, fit))
 
     def step(self, lineage: Lineage) -> tuple[float, float]:
-        self.state = lineage.keep(self._map(self.state, self.update_kept))
-        self.shipped = Lineage.cut(self._reduce(self.state, self.update_shipped))
+        # One action per iteration: reading the objective's terms computes the new shipped factor, and
+        # its reduce runs the kept half-step as its first stage, filling the new state's checkpoint as
+        # it goes (no job of its own for the map, none that re-reads the state to find the partials).
+        self.state = lineage.keep(self._map(self.state, self.update_kept), eager=False)
+        self.shipped = Lineage.cut(self._reduce(self.state, self.update_shipped), eager=False)
         terms = self.shipped.select("tr_cross", "tr_gram").first()
         return terms["tr_cross"], terms["tr_gram"]
 
@@ -137,7 +151,8 @@ class RowBlocks:
         # Block b sits in task b mod tasks, so blocks 0..tasks-1 are one per task: only they carry the
         # broadcast factor into Python, instead of every block row carrying a copy of it.
         carries = (F.col("kind") == Kind.BLOCK) & (F.col("block") < F.lit(self.tasks))
-        joined = state.join(F.broadcast(self.shipped), carries, "left")
+        # Only the blocks go to Python: the previous iteration's partials stay in the JVM.
+        joined = state.where(F.col("kind") == Kind.BLOCK).join(F.broadcast(self.shipped), carries, "left")
         chunks, k = self.chunks, self.k
 
         def step(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -180,9 +195,13 @@ class RowBlocks:
                         waiting.append(batch)
                         continue
                     shipped_factor, shipped_gram = read_shipped(batch, carrier, chunks, k)
+                    # The carrier's batch first: in the next iteration it leads its partition, so Python
+                    # starts on it while the JVM still converts the task's other blocks (ITERATION_CONF).
+                    yield update_blocks(batch)
                     for earlier in waiting:
                         yield update_blocks(earlier)
                     waiting.clear()
+                    continue
                 yield update_blocks(batch)
             if waiting:
                 raise RuntimeError("NMF: a task holds row blocks but none of them carried the shipped factor")

@@ -32,6 +32,7 @@ class Grid:
     """X blocks keyed (bi, bj), W blocks keyed bi, H' blocks keyed bj (all FACTOR_BLOCK rows)."""
 
     name = "2d"
+    iteration_conf: dict[str, str] = {}
 
     def __init__(self, summed: DataFrame, stats: MatrixStats, params: NMFParams,
                  initial_w: DataFrame | None, initial_h: DataFrame | None) -> None:

@@ -14,6 +14,8 @@ from lib.nmf.params import HistoryEntry, NMFParams
 
 # scikit-learn's guard against a zero denominator in the multiplicative update (_nmf.EPSILON).
 MU_EPSILON = float(np.finfo(np.float32).eps)
+# Rows of a factor one HALS sweep updates at a time (4096 x k doubles: 640 KB at k = 20, in L2).
+HALS_SLAB_ROWS = 4096
 
 # factor, cross, gram -> new factor
 Rule = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -39,26 +41,34 @@ def hals_update(
     One sweep is scikit-learn's coordinate-descent update (``_update_coordinate_descent`` without
     shuffling). Extra sweeps cost rows x k^2 each against nnz x k for the product, so they are nearly
     free; they stop once a sweep moves the factor less than ``inner_tol`` times the first sweep did.
+
+    A row's update needs only that row and the k x k Gram, so each sweep runs over slabs of
+    ``HALS_SLAB_ROWS`` rows, all k columns of a slab while it sits in the CPU cache (the same
+    arithmetic as whole-column steps, about 5x faster on a tall factor: those are bound by memory).
     """
-    factor = np.array(factor, dtype=np.float64, order="F", copy=True)
+    factor = np.array(factor, dtype=np.float64, order="C", copy=True)
     gram = gram + l2 * np.eye(gram.shape[0]) if l2 else gram
-    cross = cross - l1 if l1 else cross
+    cross = np.ascontiguousarray(cross - l1 if l1 else cross, dtype=np.float64)
+    columns = [(col, np.ascontiguousarray(gram[:, col]), float(gram[col, col]))
+               for col in range(factor.shape[1]) if gram[col, col] > 0]
     first_change = 0.0
     for sweep in range(passes):
         change = 0.0
-        for col in range(factor.shape[1]):
-            hess = gram[col, col]
-            if hess <= 0:
-                continue
-            step = (cross[:, col] - factor @ gram[:, col]) / hess
-            updated = np.maximum(factor[:, col] + step, 0.0)
-            change += float(np.sum((updated - factor[:, col]) ** 2))
-            factor[:, col] = updated
+        for lo in range(0, factor.shape[0], HALS_SLAB_ROWS):
+            slab, slab_cross = factor[lo:lo + HALS_SLAB_ROWS], cross[lo:lo + HALS_SLAB_ROWS]
+            for col, gram_col, hess in columns:
+                old = slab[:, col]
+                updated = (slab_cross[:, col] - slab @ gram_col) / hess
+                updated += old
+                np.maximum(updated, 0.0, out=updated)
+                moved = updated - old
+                change += float(moved @ moved)
+                slab[:, col] = updated
         if sweep == 0:
             first_change = change
         elif change <= inner_tol * inner_tol * first_change:
             break
-    return np.ascontiguousarray(factor)
+    return factor
 
 
 def hals_sweeps(params: NMFParams, nnz: int, own_rows: int, other_rows: int) -> int:
