@@ -202,9 +202,12 @@ def write_report(rows: list[dict], args) -> None:
     if "sklearn_mu" in last:
         ratio_mu = last["spark_hals"]["per_iter"] / last["sklearn_mu"][0]
         ratio_cd = last["spark_hals"]["per_iter"] / last["sklearn_cd"][0]
-        lines.append(f"- At {last['nnz']:,} non-zeros, Spark HALS takes {ratio_cd:.1f}x the time per iteration of "
-                     f"scikit-learn cd (the same algorithm, one coordinate-descent sweep per factor) and "
-                     f"{ratio_mu:.1f}x scikit-learn mu's (target: at most 5x).")
+        lines.append(f"- At {last['nnz']:,} non-zeros, Spark HALS takes {ratio_cd:.2f}x the time per iteration of "
+                     f"scikit-learn cd (the same algorithm, one coordinate-descent sweep per factor; target: at most "
+                     f"2x) and {ratio_mu:.1f}x scikit-learn mu's.")
+        gap = last["spark_hals"]["error"] / last["sklearn_cd"][1] - 1
+        lines.append(f"- After {args.iterations} iterations Spark HALS's relative error is {last['spark_hals']['error']:.4f} "
+                     f"against scikit-learn cd's {last['sklearn_cd'][1]:.4f}: {100 * gap:+.2f}% (target: within 1%).")
         if "spark_mu" in last:
             lines.append(f"- Spark MU takes {last['spark_mu']['per_iter'] / last['sklearn_mu'][0]:.1f}x scikit-learn "
                          f"mu's time per iteration.")
