@@ -52,6 +52,8 @@ CHEAP_IF_DECLARED = {
     "segments.k": "3",
     "segments.max_iter": "10",
     "segments.sweep_ks": "[]",
+    "segments.stability_check": "false",
+    "scores.gbt_max_iter": "5",
     "recommend.top_n": "5",
     "recommend.k_values": "[5]",
     "recommend.tune_k": "5",

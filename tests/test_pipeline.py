@@ -21,7 +21,8 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
             "--set", "sample.users=150", "--set", "sample.items=40", "--set", "sample.events=6000",
             "--set", "sample.segments=3", "--set", "ingest.now=2026-11-01T00:00:00+00:00",
             # Later stages run at their smallest useful size: their own tests cover their settings.
-            "--set", "segments.k=3", "--set", "segments.max_iter=10", "--set", "recommend.als.ranks=8",
+            "--set", "segments.k=3", "--set", "segments.max_iter=10", "--set", "segments.stability_check=false",
+            "--set", "scores.gbt_max_iter=5", "--set", "recommend.als.ranks=8",
             "--set", "recommend.als.max_candidates=1", "--set", "recommend.als.max_iter=5"]
     first = run_pipeline.main(args + ["--run-id", "run-a"])
     assert first == "run-a"
