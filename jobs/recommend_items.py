@@ -16,11 +16,11 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, read_matrix
 from lib import catalog as C
-from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, candidate_grid, fit_als
+from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, block_top_n, candidate_grid, fit_als
 from lib.buy_again import BuyAgainParams, purchase_occasions
 from lib.metrics import write_strategy_report
 from lib.products import excluded_items
-from lib.recommend import (EvaluationSettings, TrainingSide, evaluate_offline, excluded_pairs, factor_top_n,
+from lib.recommend import (EvaluationSettings, TrainingSide, evaluate_offline, excluded_pairs,
                            final_recommendations, strategy_lists, to_indexed)
 from lib.runs import StageResult
 from lib.segments import fit_segments, segment_matrix
@@ -67,7 +67,8 @@ def _nmf_recommender(settings: Settings):
         user_factors = result.w.withColumnRenamed("row_idx", "user_idx")
         item_factors = result.h.withColumnRenamed("col_idx", "item_idx")
         # The lists are materialized before the factors' caches are released.
-        top = factor_top_n(user_factors, item_factors, users, n, side.excluded).localCheckpoint(eager=True)
+        top = block_top_n(user_factors, item_factors, users, n, side.excluded,
+                          _top_n_blocks(settings.recommend.als)).localCheckpoint(eager=True)
         result.release()
         entries.unpersist()
         return top

@@ -97,26 +97,9 @@ def ranking_metrics(
     item_col: str = "item_id",
     rank_col: str = "rank",
 ) -> dict[str, float]:
-    """Means over evaluated users of precision, recall, MAP and NDCG at K, plus ``users`` evaluated."""
-    per_user = per_user_ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
-    row = per_user.agg(
-        F.count(F.lit(1)).alias("users"), *[F.avg(name).alias(name) for name in RANKING_METRICS]
-    ).first()
-    if not row["users"]:
-        raise ValueError("no evaluated users: the relevant table is empty")
-    return {"users": float(row["users"]), **{name: float(row[name]) for name in RANKING_METRICS}}
-
-
-def ranking_metrics_with_error(
-    recommended: DataFrame,
-    relevant: DataFrame,
-    k: int,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    rank_col: str = "rank",
-) -> dict[str, float]:
-    """``ranking_metrics`` plus each metric's sampling error: ``<metric>_se``, the standard error of the
-    mean over users (sample standard deviation / sqrt(users); 0 for a single user)."""
+    """Means over evaluated users of precision, recall, MAP and NDCG at K, plus ``users`` evaluated and
+    each metric's sampling error ``<metric>_se``: the standard error of the mean over users (sample
+    standard deviation / sqrt(users); 0 for a single user)."""
     per_user = per_user_ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
     row = per_user.agg(
         F.count(F.lit(1)).alias("users"),
@@ -155,7 +138,8 @@ def evaluate(
     item_col: str = "item_id",
     rank_col: str = "rank",
 ) -> dict[str, float]:
-    """All metrics at K: precision, recall, map, ndcg, coverage and the number of users evaluated."""
+    """All metrics at K: precision, recall, map, ndcg (with their standard errors), coverage and the
+    number of users evaluated."""
     metrics = ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
     metrics["coverage"] = catalog_coverage(recommended, catalog_size, k, item_col, rank_col)
     return metrics

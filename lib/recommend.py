@@ -18,7 +18,7 @@ from lib.als import (AlsParams, Estimate, TopNBlocks, TuningResult, als_top_n, e
 from lib.buy_again import (BlendCalibration, BuyAgainParams, blend, buy_again_top_n, global_repeat_share,
                            hit_curve, most_bought_top_n, purchase_occasions, repeat_propensity, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
-from lib.metrics import catalog_coverage, ranking_metrics_with_error
+from lib.metrics import catalog_coverage, ranking_metrics
 from lib.splits import holdout_latest, purchase_truth, relevant_items, user_history_end
 
 log = logging.getLogger(__name__)
@@ -114,27 +114,6 @@ def segment_popular_top_n(
         .agg(F.countDistinct("user_idx").cast("double").alias("score"))
     )
     return group_top_n(users_segment, segment_scores, n, exclude, group_col="segment_id")
-
-
-def factor_top_n(
-    user_factors: DataFrame,
-    item_factors: DataFrame,
-    users: DataFrame,
-    n: int,
-    exclude: DataFrame | None = None,
-) -> DataFrame:
-    """Top-N by dot product of (user_idx, factors) and (item_idx, factors) arrays, e.g. NMF's W and H'.
-
-    A distributed cross join of the requested users with all items; fine for catalogs of tens of
-    thousands of items, each score a k-term dot product.
-    """
-    left = users.select("user_idx").distinct().join(user_factors.select("user_idx", F.col("factors").alias("u")), "user_idx")
-    right = item_factors.select("item_idx", F.col("factors").alias("v"))
-    scored = left.crossJoin(right).select(
-        "user_idx", "item_idx",
-        F.aggregate(F.zip_with("u", "v", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x).alias("score"),
-    )
-    return rank_and_exclude(scored, n, exclude)
 
 
 def user_segment_of(segments: DataFrame) -> DataFrame:
@@ -254,14 +233,14 @@ class EvaluationReport:
 
 
 def _ndcg_at(recommended: DataFrame, truth: DataFrame, k: int) -> Estimate:
-    values = ranking_metrics_with_error(recommended, truth, k, "user_idx", "item_idx")
+    values = ranking_metrics(recommended, truth, k, "user_idx", "item_idx")
     return Estimate(int(values["users"]), values["ndcg"], values["ndcg_se"])
 
 
 def _measure(report: EvaluationReport, model: str, recommended_ids: DataFrame, truth: DataFrame,
              k_values: list[int], catalog_size: int) -> None:
     for k in sorted(k_values):
-        values = ranking_metrics_with_error(recommended_ids, truth, k)
+        values = ranking_metrics(recommended_ids, truth, k)
         values["coverage"] = catalog_coverage(recommended_ids, catalog_size, k)
         report.metrics.extend((model, k, name, float(values[name])) for name in METRIC_NAMES + ERROR_NAMES)
         log.info("evaluation %s @%d: %s", model, k, {name: round(values[name], 4) for name in METRIC_NAMES}

@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from lib.als import (AlsParams, Estimate, TopNBlocks, als_top_n, block_top_n, candidate_grid, exclusion_tiers,
                      fit_als, mllib_top_n, tune_als)
-from lib.metrics import ranking_metrics_with_error
+from lib.metrics import ranking_metrics
 from lib.recommend import EvaluationSettings, evaluate_offline
 from lib.sample_data import SampleSpec, generate_events
 
@@ -139,7 +139,7 @@ def test_tuning_stops_a_clearly_worse_candidate_after_its_first_stage(spark):
     exclude = train.select("user_idx", "item_idx")
 
     def ndcg(recommended, relevant, k):
-        values = ranking_metrics_with_error(recommended, relevant, k, "user_idx", "item_idx")
+        values = ranking_metrics(recommended, relevant, k, "user_idx", "item_idx")
         return Estimate(int(values["users"]), values["ndcg"], values["ndcg_se"])
 
     good = AlsParams(rank=4, reg_param=0.05, alpha=5.0, max_iter=6, num_blocks=2, checkpoint_interval=-1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 from pyspark.ml.evaluation import RankingEvaluator
@@ -37,6 +38,7 @@ def test_hand_computed_example(spark):
     assert got["recall"] == pytest.approx(recall)
     assert got["map"] == pytest.approx(map_k)
     assert got["ndcg"] == pytest.approx(ndcg)
+    assert got["ndcg_se"] == pytest.approx(statistics.stdev([ndcg_a, ndcg_b, 0.0]) / math.sqrt(3))
     assert catalog_coverage(recommended, catalog_size=10, k=3) == pytest.approx(5 / 10)
 
 

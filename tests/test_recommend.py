@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pyspark.sql import functions as F
 
-from lib.recommend import factor_top_n, final_recommendations, popular_top_n, sample_users, segment_popular_top_n
+from lib.als import block_top_n
+from lib.recommend import final_recommendations, popular_top_n, sample_users, segment_popular_top_n
 
 
 def _entries(spark):
@@ -56,11 +57,11 @@ def test_segment_popularity_counts_all_members(spark):
     assert [row["item_idx"] for row in recs] == [0, 4]
 
 
-def test_factor_top_n_is_a_dot_product(spark):
+def test_nmf_factors_rank_by_their_dot_product(spark):
     users = spark.createDataFrame([([1.0, 0.0], 0), ([0.0, 2.0], 1)], "factors array<double>, user_idx int")
     items = spark.createDataFrame([(0, [3.0, 1.0]), (1, [1.0, 5.0]), (2, [2.0, 2.0])], "item_idx int, factors array<double>")
     exclude = spark.createDataFrame([(1, 1)], "user_idx int, item_idx int")
-    recs = factor_top_n(users, items, users.select("user_idx"), 2, exclude).orderBy("user_idx", "rank").collect()
+    recs = block_top_n(users, items, users.select("user_idx"), 2, exclude).orderBy("user_idx", "rank").collect()
     assert [(row["user_idx"], row["item_idx"], row["score"]) for row in recs] == [
         (0, 0, 3.0), (0, 2, 2.0), (1, 2, 4.0), (1, 0, 2.0)]
 
