@@ -14,6 +14,7 @@ from lib.sample_data import SampleSpec, generate_events
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_top_n_excludes_items_and_fills_every_list(spark):
     # Two taste groups: users 0-9 use items 0-4, users 10-19 use items 5-9, each a different subset.
     rows = [(u, i, 1.0 + (u + i) % 3) for u in range(20) for i in range(10)
@@ -54,6 +55,7 @@ def test_candidate_grid_and_tiers():
     assert exclusion_tiers(10, 41) == [10, 40, 160]
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_tuned_als_beats_popularity_on_planted_preferences(spark):
     spec = SampleSpec(users=500, items=120, events=30_000, segments=4, seed=11)
     events = generate_events(spark, spec, partitions=2).cache()
@@ -125,6 +127,7 @@ def test_estimates_pool_exactly():
     assert pooled.lower(2.0) < pooled.mean < pooled.upper(2.0)
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_tuning_stops_a_clearly_worse_candidate_after_its_first_stage(spark):
     # Two taste groups of 20 items; each user trains on 8 items of their group and is validated on 3 others.
     rng = np.random.default_rng(8)

@@ -48,6 +48,7 @@ def rel_error(dense: np.ndarray, w: np.ndarray, h: np.ndarray) -> float:
     return float(np.linalg.norm(dense - w @ h) / np.linalg.norm(dense))
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_multiplicative_update_matches_sklearn_every_iteration(spark):
     m, n, k, iterations = 90, 30, 4, 20
     matrix = planted_matrix(m, n, k, seed=1)
@@ -73,6 +74,7 @@ def test_multiplicative_update_matches_sklearn_every_iteration(spark):
     result.release()
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_hals_reaches_sklearn_cd_error_in_no_more_iterations(spark):
     m, n, k = 150, 50, 5
     matrix = planted_matrix(m, n, k, seed=2)
@@ -141,6 +143,7 @@ def test_edge_cases_empty_rows_and_columns_small_blocks_single_block_rank_one(sp
         result.release()
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_number_of_tasks_and_chunks_does_not_change_the_result(spark):
     # 1, 2 and 3 tasks: the row blocks, the item-factor chunks and their reduce tasks all differ.
     m, n, k = 60, 25, 3
@@ -236,6 +239,7 @@ DRIVER_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_factors_never_pass_through_the_driver(tmp_path):
     """In a session of its own with spark.driver.maxResultSize = 1 MB (a static setting), both layouts
     factorize a matrix whose W measures about 1.9 MB on the executors, while collecting that W fails;

@@ -82,6 +82,7 @@ def test_exclusions_from_flags_and_patterns(spark):
     assert excluded_items(None, items, []).count() == 0
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_stage_without_catalog_writes_nothing_and_says_so(spark, tmp_path: Path, context):
     ctx = context(f"output.root={tmp_path / 'wh'}")
     result = ingest_products.run(ctx)

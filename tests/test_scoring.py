@@ -185,6 +185,7 @@ def test_too_few_positives_in_a_label_window_gives_ineligible_rows(events):
     assert outcome.scores.where("eligible or churn_probability is not null").count() == 0
 
 
+@pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_stage_replaces_its_as_of_and_records_the_reason(spark, events, context, tmp_path):
     root = tmp_path / "wh"
     ctx = context(f"output.root={root}", f"scores.as_of={START + timedelta(days=10)}")
