@@ -106,6 +106,7 @@ def run(ctx: StageContext) -> StageResult:
             buy_again=_buy_again_params(settings), blend_ranks=settings.top_n,
             top_n_blocks=_top_n_blocks(settings.als), eval_sample_users=settings.eval_sample_users,
             sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
+            tune_sample_users=settings.tune_sample_users,
         )
         has_nmf = tables.exists(spark, C.NMF_USER_FACTORS) and tables.exists(spark, C.NMF_ITEM_FACTORS)
         nmf_recommender = _nmf_recommender(ctx.settings) if has_nmf else None

@@ -32,6 +32,9 @@ METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
 # Each ranking metric's sampling error over the evaluated users, written beside it as <metric>_se.
 ERROR_NAMES = ("precision_se", "recall_se", "map_se", "ndcg_se")
 
+# Seed offset of the tuning sample (lib.als.tune_als uses seed + 1 for its first stage).
+TUNE_SEED_OFFSET = 2
+
 
 def excluded_pairs(events: DataFrame, event_types: list[str]) -> DataFrame:
     """(user_id, item_id) pairs the user may not be recommended again (e.g. already bought)."""
@@ -150,6 +153,10 @@ class EvaluationSettings:
     # Validation and offline metrics on a seeded sample of about this many users per evaluated set
     # (0: every user); the models still learn from every user.
     eval_sample_users: int = 0
+    # The ALS candidates learn from, are validated on and calibrate the blend with the events of a seeded
+    # sample of about this many users (0: every user): tuning then costs the same at any customer count.
+    # The evaluated model and the final model still learn from every user.
+    tune_sample_users: int = 0
     sample_seed: int = 42
     tune_stop_z: float = 0.0   # > 0: tuning stops a clearly worse candidate early (lib.als.tune_als)
 
@@ -159,12 +166,13 @@ class EvaluationSettings:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown:
             raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
-        if self.eval_sample_users < 0 or self.tune_stop_z < 0:
-            raise ValueError(f"eval_sample_users and tune_stop_z must be >= 0, got {self.eval_sample_users}, "
-                             f"{self.tune_stop_z}")
+        if min(self.eval_sample_users, self.tune_sample_users, self.tune_stop_z) < 0:
+            raise ValueError(f"eval_sample_users, tune_sample_users and tune_stop_z must be >= 0, got "
+                             f"{self.eval_sample_users}, {self.tune_sample_users}, {self.tune_stop_z}")
 
 
-def sample_users(rows: DataFrame, size: int, seed: int, user_col: str = "user_id") -> DataFrame:
+def sample_users(rows: DataFrame, size: int, seed: int, user_col: str = "user_id",
+                 purpose: str = "evaluation") -> DataFrame:
     """The rows of about ``size`` of the distinct users of ``rows``, drawn by a seeded hash of the user id.
 
     ``size`` 0, or no more users than that: every row. A user's draw depends on their id and the seed
@@ -176,7 +184,7 @@ def sample_users(rows: DataFrame, size: int, seed: int, user_col: str = "user_id
     if users <= size:
         return rows
     fraction = size / users
-    log.info("evaluation sample: about %d of %d users (%.3f)", size, users, fraction)
+    log.info("%s sample: about %d of %d users (%.3f)", purpose, size, users, fraction)
     return rows.where(user_hash_fraction(user_col, seed) < F.lit(fraction))
 
 
@@ -275,8 +283,11 @@ def evaluate_offline(
     log.info("offline evaluation: training side ends %s; %d held-out users; catalog %d items",
              split.train_end.isoformat(), test_truth_ids.select("user_id").distinct().count(), catalog_size)
 
-    # Validation carved from the training side; it reuses the training side's indices (ids only).
-    inner = holdout_latest(train_events, settings.validation_fraction)
+    # Validation carved from the training side; it reuses the training side's indices (ids only). Its
+    # own seed keeps the validation sample drawn inside it from being all of it.
+    tune_events = sample_users(train_events, settings.tune_sample_users, settings.sample_seed + TUNE_SEED_OFFSET,
+                               purpose="tuning")
+    inner = holdout_latest(tune_events, settings.validation_fraction)
     inner_side = training_side(inner.train, settings, inner.train_end, side.user_index, side.item_index,
                                exclude_items)
     inner_excluded_ids = excluded_pairs(inner.train, settings.exclude_event_types)

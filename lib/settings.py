@@ -308,6 +308,7 @@ class RecommendSettings:
     buy_again_min_gaps: int
     blend_prior_strength: float
     eval_sample_users: int
+    tune_sample_users: int
     tune_stop_z: float
     als: AlsSettings
 
@@ -330,6 +331,7 @@ class RecommendSettings:
         require(self.buy_again_min_gaps >= 1, "recommend.buy_again_min_gaps", "must be >= 1")
         require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
         require(self.eval_sample_users >= 0, "recommend.eval_sample_users", "must be >= 0 (0: all users)")
+        require(self.tune_sample_users >= 0, "recommend.tune_sample_users", "must be >= 0 (0: all users)")
         require(self.tune_stop_z >= 0, "recommend.tune_stop_z", "must be >= 0 (0: never stop a candidate early)")
 
     @property
@@ -591,10 +593,12 @@ class QualitySettings:
 @dataclass(frozen=True)
 class SparkSettings:
     shuffle_partitions: int
+    delta_snapshot_partitions: int
     conf: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
+        require(self.delta_snapshot_partitions >= 0, "spark.delta_snapshot_partitions", "must be >= 0 (0: Delta's default)")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,15 @@ def test_tuned_als_beats_popularity_on_planted_preferences(spark):
     assert als >= 1.5 * popular, (als, popular)
     assert report.value("als", 10, "users") == report.value("popular", 10, "users") > 100
     assert report.value("als", 10, "coverage") > report.value("popular", 10, "coverage")
+
+    # Tuning on a sample of the users (the candidates learn from and are validated on about 150 of the
+    # 500): fewer validation users, the same evaluation of the chosen model on every held-out user.
+    sampled = evaluate_offline(events, EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10, tune_sample_users=150),
+                               candidates)
+    assert all(0 < result.users < 0.5 * min(r.users for r in report.tuning) for result in sampled.tuning), \
+        [(r.users, s.users) for r, s in zip(report.tuning, sampled.tuning)]
+    assert sampled.value("als", 10, "users") == report.value("als", 10, "users")
+    assert sampled.value("als", 10, "ndcg") >= 1.5 * sampled.value("popular", 10, "ndcg")
     events.unpersist()
 
 
