@@ -85,13 +85,13 @@ def sizes_for(events: int) -> dict[str, int]:
             "partitions": max(4, min(64, events // 500_000))}
 
 
-def run_one(events: int, forget: int, out: Path, from_stage: str = "") -> dict:
+def run_one(events: int, forget: int, out: Path, from_stage: str = "", event_log: str = "") -> dict:
     """Every stage on ``events`` generated events in this process; returns the figures. With
     ``from_stage``, the stages before it are not run again: their seconds are the ones an earlier
     run of this script recorded in the same warehouse's pipeline_runs (no peak memory for them)."""
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     date = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-    from jobs.common import StageContext, load_settings, run_stage
+    from jobs.common import StageContext, apply_runtime_settings, load_settings, run_stage
     from jobs.run_pipeline import pipeline_stages
     from lib.session import local_session
 
@@ -100,13 +100,17 @@ def run_one(events: int, forget: int, out: Path, from_stage: str = "") -> dict:
     if not from_stage:
         subprocess.run(["rm", "-rf", str(root)], check=True)
     memory = PeakMemory()
-    spark = local_session("bench-pipeline", "local[2]", {
-        "spark.driver.memory": "14g", "spark.sql.shuffle.partitions": str(shape["partitions"]),
-        "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO}/conf/log4j2.properties"})
+    confs = {"spark.driver.memory": "14g", "spark.sql.shuffle.partitions": str(shape["partitions"]),
+             "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO}/conf/log4j2.properties"}
+    if event_log:  # Spark's own record of every job and SQL execution, for bench/profile_event_log.py
+        Path(event_log).mkdir(parents=True, exist_ok=True)
+        confs |= {"spark.eventLog.enabled": "true", "spark.eventLog.dir": Path(event_log).resolve().as_uri()}
+    spark = local_session("bench-pipeline", "local[2]", confs)
     settings = load_settings([], [
         f"output.root={root}", f"spark.shuffle_partitions={shape['partitions']}", f"sample.events={events}",
         f"sample.users={shape['users']}", f"sample.items={shape['items']}", "sample.segments=10",
         f"privacy.erasure_request={root}/erasure_request.parquet"])
+    apply_runtime_settings(spark, settings)
     ctx = StageContext(spark, settings, "bench")
     stages, started_all = [], time.perf_counter()
     names = [stage.name for stage in pipeline_stages(settings)]
@@ -195,19 +199,21 @@ def main() -> None:
     parser.add_argument("--from-stage", default="",
                         help="resume a size's run at this stage on its existing warehouse (earlier stages' seconds "
                              "from its pipeline_runs)")
+    parser.add_argument("--event-log", default="",
+                        help="write Spark's event log under this directory (summarise it with bench/profile_event_log.py)")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     OUT.mkdir(parents=True, exist_ok=True)
     if args.single:
-        result = run_one(args.single, args.forget, OUT, args.from_stage)
+        result = run_one(args.single, args.forget, OUT, args.from_stage, args.event_log)
         (OUT / f"{args.single}.json").write_text(json.dumps(result, indent=1))
         return
     results = []
     for events in args.events:  # one process (and JVM) per size, one after the other
         if not (args.reuse and (OUT / f"{events}.json").exists()):
             subprocess.run([sys.executable, __file__, "--single", str(events), "--forget", str(args.forget),
-                            "--from-stage", args.from_stage], check=True)
+                            "--from-stage", args.from_stage, "--event-log", args.event_log], check=True)
         results.append(json.loads((OUT / f"{events}.json").read_text()))
         print(json.dumps(results[-1]), flush=True)
     table = markdown(results)

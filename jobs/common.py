@@ -78,13 +78,20 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
 
 
+def apply_runtime_settings(spark: SparkSession, settings: Settings) -> None:
+    """The ``[spark]`` section's runtime SQL settings (a job's, and a benchmark's that builds its own session)."""
+    spark.conf.set("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    if settings.spark.delta_snapshot_partitions:
+        spark.conf.set("spark.databricks.delta.snapshotPartitions", str(settings.spark.delta_snapshot_partitions))
+    for key, value in settings.spark.conf.items():
+        spark.conf.set(key, str(value))
+
+
 def get_session(app_name: str, settings: Settings) -> SparkSession:
     """The session spark-submit (or SPARK_REMOTE) prepared, with the job's runtime settings."""
     spark = SparkSession.builder.appName(app_name).getOrCreate()
-    spark.conf.set("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
-    spark.conf.set("spark.sql.session.timeZone", "UTC")
-    for key, value in settings.spark.conf.items():
-        spark.conf.set(key, str(value))
+    apply_runtime_settings(spark, settings)
     kind = "Spark Connect" if type(spark).__module__.startswith("pyspark.sql.connect") else "classic"
     log.info("Spark session: %s, Spark %s", kind, spark.version)
     return spark
@@ -137,8 +144,11 @@ def _finish(ctx: StageContext, name: str, status: str, started: datetime, finish
             result: StageResult) -> None:
     """Replace this attempt's ``running`` row with its outcome."""
     row = run_record(ctx.spark, ctx.run_id, name, status, started, finished, result)
+    # The literals let Delta skip every file but the running row's (by their min/max statistics).
+    literal = lambda text: "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"  # noqa: E731
     ctx.tables.upsert(ctx.spark, row, C.PIPELINE_RUNS,
-                      "target.run_id = source.run_id AND target.stage = source.stage "
+                      f"target.run_id = {literal(ctx.run_id)} AND target.stage = {literal(name)} "
+                      "AND target.run_id = source.run_id AND target.stage = source.stage "
                       "AND target.started_at = source.started_at AND target.status = 'running'")
 
 

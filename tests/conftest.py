@@ -23,6 +23,7 @@ def spark():
         master="local[2]",
         conf={
             "spark.sql.shuffle.partitions": "2",
+            "spark.databricks.delta.snapshotPartitions": "2",   # as conf/base.toml's spark.delta_snapshot_partitions
             "spark.default.parallelism": "2",
             "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO_ROOT}/conf/log4j2.properties",
             "spark.sql.warehouse.dir": str(REPO_ROOT / "build" / "spark-warehouse"),
