@@ -70,7 +70,9 @@ def customer_features(events: DataFrame, as_of: date, windows: tuple[int, ...],
         inside = age <= float(w)
         aggs += [
             _count(inside & site).alias(f"site_events_{w}d"),
-            F.countDistinct(F.when(inside & site, F.floor(age))).cast("double").alias(f"active_days_{w}d"),
+            # size(collect_set) rather than countDistinct: distinct aggregates make Spark expand every
+            # event into one row per distinct expression before the shuffle (4 rows each with 3 windows).
+            F.size(F.collect_set(F.when(inside & site, F.floor(age)))).cast("double").alias(f"active_days_{w}d"),
             _count(inside & (kind == "view")).alias(f"views_{w}d"),
             _count(inside & (kind == "add_to_cart")).alias(f"carts_{w}d"),
             _count(inside & (kind == "purchase")).alias(f"purchases_{w}d"),

@@ -2,7 +2,7 @@
 eligibility instead of fake scores, one as_of replaced on re-run, config errors naming the key."""
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 
 import pytest
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
@@ -62,6 +62,23 @@ def _rewritten_after_as_of(spark, events):
         "event_id string, user_id string, item_id string, event_type string, event_ts timestamp, quantity double, "
         "revenue double, campaign_id string, channel string").withColumn("event_ts", end + F.expr("INTERVAL 2 DAYS"))
     return rewritten.unionByName(copies).unionByName(extra)
+
+
+def test_feature_counts_of_one_customer_exactly(spark):
+    end = datetime.combine(AS_OF + timedelta(days=1), time.min)   # the first instant after AS_OF (UTC)
+    rows = [("view", 0.5, None), ("click", 0.7, None), ("purchase", 3.2, 20.0), ("view", 10.1, None),
+            ("add_to_cart", 40.0, None), ("email_send", 1.0, None), ("email_open", 1.5, None),
+            ("view", -2.0, None)]   # after AS_OF: never seen
+    events = spark.createDataFrame(
+        [(f"e{n}", "u1", "i1", kind, end - timedelta(days=age), revenue) for n, (kind, age, revenue) in enumerate(rows)],
+        "event_id string, user_id string, item_id string, event_type string, event_ts timestamp_ntz, revenue double",
+    ).withColumn("event_ts", F.to_utc_timestamp("event_ts", "UTC"))
+    row = customer_features(events, AS_OF, WINDOWS).first().asDict()
+    assert {w: row[f"active_days_{w}d"] for w in WINDOWS} == {7: 2.0, 30: 3.0, 90: 4.0}   # days 0, 3, 10, 40
+    assert {w: row[f"site_events_{w}d"] for w in WINDOWS} == {7: 3.0, 30: 4.0, 90: 5.0}
+    assert (row["purchases_30d"], row["revenue_30d"], row["sends_7d"], row["opens_7d"]) == (1.0, 20.0, 1.0, 1.0)
+    assert row["site_recency_days"] == pytest.approx(0.5) and row["tenure_days"] == pytest.approx(40.0)
+    assert row["open_rate_7d"] == pytest.approx((1 + 0.3) / (1 + 1.0))
 
 
 def test_features_do_not_change_when_every_later_event_is_rewritten(spark, events):
