@@ -172,9 +172,11 @@ def plot(results: list[dict], path: Path) -> None:
 
     events = [r["events"] for r in results]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in [row["stage"] for row in results[0]["stages"]]:
+    names = [row["stage"] for row in results[0]["stages"]]
+    colors = plt.get_cmap("tab20").colors  # more stages than the default cycle's 10 colours
+    for number, name in enumerate(names):
         seconds = [next((s["wall_seconds"] for s in r["stages"] if s["stage"] == name), None) for r in results]
-        ax.plot(events, seconds, marker="o", label=name)
+        ax.plot(events, seconds, marker="o", label=name, color=colors[(2 * number) % 20 + (2 * number) // 20])
     ax.plot(events, [r["total_wall_seconds"] for r in results], marker="s", color="black", linewidth=2,
             label="pipeline total")
     if len(events) > 1:  # time growing as fast as the events, from the smallest run's total
