@@ -100,7 +100,7 @@ def run_one(events: int, forget: int, out: Path, from_stage: str = "", event_log
     if not from_stage:
         subprocess.run(["rm", "-rf", str(root)], check=True)
     memory = PeakMemory()
-    confs = {"spark.driver.memory": "14g", "spark.sql.shuffle.partitions": str(shape["partitions"]),
+    confs = {"spark.driver.memory": "14g",  # the [spark] settings are applied below, as a job applies them
              "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO}/conf/log4j2.properties"}
     if event_log:  # Spark's own record of every job and SQL execution, for bench/profile_event_log.py
         Path(event_log).mkdir(parents=True, exist_ok=True)

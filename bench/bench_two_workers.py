@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pyspark
+from bench_pipeline import sizes_for   # the same customers and items per event count as the pipeline benchmark
+from run_presets import stage_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
@@ -66,22 +68,16 @@ def start_cluster(base: Path, workers: int) -> tuple[str, list[subprocess.Popen]
     raise RuntimeError(f"{workers} workers did not register within 120 s (logs in {base})")
 
 
-def stage_seconds(root: Path) -> dict[str, float]:
-    """Seconds per successful stage from pipeline_runs, read with delta-rs (no second JVM)."""
-    from deltalake import DeltaTable
-
-    rows = DeltaTable(str(root / "pipeline_runs")).to_pyarrow_table().to_pylist()
-    return {r["stage"]: (r["finished_at"] - r["started_at"]).total_seconds() for r in rows if r["status"] == "success"}
-
-
 def run_stages(master_args: list[str], root: Path, events: int) -> dict[str, float]:
-    sets = [f"output.root={root}", f"sample.events={events}", f"sample.users={max(1000, events // 50)}",
-            f"sample.items={max(200, events // 500)}", "sample.segments=10", "spark.shuffle_partitions=8"]
+    """Each stage as its own submitted job; seconds per successful stage from pipeline_runs (delta-rs)."""
+    shape = sizes_for(events)
+    sets = [f"output.root={root}", f"sample.events={events}", f"sample.users={shape['users']}",
+            f"sample.items={shape['items']}", "sample.segments=10", "spark.shuffle_partitions=8"]
     for stage in STAGES:
         args = ["./spark-submit.sh", *master_args, f"jobs/{stage}.py", "--run-id", "check"]
         args += [part for value in sets for part in ("--set", value)]
         subprocess.run(args, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return stage_seconds(root)
+    return {row["stage"]: row["seconds"] for row in stage_rows(root, "check") if row["status"] == "success"}
 
 
 def main() -> None:

@@ -144,11 +144,10 @@ def _finish(ctx: StageContext, name: str, status: str, started: datetime, finish
             result: StageResult) -> None:
     """Replace this attempt's ``running`` row with its outcome."""
     row = run_record(ctx.spark, ctx.run_id, name, status, started, finished, result)
-    # The literals let Delta skip every file but the running row's (by their min/max statistics).
+    # Run and stage as literals let Delta skip every file but the running row's (by their min/max statistics).
     literal = lambda text: "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"  # noqa: E731
     ctx.tables.upsert(ctx.spark, row, C.PIPELINE_RUNS,
                       f"target.run_id = {literal(ctx.run_id)} AND target.stage = {literal(name)} "
-                      "AND target.run_id = source.run_id AND target.stage = source.stage "
                       "AND target.started_at = source.started_at AND target.status = 'running'")
 
 

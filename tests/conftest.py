@@ -16,6 +16,7 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 @pytest.fixture(scope="session")
 def spark():
+    from jobs.common import load_settings
     from lib.session import local_session
 
     session = local_session(
@@ -23,7 +24,7 @@ def spark():
         master="local[2]",
         conf={
             "spark.sql.shuffle.partitions": "2",
-            "spark.databricks.delta.snapshotPartitions": "2",   # as conf/base.toml's spark.delta_snapshot_partitions
+            "spark.databricks.delta.snapshotPartitions": str(load_settings([], []).spark.delta_snapshot_partitions),
             "spark.default.parallelism": "2",
             "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO_ROOT}/conf/log4j2.properties",
             "spark.sql.warehouse.dir": str(REPO_ROOT / "build" / "spark-warehouse"),
