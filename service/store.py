@@ -14,8 +14,17 @@ version, turned into a compact layout and dropped:
   definition as the pipeline's ``popular`` source), or, without ``interactions`` / ``item_index``,
   the items that appear in the most users' recommendation lists.
 
-A ``Snapshot`` is never changed after it is built. ``Store.poll`` looks up every table's latest
-version, rebuilds only the parts whose version moved (reusing the others), then replaces
+Which version of a table is served: the pipeline tags every Delta commit of a stage with
+``<run_id>:<stage>`` (commitInfo ``userMetadata``) and records each stage attempt in ``pipeline_runs``
+(running / success / failed). A table is served at its latest version that holds no commit of an
+attempt of its own stage (``PRODUCER``) that has not succeeded: a run still running, failed or
+killed is never served, and a stage's tables (user_segments with segment_profiles, interactions with
+item_index) switch together once its success is recorded. A RESTORE commit counts as the version it
+brought back, so a rolled-back run changes nothing that is served. Without ``pipeline_runs`` (tables
+written by other tools) every table is served at its latest version.
+
+A ``Snapshot`` is never changed after it is built. ``Store.poll`` picks every table's version as
+above, rebuilds only the parts whose version moved (reusing the others), then replaces
 ``Store.current`` in one reference assignment: a request reads ``store.current`` once and keeps that
 snapshot to its end, so requests in flight during a reload finish on the old data.
 """
@@ -25,7 +34,7 @@ import ctypes
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +54,13 @@ CUSTOMER_SCORES = "customer_scores"
 SEND_TIMES = "send_times"
 INTERACTIONS = "interactions"
 ITEM_INDEX = "item_index"
+PIPELINE_RUNS = "pipeline_runs"
 TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX)
+# The stage that writes (and on failure restores) each served table, as jobs/stages.py registers it
+# (tests/test_service.py holds the two equal): the tables of one stage switch together.
+PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", SEGMENT_PROFILES: "segment_users",
+            CUSTOMER_SCORES: "score_customers", SEND_TIMES: "plan_sends", INTERACTIONS: "build_interactions",
+            ITEM_INDEX: "build_interactions"}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 
 # customer_scores columns the profile serves, when the table has them (DESIGN.md's contract).
@@ -388,6 +403,91 @@ LOADERS = {
 
 
 # ---------------------------------------------------------------------------------------------
+# which version is served
+
+
+def read_stage_status(dt: DeltaTable) -> dict[tuple[str, str], str]:
+    """(run_id, stage) -> status of that stage's latest attempt in ``pipeline_runs`` (a rerun under the
+    same run id is a new attempt: while it runs, the run's commits count as unfinished)."""
+    table = _read(dt, ("run_id", "stage", "status", "started_at"), ("run_id", "stage", "status", "started_at"),
+                  PIPELINE_RUNS)
+    table = table.sort_by([("started_at", "ascending")])
+    return {(run, stage): status for run, stage, status in zip(table.column("run_id").to_pylist(),
+                                                              table.column("stage").to_pylist(),
+                                                              table.column("status").to_pylist())}
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What the service needs of one Delta commit."""
+
+    run_id: str | None       # from the ``<run_id>:<stage>`` tag, None when untagged
+    stage: str | None
+    restored_to: int | None  # a RESTORE: the version whose content it brought back
+
+
+def _commit(info: dict[str, Any]) -> Commit:
+    run_id = stage = restored_to = None
+    tag = info.get("userMetadata")
+    if isinstance(tag, str) and ":" in tag:
+        run_id, stage = tag.rsplit(":", 1)  # a run id given on the command line may hold a colon
+    if info.get("operation") == "RESTORE":
+        try:
+            restored_to = int((info.get("operationParameters") or {})["version"])
+        except (KeyError, TypeError, ValueError):  # restored to a timestamp: content unknown, a new version
+            restored_to = None
+    return Commit(run_id, stage, restored_to)
+
+
+class History:
+    """A table's commits, read from its log once each (delta-rs ``history``) and kept between polls."""
+
+    def __init__(self) -> None:
+        self.commits: dict[int, Commit] = {}
+        self.latest = -1
+
+    def update(self, dt: DeltaTable) -> None:
+        latest = dt.version()
+        if latest < self.latest:  # the table was removed and created again
+            self.commits, self.latest = {}, -1
+        if latest > self.latest:
+            for info in dt.history(limit=latest - self.latest):
+                self.commits[int(info["version"])] = _commit(info)
+            self.latest = latest
+
+    def servable(self, producer: str, status: dict[tuple[str, str], str] | None) -> int | None:
+        """The latest version that holds no commit of an attempt of ``producer`` that has not succeeded
+        (None: no such version). ``status`` None (no ``pipeline_runs``): the latest version."""
+        if status is None:
+            return self.latest
+        unfinished_at: dict[int, bool] = {}
+        unfinished = False
+        for version in sorted(self.commits):
+            commit = self.commits[version]
+            if commit.restored_to is not None:
+                # Versions older than the log kept are long published: count them as clean.
+                unfinished = unfinished_at.get(commit.restored_to, False)
+            elif commit.stage == producer:
+                # A successful attempt's commit is what its run left; until the run is recorded as a
+                # success (and forever when it failed unrestored or was killed) the table holds its work.
+                unfinished = status.get((commit.run_id, producer)) != "success"
+            unfinished_at[version] = unfinished
+        clean = [v for v, dirty in unfinished_at.items() if not dirty]
+        return max(clean) if clean else None
+
+    def same_content(self, version: int | None) -> int | None:
+        """The version a RESTORE chain leads back to (``version`` itself when it is no RESTORE)."""
+        seen = set()
+        while version is not None and version not in seen:
+            seen.add(version)
+            commit = self.commits.get(version)
+            if commit is None or commit.restored_to is None:
+                return version
+            version = commit.restored_to
+        return version
+
+
+# ---------------------------------------------------------------------------------------------
 # snapshot and store
 
 
@@ -423,6 +523,8 @@ class Store:
         self.reloads = 0
         self.last_poll: float = 0.0
         self._failed: dict[str, tuple[int, str]] = {}  # table -> (version, error) that could not be served
+        self._histories: dict[str, History] = {}
+        self._status: tuple[int, dict[tuple[str, str], str]] | None = None  # pipeline_runs (version, status)
         self._lock = threading.Lock()  # one poll at a time (the background thread, or a test)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -430,54 +532,74 @@ class Store:
     # -- loading -------------------------------------------------------------------------------
 
     def poll(self) -> bool:
-        """Rebuild the parts whose table version changed; swap the snapshot; True when it changed."""
+        """Rebuild the parts whose served version changed; swap the snapshot; True when it changed."""
         with self._lock:
             old = self.current
-            handles: dict[str, DeltaTable | None] = {}
             errors: dict[str, str] = {}
+            # pipeline_runs first: a run it shows as a success has made every commit it will make, so the
+            # table logs read next hold all of them (a stage's tables never switch half-way).
+            status = self._stage_status(errors)
+            self.last_poll = time.time()
+            if errors:  # which versions are servable is unknown: keep serving what we have
+                if errors == old.errors:
+                    return False
+                self.current = replace(old, errors=errors)
+                self.reloads += 1
+                return True
+            handles: dict[str, DeltaTable | None] = {}
+            unfinished: set[str] = set()  # tables whose every version holds an unfinished run's work
             for table in TABLES:
+                handles[table] = None
                 try:
-                    handles[table] = _open_latest(self.settings.table_uri(table))
+                    dt = _open_latest(self.settings.table_uri(table))
+                    if dt is None:
+                        self._histories.pop(table, None)
+                        continue
+                    history = self._histories.setdefault(table, History())
+                    history.update(dt)
+                    version = history.servable(PRODUCER[table], status)
+                    if version is None:
+                        unfinished.add(table)
+                        continue
+                    if version != dt.version():
+                        dt.load_as_version(version)
+                    handles[table] = dt
                 except Exception as exc:  # unreadable log, permissions, ...: keep serving what we have
                     errors[table] = f"{type(exc).__name__}: {exc}"
-                    handles[table] = None
-            self.last_poll = time.time()
 
             parts = dict(old.parts)
             served = dict(old.versions)
-            for table, loader in LOADERS.items():
-                dt = handles[table]
-                if dt is None:
-                    if table in old.parts:
-                        # A table that vanishes after it was served keeps its last version (an
-                        # operator's rewrite in progress must not blank every profile); /healthz says so.
-                        errors.setdefault(table, "table vanished; serving the version loaded before")
-                    elif table not in errors:
-                        served[table] = None
-                    continue
-                version = dt.version()
-                if table in old.parts and old.versions.get(table) == version:
-                    continue
-                failed = self._failed.get(table)
-                if failed is not None and failed[0] == version:
-                    errors[table] = failed[1]  # do not retry a version that could not be served
-                    continue
-                started = time.perf_counter()
-                try:
-                    parts[table] = loader(dt, version)
-                    served[table] = version
-                    self._failed.pop(table, None)
-                    log.info("loaded %s version %s in %.2f s", table, version, time.perf_counter() - started)
-                except Exception as exc:
-                    message = f"version {version}: {type(exc).__name__}: {exc}"
-                    errors[table] = message
-                    self._failed[table] = (version, message)
-                    log.error("cannot serve %s %s (still serving version %s)", table, message,
-                              old.versions.get(table))
-            for table in (INTERACTIONS, ITEM_INDEX):
-                served[table] = handles[table].version() if handles[table] is not None else None
+            for stage in dict.fromkeys(PRODUCER[t] for t in LOADERS):
+                group = [t for t in LOADERS if PRODUCER[t] == stage]
+                changed = {}
+                for table in group:
+                    dt = handles[table]
+                    if dt is None:
+                        if table in old.parts or table in errors:
+                            if table not in errors and table not in unfinished:
+                                # A table that vanishes after it was served keeps its last version (an
+                                # operator's rewrite in progress must not blank every profile); /healthz says so.
+                                errors[table] = "table vanished; serving the version loaded before"
+                        else:
+                            served[table] = None
+                        continue
+                    if table in old.parts and self._same(table, old.versions.get(table), dt.version()):
+                        continue
+                    changed[table] = dt
+                if changed and not any(t in errors for t in group):
+                    self._load_together(stage, changed, parts, served, errors)
 
-            popular = self._popular(old, parts, handles, served, errors)
+            # The popular fallback's two tables switch together too.
+            if not (unfinished | set(errors)) & {INTERACTIONS, ITEM_INDEX}:
+                for table in (INTERACTIONS, ITEM_INDEX):
+                    dt = handles[table]
+                    if dt is None or not self._same(table, old.versions.get(table), dt.version()):
+                        served[table] = dt.version() if dt is not None else None
+                popular = self._popular(old, parts, handles, served, errors)
+            elif old.popular.basis == "interactions":
+                popular = old.popular
+            else:
+                popular = self._popular(old, parts, {**handles, INTERACTIONS: None}, served, errors)
             if served == old.versions and errors == old.errors and popular is old.popular and old is not EMPTY:
                 return False
             self.current = Snapshot(parts=parts, versions=served, popular=popular, loaded_at=time.time(),
@@ -486,6 +608,59 @@ class Store:
             del old, parts, handles
             _return_freed_memory()
             return True
+
+    def _stage_status(self, errors: dict[str, str]) -> dict[tuple[str, str], str] | None:
+        """``pipeline_runs`` as (run_id, stage) -> status, read again only when its version moved; None
+        without the table. An unreadable table is an error under ``pipeline_runs``."""
+        try:
+            dt = _open_latest(self.settings.table_uri(PIPELINE_RUNS))
+            if dt is None:
+                self._status = None
+                return None
+            if self._status is None or self._status[0] != dt.version():
+                self._status = (dt.version(), read_stage_status(dt))
+            return self._status[1]
+        except Exception as exc:
+            errors[PIPELINE_RUNS] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    def _same(self, table: str, served: int | None, version: int) -> bool:
+        """True when ``version`` has the content of the ``served`` one (equal, or a RESTORE back to it)."""
+        if served is None:
+            return False
+        history = self._histories.get(table)
+        if history is None:
+            return served == version
+        return history.same_content(served) == history.same_content(version)
+
+    def _load_together(self, stage: str, changed: dict[str, DeltaTable], parts: dict, served: dict,
+                       errors: dict) -> None:
+        """Load the changed tables of one stage into ``parts`` / ``served``, all or none: when one cannot
+        be served (the reason goes to ``errors``), every table of the stage keeps its previous version."""
+        for table, dt in changed.items():
+            failed = self._failed.get(table)
+            if failed is not None and failed[0] == dt.version():
+                errors[table] = failed[1]  # do not retry a version that could not be served
+                return
+        loaded = {}
+        for table, dt in changed.items():
+            version = dt.version()
+            started = time.perf_counter()
+            try:
+                loaded[table] = LOADERS[table](dt, version)
+            except Exception as exc:
+                message = f"version {version}: {type(exc).__name__}: {exc}"
+                errors[table] = message
+                self._failed[table] = (version, message)
+                log.error("cannot serve %s %s; %s keeps serving versions %s", table, message, stage,
+                          {t: served.get(t) for t in LOADERS if PRODUCER[t] == stage})
+                return
+            log.info("loaded %s version %s (stage %s) in %.2f s", table, version, stage,
+                     time.perf_counter() - started)
+        for table, part in loaded.items():
+            parts[table] = part
+            served[table] = part.version
+            self._failed.pop(table, None)
 
     def _popular(self, old: Snapshot, parts: dict, handles: dict, served: dict, errors: dict) -> Popular:
         n = self.settings.max_n

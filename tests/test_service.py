@@ -1,8 +1,9 @@
 """The recommendations API (service/) answering from a real uvicorn server on 127.0.0.1.
 
 Tables are written with deltalake (delta-rs) by the tests themselves, so no Spark is needed except in
-the last test, which checks that a table written by delta-spark is served too (protocol
-compatibility; run it under the Spark lock like the rest of the suite).
+the last two tests, which check that tables written by delta-spark are served too (protocol
+compatibility) and that a stage run_stage rolls back is never served (run them under the Spark lock
+like the rest of the suite).
 """
 from __future__ import annotations
 
@@ -13,17 +14,19 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import pyarrow as pa
 import pytest
 import uvicorn
-from deltalake import write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from service import settings as settings_mod
 from service.app import create_app
-from service.store import Store
+from service.store import PRODUCER, Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"
@@ -346,3 +349,152 @@ def test_serves_a_table_written_by_delta_spark(spark, tmp_path):
         assert body["table_version"] == 1 and body["run_id"] == "r2"
         assert [(i["rank"], i["item_id"]) for i in body["items"]] == [(1, "a"), (2, "b")]
         assert http.get("/v1/users/s1/profile").json()["segment"]["segment_id"] == 3
+
+
+def tagged(warehouse: Path, table: str, columns: dict, tag: str) -> int:
+    """Overwrite ``table`` in one commit tagged like jobs.common.run_stage tags it; return the new version."""
+    write_deltalake(str(warehouse / table), pa.table(columns), mode="overwrite",
+                    commit_properties=CommitProperties(custom_metadata={"userMetadata": tag}))
+    return DeltaTable(str(warehouse / table)).version()
+
+
+def record_runs(warehouse: Path, attempts: list[tuple[str, str, str]]) -> None:
+    """pipeline_runs holding these (run_id, stage, status) attempts, started in this order."""
+    start = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    write(warehouse, "pipeline_runs", {
+        "run_id": [a[0] for a in attempts], "stage": [a[1] for a in attempts], "status": [a[2] for a in attempts],
+        "started_at": pa.array([start + timedelta(minutes=i) for i in range(len(attempts))], pa.timestamp("us", "UTC"))})
+
+
+def segment_run(warehouse: Path, run: str, segments: dict[str, int]) -> dict[str, int]:
+    """segment_users' two tables as one run writes them (labels name the run); return their versions."""
+    tag = f"{run}:segment_users"
+    ids = sorted(set(segments.values()))
+    return {
+        "user_segments": tagged(warehouse, "user_segments", {
+            "user_id": list(segments), "segment_id": pa.array(list(segments.values()), pa.int32()),
+            "affinity": [0.9] * len(segments), "run_id": [run] * len(segments)}, tag),
+        "segment_profiles": tagged(warehouse, "segment_profiles", {
+            "segment_id": pa.array(ids, pa.int32()), "size": [1] * len(ids), "share": [1 / len(ids)] * len(ids),
+            "label": [f"{run}-{i}" for i in ids], "run_id": [run] * len(ids)}, tag),
+    }
+
+
+def test_each_served_table_switches_with_the_stage_that_writes_it():
+    from jobs.stages import ALL_STAGES
+    writers = {table.name: stage.name for stage in ALL_STAGES for table in stage.writes}
+    assert {table: writers[table] for table in PRODUCER} == PRODUCER
+
+
+def test_a_running_failed_or_killed_run_is_never_served_and_a_stage_switches_whole(tmp_path):
+    """A segment_users run that fails its gate while the service polls (issue 19, case 4), then a killed
+    one: every answer pairs user_segments and segment_profiles of one successful run."""
+    wh = tmp_path / "wh"
+    first = segment_run(wh, "r1", {"u1": 0, "u2": 1})
+    runs = [("r1", "segment_users", "success")]
+    record_runs(wh, runs)
+    allowed = {(0, "r1-0"), (1, "r1-1")}
+    answers: list[tuple] = []
+    stop = threading.Event()
+    with serve(wh, RECS_RELOAD_SECONDS="0.02") as (url, store), httpx.Client(base_url=url, headers=AUTH) as http:
+        def hammer():
+            with httpx.Client(base_url=url, headers=AUTH) as client:
+                while not stop.is_set():
+                    for user in ("u1", "u2", "u3"):
+                        segment = client.get(f"/v1/users/{user}/profile").json()["segment"]
+                        answers.append((user, segment and (segment["segment_id"], segment["label"])))
+
+        def served() -> dict:
+            store.poll()  # besides the reload thread: this state is certainly seen
+            return {t: v for t, v in http.get("/healthz").json()["table_versions"].items() if t in first}
+
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            assert served() == first
+            reloads = store.reloads
+            # r2 runs: it overwrites user_segments (new segment ids), then segment_profiles, then fails its gate.
+            runs.append(("r2", "segment_users", "running"))
+            record_runs(wh, runs)
+            segment_run(wh, "r2", {"u1": 5, "u2": 6, "u3": 7})
+            assert served() == first
+            # The rollback: both tables RESTOREd (untagged commits, as run_stage makes them), the row failed.
+            for table, version in first.items():
+                DeltaTable(str(wh / table)).restore(version)
+            runs[-1] = ("r2", "segment_users", "failed")
+            record_runs(wh, runs)
+            assert served() == first
+            assert store.reloads == reloads  # the rolled-back run changed nothing that is served
+
+            # r3 is killed after its first write: pipeline_runs says running for ever.
+            runs.append(("r3", "segment_users", "running"))
+            record_runs(wh, runs)
+            tagged(wh, "user_segments", {"user_id": ["u1"], "segment_id": pa.array([9], pa.int32()),
+                                         "affinity": [1.0], "run_id": ["r3"]}, "r3:segment_users")
+            assert served() == first
+
+            # r4 succeeds: both tables switch to it at once.
+            runs.append(("r4", "segment_users", "running"))
+            record_runs(wh, runs)
+            fourth = segment_run(wh, "r4", {"u1": 2, "u2": 3, "u3": 3})
+            assert served() == first
+            runs[-1] = ("r4", "segment_users", "success")
+            record_runs(wh, runs)
+            assert served() == fourth
+            allowed |= {(2, "r4-2"), (3, "r4-3")}
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert http.get("/v1/users/u3/profile").json()["segment"]["label"] == "r4-3"
+    assert len(answers) > 50
+    mixed = {a for a in answers if a[1] is not None and a[1] not in allowed}
+    assert not mixed  # no answer from r2 or r3, no segment without its run's label
+    assert {a for a in answers if a[0] == "u3"} <= {("u3", None), ("u3", (3, "r4-3"))}
+
+
+def test_a_stage_that_run_stage_rolls_back_is_never_served(context, monkeypatch, tmp_path):
+    """What delta-spark and run_stage really write (commit tags, RESTORE, the pipeline_runs MERGE): the
+    service polls while a segment_users run is in flight and after its gate failed, and serves the last
+    successful run throughout."""
+    from jobs import segment_users
+    from jobs.common import run_stage
+    from lib import catalog as C
+    from lib.quality import DataQualityError
+    from lib.runs import StageResult
+
+    wh = tmp_path / "wh"
+    settings = settings_mod.from_env({"RECS_WAREHOUSE": str(wh), "RECS_ALLOW_NO_AUTH": "1", "RECS_RELOAD_SECONDS": "0"},
+                                     check_warehouse=False)
+    store = Store(settings)
+    seen_in_flight = []
+
+    def fake_run(shares: list[float]):
+        def run(ctx):
+            spark = ctx.spark
+            users = [(f"u{i}", i, 0.9, ctx.run_id) for i in range(len(shares))]
+            ctx.tables.overwrite(spark.createDataFrame(users, C.USER_SEGMENTS.schema), C.USER_SEGMENTS)
+            profiles = [(i, 1, share, [], f"{ctx.run_id}-{i}", ctx.run_id) for i, share in enumerate(shares)]
+            ctx.tables.overwrite(spark.createDataFrame(profiles, C.SEGMENT_PROFILES.schema), C.SEGMENT_PROFILES)
+            store.poll()
+            seen_in_flight.append(dict(store.current.versions))
+            return StageResult()
+        return run
+
+    ctx = context(f"output.root={wh}", run_id="good")
+    monkeypatch.setattr(segment_users, "run", fake_run([0.5, 0.5]))
+    run_stage(ctx, "segment_users")
+    store.poll()
+    good = {t: store.current.versions[t] for t in ("user_segments", "segment_profiles")}
+    assert good["user_segments"] is not None and store.current.parts["segment_profiles"].by_segment[1]["label"] == "good-1"
+
+    monkeypatch.setattr(segment_users, "run", fake_run([0.97, 0.01, 0.01, 0.01]))  # fails largest_segment_share
+    with pytest.raises(DataQualityError):
+        run_stage(replace(ctx, run_id="bad"), "segment_users")
+    store.poll()
+    assert {t: seen_in_flight[-1][t] for t in good} == good  # in flight: not served
+    assert {t: store.current.versions[t] for t in good} == good  # rolled back: nothing moved
+    assert store.current.parts["user_segments"].row("u3") is None
+    assert DeltaTable(str(wh / "user_segments")).version() > good["user_segments"] + 1  # written, then restored
