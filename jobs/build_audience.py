@@ -1,5 +1,6 @@
 """Campaign audiences into campaign_audience, and per campaign an email-platform export (CSV and JSON
-lines of the treatment rows, a manifest written last) under exports.dir/<campaign_id>/<run_id>/."""
+lines of the treatment rows, a manifest written last) under exports.dir/<campaign_id>/<run_id>/,
+published (readable) only once the run's success is recorded, removed when the run fails."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ from jobs.common import StageContext, main_for
 from lib import catalog as C
 from lib.audience import AudienceInputs, campaign_audience, last_activity, latest_scores
 from lib.campaigns import blank_suppressions, check_segments, suppression_lists
-from lib.exports import export_directory, write_export
+from lib.exports import discard_exports, export_directory, publish_exports, write_export
 from lib.runs import StageResult
 
 log = logging.getLogger("jobs.build_audience")
@@ -98,7 +99,7 @@ def run(ctx: StageContext) -> StageResult:
             directory = export_directory(root, name, run_id)
             manifest = write_export(spark, audience.where(F.col("campaign_id") == name), directory,
                                     settings.exports.formats, settings.exports.max_rows_per_file, name, run_id,
-                                    started)
+                                    started, publish=False)
             counts[f"{name}.exported"] = manifest["rows"]
             log.info("export of %s: %d rows, %s", name, manifest["rows"], directory)
     summary = ", ".join(f"{c}: " + "/".join(str(sizes.get((c, v), 0)) for v in ("treatment", "holdout", "global_control"))
@@ -107,6 +108,20 @@ def run(ctx: StageContext) -> StageResult:
     if notes:
         message += "; " + "; ".join(notes)
     return StageResult(rows_out=sum(sizes.values()), message=message, counts=counts)
+
+
+def publish(ctx: StageContext) -> None:
+    """Make this run's exports readable (jobs.common.run_stage calls it after recording the success)."""
+    root = exports_root(ctx)
+    for directory in publish_exports(root, ctx.run_id) if root else []:
+        log.info("export published: %s", directory)
+
+
+def discard(ctx: StageContext) -> None:
+    """Remove this failed run's exports (jobs.common.run_stage calls it after the rollback)."""
+    root = exports_root(ctx)
+    for directory in discard_exports(root, ctx.run_id) if root else []:
+        log.warning("export of the failed run removed: %s", directory)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     every Delta commit tagged ``<run_id>:<stage>``, then its data-quality gates. When the stage or a
     gate fails, every table the registry says it writes is restored to the version it had before
     (only where all newer commits carry this run's tag), the row becomes ``failed`` with the error,
-    and the error is re-raised.
+    the stage's ``discard`` removes what it wrote outside Delta, and the error is re-raised. After the
+    ``success`` row is written, the stage's ``publish`` makes its files outside Delta (exports)
+    readable: a run that fails or is killed before that never has a readable export.
     """
     stage = BY_NAME[name]
     spark, tables = ctx.spark, ctx.tables
@@ -128,6 +130,8 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
             spark.conf.unset(COMMIT_METADATA_CONF)
             message += rollback(ctx, stage, versions_before, tag)
             _finish(ctx, name, "failed", started, finished, StageResult(message=message))
+            if stage.discard is not None:
+                stage.discard(ctx)
         except Exception:  # the original error matters more than a failed rollback or bookkeeping write
             log.error("could not roll back or record the failure:\n%s", traceback.format_exc())
         raise
@@ -135,6 +139,8 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
         spark.conf.unset(COMMIT_METADATA_CONF)
     finished = datetime.now(timezone.utc)
     _finish(ctx, name, "success", started, finished, result)
+    if stage.publish is not None:
+        stage.publish(ctx)
     log.info("stage %s: done in %.1f s, rows_in=%s rows_out=%s %s %s", name,
              (finished - started).total_seconds(), result.rows_in, result.rows_out, result.counts, result.message)
     return result

@@ -32,6 +32,17 @@ class StageSpec:
         return importlib.import_module(self.module).run
 
     @property
+    def publish(self) -> Callable | None:
+        """The stage's optional ``publish(ctx)``: makes what it wrote outside Delta (export files) visible,
+        called only once the stage's success is recorded."""
+        return getattr(importlib.import_module(self.module), "publish", None)
+
+    @property
+    def discard(self) -> Callable | None:
+        """The stage's optional ``discard(ctx)``: removes what a failed attempt wrote outside Delta."""
+        return getattr(importlib.import_module(self.module), "discard", None)
+
+    @property
     def console_script(self) -> str:
         return "email-personalization-" + self.name.replace("_", "-")
 

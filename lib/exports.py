@@ -13,6 +13,12 @@ the files are (re)written and written last, atomically (a temporary file renamed
 counts were checked against the table: a directory without a valid manifest is an interrupted
 export, and ``read_export`` refuses it, as it refuses files whose size or checksum differ from it.
 
+A stage writes its manifest as ``manifest.pending.json`` (``publish=False``): the export is published
+(``publish_exports`` renames it to ``manifest.json``) only after the run's success is recorded in
+``pipeline_runs``, and a failed run's exports are removed (``discard_exports``). So an export of a run
+that failed, was killed or is still running is never readable. An export with no rows has its empty
+part files in the manifest and reads as empty.
+
 File sizes, checksums and row counts are measured by Spark (binaryFile, text); only one row per file
 reaches the driver.
 """
@@ -22,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +39,8 @@ from pyspark.sql import functions as F
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+PENDING = "manifest.pending.json"  # the manifest of an export whose run has not recorded its success
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 COLUMNS = ("external_id", "updated_at", "payload")
 PAYLOAD_FIELDS = ("campaign_id", "run_id", "segment_id", "churn_band", "purchase_probability", "send_hour_utc",
                   "products")
@@ -74,14 +83,24 @@ def _file_stats(spark: SparkSession, directory: str, fmt: str) -> list[dict[str,
              "rows": max(int(r["count"] or 0) - header, 0)} for r in rows]
 
 
+def _empty_files(base: Path, fmt: str) -> list[dict[str, Any]]:
+    """The 0-byte part files of one format: Spark's file sources skip them, so ``_file_stats`` never sees
+    the one empty part an export without rows leaves (JSON)."""
+    return [{"path": f"{fmt}/{p.name}", "bytes": 0, "sha256": EMPTY_SHA256, "rows": 0}
+            for p in sorted((base / fmt).glob("part-*")) if p.stat().st_size == 0]
+
+
 def write_export(spark: SparkSession, audience: DataFrame, directory: str, formats: tuple[str, ...],
-                 max_rows_per_file: int, campaign_id: str, run_id: str, updated_at: datetime) -> dict[str, Any]:
+                 max_rows_per_file: int, campaign_id: str, run_id: str, updated_at: datetime,
+                 publish: bool = True) -> dict[str, Any]:
     """Write one campaign's export into ``directory`` (see the module docstring); return the manifest.
 
-    ``audience``: that campaign's campaign_audience rows (all variants; only treatment is written)."""
+    ``audience``: that campaign's campaign_audience rows (all variants; only treatment is written).
+    ``publish=False`` leaves the manifest pending, for ``publish_exports`` once the run has succeeded."""
     base = local_path(directory)
     base.mkdir(parents=True, exist_ok=True)
-    (base / MANIFEST).unlink(missing_ok=True)  # from here on the directory reads as incomplete
+    for name in (MANIFEST, PENDING):  # from here on the directory reads as incomplete
+        (base / name).unlink(missing_ok=True)
     rows = export_rows(audience, updated_at).orderBy("external_id")
     expected = rows.count()
     for fmt in formats:
@@ -97,7 +116,7 @@ def write_export(spark: SparkSession, audience: DataFrame, directory: str, forma
         writer = writer.mode("overwrite").option("maxRecordsPerFile", max_rows_per_file).option("compression", "none")
         (writer.csv if fmt == "csv" else writer.json)(f"{directory}/{fmt}")
 
-    listing = {fmt: _file_stats(spark, directory, fmt) for fmt in formats}
+    listing = {fmt: _file_stats(spark, directory, fmt) + _empty_files(base, fmt) for fmt in formats}
     for fmt, files in listing.items():
         written = sum(f["rows"] for f in files)
         if written != expected:
@@ -118,8 +137,35 @@ def write_export(spark: SparkSession, audience: DataFrame, directory: str, forma
     }
     temporary = base / f".{MANIFEST}.tmp"
     temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, base / MANIFEST)  # atomic: a reader sees no manifest or the whole one
+    os.replace(temporary, base / (MANIFEST if publish else PENDING))  # atomic: no manifest or the whole one
     return manifest
+
+
+def _run_directories(root: str, run_id: str) -> list[Path]:
+    """Every campaign's export directory of ``run_id`` under the exports root."""
+    base = local_path(root)
+    if not base.is_dir():
+        return []
+    return sorted(p / run_id for p in base.iterdir() if (p / run_id).is_dir())
+
+
+def publish_exports(root: str, run_id: str) -> list[Path]:
+    """Make the pending exports of ``run_id`` readable (their manifest renamed into place, atomically);
+    called only once the run's success is recorded. Returns the directories published."""
+    published = []
+    for directory in _run_directories(root, run_id):
+        if (directory / PENDING).is_file():
+            os.replace(directory / PENDING, directory / MANIFEST)
+            published.append(directory)
+    return published
+
+
+def discard_exports(root: str, run_id: str) -> list[Path]:
+    """Remove every export directory of ``run_id`` (a failed run's): nothing of it can be imported."""
+    directories = _run_directories(root, run_id)
+    for directory in directories:
+        shutil.rmtree(directory)
+    return directories
 
 
 @dataclass(frozen=True)
@@ -158,11 +204,15 @@ def _sha256(path: Path) -> str:
 
 
 def read_export(directory: str | Path) -> Export:
-    """The export in ``directory``, validated: refuses (ExportError) a directory without a valid
-    manifest, a listed file that is missing or whose size or SHA-256 differs, and a part file the
-    manifest does not list (the leftover of an interrupted rewrite)."""
+    """The export in ``directory``, validated: refuses (ExportError) an unpublished export (its run
+    has not recorded success), a directory without a valid manifest, a listed file that is missing or
+    whose size or SHA-256 differs, and a part file the manifest does not list (the leftover of an
+    interrupted rewrite)."""
     base = local_path(str(directory))
     path = base / MANIFEST
+    if not path.is_file() and (base / PENDING).is_file():
+        raise ExportError(f"{base}: not published: its run has not recorded success in pipeline_runs (still "
+                          "running, killed, or failed)")
     if not path.is_file():
         raise ExportError(f"{base}: no {MANIFEST}: the export is incomplete (interrupted) or not an export")
     try:

@@ -1,16 +1,20 @@
 """Email-platform exports: row counts and manifest match campaign_audience, files respect the row cap,
-holdout and control never appear, and read_export refuses an interrupted or altered export."""
+holdout and control never appear, read_export refuses an interrupted or altered export and the export
+of a run that failed or never recorded its success, and reads an empty export as empty."""
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from jobs import build_audience, common
+from jobs.common import run_stage
 from lib import catalog as C
-from lib.exports import MANIFEST, ExportError, read_export, write_export
+from lib.exports import MANIFEST, ExportError, discard_exports, publish_exports, read_export, write_export
 
 STAMP = datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)
 
@@ -95,3 +99,72 @@ def test_read_export_refuses_interrupted_and_altered_exports(spark, tmp_path: Pa
         write_export(spark, audience(spark, 60), str(directory), ("csv", "parquet"), 10, "spring", "r1", STAMP)
     with pytest.raises(ExportError, match="no manifest.json"):
         read_export(directory)
+
+
+def test_an_empty_export_reads_as_empty(spark, tmp_path: Path):
+    """A campaign nobody qualifies for (issue 19, case 6): Spark leaves an empty part file, which the
+    manifest lists like any other."""
+    directory = tmp_path / "winback" / "r1"
+    nobody = audience(spark, 20).where("variant <> 'treatment'")
+    manifest = write_export(spark, nobody, str(directory), ("csv", "json"), 10, "winback", "r1", STAMP)
+    export = read_export(directory)
+    assert manifest["rows"] == export.rows == 0
+    for fmt in ("csv", "json"):
+        assert list(export.records(fmt)) == []
+        assert {p.name for p in (directory / fmt).glob("part-*")} == {Path(f["path"]).name for f in export.manifest["formats"][fmt]["files"]}
+
+
+def test_an_export_is_readable_only_once_published(spark, tmp_path: Path):
+    directory = tmp_path / "spring" / "r1"
+    write_export(spark, audience(spark, 20), str(directory), ("json",), 10, "spring", "r1", STAMP, publish=False)
+    with pytest.raises(ExportError, match="not published: its run has not recorded success"):
+        read_export(directory)
+    assert publish_exports(str(tmp_path), "r1") == [directory]
+    assert read_export(directory).rows == 12
+    assert discard_exports(str(tmp_path), "r1") == [directory] and not directory.exists()
+
+
+@pytest.mark.slow  # two build_audience runs
+def test_exports_of_a_failed_or_killed_build_audience_are_refused(context, tmp_path: Path, monkeypatch):
+    """Issue 19, case 5: the first campaign's export of a run that then fails is removed; a run killed
+    before its success is recorded (pipeline_runs still says running) leaves an export read_export refuses."""
+    root = tmp_path / "wh"
+    ctx = context(f"output.root={root}", run_id="failed")
+    users = [f"u{i:02d}" for i in range(30)]
+    recs = [{"user_id": u, "rank": r, "item_id": f"i{r}", "score": 1.0 / r, "source": "als", "run_id": "r0",
+             "strategy": "blended"} for u in users for r in range(1, 5)]
+    ctx.tables.overwrite(ctx.spark.createDataFrame(recs, C.RECOMMENDATIONS.schema), C.RECOMMENDATIONS)
+    exports = root / "exports"
+
+    real_write, written = build_audience.write_export, []
+
+    def fail_on_the_second_campaign(*args, **kwargs):
+        if written:
+            raise RuntimeError("injected failure after the first export")
+        written.append(real_write(*args, **kwargs))
+        return written[-1]
+
+    monkeypatch.setattr(build_audience, "write_export", fail_on_the_second_campaign)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_stage(ctx, "build_audience")
+    assert written and not (exports / "weekly_newsletter" / "failed").exists()
+    with pytest.raises(ExportError):
+        read_export(exports / "weekly_newsletter" / "failed")
+    monkeypatch.undo()
+
+    def killed_before_success(ctx, name, status, *args):
+        if status == "success":
+            raise KeyboardInterrupt  # the process dies here: nothing after it runs
+        return real_finish(ctx, name, status, *args)
+
+    real_finish = common._finish
+    monkeypatch.setattr(common, "_finish", killed_before_success)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(replace(ctx, run_id="killed"), "build_audience")
+    monkeypatch.undo()
+    runs = ctx.tables.read(ctx.spark, C.PIPELINE_RUNS).where("run_id = 'killed'").collect()
+    assert [r["status"] for r in runs] == ["running"]
+    for campaign in ("weekly_newsletter", "winback"):
+        assert (exports / campaign / "killed").is_dir()
+        with pytest.raises(ExportError, match="not published"):
+            read_export(exports / campaign / "killed")
