@@ -455,6 +455,7 @@ def test_a_running_failed_or_killed_run_is_never_served_and_a_stage_switches_who
     assert {a for a in answers if a[0] == "u3"} <= {("u3", None), ("u3", (3, "r4-3"))}
 
 
+@pytest.mark.slow  # two run_stage runs with their bookkeeping and rollback
 def test_a_stage_that_run_stage_rolls_back_is_never_served(context, monkeypatch, tmp_path):
     """What delta-spark and run_stage really write (commit tags, RESTORE, the pipeline_runs MERGE): the
     service polls while a segment_users run is in flight and after its gate failed, and serves the last
