@@ -361,9 +361,10 @@ def tagged(warehouse: Path, table: str, columns: dict, tag: str) -> int:
 def record_runs(warehouse: Path, attempts: list[tuple[str, str, str]]) -> None:
     """pipeline_runs holding these (run_id, stage, status) attempts, started in this order."""
     start = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    started = [start + timedelta(minutes=i) for i in range(len(attempts))]
     write(warehouse, "pipeline_runs", {
         "run_id": [a[0] for a in attempts], "stage": [a[1] for a in attempts], "status": [a[2] for a in attempts],
-        "started_at": pa.array([start + timedelta(minutes=i) for i in range(len(attempts))], pa.timestamp("us", "UTC"))})
+        "started_at": pa.array(started, pa.timestamp("us", "UTC"))})
 
 
 def segment_run(warehouse: Path, run: str, segments: dict[str, int]) -> dict[str, int]:
@@ -489,7 +490,8 @@ def test_a_stage_that_run_stage_rolls_back_is_never_served(context, monkeypatch,
     run_stage(ctx, "segment_users")
     store.poll()
     good = {t: store.current.versions[t] for t in ("user_segments", "segment_profiles")}
-    assert good["user_segments"] is not None and store.current.parts["segment_profiles"].by_segment[1]["label"] == "good-1"
+    assert good["user_segments"] is not None
+    assert store.current.parts["segment_profiles"].by_segment[1]["label"] == "good-1"
 
     monkeypatch.setattr(segment_users, "run", fake_run([0.97, 0.01, 0.01, 0.01]))  # fails largest_segment_share
     with pytest.raises(DataQualityError):
