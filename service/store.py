@@ -10,6 +10,8 @@ version, turned into a compact layout and dropped:
 * ``user_segments`` / ``customer_scores`` / ``send_times``: one row per user (the latest run, the
   highest affinity / the latest ``as_of``), kept as Arrow arrays addressed through a user dict.
 * ``segment_profiles``: a small dict segment_id -> label, size, share.
+* ``suppressed_users``: the set of ids of the global suppression list (no personal content for them).
+* ``user_identities``: only whether it exists (the warehouse then holds pseudonyms); never read.
 * the popular fallback: the items used by the most distinct users in ``interactions`` (the same
   definition as the pipeline's ``popular`` source), or, without ``interactions`` / ``item_index``,
   the items that appear in the most users' recommendation lists.
@@ -45,7 +47,10 @@ CUSTOMER_SCORES = "customer_scores"
 SEND_TIMES = "send_times"
 INTERACTIONS = "interactions"
 ITEM_INDEX = "item_index"
-TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX)
+SUPPRESSED_USERS = "suppressed_users"
+USER_IDENTITIES = "user_identities"
+TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX,
+          SUPPRESSED_USERS)
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 
 # customer_scores columns the profile serves, when the table has them (DESIGN.md's contract).
@@ -325,6 +330,20 @@ def load_segment_profiles(dt: DeltaTable, version: int) -> SegmentProfiles:
 
 
 @dataclass(frozen=True)
+class Suppressed:
+    version: int
+    users: frozenset[str]
+
+
+def load_suppressed_users(dt: DeltaTable, version: int) -> Suppressed:
+    """The ids of the global list (campaign_id null): a campaign's own opt-out is not the API's concern."""
+    table = _read(dt, ("user_id", "campaign_id"), ("user_id",), SUPPRESSED_USERS)
+    if "campaign_id" in table.column_names:
+        table = table.filter(pc.is_null(table.column("campaign_id")))
+    return Suppressed(version, frozenset(table.column("user_id").drop_null().to_pylist()))
+
+
+@dataclass(frozen=True)
 class Popular:
     """The fallback list for users without recommendations, best first (at most max_n items)."""
 
@@ -384,6 +403,7 @@ LOADERS = {
     SEGMENT_PROFILES: load_segment_profiles,
     CUSTOMER_SCORES: load_customer_scores,
     SEND_TIMES: load_send_times,
+    SUPPRESSED_USERS: load_suppressed_users,
 }
 
 
@@ -398,10 +418,15 @@ class Snapshot:
     popular: Popular
     loaded_at: float
     errors: dict[str, str] = field(default_factory=dict)
+    pseudonymised: bool = False        # user_identities exists: the tables hold pseudonyms, not raw ids
 
     @property
     def recommendations(self) -> Recommendations | None:
         return self.parts.get(RECOMMENDATIONS)
+
+    def suppressed(self, user_id: str) -> bool:
+        part = self.parts.get(SUPPRESSED_USERS)
+        return part is not None and user_id in part.users
 
     def missing(self, tables: tuple[str, ...]) -> list[str]:
         return [t for t in tables if t not in self.parts]
@@ -441,6 +466,11 @@ class Store:
                 except Exception as exc:  # unreadable log, permissions, ...: keep serving what we have
                     errors[table] = f"{type(exc).__name__}: {exc}"
                     handles[table] = None
+            try:
+                pseudonymised = _open_latest(self.settings.table_uri(USER_IDENTITIES)) is not None
+            except Exception as exc:
+                errors[USER_IDENTITIES] = f"{type(exc).__name__}: {exc}"
+                pseudonymised = old.pseudonymised
             self.last_poll = time.time()
 
             parts = dict(old.parts)
@@ -478,10 +508,11 @@ class Store:
                 served[table] = handles[table].version() if handles[table] is not None else None
 
             popular = self._popular(old, parts, handles, served, errors)
-            if served == old.versions and errors == old.errors and popular is old.popular and old is not EMPTY:
+            if (served == old.versions and errors == old.errors and popular is old.popular
+                    and pseudonymised == old.pseudonymised and old is not EMPTY):
                 return False
             self.current = Snapshot(parts=parts, versions=served, popular=popular, loaded_at=time.time(),
-                                    errors=errors)
+                                    errors=errors, pseudonymised=pseudonymised)
             self.reloads += 1
             del old, parts, handles
             _return_freed_memory()
