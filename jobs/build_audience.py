@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 from jobs.common import StageContext, main_for
 from lib import catalog as C
 from lib.audience import AudienceInputs, campaign_audience, last_activity, latest_scores
-from lib.campaigns import blank_suppressions, check_segments, suppression_lists
+from lib.campaigns import check_segments, for_campaign, write_suppressed_users
 from lib.exports import discard_exports, export_directory, publish_exports, write_export
 from lib.runs import StageResult
 
@@ -68,13 +68,13 @@ def run(ctx: StageContext) -> StageResult:
     if inputs.segments is not None:
         known = {r[0] for r in inputs.segments.select("segment_id").distinct().collect()}  # k rows
     check_segments(campaigns, known)
-    common, lists = suppression_lists(spark, settings.input.suppressions, campaigns)
+    suppressed, blank = write_suppressed_users(spark, tables, settings, run_id)
 
     notes = list(inputs.notes)
     frames = []
     for name, campaign in campaigns.items():
-        frame, campaign_notes = campaign_audience(inputs, campaign, lists[name], settings.holdout.salt,
-                                                  settings.holdout.control_share, run_id)
+        frame, campaign_notes = campaign_audience(inputs, campaign, for_campaign(suppressed, name),
+                                                  settings.holdout.salt, settings.holdout.control_share, run_id)
         frames.append(frame)
         notes += campaign_notes
     if not frames:
@@ -86,10 +86,9 @@ def run(ctx: StageContext) -> StageResult:
     sizes = {(r["campaign_id"], r["variant"]): r["count"]
              for r in audience.groupBy("campaign_id", "variant").count().collect()}  # campaigns x 3 rows
     counts = {f"{c}.{v}": n for (c, v), n in sorted(sizes.items())}
-    blank = blank_suppressions(common) if settings.input.suppressions else 0
     if blank:
         counts["suppressions.blank_user_id"] = blank
-        notes.append(f"input.suppressions: {blank} row(s) without a user_id suppress nobody")
+        notes.append(f"suppression lists: {blank} row(s) without a user_id suppress nobody")
 
     root = exports_root(ctx)
     if root is None:

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from jobs.common import StageContext, main_for, sample_root
 from lib import catalog as C
 from lib import ingest, readers
-from lib.privacy import load_key, pseudonymize_events
+from lib.privacy import pseudonymize_events, stage_key
 from lib.runs import StageResult
 from lib.storage import is_delta_path
 
@@ -41,10 +41,10 @@ def without_own_inserts(ctx: StageContext, batch_new: DataFrame) -> DataFrame:
 
 
 def run(ctx: StageContext) -> StageResult:
-    source, settings, privacy = ctx.settings.input, ctx.settings.ingest, ctx.settings.privacy
+    source, settings = ctx.settings.input, ctx.settings.ingest
     spark, tables = ctx.spark, ctx.tables
     # Fails before reading anything when pseudonymisation is on and the key is missing.
-    key = load_key(privacy.key_env, privacy.secret_scope, privacy.secret_key) if privacy.pseudonymize else None
+    key = stage_key(ctx.settings.privacy)
     location, fmt = input_location(ctx)
     now = settings.now_utc or datetime.now(timezone.utc)
     rules = ingest.Rules(event_types=settings.event_types, latest=now + timedelta(minutes=settings.future_skew_minutes),
@@ -61,6 +61,8 @@ def run(ctx: StageContext) -> StageResult:
     identities = None
     if key is not None:  # stored events hold pseudonyms: compare and store the batch's the same way
         classified, identities = pseudonymize_events(classified, key)
+        # Quarantined rows, and refusal messages quoting them, must not keep the raw ids either.
+        classified = ingest.pseudonymize_raw(classified, source.source_names["user_id"])
     resolved = ingest.resolve(classified, stored).persist()
     try:
         outcome = ingest.count_outcomes(resolved)

@@ -1,6 +1,8 @@
 """Plan sends: the best hour of week per customer (send_times) and the global control / campaign
 holdout assignments (holdout_assignments), both overwritten each run. Assignments are a hash of
-holdout.salt and the user id, so they never move between runs or re-ingests."""
+holdout.salt and the user id, so they never move between runs or re-ingests. A suppressed customer
+has no assignment for a campaign that must not reach them (the current lists, written to
+suppressed_users first)."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +11,7 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
 from lib import catalog as C
+from lib.campaigns import without_suppressed, write_suppressed_users
 from lib.features import resolve_as_of
 from lib.holdout import GLOBAL_KEY, holdout_assignments
 from lib.runs import StageResult
@@ -19,6 +22,7 @@ log = logging.getLogger("jobs.plan_sends")
 
 def run(ctx: StageContext) -> StageResult:
     spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
+    suppressed, _ = write_suppressed_users(spark, tables, ctx.settings, run_id)
     events = tables.require(spark, C.EVENTS, "ingest").persist()
     try:
         as_of = resolve_as_of(ctx.settings.scores.as_of_utc, events)
@@ -29,7 +33,7 @@ def run(ctx: StageContext) -> StageResult:
         campaigns = ctx.settings.holdout_shares or {GLOBAL_KEY: 0.0}
         assignments = holdout_assignments(users, campaigns, ctx.settings.holdout.salt,
                                           ctx.settings.holdout.control_share, run_id)
-        tables.overwrite(assignments, C.HOLDOUT_ASSIGNMENTS)
+        tables.overwrite(without_suppressed(assignments, suppressed), C.HOLDOUT_ASSIGNMENTS)
     finally:
         events.unpersist()
 

@@ -74,13 +74,13 @@ SCORE_CUSTOMERS = StageSpec(
     writes=(C.CUSTOMER_SCORES, C.MODEL_METRICS))
 PLAN_SENDS = StageSpec(
     "plan_sends", "best send hour per customer and the global control / campaign holdout assignments",
-    reads=(C.EVENTS, C.USER_SEGMENTS),
-    writes=(C.SEND_TIMES, C.HOLDOUT_ASSIGNMENTS))
+    reads=(C.EVENTS, C.USER_SEGMENTS, C.USER_IDENTITIES),
+    writes=(C.SEND_TIMES, C.SUPPRESSED_USERS, C.HOLDOUT_ASSIGNMENTS))
 BUILD_AUDIENCE = StageSpec(
     "build_audience", "campaign audiences (filters, suppressions, cap, treatment / holdout / control) and "
                       "email-platform exports with a manifest",
-    reads=(C.RECOMMENDATIONS, C.USER_SEGMENTS, C.CUSTOMER_SCORES, C.SEND_TIMES, C.EVENTS),
-    writes=(C.CAMPAIGN_AUDIENCE,))
+    reads=(C.RECOMMENDATIONS, C.USER_SEGMENTS, C.CUSTOMER_SCORES, C.SEND_TIMES, C.EVENTS, C.USER_IDENTITIES),
+    writes=(C.SUPPRESSED_USERS, C.CAMPAIGN_AUDIENCE))
 CAMPAIGN_REPORT = StageSpec(
     "campaign_report", "lift of each campaign's treatment over its holdout after the send, with 95% intervals",
     reads=(C.EVENTS, C.CAMPAIGN_AUDIENCE),

@@ -3,18 +3,26 @@
 A suppression list (``input.suppressions``, or a campaign's own ``suppressions``) is a path (csv with
 a header, json lines, parquet, a delta directory) or a catalog table with the columns ``user_id``
 (required), ``reason`` (unsubscribed, bounced, complained, ...) and ``since``. Every listed user is
-suppressed whatever the reason or date: a suppressed user is in no audience and no export.
+suppressed whatever the reason or date: a suppressed user is in no audience, no holdout assignment
+and no export, and the recommendations API serves the global list's customers no personal content.
+The lists hold ids as the source system knows them; they are mapped like ingest maps event ids
+(pseudonyms when ``privacy.pseudonymize`` is on) into ``suppressed_users``, which the stages and the
+API apply (docs/privacy.md).
 """
 from __future__ import annotations
+
+from functools import reduce
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
+from lib import catalog as C
+from lib.privacy import as_stored, stage_key
 from lib.readers import infer_format
-from lib.settings import CampaignSettings
+from lib.settings import CampaignSettings, Settings
 from lib.sources import clean
-from lib.storage import is_delta_path
+from lib.storage import Tables, is_delta_path
 
 SUPPRESSION_SCHEMA = "user_id string, reason string, since timestamp, source string"
 
@@ -61,21 +69,51 @@ def read_suppressions(spark: SparkSession, location: str, key: str) -> DataFrame
     )
 
 
-def suppression_lists(spark: SparkSession, global_location: str,
-                      campaigns: dict[str, CampaignSettings]) -> tuple[DataFrame, dict[str, DataFrame]]:
-    """(the global list, each campaign's list: the global one plus its own) as (user_id, reason, since, source)."""
-    empty = spark.createDataFrame([], SUPPRESSION_SCHEMA)
-    common = read_suppressions(spark, global_location, "input.suppressions") if global_location else empty
-    per_campaign = {}
-    for name, campaign in campaigns.items():
-        own = (read_suppressions(spark, campaign.suppressions, f"campaigns.{name}.suppressions")
-               if campaign.suppressions else None)
-        per_campaign[name] = common if own is None else common.unionByName(own)
-    return common, per_campaign
+def suppression_rows(spark: SparkSession, global_location: str,
+                     campaigns: dict[str, CampaignSettings]) -> DataFrame:
+    """Every list's rows as (user_id, reason, since, source, campaign_id) with the ids as listed:
+    ``campaign_id`` null for the global list (it suppresses every campaign), else the campaign's name."""
+    lists = [read_suppressions(spark, global_location, "input.suppressions")
+             .withColumn("campaign_id", F.lit(None).cast("string"))] if global_location else []
+    lists += [read_suppressions(spark, campaign.suppressions, f"campaigns.{name}.suppressions")
+              .withColumn("campaign_id", F.lit(name)) for name, campaign in campaigns.items() if campaign.suppressions]
+    empty = spark.createDataFrame([], f"{SUPPRESSION_SCHEMA}, campaign_id string")
+    return reduce(DataFrame.unionByName, lists, empty)
+
+
+def suppressed_users(rows: DataFrame, key: bytes | None, identities: DataFrame | None, run_id: str) -> DataFrame:
+    """The ``suppressed_users`` rows of ``suppression_rows``: ids mapped as ingest maps event ids
+    (``lib.privacy.as_stored``), rows without an id dropped (``blank_suppressions`` counts them)."""
+    listed = rows.where(F.col("user_id").isNotNull())
+    return as_stored(listed, key, identities).withColumn("run_id", F.lit(run_id)).distinct()
+
+
+def for_campaign(suppressed: DataFrame, campaign_id: str) -> DataFrame:
+    """The rows of ``suppressed_users`` that suppress ``campaign_id``: the global list's and its own."""
+    return suppressed.where(F.col("campaign_id").isNull() | (F.col("campaign_id") == campaign_id))
+
+
+def without_suppressed(rows: DataFrame, suppressed: DataFrame) -> DataFrame:
+    """``rows`` (with user_id and campaign_id) less those whose user the campaign must not reach."""
+    everywhere = suppressed.where(F.col("campaign_id").isNull()).select("user_id").distinct()
+    own = suppressed.where(F.col("campaign_id").isNotNull()).select("user_id", "campaign_id").distinct()
+    return rows.join(everywhere, "user_id", "left_anti").join(own, ["user_id", "campaign_id"], "left_anti")
+
+
+def write_suppressed_users(spark: SparkSession, tables: Tables, settings: Settings,
+                           run_id: str) -> tuple[DataFrame, int]:
+    """Overwrite ``suppressed_users`` from the enabled campaigns' lists as they are now; return the table
+    as written and how many list rows carry no user id. Fails naming the key variable when
+    pseudonymisation is on without one."""
+    key = stage_key(settings.privacy)
+    rows = suppression_rows(spark, settings.input.suppressions, settings.enabled_campaigns)
+    identities = tables.read(spark, C.USER_IDENTITIES) if key and tables.exists(spark, C.USER_IDENTITIES) else None
+    tables.overwrite(suppressed_users(rows, key, identities, run_id), C.SUPPRESSED_USERS)
+    return tables.read(spark, C.SUPPRESSED_USERS), blank_suppressions(rows)
 
 
 def blank_suppressions(suppressions: DataFrame) -> int:
-    """How many rows of a list carry no user id (they suppress nobody; reported, never dropped silently)."""
+    """How many rows of the lists carry no user id (they suppress nobody; reported, never dropped silently)."""
     return suppressions.where(F.col("user_id").isNull()).count()
 
 

@@ -204,6 +204,12 @@ HOLDOUT_ASSIGNMENTS = TableSpec(
     "user_id string, campaign_id string, control_bucket int, campaign_bucket int, variant string, run_id string",
     "per user and configured campaign: treatment, holdout or global_control (hash of salt and user id)",
 )
+SUPPRESSED_USERS = TableSpec(
+    "suppressed_users",
+    "user_id string, campaign_id string, reason string, since timestamp, source string, run_id string",
+    "every suppressed customer as the warehouse stores ids (pseudonyms when privacy.pseudonymize): "
+    "campaign_id null for input.suppressions (every campaign, and the API), else the campaign's own list",
+)
 USER_IDENTITIES = TableSpec(
     "user_identities", "user_key string, user_id string, first_seen_run_id string",
     "the only map from pseudonyms back to raw customer ids (privacy.pseudonymize); access-control it",
@@ -240,7 +246,8 @@ PIPELINE_RUNS = TableSpec(
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
     USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
-    CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE, CAMPAIGN_RESULTS,
+    CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
+    CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
     DATA_QUALITY, USER_IDENTITIES,
 )

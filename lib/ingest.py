@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 
 from lib import sources
 from lib.readers import META_COLUMNS, READ_REASONS, InputContractError, infer_format, read_raw  # noqa: F401
+from lib.readers import LINE_AS_HEX
 from lib.settings import InputSettings
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "event_type", "event_ts")
@@ -191,6 +192,26 @@ def classify(normalized: DataFrame, rules: Rules) -> DataFrame:
         F.coalesce(reason, chain_reason).alias("reason"),
         F.when(reason.isNotNull(), detail).otherwise(chain_detail).alias("detail"),
     ).withColumn("event_id", F.coalesce(F.col("event_id"), event_hash))
+
+
+def pseudonymize_raw(batch: DataFrame, user_field: str) -> DataFrame:
+    """The raw text of a batch whose ``user_id`` already holds pseudonyms, without the raw ids.
+
+    ``raw``: the record's JSON with the value of ``user_field`` (the input's user id column) replaced
+    by the pseudonym, every value as text. ``raw_line``: null (``raw`` holds every field of the line).
+    A line that could not be read into fields (a read error: no id can be told apart in it) keeps only
+    its SHA-256, as ``{"_line_sha256": ...}``, and its detail loses the line's bytes.
+    """
+    fields = F.from_json(F.col("raw"), "map<string,string>")
+    pseudonymized = F.transform_values(fields, lambda name, value: F.when(
+        (name == F.lit(user_field)) & F.col("user_id").isNotNull(), F.col("user_id")).otherwise(value))
+    unread = F.col("read_error").isNotNull() | fields.isNull()
+    hashed = F.to_json(F.struct(F.sha2(F.coalesce(F.col("raw_line"), F.col("raw")), 256).alias("_line_sha256")))
+    return batch.withColumns({
+        "raw": F.when(unread, hashed).otherwise(F.to_json(pseudonymized)),
+        "raw_line": F.lit(None).cast("string"),
+        "detail": F.when(unread, F.substring_index(F.col("detail"), LINE_AS_HEX, 1)).otherwise(F.col("detail")),
+    })
 
 
 def resolve(classified: DataFrame, stored: DataFrame | None) -> DataFrame:

@@ -21,6 +21,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lib import catalog as C
+from lib.settings import PrivacySettings
 from lib.storage import Tables, with_retries
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ def load_key(env_var: str, secret_scope: str = "", secret_key: str = "") -> byte
     return value.encode()
 
 
+def stage_key(privacy: PrivacySettings) -> bytes | None:
+    """The pseudonym key when ``privacy.pseudonymize`` is on (failing, naming the variable, when it is
+    missing), else None: the ids the tables hold are then the raw ids."""
+    return load_key(privacy.key_env, privacy.secret_scope, privacy.secret_key) if privacy.pseudonymize else None
+
+
 def _pads(key: bytes) -> tuple[bytes, bytes]:
     if len(key) > _BLOCK:
         key = hashlib.sha256(key).digest()
@@ -71,6 +78,20 @@ def pseudonymize_events(events: DataFrame, key: bytes) -> tuple[DataFrame, DataF
     identities = keyed.where(F.col("user_id").isNotNull()).select(F.col("_user_key").alias("user_key"),
                                                                   "user_id").distinct()
     return keyed.withColumn("user_id", F.col("_user_key")).drop("_user_key"), identities
+
+
+def as_stored(frame: DataFrame, key: bytes | None, identities: DataFrame | None = None) -> DataFrame:
+    """``frame`` with its ``user_id`` (an id as the source system knows it) as the tables store it: its
+    pseudonym when ``key`` is given, else unchanged. An id that already is a stored pseudonym (a
+    ``user_key`` of ``identities``: e.g. an export's external_id sent back by the email platform) stays."""
+    if key is None:
+        return frame
+    mapped = pseudonym(F.col("user_id"), key)
+    if identities is None:
+        return frame.withColumn("user_id", mapped)
+    known = identities.select(F.col("user_key").alias("_known")).distinct()
+    return (frame.join(known, F.col("user_id") == F.col("_known"), "left")
+            .withColumn("user_id", F.coalesce(F.col("_known"), mapped)).drop("_known"))
 
 
 @dataclass(frozen=True)

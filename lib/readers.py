@@ -28,6 +28,7 @@ from pyspark.sql import types as T
 
 META_COLUMNS = ("_raw", "_raw_line", "_source_file", "_read_error", "_read_detail")
 READ_REASONS = ("invalid_encoding", "malformed_record", "malformed_json")
+LINE_AS_HEX = "; the line as hex: "  # in the detail of an invalid_encoding line, before its bytes
 # A complete quoted CSV field (RFC 4180: a quote inside is doubled).
 _QUOTED_FIELD = r'"(?:[^"]|"")*"'
 
@@ -96,7 +97,7 @@ def _read_csv_lines(spark: SparkSession, location: str, sep: str, encoding: str)
     unclosed = F.regexp_replace(F.col("_line"), _QUOTED_FIELD, "").rlike("(^|\\Q" + sep + '\\E)"')
     error = (F.when(~F.col("_valid"), F.lit("invalid_encoding"))
              .when(unclosed | bad_count, F.lit("malformed_record")))
-    detail = (F.when(~F.col("_valid"), F.concat(F.lit(f"bytes not valid {encoding}; the line as hex: "),
+    detail = (F.when(~F.col("_valid"), F.concat(F.lit(f"bytes not valid {encoding}{LINE_AS_HEX}"),
                                                  F.col("_bad_hex")))
               .when(unclosed, F.lit("a quoted field does not close on this line (see ingest.csv_multiline)"))
               .when(bad_count, F.concat(F.lit(f"expected {len(names)} fields, found "),
@@ -156,7 +157,7 @@ def _read_json_lines(spark: SparkSession, location: str, encoding: str, columns:
     lines = lines.select("*", keys.alias("_keys"), parsed.alias("_m"))
     error = (F.when(~F.col("_valid"), F.lit("invalid_encoding"))
              .when(F.col("_keys").isNull() | F.col("_m").isNull(), F.lit("malformed_json")))
-    detail = (F.when(~F.col("_valid"), F.concat(F.lit(f"bytes not valid {encoding}; the line as hex: "),
+    detail = (F.when(~F.col("_valid"), F.concat(F.lit(f"bytes not valid {encoding}{LINE_AS_HEX}"),
                                                  F.col("_bad_hex")))
               .when(F.col("_keys").isNull(), F.lit("not one JSON object"))
               .when(F.size(F.col("_keys")) != F.size(F.array_distinct(F.col("_keys"))),

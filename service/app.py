@@ -5,12 +5,21 @@
     GET /healthz                       (no auth: table versions, load state; no user data)
 
 Errors are JSON ``{"error": ..., "detail": ...}``: 401 without a valid bearer token, 400 for a bad
-``n`` / user id / strategy, 404 for an unknown user when ``RECS_UNKNOWN_USER=404``.
+``n`` / user id / strategy or a raw id the service cannot map to the warehouse's pseudonyms, 404 for
+an unknown user when ``RECS_UNKNOWN_USER=404`` and for a suppressed one when ``RECS_SUPPRESSED_USER=404``.
+
+A suppressed customer (``suppressed_users``, the global list) gets no personal content: the popular
+list flagged ``fallback_reason: suppressed`` and an empty profile, or 404 ``no_personal_content``.
+When the warehouse holds pseudonyms (``user_identities`` exists) a request's id is looked up as it is
+when it is a pseudonym (64 lowercase hex characters, e.g. an export's external_id), else mapped with
+the key named by ``RECS_PSEUDONYM_KEY_ENV``; without that key a raw id is refused (400).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -26,6 +35,7 @@ from service.store import (CUSTOMER_SCORES, PROFILE_SOURCES, RECOMMENDATIONS, SE
 log = logging.getLogger("service")
 
 NO_STORE = {"Cache-Control": "private, no-store"}
+PSEUDONYM = re.compile(r"[0-9a-f]{64}")  # lib.privacy.pseudonym: HMAC-SHA256 in lowercase hex
 
 
 def _error(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -81,6 +91,19 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             return _error(400, "bad_user_id", f"user_id must have 1 to {settings.max_user_id_length} characters")
         return None
 
+    def stored_id(user_id: str, snap: Snapshot) -> tuple[str, JSONResponse | None]:
+        """The id as the tables hold it, or an error answer for a raw id on a pseudonymised warehouse."""
+        if not snap.pseudonymised or PSEUDONYM.fullmatch(user_id):
+            return user_id, None
+        if settings.pseudonym_key is not None:
+            return hmac.new(settings.pseudonym_key, user_id.encode(), hashlib.sha256).hexdigest(), None
+        return user_id, _error(400, "pseudonymised_ids", "the warehouse holds pseudonymised customer ids: send the "
+                                                          "pseudonym (an export's external_id), or set "
+                                                          "RECS_PSEUDONYM_KEY_ENV so the service maps raw ids")
+
+    def no_personal_content() -> JSONResponse:
+        return _error(404, "no_personal_content", "this customer is suppressed: no personal content")
+
     @app.get("/v1/users/{user_id:path}/recommendations", dependencies=[Depends(authorize)])
     async def recommendations(
         user_id: str = Path(description="the customer id, URL-encoded"),
@@ -94,6 +117,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         if not 1 <= n <= settings.max_n:
             return _error(400, "bad_n", f"n must be between 1 and {settings.max_n}")
         snap: Snapshot = store.current  # one snapshot for the whole request, whatever a reload does
+        key, bad = stored_id(user_id, snap)
+        if bad is not None:
+            return bad
+        suppressed = snap.suppressed(key)
+        if suppressed and settings.suppressed_user == "404":
+            return no_personal_content()
         recs = snap.recommendations
         strategy_index = 0
         served_strategy = None
@@ -106,7 +135,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         elif strategy is not None:
             return _error(400, "bad_strategy", "this recommendations table has no strategy column")
 
-        span = recs.rows_for(user_id, strategy_index) if recs is not None else None
+        span = recs.rows_for(key, strategy_index) if recs is not None and not suppressed else None
         body = {"user_id": user_id, "strategy": served_strategy}
         if span is not None:
             start, end = span
@@ -114,10 +143,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                         items=recs.items_json(start, min(end, start + n)),
                         run_id=recs.run_ids.get(served_strategy), table_version=recs.version)
             return JSONResponse(body, headers=NO_STORE)
-        reason = ("recommendations_missing" if recs is None
-                  else "no_list_for_strategy" if recs.strategies is not None and user_id in recs.users
+        reason = ("suppressed" if suppressed else "recommendations_missing" if recs is None
+                  else "no_list_for_strategy" if recs.strategies is not None and key in recs.users
                   else "unknown_user")
-        if settings.unknown_user == "404":
+        if settings.unknown_user == "404" and not suppressed:
             return _error(404, "unknown_user", f"no recommendations for this user ({reason})")
         popular = snap.popular
         body.update(fallback=True, fallback_reason=reason, fallback_basis=popular.basis,
@@ -130,27 +159,34 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         if (bad := check_user_id(user_id)) is not None:
             return bad
         snap: Snapshot = store.current
-        parts = snap.parts
+        key, bad = stored_id(user_id, snap)
+        if bad is not None:
+            return bad
+        suppressed = snap.suppressed(key)
+        if suppressed and settings.suppressed_user == "404":
+            return no_personal_content()
+        parts = {} if suppressed else snap.parts
         segment = None
-        seg_row = parts[USER_SEGMENTS].row(user_id) if USER_SEGMENTS in parts else None
+        seg_row = parts[USER_SEGMENTS].row(key) if USER_SEGMENTS in parts else None
         if seg_row is not None:
             segment = {"segment_id": seg_row.get("segment_id"), "affinity": seg_row.get("affinity"),
                        "label": None, "size": None, "share": None}
             if SEGMENT_PROFILES in parts:
                 segment.update(parts[SEGMENT_PROFILES].by_segment.get(seg_row.get("segment_id"), {}))
-        scores = parts[CUSTOMER_SCORES].row(user_id) if CUSTOMER_SCORES in parts else None
-        send = parts[SEND_TIMES].row(user_id) if SEND_TIMES in parts else None
+        scores = parts[CUSTOMER_SCORES].row(key) if CUSTOMER_SCORES in parts else None
+        send = parts[SEND_TIMES].row(key) if SEND_TIMES in parts else None
         if send is not None and isinstance(send.get("hour_of_week_utc"), int):
             send["hour_of_day_utc"] = send["hour_of_week_utc"] % 24
         recs = parts.get(RECOMMENDATIONS)
         known = (seg_row is not None or scores is not None or send is not None
-                 or (recs is not None and user_id in recs.users))
-        if not known and settings.unknown_user == "404":
+                 or (recs is not None and key in recs.users))
+        if not known and not suppressed and settings.unknown_user == "404":
             return _error(404, "unknown_user", "no table has this user")
         body = {
             "user_id": user_id,
             "known": known,
             "fallback": not known,
+            "suppressed": suppressed,
             "segment": segment,
             "churn_band": scores.get("churn_band") if scores else None,
             "scores": scores,
@@ -177,6 +213,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             "recommendation_rows": recs.rows if recs is not None else 0,
             "strategies": list(recs.strategies) if recs is not None and recs.strategies else None,
             "fallback_basis": snap.popular.basis,
+            "pseudonymised_ids": snap.pseudonymised,
         }
 
     return app

@@ -6,7 +6,7 @@ variable (``SettingsError``); nothing is guessed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 # name -> (default, meaning); the README and docs/service.md list the same.
@@ -20,6 +20,10 @@ DEFAULTS = {
     "RECS_MAX_USER_ID_LENGTH": ("128", "longest user id accepted (more: 400)"),
     "RECS_RELOAD_SECONDS": ("30", "how often the latest Delta version of each table is polled; 0: never"),
     "RECS_DEFAULT_STRATEGY": ("blended", "strategy served without ?strategy= when the table has that column"),
+    "RECS_SUPPRESSED_USER": ("fallback", "a suppressed customer: fallback (popular items flagged fallback=true, "
+                                         "fallback_reason=suppressed) or 404 (no_personal_content)"),
+    "RECS_PSEUDONYM_KEY_ENV": ("", "name of the variable holding the pipeline's pseudonym key (its "
+                                   "privacy.key_env); set: raw ids in requests are mapped to their pseudonyms"),
 }
 
 
@@ -39,6 +43,8 @@ class Settings:
     max_user_id_length: int = 128
     reload_seconds: float = 30.0
     default_strategy: str = "blended"
+    suppressed_user: str = "fallback"
+    pseudonym_key: bytes | None = field(default=None, repr=False)
 
     @property
     def auth_required(self) -> bool:
@@ -90,6 +96,14 @@ def from_env(env: Mapping[str, str] | None = None, check_warehouse: bool = True)
     unknown_user = _get(env, "RECS_UNKNOWN_USER").lower()
     if unknown_user not in ("fallback", "404"):
         raise SettingsError(f"RECS_UNKNOWN_USER={unknown_user!r} must be 'fallback' or '404'")
+    suppressed_user = _get(env, "RECS_SUPPRESSED_USER").lower()
+    if suppressed_user not in ("fallback", "404"):
+        raise SettingsError(f"RECS_SUPPRESSED_USER={suppressed_user!r} must be 'fallback' or '404'")
+    key_env = _get(env, "RECS_PSEUDONYM_KEY_ENV")
+    pseudonym_key = env.get(key_env, "").encode() if key_env else None
+    if pseudonym_key is not None and len(pseudonym_key) < 16:
+        raise SettingsError(f"{key_env} must hold the pipeline's pseudonym key (at least 16 characters): "
+                            "RECS_PSEUDONYM_KEY_ENV names it")
     max_n = _int(env, "RECS_MAX_N", 1, 10_000)
     default_n = _int(env, "RECS_DEFAULT_N", 1, 10_000)
     if default_n > max_n:
@@ -112,4 +126,6 @@ def from_env(env: Mapping[str, str] | None = None, check_warehouse: bool = True)
         max_user_id_length=_int(env, "RECS_MAX_USER_ID_LENGTH", 1, 10_000),
         reload_seconds=reload_seconds,
         default_strategy=_get(env, "RECS_DEFAULT_STRATEGY"),
+        suppressed_user=suppressed_user,
+        pseudonym_key=pseudonym_key,
     )

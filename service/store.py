@@ -10,6 +10,8 @@ version, turned into a compact layout and dropped:
 * ``user_segments`` / ``customer_scores`` / ``send_times``: one row per user (the latest run, the
   highest affinity / the latest ``as_of``), kept as Arrow arrays addressed through a user dict.
 * ``segment_profiles``: a small dict segment_id -> label, size, share.
+* ``suppressed_users``: the set of ids of the global suppression list (no personal content for them).
+* ``user_identities``: only whether it exists (the warehouse then holds pseudonyms); never read.
 * the popular fallback: the items used by the most distinct users in ``interactions`` (the same
   definition as the pipeline's ``popular`` source), or, without ``interactions`` / ``item_index``,
   the items that appear in the most users' recommendation lists.
@@ -55,12 +57,16 @@ SEND_TIMES = "send_times"
 INTERACTIONS = "interactions"
 ITEM_INDEX = "item_index"
 PIPELINE_RUNS = "pipeline_runs"
-TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX)
+SUPPRESSED_USERS = "suppressed_users"
+USER_IDENTITIES = "user_identities"
+TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX,
+          SUPPRESSED_USERS)
 # The stage that writes (and on failure restores) each served table, as jobs/stages.py registers it
-# (tests/test_service.py holds the two equal): the tables of one stage switch together.
+# (tests/test_service.py holds the two equal): the tables of one stage switch together. None: served at
+# its latest version whichever stage wrote it (a suppression applies as soon as it is written).
 PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", SEGMENT_PROFILES: "segment_users",
             CUSTOMER_SCORES: "score_customers", SEND_TIMES: "plan_sends", INTERACTIONS: "build_interactions",
-            ITEM_INDEX: "build_interactions"}
+            ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 
 # customer_scores columns the profile serves, when the table has them (DESIGN.md's contract).
@@ -340,6 +346,20 @@ def load_segment_profiles(dt: DeltaTable, version: int) -> SegmentProfiles:
 
 
 @dataclass(frozen=True)
+class Suppressed:
+    version: int
+    users: frozenset[str]
+
+
+def load_suppressed_users(dt: DeltaTable, version: int) -> Suppressed:
+    """The ids of the global list (campaign_id null): a campaign's own opt-out is not the API's concern."""
+    table = _read(dt, ("user_id", "campaign_id"), ("user_id",), SUPPRESSED_USERS)
+    if "campaign_id" in table.column_names:
+        table = table.filter(pc.is_null(table.column("campaign_id")))
+    return Suppressed(version, frozenset(table.column("user_id").drop_null().to_pylist()))
+
+
+@dataclass(frozen=True)
 class Popular:
     """The fallback list for users without recommendations, best first (at most max_n items)."""
 
@@ -399,6 +419,7 @@ LOADERS = {
     SEGMENT_PROFILES: load_segment_profiles,
     CUSTOMER_SCORES: load_customer_scores,
     SEND_TIMES: load_send_times,
+    SUPPRESSED_USERS: load_suppressed_users,
 }
 
 
@@ -455,10 +476,10 @@ class History:
                 self.commits[int(info["version"])] = _commit(info)
             self.latest = latest
 
-    def servable(self, producer: str, status: dict[tuple[str, str], str] | None) -> int | None:
+    def servable(self, producer: str | None, status: dict[tuple[str, str], str] | None) -> int | None:
         """The latest version that holds no commit of an attempt of ``producer`` that has not succeeded
-        (None: no such version). ``status`` None (no ``pipeline_runs``): the latest version."""
-        if status is None:
+        (None: no such version). ``status`` None (no ``pipeline_runs``) or no producer: the latest version."""
+        if status is None or producer is None:
             return self.latest
         unfinished_at: dict[int, bool] = {}
         unfinished = False
@@ -498,10 +519,15 @@ class Snapshot:
     popular: Popular
     loaded_at: float
     errors: dict[str, str] = field(default_factory=dict)
+    pseudonymised: bool = False        # user_identities exists: the tables hold pseudonyms, not raw ids
 
     @property
     def recommendations(self) -> Recommendations | None:
         return self.parts.get(RECOMMENDATIONS)
+
+    def suppressed(self, user_id: str) -> bool:
+        part = self.parts.get(SUPPRESSED_USERS)
+        return part is not None and user_id in part.users
 
     def missing(self, tables: tuple[str, ...]) -> list[str]:
         return [t for t in tables if t not in self.parts]
@@ -566,6 +592,11 @@ class Store:
                     handles[table] = dt
                 except Exception as exc:  # unreadable log, permissions, ...: keep serving what we have
                     errors[table] = f"{type(exc).__name__}: {exc}"
+            try:
+                pseudonymised = _open_latest(self.settings.table_uri(USER_IDENTITIES)) is not None
+            except Exception as exc:
+                errors[USER_IDENTITIES] = f"{type(exc).__name__}: {exc}"
+                pseudonymised = old.pseudonymised
 
             parts = dict(old.parts)
             served = dict(old.versions)
@@ -589,21 +620,11 @@ class Store:
                 if changed and not any(t in errors for t in group):
                     self._load_together(stage, changed, parts, served, errors)
 
-            # The popular fallback's two tables switch together too.
-            if not (unfinished | set(errors)) & {INTERACTIONS, ITEM_INDEX}:
-                for table in (INTERACTIONS, ITEM_INDEX):
-                    dt = handles[table]
-                    if dt is None or not self._same(table, old.versions.get(table), dt.version()):
-                        served[table] = dt.version() if dt is not None else None
-                popular = self._popular(old, parts, handles, served, errors)
-            elif old.popular.basis == "interactions":
-                popular = old.popular
-            else:
-                popular = self._popular(old, parts, {**handles, INTERACTIONS: None}, served, errors)
-            if served == old.versions and errors == old.errors and popular is old.popular and old is not EMPTY:
+            if (served == old.versions and errors == old.errors and popular is old.popular
+                    and pseudonymised == old.pseudonymised and old is not EMPTY):
                 return False
             self.current = Snapshot(parts=parts, versions=served, popular=popular, loaded_at=time.time(),
-                                    errors=errors)
+                                    errors=errors, pseudonymised=pseudonymised)
             self.reloads += 1
             del old, parts, handles
             _return_freed_memory()

@@ -2,10 +2,13 @@
 variants, the cap, and clear errors for bad campaign input. Local Spark on tiny hand-made tables."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import date, datetime
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from pyspark.sql import functions as F
 
 from jobs.common import load_settings, run_stage
@@ -14,11 +17,14 @@ from lib.campaigns import CampaignInputError
 from lib.config import ConfigError
 from lib.exports import read_export
 from lib.holdout import GLOBAL_KEY, bucket_of
+from service import settings as service_settings
+from service.app import create_app
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
 USERS = [f"u{i:04d}" for i in range(400)]
 SALT = "ep-holdout-1"  # conf/base.toml's holdout.salt
+KEY = "audience-test-key-0123456789"
 
 
 def write(ctx, spec, rows):
@@ -151,12 +157,22 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     assert {r["run_id"] for r in rerun.values()} == {"run-2"}
 
 
-def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_path: Path, context):
+@pytest.mark.parametrize("pseudonymize", [False, True])
+def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_path: Path, context, monkeypatch,
+                                                                             pseudonymize):
+    """Lists hold raw ids; with pseudonyms on the tables hold HMACs of them. Either way a suppressed customer
+    is in no audience, export or holdout assignment, and the API serves them no personal content."""
     root = tmp_path / "wh"
+    monkeypatch.setenv("EP_TEST_PSEUDONYM_KEY", KEY)
     base = [f"output.root={root}", "holdout.control_share=0.2", "campaigns.winback.churn_bands=[]",
-            "campaigns.winback.holdout_share=0.3"]
+            "campaigns.winback.holdout_share=0.3", f"privacy.pseudonymize={str(pseudonymize).lower()}",
+            "privacy.key_env=EP_TEST_PSEUDONYM_KEY"]
+    stored = {u: hmac.new(KEY.encode(), u.encode(), hashlib.sha256).hexdigest() if pseudonymize else u for u in USERS}
+    raw_of = {s: u for u, s in stored.items()}
     ctx = context(*base, run_id="open")
-    seed_tables(ctx)
+    seed_tables(ctx, [stored[u] for u in USERS])
+    if pseudonymize:
+        write(ctx, C.USER_IDENTITIES, [{"user_key": stored[u], "user_id": u} for u in USERS])
     run_stage(ctx, "build_audience")
     before = audience_rows(ctx)
     # Suppress users of every variant of both campaigns, plus one campaign-specific opt-out.
@@ -166,14 +182,17 @@ def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_
             members = sorted(u for (c, u), r in before.items() if c == campaign and r["variant"] == variant)
             assert members, (campaign, variant)
             picked |= set(members[:7])
+    # The lists name raw ids; one customer is listed by the id an export carries (their pseudonym).
+    listed = sorted(raw_of[u] for u in picked)
+    listed[0] = stored[listed[0]]
     lines = ["user_id,reason,since"] + [f"{u},{['unsubscribed', 'bounced', 'complained'][i % 3]},2026-09-01"
-                                        for i, u in enumerate(sorted(picked))]
+                                        for i, u in enumerate(listed)]
     lines.append(",bounced,2026-09-01")  # no user id: suppresses nobody, counted
     suppressions = tmp_path / "suppressions.csv"
     suppressions.write_text("\n".join(lines) + "\n")
     only_winback = tmp_path / "winback_optout.json"
     optout = next(u for (c, u), r in before.items() if c == "winback" and u not in picked)
-    only_winback.write_text(f'{{"user_id": " {optout} ", "reason": "unsubscribed"}}\n')
+    only_winback.write_text(f'{{"user_id": " {raw_of[optout]} ", "reason": "unsubscribed"}}\n')
 
     ctx = context(*base, f"input.suppressions={suppressions}", f"campaigns.winback.suppressions={only_winback}",
                   run_id="closed")
@@ -184,6 +203,8 @@ def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_
     assert ("winback", optout) not in after and ("weekly_newsletter", optout) in after
     assert set(after) == {k for k in before if k[1] not in picked and k != ("winback", optout)}
     assert result.counts["suppressions.blank_user_id"] == 1
+    table = {(r["user_id"], r["campaign_id"]) for r in ctx.tables.read(ctx.spark, C.SUPPRESSED_USERS).collect()}
+    assert table == {(u, None) for u in picked} | {(optout, "winback")}  # stored ids only, never a raw one
 
     exported = set()
     for campaign in ("weekly_newsletter", "winback"):
@@ -194,6 +215,21 @@ def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_
             treated = {u for (c, u), r in after.items() if c == campaign and r["variant"] == "treatment"}
             assert sorted(ids) == sorted(treated)  # treatment only, every one of them
     assert not exported & picked and optout in exported
+
+    run_stage(ctx, "plan_sends")
+    assigned = {(r["user_id"], r["campaign_id"]) for r in ctx.tables.read(ctx.spark, C.HOLDOUT_ASSIGNMENTS).collect()}
+    assert assigned == {(stored[u], c) for u in USERS for c in ("weekly_newsletter", "winback")
+                        if stored[u] not in picked and (stored[u], c) != (optout, "winback")}
+
+    environ = {"RECS_WAREHOUSE": str(root), "RECS_ALLOW_NO_AUTH": "1", "RECS_RELOAD_SECONDS": "0",
+               "RECS_PSEUDONYM_KEY_ENV": "EP_TEST_PSEUDONYM_KEY" if pseudonymize else "", "EP_TEST_PSEUDONYM_KEY": KEY}
+    with TestClient(create_app(service_settings.from_env(environ))) as api:
+        for user in sorted(picked)[:5]:  # asked by the raw id the website knows (mapped with the key)
+            body = api.get(f"/v1/users/{raw_of[user]}/recommendations").json()
+            assert body["fallback"] is True and body["fallback_reason"] == "suppressed", body
+            assert api.get(f"/v1/users/{raw_of[user]}/profile").json()["segment"] is None
+        served = api.get(f"/v1/users/{raw_of[optout]}/recommendations").json()
+        assert served["fallback"] is False and served["items"]
 
 
 def test_missing_scores_are_named_in_the_message(tmp_path: Path, context):

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from jobs.common import run_stage
+from jobs.common import load_settings, run_stage
 from lib import catalog as C
-from lib.privacy import PrivacyError, load_key, pseudonym
+from lib import ingest, readers
+from lib.privacy import PrivacyError, load_key, pseudonym, pseudonymize_events
 
 ERASED = "alice-7f3c9e"      # distinctive, so a byte search cannot match anything else
 KEPT = "bob-41d2aa"
@@ -45,6 +48,43 @@ def test_missing_key_fails_naming_the_variable(monkeypatch):
         load_key("EP_TEST_KEY")
 
 
+def test_quarantine_and_refusal_messages_hold_pseudonyms_not_raw_ids(spark, tmp_path):
+    """With pseudonyms on, quarantined rows (raw, raw_line, detail) and a refused ingest's message
+    quote the pseudonym; a line with no readable fields keeps only its SHA-256."""
+    key, raw_id = b"test-key-0123456789abcdef", "carol-5e1f0a"
+    stored = hmac.new(key, raw_id.encode(), hashlib.sha256).hexdigest()
+    malformed = f"e3,{raw_id},sku-3,view"
+    csv_file = tmp_path / "clicks.csv"
+    csv_file.write_bytes(
+        (f"event_id,user_id,item_id,event_type,event_ts\ne1,{raw_id},sku-1,view,2026-10-01T10:00:00Z\n"
+         f"e2, {raw_id} ,sku-2,teleport,2026-10-02T10:00:00Z\n{malformed}\n").encode()
+        + f"e4,{raw_id},sku-\xff,view,2026-10-01T10:00:00Z\n".encode("latin-1"))
+    json_file = tmp_path / "clicks.json"
+    json_file.write_text(f'{{"user_id": "{raw_id}", "item_id": "sku-1", "event_type": "teleport", '
+                         f'"event_ts": "2026-10-01T10:00:00Z"}}\n{{"user_id": "{raw_id}", "item_id": \n')
+    settings = load_settings([], [])
+    rules = ingest.Rules(settings.ingest.event_types, latest=datetime(2026, 11, 1, tzinfo=timezone.utc))
+    for location, fmt, quarantined in ((csv_file, "csv", 3), (json_file, "json", 2)):
+        raw = readers.read_raw(spark, str(location), fmt, json_columns=sorted(settings.input.source_names.values()))
+        classified, _ = pseudonymize_events(ingest.classify(ingest.normalize(raw, settings.input), rules), key)
+        resolved = ingest.resolve(ingest.pseudonymize_raw(classified, "user_id"), None)
+        rows = [r.asDict() for r in ingest.quarantined_rows(resolved, "run-1").collect()]
+        assert len(rows) == quarantined, rows
+        assert not [r for r in rows if raw_id in str(r) or raw_id.encode().hex() in str(r)], rows
+        by_reason = {r["reason"]: r for r in rows}
+        teleport = json.loads(by_reason["unknown_event_type"]["raw"])
+        assert teleport["user_id"] == stored and teleport["item_id"] in ("sku-1", "sku-2")
+        assert all(r["raw_line"] is None for r in rows)
+        if fmt == "csv":
+            assert json.loads(by_reason["malformed_record"]["raw"]) == {
+                "_line_sha256": hashlib.sha256(malformed.encode()).hexdigest()}
+            assert by_reason["invalid_encoding"]["detail"] == "bytes not valid utf-8"
+        outcome = ingest.count_outcomes(resolved)
+        with pytest.raises(ingest.IngestError) as refused:
+            ingest.check_quarantine_share(outcome.total, outcome, 0.1)
+        assert raw_id not in str(refused.value) and stored in str(refused.value)
+
+
 def _strings_in_parquet(path: Path) -> set[str]:
     table = pq.read_table(path)
     found: set[str] = set()
@@ -70,7 +110,15 @@ def test_forget_removes_every_trace_after_vacuum(spark, tmp_path, context, monke
                   "privacy.key_env=EP_TEST_PSEUDONYM_KEY")
     run_stage(ctx, "ingest")
     run_stage(ctx, "build_interactions")
-    assert ctx.tables.read(spark, C.EVENTS_QUARANTINE).where(F.col("raw").contains(ERASED)).count() == 1
+    held = hmac.new(key.encode(), ERASED.encode(), hashlib.sha256).hexdigest() if pseudonymize else ERASED
+    assert ctx.tables.read(spark, C.EVENTS_QUARANTINE).where(F.col("raw").contains(held)).count() == 1
+    if pseudonymize:  # no raw id anywhere but the identity map, pipeline_runs included
+        for table in C.ALL_TABLES:
+            if table is C.USER_IDENTITIES or not ctx.tables.exists(spark, table):
+                continue
+            rows = ctx.tables.read(spark, table)
+            text = F.concat_ws("|", *[F.col(c).cast("string") for c in rows.columns])
+            assert rows.where(text.contains(ERASED) | text.contains(KEPT)).count() == 0, table.name
     stored_ids = {r["user_id"] for r in ctx.tables.read(spark, C.EVENTS).select("user_id").distinct().collect()}
     if pseudonymize:
         expected = {hmac.new(key.encode(), raw.encode(), hashlib.sha256).hexdigest() for raw in (ERASED, KEPT)}
