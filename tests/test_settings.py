@@ -1,11 +1,14 @@
 """Typed settings (Spark-free): conf/base.toml and the dataclasses agree, bad values fail naming their key."""
 from __future__ import annotations
 
+import dataclasses
+from typing import get_type_hints
+
 import pytest
 
 from jobs.common import BASE_CONFIG, load_settings
 from lib.config import OPEN_TABLES, ConfigError, parse_toml
-from lib.settings import Settings, section_keys
+from lib.settings import INT_RANGES, CampaignSettings, Settings, section_keys
 
 
 def _toml_keys(table: dict, prefix: str = "") -> set[str]:
@@ -46,6 +49,18 @@ def test_defaults_and_shipped_environments_build():
     ("interactions.weights.view=-1", "'interactions.weights' must be >= 0; negative for view"),
     ("input.format=xml", "'input.format' must be one of"),
     ("spark.shuffle_partitions=0", "'spark.shuffle_partitions' must be >= 1"),
+    # Issue 19: integers have upper bounds, floats must be finite, a float is no int.
+    ("segments.k=1e23", "'segments.k' expects an int, got '1e23'"),
+    ("segments.k=100000000000000000000000", "'segments.k' must be <= 1000, got 100000000000000000000000"),
+    ("segments.sweep_ks=3,5000", "'segments.sweep_ks' must hold integers <= 1000, got \\[3, 5000\\]"),
+    ("recommend.top_n=1000000000", "'recommend.top_n' must be <= 1000, got 1000000000"),
+    ("recommend.als.seed=4294967296", "'recommend.als.seed' must be <= 2147483646"),
+    ("recommend.als.checkpoint_interval=0", "'recommend.als.checkpoint_interval' must be >= 1, or -1 for never"),
+    ("campaigns.promo.send_hour_utc=24", "'campaigns.promo.send_hour_utc' must be <= 23, got 24"),
+    ("interactions.half_life_days=inf", "'interactions.half_life_days' must be a finite number, got inf"),
+    ("segments.tol=nan", "'segments.tol' must be a finite number, got nan"),
+    ("interactions.weights.view=inf", "'interactions.weights' must hold finite numbers"),
+    ("recommend.als.reg_params=0.1,inf", "'recommend.als.reg_params' must hold finite numbers, got \\[0.1, inf\\]"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(assignment, message):
     with pytest.raises(ConfigError, match=message):
@@ -65,3 +80,50 @@ def test_settings_are_frozen():
     settings = load_settings([], [])
     with pytest.raises(AttributeError):
         settings.segments.k = 3  # type: ignore[misc]
+
+
+def _integer_keys(cls: type = Settings, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, hint in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _integer_keys(hint, f"{prefix}{name}.")
+        elif hint is int or hint == tuple[int, ...]:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_every_integer_key_has_a_range_and_the_ranges_name_no_other_key():
+    assert set(INT_RANGES) == _integer_keys() | _integer_keys(CampaignSettings, "campaigns.*.")
+    assert all(low <= high for low, high in INT_RANGES.values())
+
+
+def test_a_float_in_a_config_file_is_no_integer(tmp_path):
+    conf = tmp_path / "big.toml"
+    conf.write_text("[segments]\nk = 1e23\n")
+    with pytest.raises(ConfigError, match="'segments.k' expects an int, got float 1e\\+23"):
+        load_settings([str(conf)], [])
+
+
+def test_an_unusable_directory_fails_at_job_start_naming_the_key(tmp_path, caplog):
+    from jobs.common import start_job
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    settings = load_settings([], [f"output.root={a_file}/warehouse"])
+    with pytest.raises(ConfigError, match=f"config key 'output.root' = '{a_file}/warehouse' is not a usable "
+                                          f"directory: {a_file} is a file, not a directory"):
+        settings.check_directories()
+    with pytest.raises(ConfigError, match="'exports.dir' = .* is not a usable directory"):
+        load_settings([], [f"output.root={tmp_path}/wh", f"exports.dir={a_file}"]).check_directories()
+    # A directory yet to be created under a writable parent, a remote root and catalog tables pass.
+    for sets in ([f"output.root={tmp_path}/new/wh"], ["output.root=s3://bucket/wh"], ["output.root=dbfs:/mnt/wh"],
+                 [f"output.root={a_file}", "output.catalog=main", "output.schema=s", "recommend.model_dir=/tmp/m"]):
+        load_settings([], sets).check_directories()
+
+    # The job stops before its Spark session, with status 2 and the key named; nothing is created.
+    with pytest.raises(SystemExit) as stop:
+        start_job("ingest", "test", ["--set", f"output.root={a_file}/warehouse"])
+    assert stop.value.code == 2
+    assert "'output.root'" in caplog.text and "is not a usable directory" in caplog.text
+    assert a_file.read_text() == "not a directory" and [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
