@@ -435,6 +435,13 @@ class RecommendSettings:
     def holdout_cutoff_utc(self) -> datetime | None:
         return parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
 
+    def check_against_items(self, recommendable: int, indexed: int) -> None:
+        """Before the stage's first write: a list cannot hold more items than may be recommended."""
+        require(self.top_n <= recommendable, "recommend.top_n",
+                f"must be <= the {recommendable} items that may be recommended ({indexed} in item_index less "
+                f"{indexed - recommendable} excluded by products.exclude_item_patterns or the catalog), "
+                f"got {self.top_n}")
+
 
 @dataclass(frozen=True)
 class ProductsSettings:
@@ -493,6 +500,16 @@ class SegmentsSettings:
         require(self.broadcast_limit_mb > 0, "segments.broadcast_limit_mb", "must be > 0")
         require(0.0 < self.popular_share_cap <= 1.0, "segments.popular_share_cap",
                 f"must be in (0, 1] (1: off), got {self.popular_share_cap}")
+
+    def check_against_matrix(self, users: int, items: int) -> None:
+        """Before the stage's first write: NMF of a users x items matrix has at most min(users, items)
+        meaningful components; more leave empty segments that fail late (DIVIDE_BY_ZERO) after tables
+        were written. ``users`` and ``items`` count the rows and columns with a non-zero entry."""
+        limit = min(users, items)
+        shape = f"the matrix has {users} users and {items} items with interactions"
+        require(self.k <= limit, "segments.k", f"must be <= {limit}: {shape}; got {self.k}")
+        require(all(k <= limit for k in self.sweep_ks), "segments.sweep_ks",
+                f"must hold integers <= {limit}: {shape}; got {list(self.sweep_ks)}")
 
 
 SCORE_MODELS = ("logistic_regression", "gbt")

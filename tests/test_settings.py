@@ -1,12 +1,17 @@
-"""Typed settings (Spark-free): conf/base.toml and the dataclasses agree, bad values fail naming their key."""
+"""Typed settings: conf/base.toml and the dataclasses agree, bad values fail naming their key (Spark-free),
+and the stages' checks against the data fail before their first write (a tiny matrix, last test)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import get_type_hints
 
 import pytest
 
-from jobs.common import BASE_CONFIG, load_settings
+from jobs.common import BASE_CONFIG, load_settings, run_stage
+from jobs.stages import BY_NAME
+from lib import catalog as C
 from lib.config import OPEN_TABLES, ConfigError, parse_toml
 from lib.settings import INT_RANGES, CampaignSettings, Settings, section_keys
 
@@ -127,3 +132,39 @@ def test_an_unusable_directory_fails_at_job_start_naming_the_key(tmp_path, caplo
     assert "'output.root'" in caplog.text and "is not a usable directory" in caplog.text
     assert a_file.read_text() == "not a directory" and [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
+
+def _tiny_matrix(spark, ctx) -> None:
+    """20 users viewing 5 of 11 items each, plus a POST line (excluded by products.exclude_item_patterns),
+    as ingest and build_interactions leave them."""
+    start = datetime(2026, 10, 1, 10)
+    rows = [(f"ev-{u}-{i}", f"u{u:02d}", f"i{(u + i) % 11:02d}", "view", start + timedelta(minutes=i), None, None, None,
+             "web", start.date(), "test") for u in range(20) for i in range(5)]
+    rows.append(("ev-post", "u00", "POST", "purchase", start, 1.0, 2.5, None, "web", start.date(), "test"))
+    ctx.tables.overwrite(spark.createDataFrame(rows, C.EVENTS.schema), C.EVENTS)
+    from lib.interactions import write_matrix_tables
+    write_matrix_tables(spark, ctx.tables, ctx.tables.read(spark, C.EVENTS), ctx.settings.interactions.weights, 30.0)
+
+
+def test_stage_parameters_beyond_the_data_fail_before_the_first_write(spark, tmp_path, context):
+    root = tmp_path / "wh"
+    ctx = context(f"output.root={root}", "spark.shuffle_partitions=2", "segments.k=100")
+    _tiny_matrix(spark, ctx)
+    with pytest.raises(ConfigError, match="'segments.k' must be <= 11: the matrix has 20 users and 11 items with "
+                                          "interactions; got 100"):
+        run_stage(ctx, "segment_users")
+    sweep = replace(ctx, settings=load_settings([], [f"output.root={root}", "segments.k=3", "segments.sweep_ks=3,12"]),
+                    run_id="run-2")
+    with pytest.raises(ConfigError, match="'segments.sweep_ks' must hold integers <= 11"):
+        run_stage(sweep, "segment_users")
+    top_n = replace(ctx, settings=load_settings([], [f"output.root={root}", "recommend.top_n=12"]), run_id="run-3")
+    with pytest.raises(ConfigError, match="'recommend.top_n' must be <= the 11 items that may be recommended "
+                                          "\\(12 in item_index less 1 excluded .*got 12"):
+        run_stage(top_n, "recommend_items")
+
+    written = [t.name for name in ("segment_users", "recommend_items") for t in BY_NAME[name].writes
+               if ctx.tables.exists(spark, t)]
+    assert written == [] and not (root / "models").exists() and not (root / "reports").exists()
+    runs = {r["run_id"]: (r["stage"], r["status"], r["message"].split(":")[0])
+            for r in ctx.tables.read(spark, C.PIPELINE_RUNS).collect()}
+    assert runs == {"run-1": ("segment_users", "failed", "ConfigError"), "run-2": ("segment_users", "failed", "ConfigError"),
+                    "run-3": ("recommend_items", "failed", "ConfigError")}
