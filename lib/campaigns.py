@@ -13,7 +13,7 @@ from pyspark.sql.utils import AnalysisException
 
 from lib.readers import infer_format
 from lib.settings import CampaignSettings
-from lib.sources import clean
+from lib.sources import clean, clean_id
 from lib.storage import is_delta_path
 
 SUPPRESSION_SCHEMA = "user_id string, reason string, since timestamp, source string"
@@ -54,7 +54,7 @@ def read_suppressions(spark: SparkSession, location: str, key: str) -> DataFrame
 
     since = F.col(f"`{columns['since']}`").try_cast("timestamp") if "since" in columns else F.lit(None)
     return raw.select(
-        clean(column("user_id", "string")).alias("user_id"),
+        clean_id(column("user_id", "string")).alias("user_id"),
         F.lower(clean(column("reason", "string"))).alias("reason"),
         since.cast("timestamp").alias("since"),
         F.lit(location).alias("source"),
