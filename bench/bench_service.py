@@ -37,7 +37,7 @@ from deltalake import DeltaTable, write_deltalake
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 N_ITEMS = 50_000
 PER_USER = 10
 CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.I)

@@ -190,6 +190,7 @@ def start_job(name: str, description: str, argv: list[str] | None = None) -> Sta
     args = parse_args(description, argv)
     try:
         settings = load_settings(args.conf, args.sets)
+        settings.check_directories()
     except ConfigError as err:
         log.error("%s", err)
         raise SystemExit(2) from None

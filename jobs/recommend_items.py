@@ -94,6 +94,7 @@ def run(ctx: StageContext) -> StageResult:
     notes.append(("products table absent: " if products is None else "")
                  + f"{counts['excluded_items']} items excluded from every list (catalog flags and patterns)")
     exclude_ids = exclude.select("item_id") if counts["excluded_items"] else None
+    settings.check_against_items(item_index.join(exclude, "item_id", "left_anti").count(), item_index.count())
 
     if settings.evaluate:
         interactions = ctx.settings.interactions

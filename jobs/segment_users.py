@@ -39,6 +39,8 @@ def run(ctx: StageContext) -> StageResult:
     entries, user_scales, item_weights = segment_matrix(interactions, settings, excluded)
     entries = entries.persist()
     try:
+        settings.check_against_matrix(*entries.where(F.col("value") > 0)
+                                      .agg(F.countDistinct("row"), F.countDistinct("col")).first())
         result = fit_segments(entries, settings, n_rows, n_cols)
         tables.overwrite(factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
                                       settings.transform, run_id), C.NMF_USER_FACTORS)

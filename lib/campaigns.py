@@ -21,7 +21,7 @@ from lib import catalog as C
 from lib.privacy import as_stored, stage_key
 from lib.readers import infer_format
 from lib.settings import CampaignSettings, Settings
-from lib.sources import clean
+from lib.sources import clean, clean_id
 from lib.storage import Tables, is_delta_path
 
 SUPPRESSION_SCHEMA = "user_id string, reason string, since timestamp, source string"
@@ -62,7 +62,7 @@ def read_suppressions(spark: SparkSession, location: str, key: str) -> DataFrame
 
     since = F.col(f"`{columns['since']}`").try_cast("timestamp") if "since" in columns else F.lit(None)
     return raw.select(
-        clean(column("user_id", "string")).alias("user_id"),
+        clean_id(column("user_id", "string")).alias("user_id"),
         F.lower(clean(column("reason", "string"))).alias("reason"),
         since.cast("timestamp").alias("since"),
         F.lit(location).alias("source"),

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from lib import catalog as C
 from lib.settings import PrivacySettings
+from lib.sources import clean_id
 from lib.storage import Tables, with_retries
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def forget(spark: SparkSession, tables: Tables, raw_ids: DataFrame, key: bytes |
     source system knows them), then VACUUM the touched tables with ``retention_hours``."""
     if "user_id" not in raw_ids.columns:
         raise PrivacyError(f"the erasure list needs a user_id column; it has {', '.join(raw_ids.columns)}")
-    raw = raw_ids.select(F.trim(F.col("user_id").cast("string")).alias("raw_id")).where("raw_id <> ''").distinct()
+    raw = raw_ids.select(clean_id(F.col("user_id")).alias("raw_id")).where("raw_id IS NOT NULL").distinct()
     # The ids the tables hold: pseudonyms when pseudonymisation is on, else the raw ids themselves.
     stored = raw.select("raw_id", (pseudonym(F.col("raw_id"), key) if key else F.col("raw_id")).alias("user_id"))
     stored = stored.localCheckpoint(eager=True)

@@ -37,6 +37,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lib import readers
+from lib.sources import clean_id
 
 CATALOG_COLUMNS = ("item_id", "name", "category", "price", "available", "recommendable")
 REASONS = ("missing_item_id", "duplicate_item_id", "bad_price", "negative_price", "bad_available",
@@ -118,7 +119,7 @@ def validate_products(raw: DataFrame, location: str, run_id: str) -> tuple[DataF
     recommendable, bad_recommendable = _flag(raw, "recommendable")
     price, bad_price, negative_price = _price(raw)
     rows = raw.select(
-        _text(F.col("item_id")).alias("item_id"),
+        clean_id(F.col("item_id")).alias("item_id"),
         (_text(F.col("name")) if "name" in raw.columns else F.lit(None).cast("string")).alias("name"),
         (_text(F.col("category")) if "category" in raw.columns else F.lit(None).cast("string")).alias("category"),
         price.alias("price"), available.alias("available"), recommendable.alias("recommendable"),

@@ -2,8 +2,11 @@
 
 ``lib.config`` merges conf/base.toml, environment overlays and ``--set`` into a dict whose keys and
 types are already checked; ``Settings.from_config`` turns that dict into these dataclasses and runs
-every range and cross-key check, so a bad value fails before any stage reads or writes, naming its
-key. Stages and lib functions take the section they need, never the raw dict.
+every range and cross-key check (each integer within ``INT_RANGES``, each float finite, then each
+section's own rules), so a bad value fails before any stage reads or writes, naming its key. What
+depends on the data (``segments.k`` against the matrix, ``recommend.top_n`` against the items) or on
+the filesystem (``check_directories``) is checked by the job before its first write, with the same
+messages. Stages and lib functions take the section they need, never the raw dict.
 
 A section's fields mirror its TOML table one to one (a test holds them equal): a key added to
 conf/base.toml needs a field here, and the other way round.
@@ -11,9 +14,12 @@ conf/base.toml needs a field here, and the other way round.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from lib.config import ConfigError
@@ -40,6 +46,23 @@ def one_of(value: str, choices: tuple[str, ...], key: str) -> None:
     require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+def usable_directory(location: str, key: str) -> None:
+    """A local directory setting must name a directory this process may write, or one it may create
+    under the nearest existing parent; checked at job start, or the first write fails as a Java error
+    that names neither the key nor the path. Remote locations (s3://, dbfs:/, ...) are not checked."""
+    if not location or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", location) and not location.startswith("file:"):
+        return
+    path = Path(location.removeprefix("file:")).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    else:
+        return
+    raise ConfigError(f"config key '{key}' = {location!r} is not a usable directory: {problem}")
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """``cls(**values)``, recursing into nested section dataclasses; keys must match fields exactly."""
     hints = get_type_hints(cls)
@@ -64,6 +87,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = dict(value)
         else:
             kwargs[name] = value
+        if not dataclasses.is_dataclass(hint):
+            key = f"{prefix}.{name}".removeprefix("config.")
+            _check_number(kwargs[name], key, key)
     return cls(**kwargs)
 
 
@@ -102,6 +128,7 @@ def _build_entry(cls: type, name: str, values: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}.{field_name}' expects a list, got {value!r}")
         else:
             kwargs[field_name] = _typed_scalar(value, hint, f"{key}.{field_name}")
+        _check_number(kwargs[field_name], f"{key}.{field_name}", f"{key.split('.')[0]}.*.{field_name}")
     return cls(**kwargs)
 
 
@@ -122,6 +149,89 @@ def _typed_items(values: list, hint: Any, key: str) -> tuple:
             raise ConfigError(f"config key '{key}' expects a list of {item_type.__name__}, got {value!r}")
         items.append(value)
     return tuple(items)
+
+
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**31 - 2  # a stage also seeds with seed + 1; numpy and Spark both take it
+
+# Every integer key's accepted range, inclusive; a list key's range holds for each item and a
+# campaign key is ``campaigns.*.<key>``. Checked while the settings are built, before any stage, so a
+# typo (an extra zero, a pasted id) fails naming its key instead of overflowing a Spark int, a numpy
+# seed or the driver's memory. The upper bounds sit far above any real use; a test holds that every
+# integer key has a range here.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "sample.users": (1, 1_000_000_000),
+    "sample.items": (1, 100_000_000),
+    "sample.events": (1, 10_000_000_000),
+    "sample.segments": (1, 1000),
+    "sample.seed": (0, SEED_MAX),
+    "sample.days": (1, 36_500),
+    "ingest.future_skew_minutes": (0, 525_600),         # a year
+    "recommend.top_n": (1, 1000),                       # more is no email; the lists are built in memory per user block
+    "recommend.min_history": (1, 1_000_000),
+    "recommend.k_values": (1, 1000),
+    "recommend.tune_k": (1, 1000),
+    "recommend.buy_again_min_gaps": (1, 1_000_000),
+    "recommend.eval_sample_users": (0, INT32_MAX),
+    "recommend.tune_sample_users": (0, INT32_MAX),
+    "recommend.als.ranks": (1, 1000),
+    "recommend.als.max_candidates": (1, 1000),
+    "recommend.als.max_iter": (1, 10_000),
+    "recommend.als.seed": (0, SEED_MAX),
+    "recommend.als.checkpoint_interval": (-1, 10_000),  # -1: never; 0 is refused below
+    "recommend.als.num_blocks": (0, 100_000),
+    "recommend.als.top_n_user_block": (1, 1_000_000),
+    "segments.k": (1, 1000),                            # k x k Grams and k segments live on the driver
+    "segments.max_iter": (1, 100_000),
+    "segments.seed": (0, SEED_MAX),
+    "segments.inner_passes": (1, 1000),
+    "segments.row_blocks": (0, 100_000),
+    "segments.parallelism": (0, 100_000),
+    "segments.col_blocks": (0, 100_000),
+    "segments.block_nnz": (1, INT32_MAX),
+    "segments.checkpoint_interval": (1, 100_000),
+    "segments.top_items": (1, 1000),
+    "segments.sweep_ks": (1, 1000),
+    "segments.sweep_max_iter": (1, 100_000),
+    "scores.horizon_days": (1, 3650),
+    "scores.windows_days": (1, 3650),
+    "scores.min_buyers": (1, INT32_MAX),
+    "scores.min_history_days": (1, 3650),
+    "scores.min_positives": (1, INT32_MAX),
+    "scores.gbt_max_iter": (1, 10_000),
+    "scores.gbt_max_depth": (1, 30),                    # Spark's own limit
+    "scores.seed": (0, SEED_MAX),
+    "send_time.lookback_days": (1, 3650),
+    "send_time.min_signals": (1, 1_000_000),
+    "send_time.quiet_hours": (0, 23),
+    "campaigns.*.segments": (0, 999),                   # segment ids: 0 .. segments.k - 1
+    "campaigns.*.active_within_days": (0, 3650),
+    "campaigns.*.products": (1, 1000),
+    "campaigns.*.max_audience": (0, INT32_MAX),
+    "campaigns.*.send_hour_utc": (0, 23),
+    "exports.max_rows_per_file": (1, INT32_MAX),
+    "campaign_report.conversion_window_days": (1, 365),
+    "spark.shuffle_partitions": (1, 100_000),
+    "spark.delta_snapshot_partitions": (0, 100_000),
+}
+
+
+def _check_number(value: Any, key: str, rule: str) -> None:
+    """A float (alone, in a list or a map) must be finite; an int (alone or in a list; a map such as
+    spark.conf is free-form) within ``INT_RANGES[rule]``. ``key`` is the key as written, ``rule`` its entry."""
+    items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, tuple) else [value]
+    many = not (isinstance(value, (int, float)) and not isinstance(value, bool))
+    for item in items:
+        if isinstance(item, float):
+            require(math.isfinite(item), key, f"must {'hold finite numbers' if many else 'be a finite number'}, "
+                                              f"got {list(items) if many else item}")
+        elif isinstance(item, int) and not isinstance(item, bool) and not isinstance(value, dict):
+            if rule not in INT_RANGES:  # a developer's error, like a section that does not match its class
+                raise ConfigError(f"integer key '{key}' has no range in lib.settings.INT_RANGES")
+            low, high = INT_RANGES[rule]
+            shown = list(items) if many else item
+            require(item >= low, key, f"must {'hold integers' if many else 'be'} >= {low}, got {shown}")
+            require(item <= high, key, f"must {'hold integers' if many else 'be'} <= {high}, got {shown}")
 
 
 # The input contract's columns: what ``input.columns`` may map a source column to.
@@ -196,8 +306,6 @@ class SampleSettings:
     email_campaigns: bool
 
     def __post_init__(self) -> None:
-        for key in ("users", "items", "events", "segments", "days"):
-            require(getattr(self, key) >= 1, f"sample.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(self.items >= 2 * self.segments, "sample.items", f"must be >= twice sample.segments ({self.segments})")
         one_of(self.mode, ("planted", "realistic"), "sample.mode")
         if self.mode == "realistic":  # lib.sample_realistic: 3 best sellers, 2+ items per segment and general
@@ -222,7 +330,6 @@ class IngestSettings:
     def __post_init__(self) -> None:
         require(len(self.event_types) > 0, "ingest.event_types", "must name at least one event type")
         require(len(set(self.event_types)) == len(self.event_types), "ingest.event_types", "has duplicates")
-        require(self.future_skew_minutes >= 0, "ingest.future_skew_minutes", "must be >= 0")
         require(len(self.csv_delimiter) == 1 and self.csv_delimiter not in '"\r\n', "ingest.csv_delimiter",
                 "must be one character other than a quote or a line break")
         one_of(self.encoding, ("utf-8", "iso-8859-1", "us-ascii"), "ingest.encoding")
@@ -277,14 +384,11 @@ class AlsSettings:
     def __post_init__(self) -> None:
         for key in ("ranks", "reg_params", "alphas"):
             require(len(getattr(self, key)) > 0, f"recommend.als.{key}", "must hold at least one value")
-        require(min(self.ranks) >= 1, "recommend.als.ranks", "must hold integers >= 1")
         require(min(self.reg_params) >= 0, "recommend.als.reg_params", "must hold values >= 0")
         require(min(self.alphas) >= 0, "recommend.als.alphas", "must hold values >= 0")
         one_of(self.search, ("grid", "random"), "recommend.als.search")
-        require(self.max_candidates >= 1, "recommend.als.max_candidates", "must be >= 1")
-        require(self.max_iter >= 1, "recommend.als.max_iter", "must be >= 1")
-        require(self.num_blocks >= 0, "recommend.als.num_blocks", "must be >= 0")
-        require(self.top_n_user_block >= 1, "recommend.als.top_n_user_block", "must be >= 1")
+        require(self.checkpoint_interval != 0, "recommend.als.checkpoint_interval",
+                "must be >= 1, or -1 for never (Spark refuses 0)")
         require(self.top_n_item_block_mb > 0, "recommend.als.top_n_item_block_mb", "must be > 0")
         require(self.top_n_broadcast_mb >= 0, "recommend.als.top_n_broadcast_mb", "must be >= 0")
 
@@ -313,11 +417,7 @@ class RecommendSettings:
     als: AlsSettings
 
     def __post_init__(self) -> None:
-        require(self.top_n >= 1, "recommend.top_n", f"must be >= 1, got {self.top_n}")
-        require(self.min_history >= 1, "recommend.min_history", f"must be >= 1, got {self.min_history}")
-        require(len(self.k_values) > 0 and min(self.k_values) >= 1, "recommend.k_values",
-                f"must hold integers >= 1, got {list(self.k_values)}")
-        require(self.tune_k >= 1, "recommend.tune_k", f"must be >= 1, got {self.tune_k}")
+        require(len(self.k_values) > 0, "recommend.k_values", "must hold at least one K")
         require(0.0 < self.holdout_fraction < 1.0, "recommend.holdout_fraction", "must be in (0, 1)")
         require(0.0 < self.validation_fraction < 1.0, "recommend.validation_fraction", "must be in (0, 1)")
         parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
@@ -328,15 +428,19 @@ class RecommendSettings:
         require(len(self.purchase_event_types) > 0, "recommend.purchase_event_types", "must name an event type")
         require(self.buy_again_horizon_days > 0, "recommend.buy_again_horizon_days", "must be > 0")
         require(self.buy_again_overdue_decay > 0, "recommend.buy_again_overdue_decay", "must be > 0")
-        require(self.buy_again_min_gaps >= 1, "recommend.buy_again_min_gaps", "must be >= 1")
         require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
-        require(self.eval_sample_users >= 0, "recommend.eval_sample_users", "must be >= 0 (0: all users)")
-        require(self.tune_sample_users >= 0, "recommend.tune_sample_users", "must be >= 0 (0: all users)")
         require(self.tune_stop_z >= 0, "recommend.tune_stop_z", "must be >= 0 (0: never stop a candidate early)")
 
     @property
     def holdout_cutoff_utc(self) -> datetime | None:
         return parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
+
+    def check_against_items(self, recommendable: int, indexed: int) -> None:
+        """Before the stage's first write: a list cannot hold more items than may be recommended."""
+        require(self.top_n <= recommendable, "recommend.top_n",
+                f"must be <= the {recommendable} items that may be recommended ({indexed} in item_index less "
+                f"{indexed - recommendable} excluded by products.exclude_item_patterns or the catalog), "
+                f"got {self.top_n}")
 
 
 @dataclass(frozen=True)
@@ -387,25 +491,25 @@ class SegmentsSettings:
     report_dir: str
 
     def __post_init__(self) -> None:
-        require(self.k >= 1, "segments.k", f"must be >= 1, got {self.k}")
         one_of(self.solver, ("hals", "mu"), "segments.solver")
         one_of(self.init, ("sketch_svd", "random_columns", "random"), "segments.init")
         one_of(self.transform, ("none", "log1p"), "segments.transform")
-        require(self.max_iter >= 1, "segments.max_iter", "must be >= 1")
         require(self.tol >= 0, "segments.tol", "must be >= 0")
-        require(self.inner_passes >= 1, "segments.inner_passes", "must be >= 1")
         for key in ("l1_w", "l2_w", "l1_h", "l2_h"):
             require(getattr(self, key) >= 0, f"segments.{key}", "must be >= 0")
-        for key in ("row_blocks", "parallelism", "col_blocks"):
-            require(getattr(self, key) >= 0, f"segments.{key}", "must be >= 0 (0: automatic)")
-        require(self.block_nnz >= 1, "segments.block_nnz", "must be >= 1")
         require(self.broadcast_limit_mb > 0, "segments.broadcast_limit_mb", "must be > 0")
-        require(self.checkpoint_interval >= 1, "segments.checkpoint_interval", "must be >= 1")
-        require(self.top_items >= 1, "segments.top_items", "must be >= 1")
-        require(all(k >= 1 for k in self.sweep_ks), "segments.sweep_ks", f"must hold integers >= 1, got {list(self.sweep_ks)}")
-        require(self.sweep_max_iter >= 1, "segments.sweep_max_iter", "must be >= 1")
         require(0.0 < self.popular_share_cap <= 1.0, "segments.popular_share_cap",
                 f"must be in (0, 1] (1: off), got {self.popular_share_cap}")
+
+    def check_against_matrix(self, users: int, items: int) -> None:
+        """Before the stage's first write: NMF of a users x items matrix has at most min(users, items)
+        meaningful components; more leave empty segments that fail late (DIVIDE_BY_ZERO) after tables
+        were written. ``users`` and ``items`` count the rows and columns with a non-zero entry."""
+        limit = min(users, items)
+        shape = f"the matrix has {users} users and {items} items with interactions"
+        require(self.k <= limit, "segments.k", f"must be <= {limit}: {shape}; got {self.k}")
+        require(all(k <= limit for k in self.sweep_ks), "segments.sweep_ks",
+                f"must hold integers <= {limit}: {shape}; got {list(self.sweep_ks)}")
 
 
 SCORE_MODELS = ("logistic_regression", "gbt")
@@ -431,9 +535,7 @@ class ScoresSettings:
 
     def __post_init__(self) -> None:
         parse_utc(self.as_of, "scores.as_of")
-        require(self.horizon_days >= 1, "scores.horizon_days", f"must be >= 1, got {self.horizon_days}")
-        require(len(self.windows_days) > 0 and min(self.windows_days) >= 1, "scores.windows_days",
-                f"must hold integers >= 1, got {list(self.windows_days)}")
+        require(len(self.windows_days) > 0, "scores.windows_days", "must hold at least one window")
         require(len(set(self.windows_days)) == len(self.windows_days), "scores.windows_days", "has duplicates")
         require(0.0 < self.churn_band_medium < 1.0, "scores.churn_band_medium",
                 f"must be in (0, 1), got {self.churn_band_medium}")
@@ -442,14 +544,10 @@ class ScoresSettings:
         require(self.churn_band_medium < self.churn_band_high, "scores.churn_band_high",
                 f"must be above scores.churn_band_medium ({self.churn_band_medium}): the bands would overlap, "
                 f"got {self.churn_band_high}")
-        for key in ("min_buyers", "min_history_days", "min_positives"):
-            require(getattr(self, key) >= 1, f"scores.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(len(self.models) > 0, "scores.models", "must name at least one model")
         for name in self.models:
             one_of(name, SCORE_MODELS, "scores.models")
         one_of(self.calibration, ("isotonic", "platt"), "scores.calibration")
-        require(self.gbt_max_iter >= 1, "scores.gbt_max_iter", "must be >= 1")
-        require(1 <= self.gbt_max_depth <= 30, "scores.gbt_max_depth", "must be in 1..30")
         require(self.lr_reg_param >= 0, "scores.lr_reg_param", "must be >= 0")
 
     @property
@@ -469,8 +567,6 @@ class SendTimeSettings:
     quiet_hours: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        require(self.lookback_days >= 1, "send_time.lookback_days", f"must be >= 1, got {self.lookback_days}")
-        require(self.min_signals >= 1, "send_time.min_signals", f"must be >= 1, got {self.min_signals}")
         for key in ("prior_strength", "segment_prior_strength"):
             require(getattr(self, key) > 0, f"send_time.{key}", f"must be > 0, got {getattr(self, key)}")
         for key in ("click_weight", "site_weight"):
@@ -481,8 +577,6 @@ class SendTimeSettings:
         except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError):
             raise ConfigError(f"config key 'send_time.time_zone' must be an IANA time zone, got {self.time_zone!r}") \
                 from None
-        require(all(0 <= h <= 23 for h in self.quiet_hours), "send_time.quiet_hours",
-                f"must hold hours 0..23, got {list(self.quiet_hours)}")
         require(len(set(self.quiet_hours)) < 24, "send_time.quiet_hours", "must leave at least one hour to send")
 
 
@@ -522,18 +616,12 @@ class CampaignSettings:
         key = f"campaigns.{self.name}"
         require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name)) and self.name != "global", key,
                 "must be named by letters, digits, '_' or '-' (and not 'global', the global control's key)")
-        require(all(s >= 0 for s in self.segments), f"{key}.segments", f"must hold segment ids >= 0, got "
-                                                                       f"{list(self.segments)}")
         for band in self.churn_bands:
             one_of(band, CHURN_BANDS, f"{key}.churn_bands")
         require(0.0 <= self.min_purchase_probability <= 1.0, f"{key}.min_purchase_probability",
                 f"must be in [0, 1], got {self.min_purchase_probability}")
-        require(self.active_within_days >= 0, f"{key}.active_within_days", f"must be >= 0, got {self.active_within_days}")
-        require(self.products >= 1, f"{key}.products", f"must be >= 1, got {self.products}")
         one_of(self.strategy, ("discover", "buy_again", "blended"), f"{key}.strategy")
         require(0.0 <= self.holdout_share < 1.0, f"{key}.holdout_share", f"must be in [0, 1), got {self.holdout_share}")
-        require(self.max_audience >= 0, f"{key}.max_audience", f"must be >= 0 (0: no cap), got {self.max_audience}")
-        require(0 <= self.send_hour_utc <= 23, f"{key}.send_hour_utc", f"must be in 0..23, got {self.send_hour_utc}")
 
 
 @dataclass(frozen=True)
@@ -543,7 +631,6 @@ class ExportsSettings:
     formats: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        require(self.max_rows_per_file >= 1, "exports.max_rows_per_file", f"must be >= 1, got {self.max_rows_per_file}")
         require(len(self.formats) > 0, "exports.formats", "must name at least one format")
         for fmt in self.formats:
             one_of(fmt, EXPORT_FORMATS, "exports.formats")
@@ -556,10 +643,6 @@ class ExportsSettings:
 class CampaignReportSettings:
     conversion_window_days: int
     report_dir: str
-
-    def __post_init__(self) -> None:
-        require(self.conversion_window_days >= 1, "campaign_report.conversion_window_days",
-                f"must be >= 1, got {self.conversion_window_days}")
 
 
 @dataclass(frozen=True)
@@ -595,10 +678,6 @@ class SparkSettings:
     shuffle_partitions: int
     delta_snapshot_partitions: int
     conf: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        require(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
-        require(self.delta_snapshot_partitions >= 0, "spark.delta_snapshot_partitions", "must be >= 0 (0: Delta's default)")
 
 
 @dataclass(frozen=True)
@@ -655,6 +734,17 @@ class Settings:
     def holdout_shares(self) -> dict[str, float]:
         """Campaign id -> holdout share of the enabled campaigns (for lib.holdout.holdout_assignments)."""
         return {name: campaign.holdout_share for name, campaign in self.enabled_campaigns.items()}
+
+    def check_directories(self) -> None:
+        """Every local directory the job may write (``usable_directory``); the filesystem is read, so
+        jobs call it at start rather than every settings build."""
+        if not (self.output.catalog and self.output.schema):
+            usable_directory(self.output.root, "output.root")
+        for key, location in (("sample.path", self.sample.path), ("recommend.model_dir", self.recommend.model_dir),
+                              ("segments.report_dir", self.segments.report_dir),
+                              ("scores.report_dir", self.scores.report_dir), ("exports.dir", self.exports.dir),
+                              ("campaign_report.report_dir", self.campaign_report.report_dir)):
+            usable_directory(location, key)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Settings":

@@ -16,6 +16,10 @@ UNIT_FACTORS = {"s": 1.0, "ms": 1e3, "us": 1e6}
 # Leading or trailing Unicode whitespace, separators, control and format characters (tab, NBSP,
 # zero-width space, BOM, NUL, ...).
 _EDGE_JUNK = r"^[\s\p{Z}\p{Cc}\p{Cf}]+|[\s\p{Z}\p{Cc}\p{Cf}]+$"
+# Ids (docs/ingest.md, "Ids"): any whitespace or Unicode space / separator inside becomes a plain space,
+# control and format characters are removed, so "u\u00a01" and "u 1", "u\u200b1" and "u1" are one id.
+_ID_SPACE = r"[\s\p{Z}]"
+_ID_INVISIBLE = r"[\p{Cc}\p{Cf}]"
 _NUMBER = r"^[+-]?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?$"
 _FLOAT_INTEGER = r"^([+-]?[0-9]+)\.0+$"
 # Epoch seconds Spark timestamps can hold (0001-01-01 .. 9999-12-31).
@@ -26,6 +30,14 @@ def clean(column: Column) -> Column:
     """Text trimmed of edge whitespace and control characters; null when nothing is left."""
     trimmed = F.regexp_replace(column.cast("string"), _EDGE_JUNK, "")
     return F.when(trimmed != "", trimmed)
+
+
+def clean_id(column: Column) -> Column:
+    """An id by the rule of docs/ingest.md ("Ids"), trimmed of plain spaces; null when nothing is left.
+    Every input of customer or item ids (events, suppression lists, erasure requests, the catalog) uses it."""
+    spaced = F.regexp_replace(column.cast("string"), _ID_SPACE, " ")
+    text = F.trim(F.regexp_replace(spaced, _ID_INVISIBLE, ""))
+    return F.when(text != "", text)
 
 
 def given(column: Column) -> Column:
@@ -43,12 +55,12 @@ def type_of(raw: DataFrame, name: str) -> T.DataType:
 
 
 def id_text(raw: DataFrame, name: str, source: InputSettings) -> Column:
-    """A cleaned id; with ``input.float_ids_as_int`` a float-looking integer ("17850.0") loses its ".0"."""
+    """An id by ``clean_id``; with ``input.float_ids_as_int`` a float-looking integer ("17850.0") loses its ".0"."""
     column, data_type = column_of(raw, name), type_of(raw, name)
     if source.float_ids_as_int and isinstance(data_type, (T.FloatType, T.DoubleType, T.DecimalType)):
         whole = column == F.floor(column)
-        return clean(F.when(whole, column.cast("decimal(38,0)").cast("string")).otherwise(column.cast("string")))
-    text = clean(column)
+        return clean_id(F.when(whole, column.cast("decimal(38,0)").cast("string")).otherwise(column.cast("string")))
+    text = clean_id(column)
     if source.float_ids_as_int:
         text = F.regexp_replace(text, _FLOAT_INTEGER, "$1")
     return text

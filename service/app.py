@@ -201,8 +201,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     async def healthz():
         snap: Snapshot = store.current
         recs = snap.recommendations
-        return {
-            "status": "ok",
+        # A reload thread that died or hangs leaves the answers behind the tables: fail the probe.
+        stale = settings.reload_seconds > 0 and time.time() - store.last_poll > 3 * settings.reload_seconds + 60
+        return JSONResponse(status_code=503 if stale else 200, content={
+            "status": "stale" if stale else "ok",
             "loaded_at": snap.loaded_at,
             "last_poll": store.last_poll,
             "reloads": store.reloads,
@@ -214,6 +216,6 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             "strategies": list(recs.strategies) if recs is not None and recs.strategies else None,
             "fallback_basis": snap.popular.basis,
             "pseudonymised_ids": snap.pseudonymised,
-        }
+        })
 
     return app

@@ -18,13 +18,19 @@ DEFAULTS = {
     "RECS_DEFAULT_N": ("10", "list length when the request has no n"),
     "RECS_MAX_N": ("100", "largest n a request may ask for (more: 400)"),
     "RECS_MAX_USER_ID_LENGTH": ("128", "longest user id accepted (more: 400)"),
-    "RECS_RELOAD_SECONDS": ("30", "how often the latest Delta version of each table is polled; 0: never"),
+    "RECS_RELOAD_SECONDS": ("30", "how often the latest Delta version of each table is polled, 0 .. 86400; 0: never"),
     "RECS_DEFAULT_STRATEGY": ("blended", "strategy served without ?strategy= when the table has that column"),
     "RECS_SUPPRESSED_USER": ("fallback", "a suppressed customer: fallback (popular items flagged fallback=true, "
                                          "fallback_reason=suppressed) or 404 (no_personal_content)"),
     "RECS_PSEUDONYM_KEY_ENV": ("", "name of the variable holding the pipeline's pseudonym key (its "
                                    "privacy.key_env); set: raw ids in requests are mapped to their pseudonyms"),
 }
+
+
+# A bearer token shorter than this is guessable by brute force against the API.
+MIN_TOKEN_LENGTH = 16
+# Polling less often than daily serves a nightly run's output a day late.
+MAX_RELOAD_SECONDS = 86_400
 
 
 class SettingsError(ValueError):
@@ -93,6 +99,9 @@ def from_env(env: Mapping[str, str] | None = None, check_warehouse: bool = True)
             f"{token_env} is not set: clients must send 'Authorization: Bearer <{token_env}>' "
             f"(RECS_TOKEN_ENV names this variable; RECS_ALLOW_NO_AUTH=1 serves without auth, local development only)"
         )
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise SettingsError(f"{token_env} holds {len(token)} characters, fewer than {MIN_TOKEN_LENGTH}: use a random "
+                            f"token, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     unknown_user = _get(env, "RECS_UNKNOWN_USER").lower()
     if unknown_user not in ("fallback", "404"):
         raise SettingsError(f"RECS_UNKNOWN_USER={unknown_user!r} must be 'fallback' or '404'")
@@ -113,8 +122,10 @@ def from_env(env: Mapping[str, str] | None = None, check_warehouse: bool = True)
         reload_seconds = float(raw_reload)
     except ValueError:
         raise SettingsError(f"RECS_RELOAD_SECONDS={raw_reload!r} is not a number") from None
-    if reload_seconds < 0:
-        raise SettingsError(f"RECS_RELOAD_SECONDS={reload_seconds} must be >= 0 (0: never reload)")
+    # inf or nan would kill the reload thread at its first wait, leaving stale data behind a healthy /healthz.
+    if not 0 <= reload_seconds <= MAX_RELOAD_SECONDS:
+        raise SettingsError(f"RECS_RELOAD_SECONDS={raw_reload!r} must be a number of seconds in [0, "
+                            f"{MAX_RELOAD_SECONDS}] (0: never reload)")
     return Settings(
         warehouse=warehouse,
         token=token,

@@ -81,6 +81,36 @@ def test_valid_rows_are_normalized_exactly(spark):
     ]
 
 
+def test_invisible_and_unicode_space_characters_inside_ids_follow_one_rule(spark, tmp_path):
+    """Issue 19: "u\u200b1" and "u1" were two customers. Inside an id, whitespace and Unicode spaces become a
+    plain space and control / format characters go; events, suppression lists and the catalog share the rule."""
+    ts = "2026-10-01T10:00:00Z"
+    rows = [
+        ("e1", "u1", "i 1", "view", ts, None, None),
+        ("e2", "u\u200b1", "i\u00a01", "view", ts, None, None),      # zero-width space, no-break space
+        ("e3", "u\u00001", "i\u20031", "view", ts, None, None),      # NUL, em space
+        ("e4", "\ufeffu\u20601\t", "i\t1", "view", ts, None, None),  # BOM, word joiner, tabs
+        ("e5", "u\u00ad1", "i\u2028\u00851", "view", ts, None, None),  # soft hyphen; line separator, NEL
+        ("e6", "u  1", "i1", "view", ts, None, None),                 # plain spaces inside are kept as they are
+        ("e7", "\u200b\u00a0\u0000", "i1", "view", ts, None, None),  # nothing visible left
+    ]
+    got = {r["event_id"]: (r["user_id"], r["item_id"], r["reason"])
+           for r in classify_rows(spark, rows).select("event_id", "user_id", "item_id", "reason").collect()}
+    assert got == {"e1": ("u1", "i 1", None), "e2": ("u1", "i 1", None), "e3": ("u1", "i 1", None),
+                   "e4": ("u1", "i 1", None), "e5": ("u1", "i 1", None), "e6": ("u  1", "i1", None),
+                   "e7": (None, "i1", "blank_user_id")}
+
+    from lib.campaigns import read_suppressions
+    from lib.products import validate_products
+    listed = tmp_path / "suppressions.csv"
+    listed.write_text("user_id,reason\nu\u200b1,unsubscribed\n\u00a0u\u00a02 ,bounced\n", encoding="utf-8")
+    assert sorted(r["user_id"] for r in read_suppressions(spark, str(listed), "input.suppressions").collect()) == \
+        ["u 2", "u1"]
+    catalog = spark.createDataFrame([("i\u00a01", "x"), ("i\u200b2", "y")], "item_id string, _source_file string")
+    products, _ = validate_products(catalog, "catalog", "run-1")
+    assert sorted(r["item_id"] for r in products.collect()) == ["i 1", "i2"]
+
+
 def test_duplicates_and_event_id_conflicts_in_one_batch(spark):
     rows = [
         (None, "u1", "i1", "view", "2026-10-01T10:00:00Z", None, None),

@@ -31,7 +31,7 @@ from service.app import create_app
 from service.store import PRODUCER, Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-123"
+TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -342,14 +342,31 @@ def test_settings_are_checked_at_start_naming_the_variable(tmp_path):
         settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_TOKEN_ENV": "MY_TOKEN", "RECS_API_TOKEN": "x"})
     assert settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_ALLOW_NO_AUTH": "1"}).auth_required is False
     for name, value in (("RECS_MAX_N", "lots"), ("RECS_UNKNOWN_USER", "ignore"), ("RECS_RELOAD_SECONDS", "-1"),
+                        ("RECS_RELOAD_SECONDS", "inf"), ("RECS_RELOAD_SECONDS", "nan"), ("RECS_RELOAD_SECONDS", "86401"),
                         ("RECS_MAX_USER_ID_LENGTH", "0"), ("RECS_WAREHOUSE", str(tmp_path / "nowhere"))):
         with pytest.raises(settings_mod.SettingsError, match=name):
-            settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_API_TOKEN": "x", name: value})
+            settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_API_TOKEN": TOKEN, name: value})
+    with pytest.raises(settings_mod.SettingsError, match="RECS_RELOAD_SECONDS='inf' must be a number of seconds in "
+                                                         "\\[0, 86400\\]"):
+        settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_API_TOKEN": TOKEN, "RECS_RELOAD_SECONDS": "inf"})
+    with pytest.raises(settings_mod.SettingsError, match="MY_TOKEN holds 1 characters, fewer than 16"):
+        settings_mod.from_env({"RECS_WAREHOUSE": str(tmp_path), "RECS_TOKEN_ENV": "MY_TOKEN", "MY_TOKEN": "x"})
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECS_")}
     result = subprocess.run([str(REPO_ROOT / "service" / "serve.sh"), "--warehouse", str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "RECS_API_TOKEN is not set" in result.stderr
+
+
+def test_healthz_fails_when_reloads_fall_behind(warehouse):
+    """A reload thread that died or hangs stops moving last_poll: the probe says so instead of ok."""
+    with serve(warehouse, RECS_RELOAD_SECONDS="30") as (url, store), httpx.Client(base_url=url) as http:
+        assert http.get("/healthz").json()["status"] == "ok"
+        store.last_poll = time.time() - (3 * 30 + 61)
+        stale = http.get("/healthz")
+        assert (stale.status_code, stale.json()["status"]) == (503, "stale")
+        store.poll()
+        assert http.get("/healthz").status_code == 200
 
 
 def _free_port() -> int:

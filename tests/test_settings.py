@@ -1,11 +1,19 @@
-"""Typed settings (Spark-free): conf/base.toml and the dataclasses agree, bad values fail naming their key."""
+"""Typed settings: conf/base.toml and the dataclasses agree, bad values fail naming their key (Spark-free),
+and the stages' checks against the data fail before their first write (a tiny matrix, last test)."""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import get_type_hints
 
 import pytest
 
-from jobs.common import BASE_CONFIG, load_settings
+from jobs.common import BASE_CONFIG, load_settings, run_stage
+from jobs.stages import BY_NAME
+from lib import catalog as C
 from lib.config import OPEN_TABLES, ConfigError, parse_toml
-from lib.settings import Settings, section_keys
+from lib.settings import INT_RANGES, CampaignSettings, Settings, section_keys
 
 
 def _toml_keys(table: dict, prefix: str = "") -> set[str]:
@@ -46,6 +54,18 @@ def test_defaults_and_shipped_environments_build():
     ("interactions.weights.view=-1", "'interactions.weights' must be >= 0; negative for view"),
     ("input.format=xml", "'input.format' must be one of"),
     ("spark.shuffle_partitions=0", "'spark.shuffle_partitions' must be >= 1"),
+    # Issue 19: integers have upper bounds, floats must be finite, a float is no int.
+    ("segments.k=1e23", "'segments.k' expects an int, got '1e23'"),
+    ("segments.k=100000000000000000000000", "'segments.k' must be <= 1000, got 100000000000000000000000"),
+    ("segments.sweep_ks=3,5000", "'segments.sweep_ks' must hold integers <= 1000, got \\[3, 5000\\]"),
+    ("recommend.top_n=1000000000", "'recommend.top_n' must be <= 1000, got 1000000000"),
+    ("recommend.als.seed=4294967296", "'recommend.als.seed' must be <= 2147483646"),
+    ("recommend.als.checkpoint_interval=0", "'recommend.als.checkpoint_interval' must be >= 1, or -1 for never"),
+    ("campaigns.promo.send_hour_utc=24", "'campaigns.promo.send_hour_utc' must be <= 23, got 24"),
+    ("interactions.half_life_days=inf", "'interactions.half_life_days' must be a finite number, got inf"),
+    ("segments.tol=nan", "'segments.tol' must be a finite number, got nan"),
+    ("interactions.weights.view=inf", "'interactions.weights' must hold finite numbers"),
+    ("recommend.als.reg_params=0.1,inf", "'recommend.als.reg_params' must hold finite numbers, got \\[0.1, inf\\]"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(assignment, message):
     with pytest.raises(ConfigError, match=message):
@@ -65,3 +85,86 @@ def test_settings_are_frozen():
     settings = load_settings([], [])
     with pytest.raises(AttributeError):
         settings.segments.k = 3  # type: ignore[misc]
+
+
+def _integer_keys(cls: type = Settings, prefix: str = "") -> set[str]:
+    keys = set()
+    for name, hint in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _integer_keys(hint, f"{prefix}{name}.")
+        elif hint is int or hint == tuple[int, ...]:
+            keys.add(f"{prefix}{name}")
+    return keys
+
+
+def test_every_integer_key_has_a_range_and_the_ranges_name_no_other_key():
+    assert set(INT_RANGES) == _integer_keys() | _integer_keys(CampaignSettings, "campaigns.*.")
+    assert all(low <= high for low, high in INT_RANGES.values())
+
+
+def test_a_float_in_a_config_file_is_no_integer(tmp_path):
+    conf = tmp_path / "big.toml"
+    conf.write_text("[segments]\nk = 1e23\n")
+    with pytest.raises(ConfigError, match="'segments.k' expects an int, got float 1e\\+23"):
+        load_settings([str(conf)], [])
+
+
+def test_an_unusable_directory_fails_at_job_start_naming_the_key(tmp_path, caplog):
+    from jobs.common import start_job
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    settings = load_settings([], [f"output.root={a_file}/warehouse"])
+    with pytest.raises(ConfigError, match=f"config key 'output.root' = '{a_file}/warehouse' is not a usable "
+                                          f"directory: {a_file} is a file, not a directory"):
+        settings.check_directories()
+    with pytest.raises(ConfigError, match="'exports.dir' = .* is not a usable directory"):
+        load_settings([], [f"output.root={tmp_path}/wh", f"exports.dir={a_file}"]).check_directories()
+    # A directory yet to be created under a writable parent, a remote root and catalog tables pass.
+    for sets in ([f"output.root={tmp_path}/new/wh"], ["output.root=s3://bucket/wh"], ["output.root=dbfs:/mnt/wh"],
+                 [f"output.root={a_file}", "output.catalog=main", "output.schema=s", "recommend.model_dir=/tmp/m"]):
+        load_settings([], sets).check_directories()
+
+    # The job stops before its Spark session, with status 2 and the key named; nothing is created.
+    with pytest.raises(SystemExit) as stop:
+        start_job("ingest", "test", ["--set", f"output.root={a_file}/warehouse"])
+    assert stop.value.code == 2
+    assert "'output.root'" in caplog.text and "is not a usable directory" in caplog.text
+    assert a_file.read_text() == "not a directory" and [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def _tiny_matrix(spark, ctx) -> None:
+    """20 users viewing 5 of 11 items each, plus a POST line (excluded by products.exclude_item_patterns),
+    as ingest and build_interactions leave them."""
+    start = datetime(2026, 10, 1, 10)
+    rows = [(f"ev-{u}-{i}", f"u{u:02d}", f"i{(u + i) % 11:02d}", "view", start + timedelta(minutes=i), None, None, None,
+             "web", start.date(), "test") for u in range(20) for i in range(5)]
+    rows.append(("ev-post", "u00", "POST", "purchase", start, 1.0, 2.5, None, "web", start.date(), "test"))
+    ctx.tables.overwrite(spark.createDataFrame(rows, C.EVENTS.schema), C.EVENTS)
+    from lib.interactions import write_matrix_tables
+    write_matrix_tables(spark, ctx.tables, ctx.tables.read(spark, C.EVENTS), ctx.settings.interactions.weights, 30.0)
+
+
+def test_stage_parameters_beyond_the_data_fail_before_the_first_write(spark, tmp_path, context):
+    root = tmp_path / "wh"
+    ctx = context(f"output.root={root}", "spark.shuffle_partitions=2", "segments.k=100")
+    _tiny_matrix(spark, ctx)
+    with pytest.raises(ConfigError, match="'segments.k' must be <= 11: the matrix has 20 users and 11 items with "
+                                          "interactions; got 100"):
+        run_stage(ctx, "segment_users")
+    sweep = replace(ctx, settings=load_settings([], [f"output.root={root}", "segments.k=3", "segments.sweep_ks=3,12"]),
+                    run_id="run-2")
+    with pytest.raises(ConfigError, match="'segments.sweep_ks' must hold integers <= 11"):
+        run_stage(sweep, "segment_users")
+    top_n = replace(ctx, settings=load_settings([], [f"output.root={root}", "recommend.top_n=12"]), run_id="run-3")
+    with pytest.raises(ConfigError, match="'recommend.top_n' must be <= the 11 items that may be recommended "
+                                          "\\(12 in item_index less 1 excluded .*got 12"):
+        run_stage(top_n, "recommend_items")
+
+    written = [t.name for name in ("segment_users", "recommend_items") for t in BY_NAME[name].writes
+               if ctx.tables.exists(spark, t)]
+    assert written == [] and not (root / "models").exists() and not (root / "reports").exists()
+    runs = {r["run_id"]: (r["stage"], r["status"], r["message"].split(":")[0])
+            for r in ctx.tables.read(spark, C.PIPELINE_RUNS).collect()}
+    assert runs == {"run-1": ("segment_users", "failed", "ConfigError"), "run-2": ("segment_users", "failed", "ConfigError"),
+                    "run-3": ("recommend_items", "failed", "ConfigError")}
