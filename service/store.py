@@ -620,6 +620,17 @@ class Store:
                 if changed and not any(t in errors for t in group):
                     self._load_together(stage, changed, parts, served, errors)
 
+            # The popular fallback's two tables switch together too.
+            if not (unfinished | set(errors)) & {INTERACTIONS, ITEM_INDEX}:
+                for table in (INTERACTIONS, ITEM_INDEX):
+                    dt = handles[table]
+                    if dt is None or not self._same(table, old.versions.get(table), dt.version()):
+                        served[table] = dt.version() if dt is not None else None
+                popular = self._popular(old, parts, handles, served, errors)
+            elif old.popular.basis == "interactions":
+                popular = old.popular
+            else:
+                popular = self._popular(old, parts, {**handles, INTERACTIONS: None}, served, errors)
             if (served == old.versions and errors == old.errors and popular is old.popular
                     and pseudonymised == old.pseudonymised and old is not EMPTY):
                 return False
