@@ -86,15 +86,22 @@ class TableSpec:
         return self.schema.fieldNames()
 
     def conform(self, df: DataFrame) -> DataFrame:
-        """``df`` with exactly this table's columns, in order, cast to the declared types."""
+        """``df`` with exactly this table's columns, in order, cast to the declared types.
+
+        The casts name the types by their DDL text, never by DataType object: over Spark Connect a
+        ``StringType()`` object travels with its collation spelled out, the server keeps it as an
+        explicit ``UTF8_BINARY`` collation and Delta then records ``string collate UTF8_BINARY``,
+        which the Delta protocol's plain readers (delta-rs, so Polars, DuckDB and the API) refuse.
+        Parsed on the server, ``string`` is the plain default type, whatever the column's type was.
+        """
         missing = [name for name in self.columns if name not in df.columns]
         if missing:
             raise ValueError(f"rows for table {self.name} lack column(s) {', '.join(missing)}; "
                              f"they have {', '.join(df.columns)}")
-        return df.select(*[F.col(f.name).cast(f.dataType).alias(f.name) for f in self.schema.fields])
+        return df.select(*[F.col(f.name).cast(f.dataType.simpleString()).alias(f.name) for f in self.schema.fields])
 
     def empty(self, spark) -> DataFrame:
-        return spark.createDataFrame([], self.schema)
+        return self.conform(spark.createDataFrame([], self.schema))
 
 
 EVENTS = TableSpec(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import shutil
 import time
 import uuid
@@ -35,6 +36,11 @@ CONFLICT_MARKERS = (
 COMMIT_METADATA_CONF = "spark.databricks.delta.commitInfo.userMetadata"
 # Column types Delta keeps min/max statistics for (it refuses others in dataSkippingStatsColumns).
 STATS_TYPES = (NumericType, StringType, DateType, TimestampType, TimestampNTZType)
+# The explicit default collation that writes over Spark Connect recorded before TableSpec.conform cast
+# by DDL text: `string collate UTF8_BINARY` in the Delta log, refused by delta-rs (see repair_schema).
+EXPLICIT_DEFAULT_COLLATION = re.compile(r"\s+collate\s+utf8_binary\b", re.IGNORECASE)
+# Tables whose schema this process has checked (repair_schema), so each costs one DESCRIBE per run.
+_schema_checked: set[str] = set()
 
 
 def is_commit_conflict(err: BaseException) -> bool:
@@ -134,8 +140,56 @@ class Tables:
 
         with_retries(attempt, f"create {table.name}")
 
+    def repair_schema(self, spark: SparkSession, table: TableSpec) -> bool:
+        """Rewrite an explicit ``string collate UTF8_BINARY`` in the table's schema as plain ``string``;
+        True when it did (False for a table that is plain already or does not exist).
+
+        Tables written over Spark Connect before ``TableSpec.conform`` cast by DDL text carry that
+        type, which delta-rs refuses. Delta counts it equal to ``string``, so an overwrite with
+        ``overwriteSchema`` keeps it; ``ALTER TABLE ... REPLACE COLUMNS`` with the same columns
+        written plainly commits the plain schema, metadata only (no data file is rewritten).
+        Idempotent; every write runs it once per table and process (``_checked_schema``).
+        """
+        def attempt() -> bool:
+            if not self.exists(spark, table):  # quietly: a failed DESCRIBE logs an error with its stack
+                return False
+            columns = []
+            for row in spark.sql(f"DESCRIBE TABLE {self.sql_name(table)}").collect():
+                # the columns, then a blank row or "# Partition Information"
+                if not row["col_name"] or row["col_name"].startswith("#"):
+                    break
+                columns.append(row)
+            if not any(EXPLICIT_DEFAULT_COLLATION.search(row["data_type"]) for row in columns):
+                return False
+            ddl = ", ".join(
+                f"`{row['col_name']}` {EXPLICIT_DEFAULT_COLLATION.sub('', row['data_type'])}"
+                + (f" COMMENT '{_sql_quote(row['comment'])}'" if row["comment"] else "")
+                for row in columns)
+            spark.sql(f"ALTER TABLE {self.sql_name(table)} REPLACE COLUMNS ({ddl})").collect()
+            return True
+
+        repaired = with_retries(attempt, f"repair schema of {table.name}")
+        if repaired:
+            log.info("%s: schema's explicit UTF8_BINARY collation rewritten as plain string", self.location(table))
+        return repaired
+
+    def _checked_schema(self, spark: SparkSession, table: TableSpec) -> None:
+        """``repair_schema`` once per table and process, before the first write; a table whose repair
+        fails is written all the same (Spark reads it either way), with a warning."""
+        location = self.location(table)
+        if location in _schema_checked:
+            return
+        try:
+            self.repair_schema(spark, table)
+        except Exception as err:  # noqa: BLE001 - the write goes on; only other readers are affected
+            log.warning("%s: could not rewrite its string collation as plain string (%s: %s); delta-rs "
+                        "may refuse the table", location, type(err).__name__, str(err).splitlines()[0][:300])
+        _schema_checked.add(location)
+
     def _write(self, df: DataFrame, table: TableSpec, mode: str, replace_where: str = "") -> None:
-        if table.personal and not self.exists(spark := df.sparkSession, table):
+        spark = df.sparkSession
+        self._checked_schema(spark, table)
+        if table.personal and not self.exists(spark, table):
             self.create(spark, table)
         writer = table.conform(df).write.format("delta").mode(mode)
         if replace_where:
@@ -170,6 +224,7 @@ class Tables:
         leaves the retry to a caller that must recompute its rows. The table is created (empty, with
         the catalog schema) on first use.
         """
+        self._checked_schema(spark, table)
         if not self.exists(spark, table):
             self.create(spark, table)
         view = f"_insert_new_{table.name}_{uuid.uuid4().hex[:8]}"  # unique: concurrent writers share a session
@@ -185,6 +240,7 @@ class Tables:
     def upsert(self, spark: SparkSession, source: DataFrame, table: TableSpec, condition: str) -> None:
         """MERGE ``source`` into the table: rows matching ``condition`` (SQL over ``target`` and
         ``source``) are replaced, the others inserted; one commit, retried on conflicts."""
+        self._checked_schema(spark, table)
         if not self.exists(spark, table):
             self.create(spark, table)
         view = f"_upsert_{table.name}_{uuid.uuid4().hex[:8]}"
@@ -214,6 +270,7 @@ class Tables:
 
     def restore(self, spark: SparkSession, table: TableSpec, version: int | None) -> None:
         """Put the table back at ``version``; a table that did not exist then is removed."""
+        _schema_checked.discard(self.location(table))  # an older version may predate a schema repair
         if version is not None:
             spark.sql(f"RESTORE TABLE {self.sql_name(table)} TO VERSION AS OF {version}")
         elif self.uses_catalog:
@@ -223,6 +280,10 @@ class Tables:
         else:
             log.warning("%s was created by the failed stage and is left in place (remote path)",
                         self.location(table))
+
+
+def _sql_quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def is_delta_path(spark: SparkSession, path: str) -> bool:

@@ -45,3 +45,26 @@ def context(spark):
         return StageContext(spark, load_settings(list(conf), list(sets)), run_id)
 
     return make
+
+
+@pytest.fixture
+def delta_rs_rows(spark):
+    """``delta_rs_rows(root)``: every Delta table under ``root`` opened with an independent reader
+    (delta-rs, no JVM, what the API and most non-JVM tools build on); each must have the rows Spark
+    sees, and ``events``, when there, the same stored event times as instants. Returns rows per table."""
+    from deltalake import DeltaTable
+
+    def check(root: Path) -> dict[str, int]:
+        rows = {}
+        for path in sorted(log.parent for log in Path(root).rglob("_delta_log")):
+            rows[path.name] = DeltaTable(str(path)).to_pyarrow_table().num_rows
+            assert rows[path.name] == spark.read.format("delta").load(str(path)).count(), path.name
+        if (Path(root) / "events" / "_delta_log").is_dir():
+            arrow = DeltaTable(str(Path(root) / "events")).to_pyarrow_table(columns=["event_id", "event_ts"])
+            by_rs = {e: ts.timestamp() for e, ts in zip(arrow["event_id"].to_pylist(), arrow["event_ts"].to_pylist())}
+            by_spark = {r["event_id"]: r["s"] for r in spark.read.format("delta").load(str(Path(root) / "events"))
+                        .selectExpr("event_id", "unix_micros(event_ts) / 1e6 AS s").collect()}
+            assert by_rs == by_spark
+        return rows
+
+    return check

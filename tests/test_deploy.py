@@ -18,7 +18,9 @@ import tomllib
 import urllib.request
 from functools import reduce
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import pyspark
 import pytest
 from pyspark.sql import DataFrame, SparkSession
@@ -26,6 +28,7 @@ from pyspark.sql import functions as F
 
 from jobs import run_pipeline
 from jobs.stages import PIPELINE
+from test_service import AUTH, serve  # the API on a real uvicorn server (tests/test_service.py)
 
 pytestmark = pytest.mark.slow  # three whole pipeline runs: minutes
 
@@ -347,7 +350,8 @@ def test_pipeline_on_a_standalone_cluster(spark, standalone_cluster, cluster_run
 
 # ------------------------------------------------------------------ Spark Connect
 
-def test_pipeline_over_spark_connect_matches_the_classic_run(spark, pipeline_runs, cluster_run, cluster_counts):
+def test_pipeline_over_spark_connect_matches_the_classic_run(spark, pipeline_runs, cluster_run, cluster_counts,
+                                                             delta_rs_rows):
     pipeline_runs["connect"].check()
     log = pipeline_runs["connect"].log.read_text()
     assert "Spark session: Spark Connect" in log, log[-3000:]
@@ -361,6 +365,17 @@ def test_pipeline_over_spark_connect_matches_the_classic_run(spark, pipeline_run
     assert classic_scores.keys() == remote_scores.keys()
     assert all(remote_scores[key] == pytest.approx(score, rel=1e-9) for key, score in classic_scores.items())
     assert segment_assignment(read_remote("user_segments")) == segment_assignment(read_classic("user_segments"))
+
+    # Every table opens with delta-rs too, with Spark's rows: no schema records `string collate
+    # UTF8_BINARY`, which Connect's client used to send for StringType() casts (issue 27).
+    assert delta_rs_rows(connect_run) == cluster_counts
+    # So the API (delta-rs) started on that warehouse answers a profile with the segment's label.
+    user = read_remote("user_segments").orderBy("user_id").first()
+    label = read_remote("segment_profiles").where(F.col("segment_id") == user["segment_id"]).first()["label"]
+    with serve(connect_run) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get(f"/v1/users/{quote(user['user_id'], safe='')}/profile").json()
+    assert label and body["segment"]["segment_id"] == user["segment_id"] and body["segment"]["label"] == label, body
+    assert body["missing_sources"] == [], body
 
 
 # ------------------------------------------------------------------ catalog tables
