@@ -186,7 +186,7 @@ def test_a_suppressed_customer_gets_no_personal_content(warehouse):
             assert r.status_code == 404 and r.json()["error"] == "no_personal_content", path
         assert http.get("/v1/users/u1/recommendations").status_code == 200
     with pytest.raises(settings_mod.SettingsError, match="RECS_SUPPRESSED_USER='204' must be 'fallback' or '404'"):
-        settings_mod.from_env({"RECS_WAREHOUSE": str(warehouse), "RECS_API_TOKEN": "x", "RECS_SUPPRESSED_USER": "204"})
+        settings_mod.from_env({"RECS_WAREHOUSE": str(warehouse), "RECS_API_TOKEN": TOKEN, "RECS_SUPPRESSED_USER": "204"})
 
 
 def test_a_raw_id_on_a_pseudonymised_warehouse_is_mapped_with_the_key_or_refused(tmp_path):
@@ -210,7 +210,7 @@ def test_a_raw_id_on_a_pseudonymised_warehouse_is_mapped_with_the_key_or_refused
         assert http.get("/v1/users/alice/profile").json()["known"] is True
         assert http.get("/v1/users/bob/recommendations").json()["fallback_reason"] == "unknown_user"
     with pytest.raises(settings_mod.SettingsError, match="EP_SERVICE_KEY must hold the pipeline's pseudonym key"):
-        settings_mod.from_env({"RECS_WAREHOUSE": str(wh), "RECS_API_TOKEN": "x",
+        settings_mod.from_env({"RECS_WAREHOUSE": str(wh), "RECS_API_TOKEN": TOKEN,
                                "RECS_PSEUDONYM_KEY_ENV": "EP_SERVICE_KEY", "EP_SERVICE_KEY": "short"})
 
 
