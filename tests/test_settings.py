@@ -3,13 +3,12 @@ and the stages' checks against the data fail before their first write (a tiny ma
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import get_type_hints
 
 import pytest
 
 from jobs.common import BASE_CONFIG, load_settings
-from jobs.stages import BY_NAME
 from lib import catalog as C
 from lib.config import OPEN_TABLES, ConfigError, parse_toml
 from lib.settings import INT_RANGES, CampaignSettings, Settings, section_keys
@@ -132,33 +131,32 @@ def test_an_unusable_directory_fails_at_job_start_naming_the_key(tmp_path, caplo
     assert a_file.read_text() == "not a directory" and [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
-def _tiny_matrix(spark, ctx) -> None:
-    """20 users viewing 5 of 11 items each, plus a POST line (excluded by products.exclude_item_patterns),
-    as ingest and build_interactions leave them."""
-    start = datetime(2026, 10, 1, 10)
-    rows = [(f"ev-{u}-{i}", f"u{u:02d}", f"i{(u + i) % 11:02d}", "view", start + timedelta(minutes=i), None, None, None,
-             "web", start.date(), "test") for u in range(20) for i in range(5)]
-    rows.append(("ev-post", "u00", "POST", "purchase", start, 1.0, 2.5, None, "web", start.date(), "test"))
-    ctx.tables.overwrite(spark.createDataFrame(rows, C.EVENTS.schema), C.EVENTS)
-    from lib.interactions import write_matrix_tables
-    write_matrix_tables(spark, ctx.tables, ctx.tables.read(spark, C.EVENTS), ctx.settings.interactions.weights, 30.0)
+def _tiny_matrix(spark) -> dict:
+    """The tables build_interactions leaves, in memory: 20 users with 5 of 11 items each, and a POST line
+    (excluded by products.exclude_item_patterns) bought by one of them."""
+    last = datetime(2026, 10, 1, 10)
+    cells = [(u, (u + i) % 11, 1.0, 1, last) for u in range(20) for i in range(5)] + [(0, 11, 8.0, 1, last)]
+    rows = {C.USER_INDEX: [(f"u{u:02d}", u) for u in range(20)],
+            C.ITEM_INDEX: [(f"i{i:02d}", i) for i in range(11)] + [("POST", 11)], C.INTERACTIONS: cells, C.EVENTS: []}
+    return {table.name: spark.createDataFrame(data, table.schema) for table, data in rows.items()}
 
 
-def test_stage_parameters_beyond_the_data_fail_before_the_first_write(spark, tmp_path, context):
+@pytest.mark.slow  # two stages up to their checks: 12.7 s on the shared machine
+def test_stage_parameters_beyond_the_data_fail_before_the_first_write(spark, tmp_path, context, monkeypatch):
     from jobs import recommend_items, segment_users
+    from lib.storage import Tables
 
+    frames = _tiny_matrix(spark)
+    monkeypatch.setattr(Tables, "require", lambda self, spark, table, producer: frames[table.name])
     root = tmp_path / "wh"
-    ctx = context(f"output.root={root}", "spark.shuffle_partitions=2", "segments.k=100", "recommend.top_n=12")
-    _tiny_matrix(spark, ctx)
+    ctx = context(f"output.root={root}", "segments.k=100", "recommend.top_n=12")
     with pytest.raises(ConfigError, match="'segments.k' must be <= 11: the matrix has 20 users and 11 items with "
                                           "interactions; got 100"):
         segment_users.run(ctx)
     with pytest.raises(ConfigError, match="'recommend.top_n' must be <= the 11 items that may be recommended "
                                           "\\(12 in item_index less 1 excluded .*got 12"):
         recommend_items.run(ctx)
-    written = [t.name for name in ("segment_users", "recommend_items") for t in BY_NAME[name].writes
-               if ctx.tables.exists(spark, t)]
-    assert written == [] and not (root / "models").exists() and not (root / "reports").exists()
+    assert not root.exists()  # no table, model or report: nothing at all was written
 
     with pytest.raises(ConfigError, match="'segments.sweep_ks' must hold integers <= 11: the matrix has 20 users"):
         load_settings([], ["segments.k=3", "segments.sweep_ks=3,12"]).segments.check_against_matrix(20, 11)
