@@ -82,7 +82,8 @@ CAMPAIGN_REPORT = StageSpec(
 FORGET_USERS = StageSpec(
     "forget_users", "erase customers listed in privacy.erasure_request from every table, export and saved "
                     "model, VACUUM, then verify that no file holds them",
-    reads=(), writes=(), keeps=(C.ERASURE_REQUESTS,))  # deletes rather than writes: not rolled back, safe to re-run
+    # Deletes rather than writes: nothing to roll back; a rerun finishes a killed or failed attempt.
+    reads=(), writes=(), keeps=(C.ERASURE_REQUESTS,))
 
 # The pipeline's stages in run order (generate_events runs first only for the embedded sample).
 PIPELINE: tuple[StageSpec, ...] = (INGEST, INGEST_PRODUCTS, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
