@@ -163,3 +163,26 @@ def test_forget_removes_every_trace_after_vacuum(spark, tmp_path, context, monke
     checked, failures, pending = privacy.verify_erasure(spark, ctx.tables, erased, targets, 0.0)
     assert checked > 0 and not pending
     assert [Path(f).name for f in failures] == ["notes.md"]
+
+
+def _plant_traces(spark, ctx, root: Path, stored: dict[str, str]) -> None:
+    """What later stages and a refused ingest leave: run messages quoting the id (raw and stored),
+    an export naming the customer and one that does not, a saved model with their factors, a report."""
+    now = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    for run_id, quoted in (("refused-1", ERASED), ("refused-2", stored[ERASED])):
+        ctx.tables.append(run_record(spark, run_id, "ingest", "failed", now, now,
+                                     StageResult(message=f"ValueError: refused row of {quoted} (line 3)")),
+                          C.PIPELINE_RUNS)
+    audience = spark.createDataFrame(
+        [(campaign, stored[raw], "treatment", 1, [("sku-1", 1, 0.5, "als")], "high", 0.3, 10, "run-1")
+         for campaign, raw in (("winback", ERASED), ("winback", KEPT), ("welcome", KEPT))], C.CAMPAIGN_AUDIENCE.schema)
+    for campaign in ("winback", "welcome"):
+        write_export(spark, audience.where(F.col("campaign_id") == campaign),
+                     export_directory(str(root / "exports"), campaign, "run-1"), ("csv", "json"), 100, campaign,
+                     "run-1", now)
+    indices = {r["user_id"]: r["user_idx"] for r in ctx.tables.read(spark, C.USER_INDEX).collect()}
+    spark.createDataFrame([(indices[stored[raw]], [0.1, 0.2]) for raw in (ERASED, KEPT)],
+                          "id int, features array<float>").write.parquet(str(root / "models/als/run-1/userFactors"))
+    (root / "reports" / "segments").mkdir(parents=True)
+    (root / "reports" / "segments" / "segments.md").write_text(
+        f"| segment | example |\n|---|---|\n| 1 | `{stored[KEPT]}` |\n")
