@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from functools import reduce
-from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for
+from jobs.common import StageContext, exports_root, main_for
 from lib import catalog as C
 from lib.audience import AudienceInputs, campaign_audience, last_activity, latest_scores
 from lib.campaigns import check_segments, for_campaign, write_suppressed_users
@@ -18,16 +17,6 @@ from lib.exports import discard_exports, export_directory, publish_exports, writ
 from lib.runs import StageResult
 
 log = logging.getLogger("jobs.build_audience")
-
-
-def exports_root(ctx: StageContext) -> str | None:
-    """exports.dir, else <output.root>/exports on a local root; None for catalog tables without a dir."""
-    if ctx.settings.exports.dir:
-        return str(Path(ctx.settings.exports.dir.removeprefix("file:")).resolve())
-    tables = ctx.tables
-    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
-        return None
-    return str(Path(tables.root.removeprefix("file:")) / "exports")
 
 
 def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:

@@ -217,6 +217,21 @@ def report_directory(ctx: StageContext, configured: str, name: str) -> Path | No
     return Path(tables.root.removeprefix("file:")) / "reports" / name
 
 
+def exports_root(ctx: StageContext) -> str | None:
+    """exports.dir, else <output.root>/exports on a local root; None for catalog tables without a dir."""
+    if ctx.settings.exports.dir:
+        return str(Path(ctx.settings.exports.dir.removeprefix("file:")).resolve())
+    tables = ctx.tables
+    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
+        return None
+    return str(Path(tables.root.removeprefix("file:")) / "exports")
+
+
+def models_root(ctx: StageContext) -> str:
+    """Where recommend_items saves each run's ALS model (<models_root>/<run_id>)."""
+    return (ctx.settings.recommend.model_dir or f"{ctx.tables.root.rstrip('/')}/models/als").rstrip("/")
+
+
 def read_matrix(ctx: StageContext) -> tuple[DataFrame, DataFrame, DataFrame]:
     """(interactions, user_index, item_index) as build_interactions wrote them, or fail naming the missing one."""
     return tuple(ctx.tables.require(ctx.spark, table, "build_interactions")  # type: ignore[return-value]

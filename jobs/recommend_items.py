@@ -14,7 +14,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, read_matrix
+from jobs.common import StageContext, main_for, models_root, read_matrix
 from lib import catalog as C
 from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, block_top_n, candidate_grid, fit_als
 from lib.buy_again import BuyAgainParams, purchase_occasions
@@ -45,8 +45,7 @@ def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
 
 
 def _model_path(ctx: StageContext) -> str:
-    model_dir = ctx.settings.recommend.model_dir or f"{ctx.tables.root.rstrip('/')}/models/als"
-    return f"{model_dir.rstrip('/')}/{ctx.run_id}"
+    return f"{models_root(ctx)}/{ctx.run_id}"
 
 
 def _nmf_recommender(settings: Settings):

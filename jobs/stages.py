@@ -15,12 +15,16 @@ from lib import catalog as C
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its name (also its job module and task key), what it reads and writes."""
+    """One stage: its name (also its job module and task key), what it reads and writes.
+
+    ``keeps``: tables the stage appends a record of its work to; a failure does not restore them,
+    so the record of a failed attempt survives for the rerun."""
 
     name: str
     summary: str
     reads: tuple[C.TableSpec, ...]
     writes: tuple[C.TableSpec, ...]
+    keeps: tuple[C.TableSpec, ...] = ()
 
     @property
     def module(self) -> str:
@@ -87,8 +91,10 @@ CAMPAIGN_REPORT = StageSpec(
     writes=(C.CAMPAIGN_RESULTS,))
 
 FORGET_USERS = StageSpec(
-    "forget_users", "erase customers listed in privacy.erasure_request from every table, then VACUUM",
-    reads=(), writes=())  # deletes rather than writes: not rolled back, safe to re-run
+    "forget_users", "erase customers listed in privacy.erasure_request from every table, export and saved "
+                    "model, VACUUM, then verify that no file holds them",
+    # Deletes rather than writes: nothing to roll back; a rerun finishes a killed or failed attempt.
+    reads=(), writes=(), keeps=(C.ERASURE_REQUESTS,))
 
 # The pipeline's stages in run order (generate_events runs first only for the embedded sample).
 PIPELINE: tuple[StageSpec, ...] = (INGEST, INGEST_PRODUCTS, BUILD_INTERACTIONS, SEGMENT_USERS, RECOMMEND_ITEMS, SCORE_CUSTOMERS,
@@ -101,7 +107,7 @@ def tables_markdown() -> str:
     """The README's table list, generated from the catalog and this registry (a test holds them equal)."""
     writers: dict[str, list[str]] = {}
     for stage in ALL_STAGES:
-        for table in stage.writes:
+        for table in (*stage.writes, *stage.keeps):
             writers.setdefault(table.name, []).append(stage.name)
     lines = ["| table | columns | what it holds | written by |", "|---|---|---|---|"]
     for table in C.ALL_TABLES:

@@ -60,7 +60,8 @@ def parse_ddl(ddl: str) -> T.StructType:
 
 
 # Column names that hold customer ids or raw input rows (see TableSpec.personal, lib.privacy).
-PERSONAL_COLUMNS = ("user_id", "raw", "raw_line", "detail", "external_id")  # detail may quote input values
+# detail and message may quote an input value, such as the id of a customer whose row was refused.
+PERSONAL_COLUMNS = ("user_id", "raw", "raw_line", "detail", "external_id", "message")
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,13 @@ PIPELINE_RUNS = TableSpec(
     "rows_out long, message string, counts map<string, bigint>",
     "one row per stage per run: status, timings, row counts, a message",
 )
+ERASURE_REQUESTS = TableSpec(
+    "erasure_requests",
+    "request string, run_id string, step string, target string, rows long, at timestamp",
+    "what each erasure attempt did, per request (its privacy.erasure_request location, no customer id): "
+    "requested, deleted / redacted rows per table, exports removed, models rewritten, tables vacuumed, "
+    "verified (appended, never rolled back)",
+)
 
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
@@ -256,7 +264,7 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
     CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
-    DATA_QUALITY, USER_IDENTITIES,
+    DATA_QUALITY, USER_IDENTITIES, ERASURE_REQUESTS,
 )
 BY_NAME = {spec.name: spec for spec in ALL_TABLES}
 # Written around every stage by jobs.common.run_stage rather than by a stage itself.

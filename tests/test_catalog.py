@@ -21,7 +21,8 @@ def test_readme_table_list_is_the_catalog():
 def test_every_table_is_written_by_a_registered_stage_and_names_are_unique():
     names = [table.name for table in C.ALL_TABLES]
     assert len(names) == len(set(names))
-    written = {table.name for stage in ALL_STAGES for table in stage.writes} | {t.name for t in C.BOOKKEEPING}
+    written = ({table.name for stage in ALL_STAGES for table in (*stage.writes, *stage.keeps)}
+               | {t.name for t in C.BOOKKEEPING})
     assert written == set(names)
     for table in C.ALL_TABLES:
         assert set(table.partition_by) <= set(table.columns), table.name

@@ -14,8 +14,10 @@ from pyspark.sql import functions as F
 
 from jobs.common import load_settings, run_stage
 from lib import catalog as C
-from lib import ingest, readers
-from lib.privacy import PrivacyError, load_key, pseudonym, pseudonymize_events
+from lib import ingest, privacy, readers
+from lib.exports import ExportError, export_directory, read_export, write_export
+from lib.privacy import REDACTION, PrivacyError, load_key, pseudonym, pseudonymize_events
+from lib.runs import StageResult, run_record
 
 ERASED = "alice-7f3c9e"      # distinctive, so a byte search cannot match anything else
 KEPT = "bob-41d2aa"
@@ -128,18 +130,58 @@ def test_forget_removes_every_trace_after_vacuum(spark, tmp_path, context, monke
     else:
         assert stored_ids == {ERASED, KEPT}
     before_version = ctx.tables.version(spark, C.EVENTS)
+    stored = {raw: r["user_id"] for raw in (ERASED, KEPT) for r in
+              ctx.tables.read(spark, C.EVENTS).where(F.col("event_id") == ("e1" if raw == ERASED else "e3")).collect()}
+    erased_ids = {ERASED, stored[ERASED]}  # the raw id and, with pseudonyms, the pseudonym
+    _plant_traces(spark, ctx, root, stored)
 
-    result = run_stage(replace(ctx, run_id="erase-1"), "forget_users")
+    # Killed right after its events delete (the issue's case): the rows are gone from the current
+    # version, but not yet from the files on disk.
+    real_delete = privacy._delete
+    calls = []
+
+    def killed_after_first_table(*args):
+        if calls:
+            raise RuntimeError("killed")
+        calls.append(args[2].name)
+        return real_delete(*args)
+
+    monkeypatch.setattr(privacy, "_delete", killed_after_first_table)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stage(replace(ctx, run_id="erase-1"), "forget_users")
+    monkeypatch.setattr(privacy, "_delete", real_delete)
+    assert calls == ["events"]
+    assert ctx.tables.read(spark, C.EVENTS).where(F.col("user_id") == stored[ERASED]).count() == 0
+    assert any(erased_ids & _strings_in_parquet(p) for p in (root / "events").rglob("*.parquet"))
+
+    result = run_stage(replace(ctx, run_id="erase-2"), "forget_users")
+    assert result.counts["attempt"] == 2 and result.counts["files_pending_vacuum"] == 0
     assert result.counts["deleted.events"] == 2 and result.counts["deleted.events_quarantine"] == 1
     assert result.counts["deleted.user_index"] == 1 and result.counts["deleted.interactions"] == 2
     assert result.counts.get("deleted.user_identities", 0) == (1 if pseudonymize else 0)
+    assert result.counts["redacted.pipeline_runs"] == 2
+    assert result.counts["exports_removed"] == 1 and result.counts["models_rewritten"] == 1
+    steps = {(r["run_id"], r["step"], r["target"]): r["rows"] for r in ctx.tables.read(spark, C.ERASURE_REQUESTS)
+             .where(F.col("request") == str(request)).collect()}
+    assert steps[("erase-1", "deleted", "events")] == 2 and ("erase-2", "verified", None) in steps
+    assert ("erase-2", "vacuumed", "events") in steps and ("erase-1", "vacuumed", "events") not in steps
+
+    messages = [r["message"] for r in ctx.tables.read(spark, C.PIPELINE_RUNS).collect()]
+    assert sum(REDACTION in m for m in messages if m) == 2
+    assert not any(i in m for m in messages if m for i in erased_ids)
+    with pytest.raises(ExportError, match="no manifest"):
+        read_export(export_directory(str(root / "exports"), "winback", "run-1"))
+    kept_export = read_export(export_directory(str(root / "exports"), "welcome", "run-1"))
+    assert [r["external_id"] for r in kept_export.records("json")] == [stored[KEPT]]
+    factors = pq.read_table(root / "models" / "als" / "run-1" / "userFactors").column("id").to_pylist()
+    assert len(factors) == 1
 
     for table in C.ALL_TABLES:
         if table in C.BOOKKEEPING or not ctx.tables.exists(spark, table):
             continue
         rows = ctx.tables.read(spark, table)
         text = F.concat_ws("|", *[F.col(c).cast("string") for c in rows.columns])
-        assert rows.where(text.contains(ERASED)).count() == 0, table.name
+        assert rows.where(text.contains(ERASED) | text.contains(stored[ERASED])).count() == 0, table.name
     assert ctx.tables.read(spark, C.EVENTS).count() == 2   # the other customer's events stay
 
     # Nothing on disk: no data file holds the id (old versions were vacuumed), nor any log file.
@@ -147,7 +189,10 @@ def test_forget_removes_every_trace_after_vacuum(spark, tmp_path, context, monke
     assert data_files
     for path in data_files:
         assert not any(ERASED in value for value in _strings_in_parquet(path)), path
-    for path in root.rglob("*"):
+        assert not erased_ids & _strings_in_parquet(path), path
+    for path in root.rglob("*"):  # the logs, the exports, the model's metadata, the reports
+        if path.is_file() and path.suffix != ".parquet":
+            assert not any(i.encode() in path.read_bytes() for i in erased_ids), path
         if path.is_file() and "_delta_log" in path.parts:
             if path.suffix == ".parquet":
                 assert not any(ERASED in value for value in _strings_in_parquet(path)), path
@@ -155,3 +200,35 @@ def test_forget_removes_every_trace_after_vacuum(spark, tmp_path, context, monke
                 assert ERASED.encode() not in path.read_bytes(), path
     with pytest.raises(Exception):  # the old version's files are gone: time travel cannot bring it back
         ctx.tables.read(spark, C.EVENTS, before_version).where(F.col("user_id") == ERASED).count()
+
+    # A trace the erasure does not clean (a hand-written note) is found, the file named.
+    (root / "reports" / "notes.md").write_text(f"customer `{ERASED}` asked twice\n")
+    erased = privacy.prepare_request(spark, ctx.tables, spark.createDataFrame([(ERASED,)], "user_id string"),
+                                     key.encode() if pseudonymize else None, "check", "check")
+    targets = privacy.ErasureTargets(str(root / "exports"), str(root / "models" / "als"), (str(root / "reports"),))
+    checked, failures, pending = privacy.verify_erasure(spark, ctx.tables, erased, targets, 0.0)
+    assert checked > 0 and not pending
+    assert [Path(f).name for f in failures] == ["notes.md"]
+
+
+def _plant_traces(spark, ctx, root: Path, stored: dict[str, str]) -> None:
+    """What later stages and a refused ingest leave: run messages quoting the id (raw and stored),
+    an export naming the customer and one that does not, a saved model with their factors, a report."""
+    now = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    for run_id, quoted in (("refused-1", ERASED), ("refused-2", stored[ERASED])):
+        ctx.tables.append(run_record(spark, run_id, "ingest", "failed", now, now,
+                                     StageResult(message=f"ValueError: refused row of {quoted} (line 3)")),
+                          C.PIPELINE_RUNS)
+    audience = spark.createDataFrame(
+        [(campaign, stored[raw], "treatment", 1, [("sku-1", 1, 0.5, "als")], "high", 0.3, 10, "run-1")
+         for campaign, raw in (("winback", ERASED), ("winback", KEPT), ("welcome", KEPT))], C.CAMPAIGN_AUDIENCE.schema)
+    for campaign in ("winback", "welcome"):
+        write_export(spark, audience.where(F.col("campaign_id") == campaign),
+                     export_directory(str(root / "exports"), campaign, "run-1"), ("csv", "json"), 100, campaign,
+                     "run-1", now)
+    indices = {r["user_id"]: r["user_idx"] for r in ctx.tables.read(spark, C.USER_INDEX).collect()}
+    spark.createDataFrame([(indices[stored[raw]], [0.1, 0.2]) for raw in (ERASED, KEPT)],
+                          "id int, features array<float>").write.parquet(str(root / "models/als/run-1/userFactors"))
+    (root / "reports" / "segments").mkdir(parents=True)
+    (root / "reports" / "segments" / "segments.md").write_text(
+        f"| segment | example |\n|---|---|\n| 1 | `{stored[KEPT]}` |\n")
