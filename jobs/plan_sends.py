@@ -29,8 +29,7 @@ def run(ctx: StageContext) -> StageResult:
         segments = tables.read(spark, C.USER_SEGMENTS) if tables.exists(spark, C.USER_SEGMENTS) else None
         tables.overwrite(send_times(events, as_of, ctx.settings.send_time, run_id, segments), C.SEND_TIMES)
         users = events.select("user_id").distinct()
-        # No campaign configured: one row per user under the global key, control or not.
-        campaigns = ctx.settings.holdout_shares or {GLOBAL_KEY: 0.0}
+        campaigns = ctx.settings.holdout_shares
         assignments = holdout_assignments(users, campaigns, ctx.settings.holdout.salt,
                                           ctx.settings.holdout.control_share, run_id)
         tables.overwrite(without_suppressed(assignments, suppressed), C.HOLDOUT_ASSIGNMENTS)
@@ -44,7 +43,7 @@ def run(ctx: StageContext) -> StageResult:
     counts = {"users": times["users"], "fallback": times["fallback"] or 0,
               **{f"{campaign}.{variant}": n for (campaign, variant), n in sorted(variants.items())}}
     message = (f"as_of={as_of} send_times for {times['users']} users ({times['fallback'] or 0} fallback); "
-               f"holdouts for {', '.join(sorted(campaigns))}")
+               f"holdouts for {', '.join(sorted(campaigns) or [GLOBAL_KEY])}")
     return StageResult(rows_in=None, rows_out=times["users"] + sum(variants.values()), message=message,
                        counts=counts)
 

@@ -51,12 +51,13 @@ def assign_variant(user_id_col: Column | str, campaign_id: str, salt: str, holdo
 def holdout_assignments(users: DataFrame, campaigns: dict[str, float], salt: str, control_share: float,
                         run_id: str) -> DataFrame:
     """One row per (user, campaign) of ``campaigns`` (campaign id -> holdout share): the variant and
-    both buckets. ``users`` needs a ``user_id`` column (duplicates are dropped)."""
+    both buckets; without campaigns one row per user under ``GLOBAL_KEY`` (global_control or treatment).
+    ``users`` needs a ``user_id`` column (duplicates are dropped)."""
     users = users.select("user_id").where(F.col("user_id").isNotNull()).distinct()
-    if not campaigns:
-        raise ValueError("holdout_assignments needs at least one campaign (holdout.campaigns)")
     if GLOBAL_KEY in campaigns:
         raise ValueError(f"campaign id {GLOBAL_KEY!r} is reserved for the global control")
+    # No campaign: one row per user under the global key, so the global control is still recorded.
+    campaigns = campaigns or {GLOBAL_KEY: 0.0}
     listed = F.explode(F.array(*[F.struct(F.lit(c).alias("campaign_id"), F.lit(float(s)).alias("share"))
                                  for c, s in campaigns.items()]))
     rows = users.select("user_id", listed.alias("c")).select("user_id", "c.campaign_id", "c.share")

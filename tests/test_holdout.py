@@ -82,3 +82,13 @@ def test_bad_shares_and_reserved_ids_are_refused(users):
         assign_variant("user_id", "spring", SALT, 1.2, 0.05)
     with pytest.raises(ValueError, match="reserved"):
         holdout_assignments(users, {GLOBAL_KEY: 0.1}, SALT, 0.05, "r")
+
+
+def test_without_campaigns_every_user_has_one_global_row(spark):
+    users = spark.createDataFrame([(f"c{i}",) for i in range(40)], "user_id string")
+    rows = holdout_assignments(users, {}, SALT, 0.2, "r").collect()
+    assert sorted(r["user_id"] for r in rows) == sorted(f"c{i}" for i in range(40))
+    assert {r["campaign_id"] for r in rows} == {GLOBAL_KEY}
+    for r in rows:
+        control = bucket_of(r["user_id"], GLOBAL_KEY, SALT) < 2000
+        assert r["variant"] == ("global_control" if control else "treatment"), r
