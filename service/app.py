@@ -101,8 +101,17 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                                                           "pseudonym (an export's external_id), or set "
                                                           "RECS_PSEUDONYM_KEY_ENV so the service maps raw ids")
 
-    def no_personal_content() -> JSONResponse:
-        return _error(404, "no_personal_content", "this customer is suppressed: no personal content")
+    def resolve(user_id: str, snap: Snapshot) -> tuple[str, bool, JSONResponse | None]:
+        """(the id as the tables hold it, whether the customer is suppressed, an error answer or None)."""
+        if (bad := check_user_id(user_id)) is not None:
+            return user_id, False, bad
+        key, bad = stored_id(user_id, snap)
+        if bad is not None:
+            return key, False, bad
+        suppressed = snap.suppressed(key)
+        if suppressed and settings.suppressed_user == "404":
+            return key, True, _error(404, "no_personal_content", "this customer is suppressed: no personal content")
+        return key, suppressed, None
 
     @app.get("/v1/users/{user_id:path}/recommendations", dependencies=[Depends(authorize)])
     async def recommendations(
@@ -110,19 +119,14 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         n: int | None = Query(None, description="list length, 1 .. RECS_MAX_N (default RECS_DEFAULT_N)"),
         strategy: str | None = Query(None, description="discover / buy_again / blended, when the table has them"),
     ):
-        if (bad := check_user_id(user_id)) is not None:
+        snap: Snapshot = store.current  # one snapshot for the whole request, whatever a reload does
+        key, suppressed, bad = resolve(user_id, snap)
+        if bad is not None:
             return bad
         if n is None:
             n = settings.default_n
         if not 1 <= n <= settings.max_n:
             return _error(400, "bad_n", f"n must be between 1 and {settings.max_n}")
-        snap: Snapshot = store.current  # one snapshot for the whole request, whatever a reload does
-        key, bad = stored_id(user_id, snap)
-        if bad is not None:
-            return bad
-        suppressed = snap.suppressed(key)
-        if suppressed and settings.suppressed_user == "404":
-            return no_personal_content()
         recs = snap.recommendations
         strategy_index = 0
         served_strategy = None
@@ -156,15 +160,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     @app.get("/v1/users/{user_id:path}/profile", dependencies=[Depends(authorize)])
     async def profile(user_id: str = Path(description="the customer id, URL-encoded")):
-        if (bad := check_user_id(user_id)) is not None:
-            return bad
         snap: Snapshot = store.current
-        key, bad = stored_id(user_id, snap)
+        key, suppressed, bad = resolve(user_id, snap)
         if bad is not None:
             return bad
-        suppressed = snap.suppressed(key)
-        if suppressed and settings.suppressed_user == "404":
-            return no_personal_content()
         parts = {} if suppressed else snap.parts
         segment = None
         seg_row = parts[USER_SEGMENTS].row(key) if USER_SEGMENTS in parts else None
