@@ -28,7 +28,7 @@ def _ingest(context, tmp_path: Path, name: str, text: str, preset: str, *sets: s
 
 def test_every_preset_is_a_valid_overlay():
     presets = sorted(SOURCES.glob("*.toml"))
-    assert {p.stem for p in presets} >= {"retailrocket", "rees46", "invoice_lines"}
+    assert {p.stem for p in presets} >= {"retailrocket", "rees46", "invoice_lines", "completejourney"}
     for preset in presets:
         settings = load_settings([str(preset)], [])
         assert settings.input.columns, preset.name
@@ -90,6 +90,25 @@ def test_invoice_lines(spark, tmp_path, context):
     assert events["13047/84879/purchase"]["revenue"] == pytest.approx(32 * 1.69)
     assert sorted(reasons.values()) == ["missing_user_id", "negative_quantity"]
     assert reasons["C536379,D,Discount,-1,12/1/2010 9:41,27.5,14527.0,United Kingdom"] == "negative_quantity"
+
+
+COMPLETE_JOURNEY = """household_id,store_id,basket_id,product_id,quantity,sales_value,retail_disc,coupon_disc,coupon_match_disc,week,transaction_timestamp
+900,330,31198570044,1095275,1,0.5,0.0,0.0,0.0,1,2017-01-01 11:53:26
+900,330,31198570047,9878513,1,0.99,0.1,0.0,0.0,1,2017-01-01 12:10:28
+1228,406,31198655051,1041453,0,0.0,0.0,0.0,0.0,1,2017-01-01 12:26:30
+1228,406,31198655051,1041453,0,0.0,0.0,0.0,0.0,1,2017-01-01 12:26:30
+"""
+
+
+def test_complete_journey_transactions(spark, tmp_path, context):
+    result, events, reasons = _ingest(context, tmp_path, "transactions.csv", COMPLETE_JOURNEY, "completejourney.toml")
+    # A line repeating another exactly (household, product, quantity, value, second) counts once.
+    assert (result.rows_in, result.rows_out, result.counts["duplicates"]) == (4, 3, 1)
+    assert set(events) == {"900/1095275/purchase", "900/9878513/purchase", "1228/1041453/purchase"}
+    line = events["900/9878513/purchase"]
+    assert (line["event_ts"], line["quantity"], line["revenue"]) == (datetime(2017, 1, 1, 12, 10, 28), 1.0, 0.99)
+    assert events["1228/1041453/purchase"]["quantity"] == 0.0  # a zero-quantity line is a real receipt line
+    assert reasons == {}
 
 
 def _retailrocket_file(path: Path, users: int = 200, items: int = 40, seed: int = 3) -> int:
