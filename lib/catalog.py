@@ -188,8 +188,9 @@ ALS_TUNING = TableSpec(
 CUSTOMER_SCORES = TableSpec(
     "customer_scores",
     "user_id string, as_of date, churn_probability double, churn_band string, churn_percentile double, "
-    "purchase_probability double, expected_revenue double, engagement_score double, eligible boolean, "
-    "reason_code string, model_version string, run_id string",
+    "purchase_probability double, expected_revenue double, engagement_score double, historic_clv double, "
+    "predicted_clv double, total_clv double, p_alive double, expected_orders double, avg_days_between_orders double, "
+    "expected_next_order_date date, eligible boolean, reason_code string, model_version string, run_id string",
     "per user per as_of date: churn and purchase probability in the next horizon, expected revenue, email "
     "engagement; eligible = false with a reason_code instead of a score (a re-run replaces its as_of)",
     partition_by=("as_of",),
@@ -231,9 +232,12 @@ CAMPAIGN_AUDIENCE = TableSpec(
     "campaign_audience",
     "campaign_id string, user_id string, variant string, segment_id int, "
     "products array<struct<item_id: string, rank: int, score: double, source: string>>, churn_band string, "
-    "purchase_probability double, send_hour_utc int, run_id string",
+    "purchase_probability double, send_hour_utc int, historic_clv double, predicted_clv double, total_clv double, "
+    "p_alive double, expected_orders double, avg_days_between_orders double, expected_next_order_date date, "
+    "run_id string",
     "per enabled campaign its audience: variant (treatment / holdout / global_control by a hash of the user id), "
-    "the products to show and the attributes exported; suppressed customers never appear",
+    "the products to show and the attributes exported (customer value from the latest customer_scores); "
+    "suppressed customers never appear",
 )
 CAMPAIGN_RESULTS = TableSpec(
     "campaign_results",

@@ -1,7 +1,7 @@
 """Where the suite's Delta tables live (paths under a root, or catalog tables) and how they are written.
 
 Every write is one Delta commit (overwrite, append or insert-only MERGE) conformed to the table's
-catalog schema, retried with backoff when a concurrent writer wins the commit race (a failed commit
+catalog schema (an append or replaceWhere adds the catalog's newer columns to an older table), retried with backoff when a concurrent writer wins the commit race (a failed commit
 leaves nothing behind, so a retry is safe). Stages that write several tables are made all-or-nothing
 one level up (``jobs.common.run_stage``) with ``version`` and ``restore``: each commit carries the
 run and stage in its ``userMetadata``, so a restore never rolls back another run's commits.
@@ -198,6 +198,10 @@ class Tables:
             writer = writer.partitionBy(*table.partition_by)
         if mode == "overwrite" and not replace_where:
             writer = writer.option("overwriteSchema", "true")
+        else:
+            # A column the catalog added after the table was written joins it (Delta refuses the write
+            # otherwise); its older rows read as null. conform() lets only catalog columns through.
+            writer = writer.option("mergeSchema", "true")
         target = self.location(table)
         with_retries(lambda: writer.saveAsTable(target) if self.uses_catalog else writer.save(target),
                      f"{mode} {table.name}")
