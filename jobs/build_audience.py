@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, exports_root, main_for
 from lib import catalog as C
-from lib.audience import AudienceInputs, campaign_audience, last_activity, latest_scores
+from lib.audience import CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, last_activity, latest_scores
 from lib.campaigns import check_segments, for_campaign, write_suppressed_users
 from lib.exports import discard_exports, export_directory, publish_exports, write_export
 from lib.runs import StageResult
@@ -36,7 +36,12 @@ def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
             inputs.notes.append(f"{table.name} missing (run {producer}): {consequence}")
     inputs.segments = found.get(C.USER_SEGMENTS.name)
     if C.CUSTOMER_SCORES.name in found:
-        inputs.scores = latest_scores(found[C.CUSTOMER_SCORES.name])
+        scores = found[C.CUSTOMER_SCORES.name]
+        lacking = [c for c in CUSTOMER_VALUE_COLUMNS if c not in scores.columns]
+        if lacking:  # an older warehouse: read as nulls, so their filters pass nobody until score_customers runs
+            inputs.notes.append(f"customer_scores lacks {', '.join(lacking)} (written before they existed; run "
+                                "score_customers): null in the audience and exports, their filters pass nobody")
+        inputs.scores = latest_scores(scores)
     inputs.send_times = found.get(C.SEND_TIMES.name)
     if need_activity and tables.exists(spark, C.EVENTS):
         events = tables.read(spark, C.EVENTS)

@@ -206,6 +206,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "send_time.quiet_hours": (0, 23),
     "campaigns.*.segments": (0, 999),                   # segment ids: 0 .. segments.k - 1
     "campaigns.*.active_within_days": (0, 3650),
+    "campaigns.*.next_order_within_days": (0, 3650),
     "campaigns.*.products": (1, 1000),
     "campaigns.*.max_audience": (0, INT32_MAX),
     "campaigns.*.send_hour_utc": (0, 23),
@@ -604,6 +605,8 @@ class CampaignSettings:
     segments: tuple[int, ...] = ()             # empty: every segment
     churn_bands: tuple[str, ...] = ()          # empty: every band (and customers without a score)
     min_purchase_probability: float = 0.0      # > 0: customers without a purchase_probability are left out
+    min_predicted_clv: float = 0.0             # > 0: customers without a predicted_clv are left out
+    next_order_within_days: int = 0            # > 0: next order expected within this many days of the scores' as_of
     active_within_days: int = 0                # 0: no activity filter
     products: int = 4                          # products per person (<= recommend.top_n)
     strategy: str = "blended"                  # which recommendations list: discover | buy_again | blended
@@ -620,6 +623,8 @@ class CampaignSettings:
             one_of(band, CHURN_BANDS, f"{key}.churn_bands")
         require(0.0 <= self.min_purchase_probability <= 1.0, f"{key}.min_purchase_probability",
                 f"must be in [0, 1], got {self.min_purchase_probability}")
+        require(self.min_predicted_clv >= 0.0, f"{key}.min_predicted_clv",
+                f"must be >= 0 (0: no filter), got {self.min_predicted_clv}")
         one_of(self.strategy, ("discover", "buy_again", "blended"), f"{key}.strategy")
         require(0.0 <= self.holdout_share < 1.0, f"{key}.holdout_share", f"must be in [0, 1), got {self.holdout_share}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import replace
 from datetime import date, datetime
 from pathlib import Path
 
@@ -11,16 +12,18 @@ import pytest
 from fastapi.testclient import TestClient
 from pyspark.sql import functions as F
 
+from jobs.build_audience import read_inputs
 from jobs.common import load_settings, run_stage
 from lib import catalog as C
+from lib.audience import CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, eligible, latest_scores
 from lib.campaigns import CampaignInputError
 from lib.config import ConfigError
 from lib.exports import read_export
 from lib.holdout import GLOBAL_KEY, bucket_of
+from lib.settings import CampaignSettings
 from service import settings as service_settings
 from service.app import create_app
 
-pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
 USERS = [f"u{i:04d}" for i in range(400)]
 SALT = "ep-holdout-1"  # conf/base.toml's holdout.salt
@@ -72,6 +75,9 @@ def test_campaign_tables_are_typed_and_bad_values_name_their_key():
     settings = load_settings([], ["campaigns.promo.segments=1,2", "campaigns.promo.holdout_share=0.3"])
     promo = settings.campaigns["promo"]
     assert (promo.segments, promo.holdout_share, promo.products) == ((1, 2), 0.3, 4)  # unset keys: defaults
+    assert (promo.min_predicted_clv, promo.next_order_within_days) == (0.0, 0)  # no value filters
+    vip = load_settings([], ["campaigns.vip.min_predicted_clv=250", "campaigns.vip.next_order_within_days=14"])
+    assert (vip.campaigns["vip"].min_predicted_clv, vip.campaigns["vip"].next_order_within_days) == (250.0, 14)
     assert settings.holdout_shares["promo"] == 0.3 and "winback" in settings.holdout_shares
     assert "winback" not in load_settings([], ["campaigns.winback.enabled=false"]).holdout_shares
     for assignment, message in [
@@ -82,6 +88,11 @@ def test_campaign_tables_are_typed_and_bad_values_name_their_key():
         ("campaigns.promo.strategy=popular", "'campaigns.promo.strategy' must be one of discover, buy_again"),
         ("recommend.strategies=discover", "'campaigns.weekly_newsletter.strategy' names 'blended', a list"),
         ("campaigns.promo.churn_bands=hot", "'campaigns.promo.churn_bands' must be one of low, medium, high"),
+        ("campaigns.promo.min_predicted_clv=-5", "'campaigns.promo.min_predicted_clv' must be >= 0"),
+        ("campaigns.promo.min_predicted_clv=lots", "'campaigns.promo.min_predicted_clv' expects a float"),
+        ("campaigns.promo.min_predicted_clv=nan", "'campaigns.promo.min_predicted_clv' must be a finite number"),
+        ("campaigns.promo.next_order_within_days=-1", "'campaigns.promo.next_order_within_days' must be >= 0"),
+        ("campaigns.promo.next_order_within_days=2.5", "'campaigns.promo.next_order_within_days' expects an int"),
         ("campaigns.promo.products=99", "'campaigns.promo.products' must be <= recommend.top_n"),
         ("campaigns.global.products=2", "'campaigns.global' must be named"),
         ("exports.formats=xml", "'exports.formats' must be one of csv, json"),
@@ -107,6 +118,7 @@ def test_an_environment_file_adds_a_campaign_typed_by_its_siblings(tmp_path: Pat
         load_settings([str(env)], [])
 
 
+@pytest.mark.slow  # whole build_audience runs
 def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     sets = [f"output.root={tmp_path / 'wh'}", "holdout.control_share=0.1",
             "campaigns.weekly_newsletter.products=3",
@@ -157,6 +169,7 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     assert {r["run_id"] for r in rerun.values()} == {"run-2"}
 
 
+@pytest.mark.slow  # build_audience and plan_sends runs, then the API
 @pytest.mark.parametrize("pseudonymize", [False, True])
 def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_path: Path, context, monkeypatch,
                                                                              pseudonymize):
@@ -232,17 +245,19 @@ def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_
         assert served["fallback"] is False and served["items"]
 
 
+@pytest.mark.slow  # a build_audience run
 def test_missing_scores_are_named_in_the_message(tmp_path: Path, context):
     ctx = context(f"output.root={tmp_path / 'wh'}", run_id="no-scores")
     seed_tables(ctx, USERS[:40], scores=False)
     result = run_stage(ctx, "build_audience")
     assert "customer_scores missing" in result.message
-    assert "winback: no customer_scores, churn_bands / min_purchase_probability not applied" in result.message
+    assert "winback: no customer_scores, churn_bands not applied" in result.message
     rows = ctx.tables.read(ctx.spark, C.CAMPAIGN_AUDIENCE)
     assert rows.where(F.col("purchase_probability").isNotNull()).count() == 0
     assert rows.where("campaign_id = 'weekly_newsletter'").count() == 40
 
 
+@pytest.mark.slow  # build_audience runs
 def test_bad_campaign_input_fails_naming_the_key_or_column(tmp_path: Path, context):
     ctx = context(f"output.root={tmp_path / 'wh'}", "campaigns.winback.segments=0,7", run_id="bad")
     seed_tables(ctx, USERS[:30])
@@ -257,3 +272,89 @@ def test_bad_campaign_input_fails_naming_the_key_or_column(tmp_path: Path, conte
     ctx = context(f"output.root={tmp_path / 'wh'}", f"input.suppressions={tmp_path / 'absent.csv'}", run_id="bad3")
     with pytest.raises(CampaignInputError, match="'input.suppressions': cannot read suppressions"):
         run_stage(ctx, "build_audience")
+
+
+# customer_scores at as_of 2026-10-31 (the latest; 2026-10-01 is older): (user, predicted_clv,
+# expected_next_order_date). The as_of is day 0 of next_order_within_days.
+AS_OF, OLDER = date(2026, 10, 31), date(2026, 10, 1)
+VALUE_ROWS = [("a", 150.0, date(2026, 11, 3)),    # passes both filters below
+              ("b", 100.0, date(2026, 11, 7)),    # both at their bound: 100 >= 100, 7 days ahead
+              ("c", 99.99, date(2026, 11, 1)),    # predicted_clv just under
+              ("d", 500.0, date(2026, 11, 8)),    # 8 days ahead
+              ("e", 500.0, None),                 # no expected date (fewer than 2 orders)
+              ("f", None, date(2026, 11, 2)),     # ineligible: null predicted_clv
+              ("g", 500.0, date(2026, 10, 30))]   # expected before the as_of (overdue)
+
+
+def value_scores(spark):
+    """customer_scores rows with the customer-value columns; h is only scored at the older as_of."""
+    rows = [{"user_id": u, "as_of": AS_OF, "predicted_clv": clv, "historic_clv": 40.0, "total_clv": None if clv is None
+             else 40.0 + clv, "p_alive": 0.8, "expected_orders": 2.5, "avg_days_between_orders": 12.5,
+             "expected_next_order_date": nxt, "churn_band": "low", "purchase_probability": 0.5, "eligible": clv is not None}
+            for u, clv, nxt in VALUE_ROWS]
+    rows.append({"user_id": "h", "as_of": OLDER, "predicted_clv": 900.0, "expected_next_order_date": date(2026, 11, 2)})
+    return C.CUSTOMER_SCORES.conform(spark.createDataFrame(rows, C.CUSTOMER_SCORES.schema))
+
+
+def one_list_each(spark, users):
+    return spark.createDataFrame([(u, 1, "i1", 1.0, "als", "blended") for u in users],
+                                 "user_id string, rank int, item_id string, score double, source string, strategy string")
+
+
+def test_value_filters_pass_exact_customers_and_never_a_null(spark):
+    inputs = AudienceInputs(recommendations=one_list_each(spark, "abcdefgh"), scores=latest_scores(value_scores(spark)))
+
+    def passing(**filters) -> set[str]:
+        people, notes = eligible(inputs, CampaignSettings(name="vip", **filters))
+        assert notes == []
+        return {r["user_id"] for r in people.select("user_id").collect()}
+
+    assert passing() == set("abcdefgh")
+    assert passing(min_predicted_clv=100.0) == {"a", "b", "d", "e", "g"}  # not c (under), f (null), h (older as_of)
+    assert passing(next_order_within_days=7) == {"a", "b", "c", "f"}     # not d (8 days), e (null), g (overdue)
+    assert passing(min_predicted_clv=100.0, next_order_within_days=7) == {"a", "b"}
+
+    no_scores = replace(inputs, scores=None)
+    people, notes = eligible(no_scores, CampaignSettings(name="vip", churn_bands=("low",), next_order_within_days=7))
+    assert people.count() == 8 and notes == ["vip: no customer_scores, churn_bands / next_order_within_days not applied"]
+
+
+def test_the_audience_carries_the_latest_customer_value_or_nulls(spark):
+    inputs = AudienceInputs(recommendations=one_list_each(spark, "abfh"), scores=latest_scores(value_scores(spark)))
+    suppressed = spark.createDataFrame([], "user_id string")
+    rows, _ = campaign_audience(inputs, CampaignSettings(name="vip"), suppressed, SALT, 0.0, "r9")
+    got = {r["user_id"]: tuple(r[c] for c in CUSTOMER_VALUE_COLUMNS) for r in rows.collect()}
+    assert got == {"a": (40.0, 150.0, 190.0, 0.8, 2.5, 12.5, date(2026, 11, 3)),
+                   "b": (40.0, 100.0, 140.0, 0.8, 2.5, 12.5, date(2026, 11, 7)),
+                   "f": (40.0, None, None, 0.8, 2.5, 12.5, date(2026, 11, 2)),
+                   "h": (None,) * 7}  # scored only at the older as_of
+    assert rows.columns == C.CAMPAIGN_AUDIENCE.columns
+
+
+def test_an_older_customer_scores_reads_as_nulls_and_its_next_write_adds_the_columns(tmp_path: Path, context):
+    """A warehouse written before the customer-value columns: build_audience reads them as nulls (and says so),
+    and the next score_customers write (Tables.replace_where, like the stage's) adds them to the table."""
+    from deltalake import DeltaTable
+
+    ctx = context(f"output.root={tmp_path / 'wh'}", run_id="upgrade")
+    older = C.TableSpec(C.CUSTOMER_SCORES.name, ", ".join(f"{f.name} {f.dataType.simpleString()}"
+                                                          for f in C.CUSTOMER_SCORES.schema.fields
+                                                          if f.name not in CUSTOMER_VALUE_COLUMNS),
+                        "customer_scores before the customer-value columns", C.CUSTOMER_SCORES.partition_by)
+    write(ctx, older, [{"user_id": "a", "as_of": OLDER, "churn_band": "low", "eligible": True}])
+    write(ctx, C.RECOMMENDATIONS, [{"user_id": "a", "rank": 1, "item_id": "i1", "strategy": "blended"}])
+
+    inputs = read_inputs(ctx, need_activity=False)
+    assert any(n.startswith("customer_scores lacks historic_clv, predicted_clv") for n in inputs.notes), inputs.notes
+    assert [tuple(r) for r in inputs.scores.select(*CUSTOMER_VALUE_COLUMNS).collect()] == [(None,) * 7]
+    people, _ = eligible(inputs, CampaignSettings(name="vip", min_predicted_clv=1.0))
+    assert people.count() == 0  # null never passes
+
+    ctx.tables.replace_where(value_scores(ctx.spark).where(F.col("user_id") == "a"), C.CUSTOMER_SCORES,
+                             f"as_of = DATE'{AS_OF.isoformat()}'")
+    table = ctx.tables.read(ctx.spark, C.CUSTOMER_SCORES)
+    assert set(CUSTOMER_VALUE_COLUMNS) <= set(table.columns)
+    assert {(r["as_of"], r["predicted_clv"]) for r in table.collect()} == {(OLDER, None), (AS_OF, 150.0)}
+    arrow = DeltaTable(ctx.tables.location(C.CUSTOMER_SCORES)).to_pyarrow_table(columns=["as_of", "predicted_clv"])
+    assert sorted(zip(*arrow.to_pydict().values())) == [(OLDER, None), (AS_OF, 150.0)]  # what the API reads
+    assert not any(n.startswith("customer_scores lacks") for n in read_inputs(ctx, need_activity=False).notes)
