@@ -5,6 +5,8 @@ Layout of one export (one campaign, one run)::
     <exports.dir>/<campaign_id>/<run_id>/
         csv/part-*.csv     external_id, updated_at, payload (a JSON string); a header line in every file
         json/part-*.json   JSON lines: {"external_id", "updated_at", "payload": {...}}
+                           payload: PAYLOAD_FIELDS, nulls written as null (the customer-value fields
+                           are null for customers without a score; dates as "yyyy-MM-dd")
         manifest.json      schema version, columns, every file with its rows, bytes and SHA-256
 
 Only treatment rows are exported: a holdout or global-control customer is never in a file. Files
@@ -37,13 +39,15 @@ from typing import Any, Iterator
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from lib.audience import CUSTOMER_VALUE_COLUMNS
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PENDING = "manifest.pending.json"  # the manifest of an export whose run has not recorded its success
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 COLUMNS = ("external_id", "updated_at", "payload")
 PAYLOAD_FIELDS = ("campaign_id", "run_id", "segment_id", "churn_band", "purchase_probability", "send_hour_utc",
-                  "products")
+                  "products") + CUSTOMER_VALUE_COLUMNS
 SUFFIX = {"csv": ".csv", "json": ".json"}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,19 @@ import pytest
 from jobs import build_audience, common
 from jobs.common import run_stage
 from lib import catalog as C
-from lib.exports import MANIFEST, ExportError, discard_exports, publish_exports, read_export, write_export
+from lib.audience import CUSTOMER_VALUE_COLUMNS
+from lib.exports import MANIFEST, PAYLOAD_FIELDS, ExportError, discard_exports, publish_exports, read_export, write_export
 
 STAMP = datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)
+
+
+def customer_value(i: int) -> dict:
+    """The customer-value fields of the i-th customer; every 7th is unscored (all null)."""
+    if i % 7 == 0:
+        return dict.fromkeys(CUSTOMER_VALUE_COLUMNS)
+    return {"historic_clv": 10.0 * i, "predicted_clv": 2.5 * i, "total_clv": 12.5 * i, "p_alive": 0.75,
+            "expected_orders": 1.5, "avg_days_between_orders": None if i % 2 else 20.25,
+            "expected_next_order_date": date(2026, 11, 1) + timedelta(days=i % 30)}
 
 
 def audience(spark, n=230):
@@ -25,7 +35,7 @@ def audience(spark, n=230):
              "products": [{"item_id": f'i"{i}",x', "rank": 1, "score": 0.5, "source": "als"},
                           {"item_id": "i\\002", "rank": 2, "score": 0.25, "source": "popular"}],
              "churn_band": None if i % 7 == 0 else "low", "purchase_probability": i / n, "send_hour_utc": i % 24,
-             "run_id": "r1"} for i in range(n)]
+             "run_id": "r1", **customer_value(i)} for i in range(n)]
     return C.CAMPAIGN_AUDIENCE.conform(spark.createDataFrame(rows, C.CAMPAIGN_AUDIENCE.schema))
 
 
@@ -53,6 +63,12 @@ def test_export_matches_the_table_and_its_manifest(spark, tmp_path: Path):
         assert payload["products"][0] == {"item_id": 'i"7",x', "rank": 1, "score": 0.5, "source": "als"}
         assert payload["products"][1]["item_id"] == "i\\002"
         assert payload["send_hour_utc"] == 7 and payload["segment_id"] == 1
+        assert set(payload) == set(PAYLOAD_FIELDS)
+        assert all(payload[c] is None for c in CUSTOMER_VALUE_COLUMNS)  # unscored: null, never dropped
+        scored = next(r for r in records if r["external_id"] == "u0006")["payload"]
+        assert {c: scored[c] for c in CUSTOMER_VALUE_COLUMNS} == {
+            "historic_clv": 60.0, "predicted_clv": 15.0, "total_clv": 75.0, "p_alive": 0.75, "expected_orders": 1.5,
+            "avg_days_between_orders": 20.25, "expected_next_order_date": "2026-11-07"}
     header = (tmp_path / "spring" / "r1" / manifest["formats"]["csv"]["files"][0]["path"]).read_text().splitlines()[0]
     assert header == "external_id,updated_at,payload"
 
