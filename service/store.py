@@ -8,7 +8,8 @@ version, turned into a compact layout and dropped:
   offsets[s, u + 1]``; user ids map to ``u`` through one dict, item and source ids are
   dictionary-coded. About 13 bytes per row plus the user dict (docs/service.md has the measurement).
 * ``user_segments`` / ``customer_scores`` / ``send_times``: one row per user (the latest run, the
-  highest affinity / the latest ``as_of``), kept as Arrow arrays addressed through a user dict.
+  highest affinity / the latest ``as_of``), kept as Arrow arrays addressed through a user dict;
+  ``customer_scores`` always has the customer-value columns (null ones when the table predates them).
 * ``segment_profiles``: a small dict segment_id -> label, size, share.
 * ``suppressed_users``: the set of ids of the global suppression list (no personal content for them).
 * ``user_identities``: only whether it exists (the warehouse then holds pseudonyms); never read.
@@ -69,9 +70,15 @@ PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", 
             ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 
+# customer_scores' customer-value columns (lib.audience.CUSTOMER_VALUE_COLUMNS, tests/test_service.py holds them
+# equal) with their Arrow types: always in a profile's scores, null when the table was written before they existed.
+CUSTOMER_VALUE_COLUMNS = {"historic_clv": pa.float64(), "predicted_clv": pa.float64(), "total_clv": pa.float64(),
+                          "p_alive": pa.float64(), "expected_orders": pa.float64(),
+                          "avg_days_between_orders": pa.float64(), "expected_next_order_date": pa.date32()}
 # customer_scores columns the profile serves, when the table has them (DESIGN.md's contract).
 SCORE_COLUMNS = ("as_of", "churn_band", "churn_probability", "churn_percentile", "purchase_probability",
-                 "expected_revenue", "engagement_score", "eligible", "reason_code", "model_version", "run_id")
+                 "expected_revenue", "engagement_score", *CUSTOMER_VALUE_COLUMNS, "eligible", "reason_code",
+                 "model_version", "run_id")
 SEND_TIME_COLUMNS = ("hour_of_week_utc", "weekday_utc", "hour_utc", "time_zone", "hour_of_week_local", "weekday_local",
                      "hour_local", "confidence", "n_signals", "is_fallback", "segment_id", "run_id")
 
@@ -319,7 +326,10 @@ def load_customer_scores(dt: DeltaTable, version: int) -> Keyed:
     table = _read(dt, ("user_id",) + SCORE_COLUMNS, ("user_id", "as_of"), CUSTOMER_SCORES)
     prefer = [("as_of", "descending")] + ([("run_id", "descending")] if "run_id" in table.column_names else [])
     users, rows = _one_row_per_user(table, prefer)
-    return Keyed(version, users, {c: rows.column(c).combine_chunks() for c in rows.column_names if c != "user_id"})
+    columns = {c: rows.column(c).combine_chunks() for c in rows.column_names if c != "user_id"}
+    for name, kind in CUSTOMER_VALUE_COLUMNS.items():  # an older table: the same answer's shape, values null
+        columns.setdefault(name, pa.nulls(rows.num_rows, kind))
+    return Keyed(version, users, columns)
 
 
 def load_send_times(dt: DeltaTable, version: int) -> Keyed:

@@ -28,7 +28,7 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from service import settings as settings_mod
 from service.app import create_app
-from service.store import PRODUCER, Store
+from service.store import CUSTOMER_VALUE_COLUMNS, PRODUCER, Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -245,6 +245,41 @@ def test_profile_with_missing_tables_has_null_fields_and_names_them(warehouse):
         r = http.get("/v1/users/u1/recommendations")
         assert r.status_code == 200 and r.json()["fallback_reason"] == "recommendations_missing"
         assert r.json()["items"] == []
+
+
+def test_profile_scores_carry_customer_value_null_safe_also_from_an_older_table(warehouse):
+    """Before the customer-value columns existed (an older warehouse) the profile has them as JSON nulls;
+    once a newer write adds them (schema merge, like the pipeline's), the latest as_of's values are served."""
+    from lib import catalog as C
+    from lib.audience import CUSTOMER_VALUE_COLUMNS as PIPELINE_VALUE_COLUMNS
+
+    assert tuple(CUSTOMER_VALUE_COLUMNS) == PIPELINE_VALUE_COLUMNS
+    assert CUSTOMER_VALUE_COLUMNS == {
+        c: pa.date32() if C.CUSTOMER_SCORES.schema[c].dataType.simpleString() == "date" else pa.float64()
+        for c in PIPELINE_VALUE_COLUMNS}
+    write_deltalake(str(warehouse / "customer_scores"), pa.table({
+        "user_id": ["u1", "u2"], "as_of": pa.array([19000, 19000], pa.date32()), "churn_band": ["low", "high"],
+        "run_id": ["r1", "r1"]}), partition_by=["as_of"])
+    with serve(warehouse) as (url, store), httpx.Client(base_url=url, headers=AUTH) as http:
+        scores = http.get("/v1/users/u1/profile").json()["scores"]
+        assert scores["churn_band"] == "low" and {c: scores[c] for c in CUSTOMER_VALUE_COLUMNS} == dict.fromkeys(
+            CUSTOMER_VALUE_COLUMNS)
+
+        # The next scores: u1 with every value, u2 ineligible (nulls); a later as_of, in new files.
+        write_deltalake(str(warehouse / "customer_scores"), pa.table({
+            "user_id": ["u1", "u2"], "as_of": pa.array([19010, 19010], pa.date32()), "churn_band": ["medium", None],
+            "run_id": ["r2", "r2"], "historic_clv": [120.5, None], "predicted_clv": [80.25, None],
+            "total_clv": [200.75, None], "p_alive": [0.9, None], "expected_orders": [3.5, None],
+            "avg_days_between_orders": [14.0, None],
+            "expected_next_order_date": pa.array([19015, None], pa.date32())}),
+            partition_by=["as_of"], mode="append", schema_mode="merge")
+        store.poll()
+        scores = http.get("/v1/users/u1/profile").json()["scores"]
+        assert scores["as_of"] == "2022-01-18" and {c: scores[c] for c in CUSTOMER_VALUE_COLUMNS} == {
+            "historic_clv": 120.5, "predicted_clv": 80.25, "total_clv": 200.75, "p_alive": 0.9, "expected_orders": 3.5,
+            "avg_days_between_orders": 14.0, "expected_next_order_date": "2022-01-23"}
+        ineligible = http.get("/v1/users/u2/profile").json()["scores"]
+        assert ineligible["as_of"] == "2022-01-18" and all(ineligible[c] is None for c in CUSTOMER_VALUE_COLUMNS)
 
 
 def test_reload_serves_a_new_table_version_without_failing_requests(warehouse):
