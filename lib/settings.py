@@ -180,7 +180,6 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "recommend.als.seed": (0, SEED_MAX),
     "recommend.als.checkpoint_interval": (-1, 10_000),  # -1: never; 0 is refused below
     "recommend.als.num_blocks": (0, 100_000),
-    "recommend.als.top_n_user_block": (1, 1_000_000),
     "segments.k": (1, 1000),                            # k x k Grams and k segments live on the driver
     "segments.max_iter": (1, 100_000),
     "segments.seed": (0, SEED_MAX),
@@ -366,6 +365,10 @@ class InteractionsSettings:
         return parse_utc(self.as_of, "interactions.as_of")
 
 
+# Every top-N user block holds the Python task's scores chunk (lib.als.TopNBlocks.chunk_elements float32).
+TOP_N_SCORES_CHUNK_MB = 8.0
+
+
 @dataclass(frozen=True)
 class AlsSettings:
     ranks: tuple[int, ...]
@@ -377,7 +380,7 @@ class AlsSettings:
     seed: int
     checkpoint_interval: int
     num_blocks: int
-    top_n_user_block: int
+    top_n_user_block_mb: float
     top_n_item_block_mb: float
     top_n_broadcast_mb: float
 
@@ -389,6 +392,8 @@ class AlsSettings:
         one_of(self.search, ("grid", "random"), "recommend.als.search")
         require(self.checkpoint_interval != 0, "recommend.als.checkpoint_interval",
                 "must be >= 1, or -1 for never (Spark refuses 0)")
+        require(self.top_n_user_block_mb > TOP_N_SCORES_CHUNK_MB, "recommend.als.top_n_user_block_mb",
+                f"must be > {TOP_N_SCORES_CHUNK_MB:g} (the scores chunk every block holds), got {self.top_n_user_block_mb}")
         require(self.top_n_item_block_mb > 0, "recommend.als.top_n_item_block_mb", "must be > 0")
         require(self.top_n_broadcast_mb >= 0, "recommend.als.top_n_broadcast_mb", "must be >= 0")
 
