@@ -53,6 +53,34 @@ PY
 )"
 
 delta_package="$(python -c 'from lib.session import DELTA_PACKAGE; print(DELTA_PACKAGE)')"
+
+# Heap sizes ([spark] driver_memory / executor_memory after the job's --conf files and --set
+# overrides, resolved by lib.settings) must reach the JVM before it starts; an option given here
+# (--driver-memory 8g, --conf spark.driver.memory=8g) wins.
+given() {
+  local arg
+  for arg in ${submit_args[@]+"${submit_args[@]}"}; do
+    case "$arg" in "$1" | "$1="* | "$2="*) return 0 ;; esac
+  done
+  return 1
+}
+memory_args=()
+while read -r option value; do
+  case "$option" in
+    --driver-memory) given --driver-memory spark.driver.memory || memory_args+=("$option" "$value") ;;
+    --executor-memory) given --executor-memory spark.executor.memory || memory_args+=("$option" "$value") ;;
+  esac
+done < <(python -c 'import sys; from jobs.common import submit_options; o = submit_options(sys.argv[1:])
+print("\n".join(f"{name} {value}" for name, value in zip(o[::2], o[1::2])))' ${job_args[@]+"${job_args[@]}"})
+# Local mode (executors inside the driver's JVM): lib.session.LOCAL_CONF, so that a task's
+# OutOfMemoryError fails the stage, which is then rolled back and recorded, instead of exiting the JVM.
+local_conf=()
+case "${remote:-$master}" in
+  local*)
+    while read -r pair; do local_conf+=(--conf "$pair"); done < <(python -c '
+from lib.session import LOCAL_CONF
+print("\n".join(f"{key}={value}" for key, value in LOCAL_CONF.items()))') ;;
+esac
 common=(
   --packages "$delta_package"
   --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension
@@ -62,6 +90,8 @@ common=(
   --conf "spark.driver.extraJavaOptions=-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties"
   --conf "spark.pyspark.python=$PYSPARK_PYTHON"
   --py-files "$lib_zip"
+  ${memory_args[@]+"${memory_args[@]}"}
+  ${local_conf[@]+"${local_conf[@]}"}
 )
 if [ -n "$remote" ]; then
   # pyspark 4.2's `spark-submit --remote` builds a client-only classpath, so the local Connect

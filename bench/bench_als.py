@@ -186,7 +186,7 @@ def write_report(rows: list[dict], params: AlsParams, blocks: TopNBlocks, load: 
         f"Both: rank {params.rank}, {params.max_iter} iterations, MLlib regParam {params.reg_param}, alpha {params.alpha}.",
         "Top-10 excludes each user's training items. NDCG@10 from `lib.metrics` on the held-out items.",
         "Two top-N paths on the same MLlib model, side by side: **blockwise** (`lib.als.als_top_n`: user",
-        f"blocks of {blocks.user_block_size:,} x broadcast item blocks of <= {blocks.item_block_mb:g} MB, numpy matmul, -inf",
+        f"blocks of about {blocks.user_block_mb:g} MB x broadcast item blocks of <= {blocks.item_block_mb:g} MB, numpy matmul, -inf",
         "masking and a partial sort inside `mapInArrow`) and **MLlib** (`lib.als.mllib_top_n`:",
         "`recommendForUserSubset` once per exclusion tier, the previous path). Both top-N timings include",
         "writing the lists to parquet.",
@@ -233,8 +233,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=5.0)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--user-block", type=int, default=TopNBlocks().user_block_size,
-                        help="users per block of the blockwise top-N")
+    parser.add_argument("--user-block-mb", type=float, default=TopNBlocks().user_block_mb,
+                        help="bytes of a user block of the blockwise top-N (factors, exclusions, scores chunk)")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "als_benchmark.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -242,7 +242,7 @@ def main() -> None:
     spark = local_session("bench-als", "local[2]", {"spark.driver.memory": "8g", "spark.sql.shuffle.partitions": "8"})
     params = AlsParams(rank=args.rank, reg_param=args.reg, alpha=args.alpha, max_iter=args.iters,
                        seed=args.seed, checkpoint_interval=-1)
-    blocks = TopNBlocks(user_block_size=args.user_block)
+    blocks = TopNBlocks(user_block_mb=args.user_block_mb)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     log.info("load at start: %s", load)
     rows = []

@@ -23,6 +23,8 @@ from lib.storage import COMMIT_METADATA_CONF, Tables
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.toml"
 log = logging.getLogger("jobs")
+# Characters of a failed stage's error kept in its pipeline_runs message (lib.runs keeps 4,000 in all).
+ERROR_TEXT_LIMIT = 3000
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,18 @@ class StageContext:
         return tables_of(self.settings.output)
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+def _parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--conf", action="append", default=[], metavar="FILE",
                         help="TOML environment file(s) over conf/base.toml, e.g. conf/local.toml")
     parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                         help="override one config key, e.g. --set interactions.half_life_days=14")
     parser.add_argument("--run-id", default="", help="run id to record (default: a new one)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser(description).parse_args(argv)
 
 
 def load_config(conf_files: list[str], sets: list[str]) -> dict:
@@ -65,6 +71,19 @@ def load_config(conf_files: list[str], sets: list[str]) -> dict:
 def load_settings(conf_files: list[str], sets: list[str]) -> Settings:
     """The layered config as typed settings, every range and cross-key check done."""
     return Settings.from_config(load_config(conf_files, sets))
+
+
+def submit_options(job_args: list[str]) -> list[str]:
+    """The spark-submit options (heap sizes) the settings of a job's --conf / --set arguments ask for.
+
+    spark-submit.sh calls it before the JVM starts. A config that does not validate gives none: the
+    job then stops on it with the same error, naming the key.
+    """
+    args, _ = _parser("submit options").parse_known_args(job_args)
+    try:
+        return load_settings(args.conf, args.sets).spark.submit_options()
+    except ConfigError:
+        return []
 
 
 def tables_of(output: OutputSettings) -> Tables:
@@ -126,6 +145,12 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
         finished = datetime.now(timezone.utc)
         message = f"{type(err).__name__}: {err}"
         log.error("stage %s: failed after %.1f s: %s", name, (finished - started).total_seconds(), message)
+        if "java.lang.OutOfMemoryError" in message:
+            log.error("stage %s ran out of JVM heap: raise spark.driver_memory (local mode: all the heap there "
+                      "is) or spark.executor_memory (a cluster); docs/deploy.md", name)
+        # A JVM error carries its whole stack trace: cut it so the rollback note survives the record's limit.
+        if len(message) > ERROR_TEXT_LIMIT:
+            message = message[:ERROR_TEXT_LIMIT] + " ..."
         try:
             spark.conf.unset(COMMIT_METADATA_CONF)
             message += rollback(ctx, stage, versions_before, tag)

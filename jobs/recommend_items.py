@@ -36,7 +36,7 @@ def _candidates(als: AlsSettings, partitions: int) -> list[AlsParams]:
 
 
 def _top_n_blocks(als: AlsSettings) -> TopNBlocks:
-    return TopNBlocks(als.top_n_user_block, als.top_n_item_block_mb, als.top_n_broadcast_mb)
+    return TopNBlocks(als.top_n_user_block_mb, als.top_n_item_block_mb, als.top_n_broadcast_mb)
 
 
 def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:

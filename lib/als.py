@@ -162,26 +162,58 @@ def exclusion_tiers(n: int, longest: int, growth: int = 4) -> list[int]:
     return bounds
 
 
+# Bytes a user block spends per user beside its factors (4 bytes a float) and per excluded pair in
+# Spark's row format, where a whole block travels as one row (an array slot, a struct header, the
+# ids, the factors' array header; a pair is a slot plus a struct of two ints, 8-byte aligned).
+USER_ROW_BYTES = 48
+PAIR_ROW_BYTES = 32
+
+
 @dataclass(frozen=True)
 class TopNBlocks:
     """How blockwise top-N cuts its work (``block_top_n``).
 
-    ``user_block_size`` users travel together to one Python task; item factors are cut into blocks of
-    at most ``item_block_mb`` (several blocks: each user's partial lists are merged by a second pass);
-    the item blocks ride Spark's broadcast while all item factors together are at most ``broadcast_mb``
-    (above it the cross join with the user blocks shuffles instead).
+    Users are dealt into blocks (user_idx modulo the block count) of about ``user_block_mb`` each,
+    counting their factors, their exclusion pairs and the Python task's scores chunk; a block is one
+    row inside Spark, copied whole by every operator it passes, so its size, not the number of users,
+    is what must fit the heap. Item factors are cut into blocks of at most ``item_block_mb`` (several
+    blocks: each user's partial lists are merged by a second pass); the item blocks ride Spark's
+    broadcast while all item factors together are at most ``broadcast_mb`` (above it the cross join
+    with the user blocks shuffles instead).
     """
 
-    user_block_size: int = 4096
+    user_block_mb: float = 16.0
     item_block_mb: float = 64.0
     broadcast_mb: float = 256.0
     # Scores per numpy chunk (users x items): 2M float32 = 8 MB stays in cache-friendly territory.
     chunk_elements: int = 1 << 21
 
     def __post_init__(self) -> None:
-        if self.user_block_size < 1 or self.item_block_mb <= 0 or self.broadcast_mb < 0 or self.chunk_elements < 1:
-            raise ValueError(f"top-N blocks need user_block_size >= 1, item_block_mb > 0, broadcast_mb >= 0, "
-                             f"chunk_elements >= 1; got {self}")
+        if self.item_block_mb <= 0 or self.broadcast_mb < 0 or self.chunk_elements < 1:
+            raise ValueError(f"top-N blocks need item_block_mb > 0, broadcast_mb >= 0, chunk_elements >= 1; "
+                             f"got {self}")
+        if self.user_block_mb * 2**20 <= 4 * self.chunk_elements:
+            raise ValueError(f"top-N user_block_mb must exceed the scores chunk ({4 * self.chunk_elements / 2**20:g} MB "
+                             f"of float32), got {self.user_block_mb}")
+
+    def block_bytes(self, users: int, rank: int, pairs: int) -> int:
+        """Estimated bytes of one user block: its users' rows and factors, its exclusion pairs, the scores chunk."""
+        return users * (USER_ROW_BYTES + 4 * rank) + pairs * PAIR_ROW_BYTES + 4 * self.chunk_elements
+
+    def user_blocks(self, users: int, rank: int, pairs: int, longest: int) -> int:
+        """How many blocks ``users`` (with ``pairs`` exclusions, at most ``longest`` for one user) are dealt into.
+
+        Each block gets an even share of the bytes plus, in the worst case, the heaviest user: the
+        budget left after the chunk and that user is what the shares are cut to. A budget too small
+        for even that gives one user per block.
+        """
+        if users < 1:
+            return 1
+        chunk = 4 * self.chunk_elements
+        room = self.user_block_mb * 2**20 - self.block_bytes(1, rank, longest)
+        if room <= 0:
+            return users
+        return max(1, min(users, math.ceil((self.block_bytes(users, rank, pairs) - chunk) / room)))
 
 
 def top_n_rows(scores, n: int):
@@ -294,36 +326,47 @@ def block_top_n(
 
     ``user_factors`` (user_idx, factors) and ``item_factors`` (item_idx, factors): float arrays of one
     length; ``exclude`` (user_idx, item_idx): pairs never returned. Users without factors get no list.
-    What the single-node libraries do, spread over Spark: users are grouped into blocks (user_idx //
-    user_block_size) each carrying its exclusion pairs, item factors into a few blocks (collected by
-    Spark, never by the driver), every user block is cross-joined with the item blocks, and a Python
-    task scores each pair with one matrix product per chunk of users, masks the excluded pairs to -inf
-    and keeps the best ``n`` by a partial sort (``top_n_rows``). With several item blocks each user's
-    partial lists are merged by a window. Ties go to the smaller item_idx, as in ``rank_and_exclude``.
+    What the single-node libraries do, spread over Spark: users are dealt into blocks (user_idx modulo
+    a count sized by ``TopNBlocks.user_blocks`` from the users', pairs' and longest list's counts) each
+    carrying its exclusion pairs, item factors into a few blocks (collected by Spark, never by the
+    driver), every user block is cross-joined with the item blocks, and a Python task scores each pair
+    with one matrix product per chunk of users, masks the excluded pairs to -inf and keeps the best
+    ``n`` by a partial sort (``top_n_rows``). With several item blocks each user's partial lists are
+    merged by a window. Ties go to the smaller item_idx, as in ``rank_and_exclude``.
     """
     if n < 1:
         raise ValueError(f"top-N needs n >= 1, got {n}")
     blocks = blocks or TopNBlocks()
-    size = blocks.user_block_size
     shape = item_factors.agg(F.count(F.lit(1)).alias("items"), F.max(F.size("factors")).alias("rank")).first()
     n_items, rank = int(shape["items"]), int(shape["rank"] or 0)
     item_mb = n_items * rank * 4 / 2**20
     n_item_blocks = max(1, math.ceil(item_mb / blocks.item_block_mb))
-    log.info("blockwise top-%d: %d items x rank %d (%.1f MB) in %d item block(s), %d users per block, %s",
-             n, n_items, rank, item_mb, n_item_blocks, size,
-             "item blocks broadcast" if item_mb <= blocks.broadcast_mb else "item blocks shuffled (over broadcast_mb)")
     factor = F.col("factors").cast("array<float>").alias("factors")
-    user_blocks = (
-        users.select("user_idx").distinct()
-        .join(user_factors.select("user_idx", factor), "user_idx")
-        .groupBy((F.col("user_idx") / F.lit(size)).cast("int").alias("_ublock"))
-        .agg(F.collect_list(F.struct("user_idx", "factors")).alias("users"))
-    )
-    pair = "array<struct<user_idx:int,item_idx:int>>"
+    wanted = users.select("user_idx").distinct().join(user_factors.select("user_idx", factor), "user_idx")
+    pairs = None
     if exclude is not None:
-        excluded = (exclude.select(F.col("user_idx").cast("int"), F.col("item_idx").cast("int"))
-                    .groupBy((F.col("user_idx") / F.lit(size)).cast("int").alias("_ublock"))
-                    .agg(F.collect_list(F.struct("user_idx", "item_idx")).cast(pair).alias("excluded")))
+        # Only the wanted users' pairs travel: a block never carries lists nobody is scored against.
+        pairs = (exclude.select(F.col("user_idx").cast("int"), F.col("item_idx").cast("int"))
+                 .join(wanted.select("user_idx"), "user_idx", "left_semi"))
+        lengths = wanted.select("user_idx").join(pairs.groupBy("user_idx").agg(F.count(F.lit(1)).alias("_pairs")),
+                                                 "user_idx", "left")
+    else:
+        lengths = wanted.select("user_idx", F.lit(None).cast("long").alias("_pairs"))
+    sizes = lengths.agg(F.count(F.lit(1)).alias("users"), F.sum("_pairs").alias("pairs"),
+                        F.max("_pairs").alias("longest")).first()
+    n_users, n_pairs, longest = int(sizes["users"]), int(sizes["pairs"] or 0), int(sizes["longest"] or 0)
+    n_user_blocks = blocks.user_blocks(n_users, rank, n_pairs, longest)
+    log.info("blockwise top-%d: %d users with %d exclusion pairs (longest list %d) in %d user block(s) of about "
+             "%.1f MB; %d items x rank %d (%.1f MB) in %d item block(s), %s", n, n_users, n_pairs, longest,
+             n_user_blocks, (blocks.block_bytes(n_users, rank, n_pairs) - 4 * blocks.chunk_elements)
+             / n_user_blocks / 2**20, n_items, rank, item_mb, n_item_blocks,
+             "broadcast" if item_mb <= blocks.broadcast_mb else "shuffled (over broadcast_mb)")
+    block_of = F.pmod(F.col("user_idx"), F.lit(n_user_blocks)).alias("_ublock")
+    user_blocks = wanted.groupBy(block_of).agg(F.collect_list(F.struct("user_idx", "factors")).alias("users"))
+    pair = "array<struct<user_idx:int,item_idx:int>>"
+    if pairs is not None:
+        excluded = pairs.groupBy(block_of).agg(F.collect_list(F.struct("user_idx", "item_idx")).cast(pair)
+                                               .alias("excluded"))
         user_blocks = user_blocks.join(excluded, "_ublock", "left")
     else:
         user_blocks = user_blocks.withColumn("excluded", F.lit(None).cast(pair))

@@ -20,6 +20,15 @@ BATCH_CONF = {
     "spark.ui.showConsoleProgress": "false",
 }
 
+# Local mode runs the executors inside the driver's JVM, where Spark answers a task's
+# java.lang.OutOfMemoryError by exiting the whole JVM (exit code 52): the job could then neither
+# restore its tables nor record the failure. Depth 0 makes such an error fail the task, hence the
+# stage, like any other error; the failed task's buffers are garbage once it ends. On a cluster the
+# default stays: a lost executor is replaced and the driver records the failure itself.
+LOCAL_CONF = {
+    "spark.executor.killOnFatalError.depth": "0",
+}
+
 
 def local_session(
     app_name: str,
@@ -31,7 +40,7 @@ def local_session(
     Used by tests and benchmarks; jobs get their session from spark-submit instead.
     """
     builder = SparkSession.builder.master(master).appName(app_name)
-    settings = {"spark.jars.packages": DELTA_PACKAGE, **DELTA_CONF, **BATCH_CONF, **(conf or {})}
+    settings = {"spark.jars.packages": DELTA_PACKAGE, **DELTA_CONF, **BATCH_CONF, **LOCAL_CONF, **(conf or {})}
     for key, value in settings.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()

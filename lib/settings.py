@@ -180,7 +180,6 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "recommend.als.seed": (0, SEED_MAX),
     "recommend.als.checkpoint_interval": (-1, 10_000),  # -1: never; 0 is refused below
     "recommend.als.num_blocks": (0, 100_000),
-    "recommend.als.top_n_user_block": (1, 1_000_000),
     "segments.k": (1, 1000),                            # k x k Grams and k segments live on the driver
     "segments.max_iter": (1, 100_000),
     "segments.seed": (0, SEED_MAX),
@@ -367,6 +366,10 @@ class InteractionsSettings:
         return parse_utc(self.as_of, "interactions.as_of")
 
 
+# Every top-N user block holds the Python task's scores chunk (lib.als.TopNBlocks.chunk_elements float32).
+TOP_N_SCORES_CHUNK_MB = 8.0
+
+
 @dataclass(frozen=True)
 class AlsSettings:
     ranks: tuple[int, ...]
@@ -378,7 +381,7 @@ class AlsSettings:
     seed: int
     checkpoint_interval: int
     num_blocks: int
-    top_n_user_block: int
+    top_n_user_block_mb: float
     top_n_item_block_mb: float
     top_n_broadcast_mb: float
 
@@ -390,6 +393,8 @@ class AlsSettings:
         one_of(self.search, ("grid", "random"), "recommend.als.search")
         require(self.checkpoint_interval != 0, "recommend.als.checkpoint_interval",
                 "must be >= 1, or -1 for never (Spark refuses 0)")
+        require(self.top_n_user_block_mb > TOP_N_SCORES_CHUNK_MB, "recommend.als.top_n_user_block_mb",
+                f"must be > {TOP_N_SCORES_CHUNK_MB:g} (the scores chunk every block holds), got {self.top_n_user_block_mb}")
         require(self.top_n_item_block_mb > 0, "recommend.als.top_n_item_block_mb", "must be > 0")
         require(self.top_n_broadcast_mb >= 0, "recommend.als.top_n_broadcast_mb", "must be >= 0")
 
@@ -678,11 +683,43 @@ class QualitySettings:
             require(0.0 <= getattr(self, key) <= 1.0, f"quality.{key}", f"must be in [0, 1], got {getattr(self, key)}")
 
 
+# A JVM heap size as spark-submit takes it: digits and a unit (k, m, g, t), e.g. "2g" or "1536m".
+MEMORY_SIZE = re.compile(r"(\d+)([kmgt])", re.IGNORECASE)
+MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+MIN_JVM_MEMORY_MB = 512  # below it Spark refuses to start (its 300 MB reserve times 1.5)
+
+
+def memory_mb(value: str, key: str) -> float:
+    """Megabytes of a JVM heap size such as "2g" or "1536m", or a ConfigError naming ``key``."""
+    match = MEMORY_SIZE.fullmatch(value)
+    require(match is not None, key, f"must be a size such as \"2g\" or \"1536m\" (digits and k, m, g or t), "
+                                    f"got {value!r}")
+    return int(match.group(1)) * MEMORY_UNIT_MB[match.group(2).lower()]
+
+
 @dataclass(frozen=True)
 class SparkSettings:
     shuffle_partitions: int
     delta_snapshot_partitions: int
+    driver_memory: str
+    executor_memory: str
     conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("driver_memory", "executor_memory"):
+            value = getattr(self, key)
+            if value:  # empty: the cluster's (or Spark's) own setting
+                require(memory_mb(value, f"spark.{key}") >= MIN_JVM_MEMORY_MB, f"spark.{key}",
+                        f"must be at least {MIN_JVM_MEMORY_MB}m, got {value!r}")
+
+    def submit_options(self) -> list[str]:
+        """The spark-submit options these settings ask for (the heap sizes must reach the JVM before it starts)."""
+        options = []
+        if self.driver_memory:
+            options += ["--driver-memory", self.driver_memory]
+        if self.executor_memory:
+            options += ["--executor-memory", self.executor_memory]
+        return options
 
 
 @dataclass(frozen=True)

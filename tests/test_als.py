@@ -1,6 +1,8 @@
 """ALS: top-N with exclusions, candidate grids, and the offline comparison with popularity."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
@@ -100,13 +102,32 @@ def test_blockwise_top_n_exact_rows_exclusions_and_ties(spark):
         (3, 2, 0.0, 1), (3, 4, 0.0, 2),                   # only two items left: a short list
     ]
     # One block of everything, and two users per block with item blocks of ~two items (a merge pass).
-    for blocks in (TopNBlocks(), TopNBlocks(user_block_size=2, item_block_mb=16 / 2**20, chunk_elements=3)):
+    # 4 wanted users with factors, 7 of their pairs (longest 5): 460 bytes; 512 leave 284 a block, so 2 blocks.
+    for blocks in (TopNBlocks(), TopNBlocks(user_block_mb=512 / 2**20, item_block_mb=16 / 2**20, chunk_elements=3)):
         rows = block_top_n(users, items, wanted, 3, exclude, blocks).collect()
         got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"]) for r in rows)
         assert got == sorted(expected), blocks
 
 
-def test_blockwise_top_n_equals_brute_force_numpy(spark):
+def test_user_blocks_are_sized_by_their_bytes():
+    grocer = TopNBlocks()  # 16 MB, 8 of them the scores chunk
+    # 2,442 users x rank 64 with 600,000 purchased pairs, at most 3,000 for one household:
+    assert grocer.block_bytes(2442, 64, 600_000) == 2442 * (48 + 256) + 600_000 * 32 + 8 * 2**20 == 28_330_976
+    # 19,942,368 bytes of users and pairs into the 8,292,304 left after the chunk and the longest list.
+    assert grocer.user_blocks(2442, 64, 600_000, 3000) == 3
+    small = TopNBlocks(user_block_mb=8192 / 2**20, chunk_elements=1024)   # 8 KB, 4 KB of them the chunk
+    assert small.block_bytes(10, 2, 100) == 10 * 56 + 100 * 32 + 4096 == 7856
+    assert small.user_blocks(10, 2, 100, 30) == 2          # 3,760 bytes into 8,192 - (56 + 960 + 4,096)
+    assert small.user_blocks(10, 2, 0, 0) == 1
+    assert small.user_blocks(0, 2, 0, 0) == 1
+    tight = TopNBlocks(user_block_mb=5113 / 2**20, chunk_elements=1024)   # 1 byte left beside the longest list
+    assert tight.user_blocks(10, 2, 100, 30) == 10         # never more blocks than users
+    assert TopNBlocks(user_block_mb=5000 / 2**20, chunk_elements=1024).user_blocks(10, 2, 100, 30) == 10
+    with pytest.raises(ValueError, match="user_block_mb must exceed the scores chunk"):
+        TopNBlocks(user_block_mb=4096 / 2**20, chunk_elements=1024)
+
+
+def test_blockwise_top_n_equals_brute_force_numpy(spark, caplog):
     rng = np.random.default_rng(5)
     n_users, n_items, rank, n = 40, 90, 4, 7
     user_f = rng.integers(-3, 4, (n_users, rank)).astype(np.float32)   # small integers: exact float32 sums, ties
@@ -120,10 +141,18 @@ def test_blockwise_top_n_equals_brute_force_numpy(spark):
     for u in range(n_users):
         ranked = sorted((-scores[u, i], i) for i in range(n_items) if (u, i) not in pairs)[:n]
         expected += [(u, i, -s, r) for r, (s, i) in enumerate(ranked, start=1)]
-    for blocks in (TopNBlocks(), TopNBlocks(user_block_size=7, item_block_mb=rank * 4 * 25 / 2**20, chunk_elements=200)):
-        got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"])
-                     for r in block_top_n(users, items, users.select("user_idx"), n, exclude, blocks).collect())
+    longest = max(sum(1 for u, _ in pairs if u == user) for user in range(n_users))
+    small = TopNBlocks(user_block_mb=7000 / 2**20, item_block_mb=rank * 4 * 25 / 2**20, chunk_elements=200)
+    for blocks, user_blocks in ((TopNBlocks(), 1), (small, small.user_blocks(n_users, rank, len(pairs), longest))):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lib.als"):
+            got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"])
+                         for r in block_top_n(users, items, users.select("user_idx"), n, exclude, blocks).collect())
         assert got == sorted(expected), blocks
+        # The block count comes from the exact users, pairs and longest list of the wanted users.
+        assert f"{n_users} users with {len(pairs)} exclusion pairs (longest list {longest}) in {user_blocks} user block(s)" \
+            in caplog.text
+    assert user_blocks > 3
 
 
 def test_estimates_pool_exactly():

@@ -8,10 +8,11 @@ from typing import get_type_hints
 
 import pytest
 
-from jobs.common import BASE_CONFIG, load_settings
+from jobs.common import BASE_CONFIG, load_settings, submit_options
+from lib.als import TopNBlocks
 from lib import catalog as C
 from lib.config import OPEN_TABLES, ConfigError, parse_toml
-from lib.settings import INT_RANGES, CampaignSettings, Settings, section_keys
+from lib.settings import INT_RANGES, TOP_N_SCORES_CHUNK_MB, CampaignSettings, Settings, section_keys
 
 
 def _toml_keys(table: dict, prefix: str = "") -> set[str]:
@@ -64,6 +65,10 @@ def test_defaults_and_shipped_environments_build():
     ("segments.tol=nan", "'segments.tol' must be a finite number, got nan"),
     ("interactions.weights.view=inf", "'interactions.weights' must hold finite numbers"),
     ("recommend.als.reg_params=0.1,inf", "'recommend.als.reg_params' must hold finite numbers, got \\[0.1, inf\\]"),
+    ("recommend.als.top_n_user_block_mb=8", "'recommend.als.top_n_user_block_mb' must be > 8 \\(the scores chunk"),
+    ("spark.driver_memory=lots", "'spark.driver_memory' must be a size such as \"2g\""),
+    ("spark.executor_memory=2gb", "'spark.executor_memory' must be a size such as"),
+    ("spark.driver_memory=256m", "'spark.driver_memory' must be at least 512m, got '256m'"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(assignment, message):
     with pytest.raises(ConfigError, match=message):
@@ -77,6 +82,18 @@ def test_cross_key_checks_name_both_sides():
         load_settings([], ["recommend.exclude_event_types=refund"])
     with pytest.raises(ConfigError, match="'recommend.model_dir' must be set when tables are catalog tables"):
         load_settings([], ["output.catalog=main", "output.schema=s"])
+
+
+def test_heap_sizes_reach_spark_submit_from_the_jobs_own_config():
+    assert submit_options([]) == ["--driver-memory", "2g", "--executor-memory", "2g"]
+    assert submit_options(["--set", "spark.driver_memory=6G", "--set", "spark.executor_memory=", "--run-id", "r"]) \
+        == ["--driver-memory", "6G"]
+    assert submit_options(["--conf", "conf/databricks.toml"]) == []          # the cluster sizes its JVMs
+    assert submit_options(["--set", "spark.driver_memory=lots"]) == []       # the job itself then fails naming it
+
+
+def test_the_user_block_floor_is_the_scores_chunk_of_top_n():
+    assert TOP_N_SCORES_CHUNK_MB == 4 * TopNBlocks().chunk_elements / 2**20
 
 
 def test_settings_are_frozen():
