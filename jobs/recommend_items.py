@@ -2,7 +2,8 @@
 
 Reads events, interactions, user_index, item_index (and user_segments / nmf_* / products when present);
 writes recommendations (one list per user and strategy: discover, buy_again, blended), rec_metrics,
-als_tuning and the ALS model under a versioned path.
+als_tuning and the ALS model under a versioned path. For each customer group where a baseline won the
+validation of buy_again or blended, that group's list IS the baseline (its source names it).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pyspark.sql import functions as F
 from jobs.common import StageContext, main_for, models_root, read_matrix
 from lib import catalog as C
 from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, block_top_n, candidate_grid, fit_als
-from lib.buy_again import BuyAgainParams, purchase_occasions
+from lib.buy_again import BuyAgainParams, fit_ranker, purchase_occasions
 from lib.metrics import write_strategy_report
 from lib.products import excluded_items
 from lib.recommend import (EvaluationSettings, TrainingSide, evaluate_offline, excluded_pairs,
@@ -40,7 +41,7 @@ def _top_n_blocks(als: AlsSettings) -> TopNBlocks:
 
 
 def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
-    return BuyAgainParams(settings.buy_again_horizon_days, settings.buy_again_overdue_decay,
+    return BuyAgainParams(settings.horizon_days, settings.buy_again_overdue_decay,
                           settings.buy_again_min_gaps, settings.blend_prior_strength)
 
 
@@ -100,10 +101,11 @@ def run(ctx: StageContext) -> StageResult:
         evaluation = EvaluationSettings(
             weights=interactions.weights, half_life_days=interactions.half_life_days,
             exclude_event_types=list(settings.exclude_event_types), k_values=list(settings.k_values),
-            tune_k=settings.tune_k, holdout_fraction=settings.holdout_fraction,
+            tune_k=settings.tune_k, split=settings.split, holdout_fraction=settings.holdout_fraction,
             holdout_cutoff=settings.holdout_cutoff_utc, validation_fraction=settings.validation_fraction,
             strategies=tuple(settings.strategies), purchase_event_types=tuple(settings.purchase_event_types),
-            buy_again=_buy_again_params(settings), blend_ranks=settings.top_n,
+            buy_again=_buy_again_params(settings), buy_again_model=settings.buy_again_model,
+            blend_ranks=settings.top_n,
             top_n_blocks=_top_n_blocks(settings.als), eval_sample_users=settings.eval_sample_users,
             sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
             tune_sample_users=settings.tune_sample_users,
@@ -120,6 +122,7 @@ def run(ctx: StageContext) -> StageResult:
         notes.extend(report.notes)
         best = report.best
         calibration = report.calibration
+        shipped = report.shipped
         tuning_rows = [(run_id, number, r.params.rank, r.params.reg_param, r.params.alpha, r.params.max_iter,
                         r.metric, r.k, r.value, r.seconds, r.params == best)
                        for number, r in enumerate(tuning, start=1)]
@@ -141,6 +144,7 @@ def run(ctx: StageContext) -> StageResult:
     else:
         best = _candidates(replace(settings.als, search="grid"), partitions)[0]
         calibration = None
+        shipped = {}
         notes.append("no blend calibration without evaluation: blended lists interleave by propensity")
         notes.append("evaluation off: no tuning, first grid candidate used")
     log.info("final ALS: %s", best)
@@ -169,9 +173,17 @@ def run(ctx: StageContext) -> StageResult:
         discover = discover.localCheckpoint(eager=True)
     as_of = ctx.settings.interactions.as_of_utc or events.agg(F.max("event_ts")).first()[0].replace(
         tzinfo=timezone.utc)
-    occasions = purchase_occasions(events, settings.purchase_event_types)
+    occasions = purchase_occasions(events, settings.purchase_event_types).cache()
+    ranker = fit_ranker(occasions, as_of, _buy_again_params(settings), settings.buy_again_model, settings.als.seed)
+    notes.append(f"lists: {ranker.note}")
+    for strategy, chosen in shipped.items():
+        baselines = {group: name for group, name in chosen.items() if name != strategy}
+        if baselines:
+            notes.append(f"{strategy}: a baseline won validation, so it ships as the list of " + ", ".join(
+                f"{group} customers ({name})" for group, name in sorted(baselines.items())))
     recommendations = strategy_lists(discover, occasions, as_of, _buy_again_params(settings), settings.top_n,
-                                     settings.strategies, exclude_ids, calibration).withColumn("run_id", F.lit(run_id))
+                                     settings.strategies, exclude_ids, calibration, ranker, shipped
+                                     ).withColumn("run_id", F.lit(run_id))
     tables.overwrite(recommendations, C.RECOMMENDATIONS)
 
     written = tables.read(spark, C.RECOMMENDATIONS)
@@ -182,11 +194,14 @@ def run(ctx: StageContext) -> StageResult:
                                                          F.countDistinct("user_id").alias("users")).collect():
         if row["strategy"] == "discover":
             counts[f"users_{row['source']}"] = int(row["users"])
+        else:  # which list each buy-again / blended customer got (a baseline where it won validation)
+            counts[f"users_{row['strategy']}_{row['source']}"] = int(row["users"])
         counts[f"rows_{row['strategy']}"] += int(row["rows"])
         rows_out += int(row["rows"])
     entries.unpersist()
     excluded.unpersist()
     exclude.unpersist()
+    occasions.unpersist()
     message = (f"ALS rank={best.rank} reg_param={best.reg_param} alpha={best.alpha}; model {model_path}; "
                f"strategies {', '.join(settings.strategies)}; " + "; ".join(notes))
     return StageResult(rows_in=events.count(), rows_out=rows_out, message=message, counts=counts)

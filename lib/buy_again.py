@@ -18,7 +18,15 @@ item on one invoice count once. For each (user, item) with an occasion before ``
   (an item comes due within the ``horizon`` days a list is for, and fades when it is long overdue:
   the user has probably switched).
 
-The trivial baseline ("your most bought items") ranks by ``n`` alone (then recency).
+The trivial baselines: "your most bought items" ranks by ``n`` alone (then recency), "your most recent
+items" by the last occasion (then ``n``).
+
+The learned ranker (``fit_ranker`` / ``ranker_top_n``) scores the same candidates, every item a customer
+bought before the lists' moment, with a classifier of "bought again within the next ``horizon_days``":
+features per pair (``pair_features``: occasions, recency, occasions in the last 30 / 90 days, recency
+against the item's repurchase interval, quantity, the heuristic score above, the item's repeat rate and
+buyers, the customer's orders) labelled by the window just before the moment it is applied at, so it
+learns from the latest behaviour and never from the days it is judged on.
 
 A user's repeat propensity is the share of their occasions that re-bought an item bought on an
 earlier occasion, shrunk to the global share with ``prior_strength`` pseudo-occasions; the blended
@@ -26,11 +34,18 @@ list interleaves the buy-again and discovery lists in proportion to it (``blend`
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import GBTClassifier, LogisticRegression
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+
+log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
 DEFAULT_INTERVAL_DAYS = 30.0  # only when nobody ever re-bought anything
@@ -51,11 +66,14 @@ class BuyAgainParams:
 
 
 def purchase_occasions(events: DataFrame, purchase_types: list[str] | tuple[str, ...]) -> DataFrame:
-    """(user_id, item_id, day, ts): one row per user, item and calendar day (UTC) with a purchase."""
+    """(user_id, item_id, day, ts, quantity): one row per user, item and calendar day (UTC) with a purchase;
+    ``quantity`` sums the day's quantities (a missing quantity counts 1)."""
+    quantity = F.coalesce(F.col("quantity").cast("double"), F.lit(1.0)) if "quantity" in events.columns \
+        else F.lit(1.0)
     return (
         events.where(F.col("event_type").isin(list(purchase_types)))
         .groupBy("user_id", "item_id", F.to_date("event_ts").alias("day"))
-        .agg(F.max("event_ts").alias("ts"))
+        .agg(F.max("event_ts").alias("ts"), F.sum(quantity).alias("quantity"))
     )
 
 
@@ -158,6 +176,181 @@ def most_bought_top_n(occasions: DataFrame, as_of: datetime | Column, n: int,
     history = user_item_history(occasions.where(F.col("ts") <= _as_of_column(as_of)))
     scored = history.withColumn("score", F.col("n_occasions").cast("double"))
     return top_n(scored, n, [F.col("n_occasions").desc(), F.col("last_ts").desc()], exclude_items)
+
+
+def most_recent_top_n(occasions: DataFrame, as_of: datetime | Column, n: int,
+                      exclude_items: DataFrame | None = None) -> DataFrame:
+    """The trivial baseline "your most recent items": (user_id, item_id, score = occasions, rank), latest first."""
+    history = user_item_history(occasions.where(F.col("ts") <= _as_of_column(as_of)))
+    scored = history.withColumn("score", F.col("n_occasions").cast("double"))
+    return top_n(scored, n, [F.col("last_ts").desc(), F.col("n_occasions").desc()], exclude_items)
+
+
+# ----------------------------------------------------------------------------------------------
+# The learned buy-again ranker
+# ----------------------------------------------------------------------------------------------
+
+RANKER_MODELS = ("logistic_regression", "gbt", "heuristic")
+RANKER_FEATURES = ("log_occasions", "order_share", "occasions_30d", "occasions_90d", "log_days_since",
+                   "log_due", "abs_log_due", "heuristic", "log_quantity", "item_repeat_rate", "log_item_buyers",
+                   "log_user_orders", "log_user_days_since")
+
+
+def pair_features(occasions: DataFrame, as_of: datetime | Column, params: BuyAgainParams) -> DataFrame:
+    """(user_id, item_id, n_occasions, last_ts, *RANKER_FEATURES) for every item each user bought up to
+    ``as_of`` (a moment, or a Column of ``occasions`` such as each user's own end of history).
+
+    Item statistics (repurchase interval, repeat rate, buyers) come from the same past occasions only.
+    """
+    cutoff = _as_of_column(as_of)
+    past = occasions.where(F.col("ts") <= cutoff).withColumn("_as_of", cutoff)
+    intervals = item_intervals(past, params.min_gaps)
+    buyers = past.groupBy("item_id").agg(F.countDistinct("user_id").alias("item_buyers"))
+    heuristic = buy_again_scores(past, F.col("_as_of"), params, intervals).select(
+        "user_id", "item_id", F.col("score").alias("heuristic"))
+    age_days = (F.col("_as_of").cast("double") - F.col("ts").cast("double")) / SECONDS_PER_DAY
+    pairs = past.groupBy("user_id", "item_id").agg(
+        F.count(F.lit(1)).alias("n_occasions"), F.max("ts").alias("last_ts"), F.max("_as_of").alias("_as_of"),
+        F.sum(F.when(age_days <= 30, 1).otherwise(0)).cast("double").alias("occasions_30d"),
+        F.sum(F.when(age_days <= 90, 1).otherwise(0)).cast("double").alias("occasions_90d"),
+        F.avg("quantity").alias("_quantity"))
+    users = past.groupBy("user_id").agg(F.countDistinct("day").alias("user_orders"), F.max("ts").alias("_user_last"))
+    since = F.greatest((F.col("_as_of").cast("double") - F.col("last_ts").cast("double")) / SECONDS_PER_DAY,
+                       F.lit(0.0))
+    user_since = F.greatest((F.col("_as_of").cast("double") - F.col("_user_last").cast("double")) / SECONDS_PER_DAY,
+                            F.lit(0.0))
+    log_due = F.log((since + 1.0) / F.col("interval_days"))
+    return (pairs.join(users, "user_id").join(intervals.select("item_id", "interval_days", "repeat_rate"), "item_id")
+            .join(buyers, "item_id").join(heuristic, ["user_id", "item_id"])
+            .select("user_id", "item_id", "n_occasions", "last_ts",
+                    F.log1p(F.col("n_occasions").cast("double")).alias("log_occasions"),
+                    (F.col("n_occasions") / F.col("user_orders")).cast("double").alias("order_share"),
+                    "occasions_30d", "occasions_90d",
+                    F.log1p(since).alias("log_days_since"),
+                    log_due.alias("log_due"), F.abs(log_due).alias("abs_log_due"),
+                    F.col("heuristic").cast("double").alias("heuristic"),
+                    F.log1p(F.greatest(F.col("_quantity"), F.lit(0.0))).alias("log_quantity"),
+                    F.col("repeat_rate").alias("item_repeat_rate"),
+                    F.log1p(F.col("item_buyers").cast("double")).alias("log_item_buyers"),
+                    F.log1p(F.col("user_orders").cast("double")).alias("log_user_orders"),
+                    F.log1p(user_since).alias("log_user_days_since")))
+
+
+def labelled_pairs(occasions: DataFrame, cutoff: datetime, params: BuyAgainParams) -> DataFrame:
+    """``pair_features`` as of ``cutoff`` with ``label`` 1.0 when the user bought the item again in
+    (cutoff, cutoff + horizon_days], else 0.0."""
+    end = cutoff + timedelta(days=params.horizon_days)
+    bought = (occasions.where((F.col("ts") > F.lit(cutoff).cast("timestamp")) & (F.col("ts") <= F.lit(end).cast("timestamp")))
+              .select("user_id", "item_id").distinct().withColumn("label", F.lit(1.0)))
+    return pair_features(occasions, cutoff, params).join(bought, ["user_id", "item_id"], "left").fillna(0.0, ["label"])
+
+
+@dataclass(frozen=True)
+class BuyAgainRanker:
+    """A fitted buy-again classifier (``model`` None: the heuristic score ranks), and how it came to be."""
+
+    kind: str
+    model: PipelineModel | None
+    note: str
+
+
+def fit_ranker(occasions: DataFrame, as_of: datetime, params: BuyAgainParams, kind: str = "logistic_regression",
+               seed: int = 42) -> BuyAgainRanker:
+    """A ``kind`` classifier for lists made as of ``as_of``: fitted on the pairs as of ``as_of - horizon_days``,
+    labelled by (as_of - horizon_days, as_of], so it never sees anything after ``as_of``.
+
+    Falls back to the heuristic (``model`` None, said in ``note``) when that window holds no repeat
+    purchase or no pair that was not re-bought: there is nothing to learn from.
+    """
+    if kind not in RANKER_MODELS:
+        raise ValueError(f"buy-again model must be one of {', '.join(RANKER_MODELS)}, got {kind!r}")
+    if kind == "heuristic":
+        return BuyAgainRanker(kind, None, "buy-again lists ranked by the heuristic due-ness score")
+    cutoff = as_of - timedelta(days=params.horizon_days)
+    rows = labelled_pairs(occasions, cutoff, params).cache()
+    counts = {r["label"]: r["count"] for r in rows.groupBy("label").count().collect()}
+    positives, negatives = int(counts.get(1.0, 0)), int(counts.get(0.0, 0))
+    window = f"({cutoff.date().isoformat()}, {as_of.date().isoformat()}]"
+    if not positives or not negatives:
+        rows.unpersist()
+        return BuyAgainRanker("heuristic", None, f"buy-again ranker not fitted: the window {window} holds "
+                                                 f"{positives} repeat and {negatives} other pairs; heuristic used")
+    assemble = VectorAssembler(inputCols=list(RANKER_FEATURES), outputCol="_features", handleInvalid="keep")
+    if kind == "gbt":
+        classifier = GBTClassifier(featuresCol="_features", labelCol="label", maxIter=30, maxDepth=5, seed=seed)
+    else:
+        classifier = LogisticRegression(featuresCol="_features", labelCol="label", maxIter=100, regParam=1e-4)
+    model = Pipeline(stages=[assemble, classifier]).fit(rows)
+    rows.unpersist()
+    note = (f"buy-again ranker ({kind}) fitted on {positives + negatives} pairs of {window}, "
+            f"{positives / (positives + negatives):.3f} re-bought")
+    log.info("%s", note)
+    return BuyAgainRanker(kind, model, note)
+
+
+def ranker_top_n(ranker: BuyAgainRanker, occasions: DataFrame, as_of: datetime | Column, params: BuyAgainParams,
+                 n: int, exclude_items: DataFrame | None = None) -> DataFrame:
+    """(user_id, item_id, score, rank): each user's past items ranked by the ranker's probability of being
+    bought again (then occasions, recency); without a model, ``buy_again_top_n``."""
+    if ranker.model is None:
+        return buy_again_top_n(occasions, as_of, params, n, exclude_items)
+    scored = ranker.model.transform(pair_features(occasions, as_of, params)).select(
+        "user_id", "item_id", "n_occasions", "last_ts", vector_to_array("probability")[1].alias("score"))
+    return top_n(scored, n, [F.col("score").desc(), F.col("n_occasions").desc(), F.col("last_ts").desc()],
+                 exclude_items)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ship what wins: per customer group, the list that won validation
+# ----------------------------------------------------------------------------------------------
+
+# Customers by purchase history as of the lists' moment: one order (day with a purchase) or more. Few on
+# purpose: each group's choice is measured on its own validation users.
+CUSTOMER_GROUPS = ("one_order", "repeat")
+
+
+def customer_groups(occasions: DataFrame, as_of: datetime | Column) -> DataFrame:
+    """(user_id, customer_group) for every user with a purchase occasion up to ``as_of``."""
+    past = occasions.where(F.col("ts") <= _as_of_column(as_of))
+    orders = past.groupBy("user_id").agg(F.countDistinct("day").alias("_orders"))
+    return orders.select("user_id", F.when(F.col("_orders") <= 1, F.lit(CUSTOMER_GROUPS[0]))
+                         .otherwise(F.lit(CUSTOMER_GROUPS[1])).alias("customer_group"))
+
+
+def choose_per_group(model: str, baselines: tuple[str, ...] | list[str],
+                     ndcg: dict[tuple[str, str], float]) -> dict[str, str]:
+    """group -> the list to ship: ``model`` unless a baseline scored a strictly higher validation NDCG in
+    that group (``ndcg``: (list, group) -> value; a group without ``model``'s value keeps ``model``)."""
+    chosen = {}
+    for group in CUSTOMER_GROUPS:
+        if (model, group) not in ndcg:
+            chosen[group] = model
+            continue
+        # max keeps the first of equals: a tie ships the model.
+        chosen[group] = max([model, *baselines], key=lambda name: ndcg.get((name, group), -1.0))
+    return chosen
+
+
+def ship_what_wins(lists: dict[str, DataFrame], groups: DataFrame, chosen: dict[str, str], model: str) -> DataFrame:
+    """(user_id, item_id, score, rank, source): for each customer group the ``chosen`` list of ``lists``
+    (name -> (user_id, item_id, score, rank[, source])) for that group's users (``groups``: user_id,
+    customer_group); users in no group keep ``model``'s list. A list without a ``source`` column is
+    recorded under its own name (e.g. ``most_bought``)."""
+    def with_source(name: str) -> DataFrame:
+        if name not in lists:
+            raise ValueError(f"no list named {name} to ship; has {', '.join(sorted(lists))}")
+        rows = lists[name]
+        source = F.col("source") if "source" in rows.columns else F.lit(name)
+        return rows.select("user_id", "item_id", "score", "rank", source.alias("source"))
+
+    parts = [with_source(model).join(groups.select("user_id"), "user_id", "left_anti")]
+    for group, name in sorted(chosen.items()):
+        members = groups.where(F.col("customer_group") == F.lit(group)).select("user_id")
+        parts.append(with_source(name).join(members, "user_id"))
+    union = parts[0]
+    for part in parts[1:]:
+        union = union.unionByName(part)
+    return union
 
 
 def repeat_propensity(occasions: DataFrame, prior_strength: float) -> DataFrame:

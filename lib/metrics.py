@@ -114,6 +114,28 @@ def ranking_metrics(
     return values
 
 
+def group_ranking_metrics(
+    recommended: DataFrame,
+    relevant: DataFrame,
+    groups: DataFrame,
+    k: int,
+    group_col: str = "customer_group",
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    rank_col: str = "rank",
+) -> dict[str, dict[str, float]]:
+    """``ranking_metrics`` per group of ``groups`` (user, group): group -> {users, ndcg, ndcg_se, precision,
+    recall}. Evaluated users missing from ``groups`` are left out; a group without users is absent."""
+    per_user = per_user_ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
+    rows = per_user.join(groups.select(user_col, group_col), user_col).groupBy(group_col).agg(
+        F.count(F.lit(1)).alias("users"), F.avg("ndcg").alias("ndcg"), F.stddev_samp("ndcg").alias("_sd"),
+        F.avg("precision").alias("precision"), F.avg("recall").alias("recall")).collect()
+    return {row[group_col]: {"users": float(row["users"]), "ndcg": float(row["ndcg"]),
+                             "ndcg_se": float(row["_sd"] or 0.0) / math.sqrt(row["users"]),
+                             "precision": float(row["precision"]), "recall": float(row["recall"])}
+            for row in rows}
+
+
 def catalog_coverage(
     recommended: DataFrame,
     catalog_size: int,
@@ -175,8 +197,9 @@ def ranking_evaluator_input(
 # The strategy comparisons of the offline evaluation (lib.recommend.evaluate_strategies): each list
 # beside the trivial baselines it must beat, measured on the same ground truth.
 STRATEGY_COMPARISONS = (
-    ("buy_again", "all next purchases", ("buy_again", "most_bought")),
-    ("blended", "all next purchases", ("blended", "most_bought", "popular_all")),
+    ("buy_again", "all next purchases", ("buy_again", "shipped_buy_again", "buy_again_heuristic", "most_bought",
+                                         "most_recent")),
+    ("blended", "all next purchases", ("blended", "shipped_blended", "most_bought", "most_recent", "popular_all")),
     ("discover", "next purchases of new items", ("discover", "popular_new")),
 )
 
@@ -218,12 +241,14 @@ def write_strategy_report(directory, run_id: str, metrics: list[tuple[str, int, 
     plt.close(fig)
 
     lines = [f"# Recommendation strategies, run {run_id}", "",
-             "Each list beside the trivial baselines it must beat, on the same time-based split "
-             "(docs/recommendations.md).", "", "![strategies](strategies.png)", "",
-             f"| list | ground truth | model | NDCG@{k} | recall@{k} | precision@{k} | users |", "|---|---|---|---|---|---|---|"]
+             "Each list beside the trivial baselines it must beat, on the same split "
+             "(recommend.split; docs/recommendations.md). shipped_*: per customer group, the list validation chose.", "", "![strategies](strategies.png)", "",
+             f"| list | ground truth | model | NDCG@{k} (SE) | recall@{k} | precision@{k} | users |",
+             "|---|---|---|---|---|---|---|"]
     for name, truth, models in panels:
         for model in models:
-            lines.append(f"| {name} | {truth} | {model} | {values[(model, k, 'ndcg')]:.4f} | "
+            lines.append(f"| {name} | {truth} | {model} | {values[(model, k, 'ndcg')]:.4f} "
+                         f"({values.get((model, k, 'ndcg_se'), 0.0):.4f}) | "
                          f"{values[(model, k, 'recall')]:.4f} | {values[(model, k, 'precision')]:.4f} | "
                          f"{values[(model, k, 'users')]:.0f} |")
     lines += ["", *[f"- {note}" for note in notes]]

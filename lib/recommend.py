@@ -7,27 +7,34 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from lib.als import (AlsParams, Estimate, TopNBlocks, TuningResult, als_top_n, exclusion_tiers, fit_als,
                      rank_and_exclude, tune_als, user_hash_fraction)
-from lib.buy_again import (BlendCalibration, BuyAgainParams, blend, buy_again_top_n, global_repeat_share,
-                           hit_curve, most_bought_top_n, purchase_occasions, repeat_propensity, top_n)
+from lib.buy_again import (RANKER_MODELS, BlendCalibration, BuyAgainParams, BuyAgainRanker, blend, buy_again_top_n,
+                           choose_per_group, customer_groups, fit_ranker, global_repeat_share, hit_curve,
+                           most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n, repeat_propensity,
+                           ship_what_wins, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
-from lib.metrics import catalog_coverage, ranking_metrics
-from lib.splits import holdout_latest, purchase_truth, relevant_items, user_history_end
+from lib.metrics import catalog_coverage, group_ranking_metrics, ranking_metrics
+from lib.splits import Split, holdout_forward, holdout_latest, purchase_truth, relevant_items, user_history_end
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("als", "segment_popular", "popular", "buy_again")
+SOURCES = ("als", "segment_popular", "popular", "buy_again", "most_bought", "most_recent")
 STRATEGIES = ("discover", "buy_again", "blended")
-# rec_metrics models of the strategy evaluation, by ground truth (see evaluate_strategies).
-ALL_PURCHASE_MODELS = ("buy_again", "most_bought", "blended", "popular_all")
+SPLITS = ("forward", "per_user")
+# rec_metrics models of the strategy evaluation, by ground truth (see evaluate_strategies). shipped_<strategy>:
+# the list each customer group gets after validation chose between the strategy's list and the baselines.
+ALL_PURCHASE_MODELS = ("buy_again", "buy_again_heuristic", "most_bought", "most_recent", "blended", "popular_all",
+                       "shipped_buy_again", "shipped_blended")
 NEW_PURCHASE_MODELS = ("discover", "popular_new")
+# The baselines a buy-again or blended list must beat on a customer group's validation to ship there.
+SHIP_BASELINES = ("most_bought", "most_recent")
 METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
 # Each ranking metric's sampling error over the evaluated users, written beside it as <metric>_se.
 ERROR_NAMES = ("precision_se", "recall_se", "map_se", "ndcg_se")
@@ -140,6 +147,8 @@ class EvaluationSettings:
     exclude_event_types: list[str]
     k_values: list[int]
     tune_k: int
+    # forward: fit up to T, judge (T, T + buy_again.horizon_days]; per_user: each user's latest share.
+    split: str = "forward"
     holdout_fraction: float = 0.2
     holdout_cutoff: datetime | None = None
     validation_fraction: float = 0.2
@@ -148,6 +157,7 @@ class EvaluationSettings:
     strategies: tuple[str, ...] = ()
     purchase_event_types: tuple[str, ...] = ("purchase",)
     buy_again: BuyAgainParams = BuyAgainParams()
+    buy_again_model: str = "logistic_regression"   # lib.buy_again.RANKER_MODELS
     blend_ranks: int = 0   # the blend is calibrated for ranks 1..max(k_values, blend_ranks) (the lists' length)
     top_n_blocks: TopNBlocks | None = None   # how ALS top-N lists are cut into blocks (None: the defaults)
     # Validation and offline metrics on a seeded sample of about this many users per evaluated set
@@ -166,6 +176,9 @@ class EvaluationSettings:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))
         if unknown:
             raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+        if self.split not in SPLITS or self.buy_again_model not in RANKER_MODELS:
+            raise ValueError(f"split must be one of {SPLITS} and buy_again_model one of {RANKER_MODELS}, got "
+                             f"{self.split!r} and {self.buy_again_model!r}")
         if min(self.eval_sample_users, self.tune_sample_users, self.tune_stop_z) < 0:
             raise ValueError(f"eval_sample_users, tune_sample_users and tune_stop_z must be >= 0, got "
                              f"{self.eval_sample_users}, {self.tune_sample_users}, {self.tune_stop_z}")
@@ -232,6 +245,8 @@ class EvaluationReport:
     metrics: list[tuple[str, int, str, float]] = field(default_factory=list)  # (model, k, metric, value)
     notes: list[str] = field(default_factory=list)
     calibration: BlendCalibration | None = None  # the blend's per-rank hit rates, from the validation split
+    # strategy -> customer group -> the list validation chose to ship (the strategy's own, or a baseline)
+    shipped: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def value(self, model: str, k: int, metric: str) -> float:
         for row in self.metrics:
@@ -255,6 +270,31 @@ def _measure(report: EvaluationReport, model: str, recommended_ids: DataFrame, t
                  | {"ndcg_se": round(values["ndcg_se"], 4)})
 
 
+def outer_split(events: DataFrame, settings: EvaluationSettings) -> Split:
+    """The test split: forward at T (the cutoff, or the latest event minus the horizon), or per user."""
+    if settings.split == "forward":
+        return holdout_forward(events, settings.buy_again.horizon_days, settings.holdout_cutoff)
+    return holdout_latest(events, settings.holdout_fraction, settings.holdout_cutoff)
+
+
+def validation_split(train_events: DataFrame, outer: Split, settings: EvaluationSettings) -> Split:
+    """The validation split, carved from the test split's training side: forward at T - horizon (judged on
+    (T - h, T]), or each user's latest ``validation_fraction`` of training events."""
+    if settings.split == "forward":
+        return holdout_forward(train_events, settings.buy_again.horizon_days,
+                               outer.train_end - timedelta(days=settings.buy_again.horizon_days))
+    return holdout_latest(train_events, settings.validation_fraction)
+
+
+def lists_as_of(settings: EvaluationSettings, split: Split, train_events: DataFrame,
+                occasions: DataFrame) -> tuple[DataFrame, Column]:
+    """``occasions`` with ``history_end``, the moment each user's lists are made as of: the split's T (forward
+    split or a cutoff), else the user's own latest training event (per-user split)."""
+    if settings.split == "forward" or settings.holdout_cutoff is not None:
+        return occasions.withColumn("history_end", F.lit(split.train_end).cast("timestamp")), F.col("history_end")
+    return occasions.join(user_history_end(train_events), "user_id"), F.col("history_end")
+
+
 def evaluate_offline(
     events: DataFrame,
     settings: EvaluationSettings,
@@ -264,15 +304,16 @@ def evaluate_offline(
     on_tuning_result: Callable[[TuningResult], None] | None = None,
     exclude_items: DataFrame | None = None,
 ) -> EvaluationReport:
-    """Hold out each user's latest events, tune ALS on a validation split of the training side,
-    then compare tuned ALS, global popularity and (optionally) a factor recommender on the held-out
-    events. ``factor_recommender(training_side, users, n)`` must itself fit only on the training side.
+    """Split (``outer_split``: forward by default), tune ALS on a validation split carved from the training
+    side (``validation_split``), then compare tuned ALS, global popularity and (optionally) a factor
+    recommender on the held-out events. ``factor_recommender(training_side, users, n)`` must itself fit
+    only on the training side.
 
     With ``settings.strategies`` the same split also measures the three list strategies against their
     trivial baselines on the held-out purchases (``evaluate_strategies``). ``exclude_items`` (item_id):
     items no list may hold (the catalog's exclusions); they are left out of training and of every list.
     """
-    split = holdout_latest(events, settings.holdout_fraction, settings.holdout_cutoff)
+    split = outer_split(events, settings)
     train_events = split.train.cache()
     side = training_side(train_events, settings, split.train_end, exclude_items=exclude_items)
     excluded_ids = excluded_pairs(train_events, settings.exclude_event_types)
@@ -287,7 +328,7 @@ def evaluate_offline(
     # own seed keeps the validation sample drawn inside it from being all of it.
     tune_events = sample_users(train_events, settings.tune_sample_users, settings.sample_seed + TUNE_SEED_OFFSET,
                                purpose="tuning")
-    inner = holdout_latest(tune_events, settings.validation_fraction)
+    inner = validation_split(tune_events, split, settings)
     inner_side = training_side(inner.train, settings, inner.train_end, side.user_index, side.item_index,
                                exclude_items)
     inner_excluded_ids = excluded_pairs(inner.train, settings.exclude_event_types)
@@ -300,11 +341,7 @@ def evaluate_offline(
     log.info("ALS tuning chose %s", best)
     report = EvaluationReport(best=best, tuning=tuning)
     if settings.strategies:
-        report.calibration = calibrate_blend(settings, inner, inner_side, best_model[0], exclude_items)
-        if report.calibration is None:
-            report.notes.append("no validation purchases: the blend interleaves by propensity, uncalibrated")
-        else:
-            log.info("blend calibration: %s", report.calibration)
+        validate_strategies(report, settings, inner, inner_side, best_model[0], exclude_items)
 
     test_users = test_truth_ids.select("user_id").distinct().join(side.user_index, "user_id").select("user_idx").cache()
     purchases = None
@@ -340,33 +377,62 @@ def evaluate_offline(
     return report
 
 
-def calibrate_blend(settings: EvaluationSettings, inner, inner_side: TrainingSide, model,
-                    exclude_items: DataFrame | None) -> BlendCalibration | None:
-    """The blend's per-rank hit rates of buy-again and discovery lists on the validation split (carved
-    from the training side, so the held-out events stay unseen), and the validation users' mean
-    propensity. None when the validation side holds no purchases."""
+def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, inner: Split,
+                        inner_side: TrainingSide, model, exclude_items: DataFrame | None) -> None:
+    """On the validation split (carved from the training side, so the held-out events stay unseen): the
+    blend's per-rank hit rates of buy-again and discovery lists (``report.calibration``), and per customer
+    group which list ships for buy_again and blended (``report.shipped``): the strategy's list unless a
+    baseline (``SHIP_BASELINES``) scores a higher NDCG@tune_k there. The buy-again ranker of these lists is
+    fitted one horizon before the validation moment, as the final one is before the lists' moment."""
     length = max(max(settings.k_values), settings.blend_ranks)
     types = settings.purchase_event_types
     purchases = sample_users(purchase_truth(inner.held_out, inner_side.user_index,
                                             excluded_pairs(inner.train, list(types)), types),
                              settings.eval_sample_users, settings.sample_seed).select("user_id", "item_id").cache()
     users = purchases.select("user_id").distinct()
-    occasions = purchase_occasions(inner.train, types)
-    propensity = repeat_propensity(occasions, settings.buy_again.prior_strength).join(users, "user_id")
-    mean_p = propensity.agg(F.avg("propensity")).first()[0]
+    occasions = purchase_occasions(inner.train, types).cache()
+    propensity = repeat_propensity(occasions, settings.buy_again.prior_strength)
+    user_propensity = propensity.join(users, "user_id").cache()
+    mean_p = user_propensity.agg(F.avg("propensity")).first()[0]
     if mean_p is None or not 0.0 < mean_p < 1.0:
-        purchases.unpersist()
-        return None
-    user_occasions = occasions.join(user_history_end(inner.train), "user_id").join(users, "user_id")
-    again = buy_again_top_n(user_occasions, F.col("history_end"), settings.buy_again, length, exclude_items)
+        report.notes.append("no validation purchases: the blend interleaves by propensity, uncalibrated; "
+                            "every customer group gets the strategies' own lists")
+        for df in (purchases, occasions, user_propensity):
+            df.unpersist()
+        return
+    user_occasions, as_of = lists_as_of(settings, inner, inner.train, occasions)
+    user_occasions = user_occasions.join(users, "user_id")
+    ranker = fit_ranker(occasions, inner.train_end, settings.buy_again, settings.buy_again_model, settings.sample_seed)
+    again = ranker_top_n(ranker, user_occasions, as_of, settings.buy_again, length, exclude_items) \
+        .localCheckpoint(eager=True)
     user_idx = users.join(inner_side.user_index, "user_id").select("user_idx")
     discover = to_ids(als_top_n(model, user_idx, length, inner_side.excluded, settings.top_n_blocks),
-                      inner_side.user_index,
-                      inner_side.item_index)
-    calibration = BlendCalibration(hit_curve(again, purchases, length), hit_curve(discover, purchases, length),
-                                   float(mean_p))
-    purchases.unpersist()
-    return calibration
+                      inner_side.user_index, inner_side.item_index).withColumn("source", F.lit("als")) \
+        .localCheckpoint(eager=True)
+    report.calibration = BlendCalibration(hit_curve(again, purchases, length), hit_curve(discover, purchases, length),
+                                          float(mean_p))
+    log.info("blend calibration: %s", report.calibration)
+    lists = {"buy_again": again,
+             "blended": blend(again, discover, user_propensity, length, global_repeat_share(propensity),
+                              report.calibration),
+             "most_bought": most_bought_top_n(user_occasions, as_of, length, exclude_items),
+             "most_recent": most_recent_top_n(user_occasions, as_of, length, exclude_items)}
+    groups = customer_groups(user_occasions, as_of).cache()
+    ndcg: dict[tuple[str, str], float] = {}
+    for name, rows in lists.items():
+        for group, values in group_ranking_metrics(rows, purchases, groups, settings.tune_k).items():
+            ndcg[(name, group)] = values["ndcg"]
+            report.notes.append(f"validation NDCG@{settings.tune_k} {name} on {group} customers: "
+                                f"{values['ndcg']:.4f} (SE {values['ndcg_se']:.4f}, {values['users']:.0f} users)")
+    for strategy in ("buy_again", "blended"):
+        if strategy in settings.strategies:
+            report.shipped[strategy] = choose_per_group(strategy, SHIP_BASELINES, ndcg)
+            report.notes.append(f"{strategy} ships per customer group: " + ", ".join(
+                f"{group} -> {name}" for group, name in sorted(report.shipped[strategy].items())))
+            log.info("%s", report.notes[-1])
+    report.notes.append(ranker.note)
+    for df in (purchases, occasions, user_propensity, groups):
+        df.unpersist()
 
 
 def purchase_popularity(occasions: DataFrame) -> DataFrame:
@@ -391,7 +457,7 @@ def popular_for(users: DataFrame, popularity: DataFrame, n: int, exclude_pairs: 
 def evaluate_strategies(
     report: EvaluationReport,
     settings: EvaluationSettings,
-    split,
+    split: Split,
     train_events: DataFrame,
     purchases: DataFrame,
     discover: DataFrame,
@@ -404,13 +470,15 @@ def evaluate_strategies(
     ``discover`` (user_id, item_id, score, rank): the tuned ALS lists (purchases excluded) of these users.
     Appends to ``report.metrics``:
 
-    - on all next purchases: ``buy_again``, ``most_bought`` (the trivial "your most bought items"),
-      ``blended`` and ``popular_all`` (the most bought items overall, nothing excluded);
+    - on all next purchases: ``buy_again`` (the configured ranker), ``buy_again_heuristic`` (the due-ness
+      score), ``most_bought`` and ``most_recent`` (the trivial "your most bought / most recent items"),
+      ``blended``, ``popular_all`` (the most bought items overall, nothing excluded), and
+      ``shipped_buy_again`` / ``shipped_blended``: per customer group the list validation chose
+      (``report.shipped``);
     - on next purchases of new items (not bought in training): ``discover`` and ``popular_new``
       (overall popularity minus the user's purchases).
 
-    Buy-again lists are scored as of each user's own end of training history (the split is per user),
-    or the cutoff with ``holdout_cutoff``.
+    Lists are made as of the split's T (``lists_as_of``), or each user's own end of history (per-user split).
     """
     max_k = max(settings.k_values)
     truth_all = purchases.select("user_id", "item_id")
@@ -420,39 +488,43 @@ def evaluate_strategies(
         log.info("%s", report.notes[-1])
         return
     users = truth_all.select("user_id").distinct()
-    occasions = purchase_occasions(train_events, settings.purchase_event_types)
-    if settings.holdout_cutoff is not None:
-        as_of = F.lit(split.train_end).cast("timestamp")
-        user_occasions = occasions.withColumn("history_end", as_of)
-    else:
-        user_occasions = occasions.join(user_history_end(train_events), "user_id")
+    occasions = purchase_occasions(train_events, settings.purchase_event_types).cache()
+    user_occasions, as_of = lists_as_of(settings, split, train_events, occasions)
     user_occasions = user_occasions.join(users, "user_id").cache()
     params = settings.buy_again
-    again = buy_again_top_n(user_occasions, F.col("history_end"), params, max_k, exclude_items).localCheckpoint(eager=True)
-    most_bought = most_bought_top_n(user_occasions, F.col("history_end"), max_k, exclude_items)
+    ranker = fit_ranker(occasions, split.train_end, params, settings.buy_again_model, settings.sample_seed)
+    report.notes.append(f"test: {ranker.note}")
+    lists = {
+        "buy_again": ranker_top_n(ranker, user_occasions, as_of, params, max_k, exclude_items)
+        .localCheckpoint(eager=True),
+        "buy_again_heuristic": buy_again_top_n(user_occasions, as_of, params, max_k, exclude_items),
+        "most_bought": most_bought_top_n(user_occasions, as_of, max_k, exclude_items),
+        "most_recent": most_recent_top_n(user_occasions, as_of, max_k, exclude_items),
+    }
     popularity = purchase_popularity(occasions)
     propensity = repeat_propensity(occasions, params.prior_strength).cache()
     share = global_repeat_share(propensity)
     discover_users = discover.join(users, "user_id").withColumn("source", F.lit("als"))
-    blended = blend(again, discover_users, propensity, max_k, share, report.calibration)
-    bought = occasions.select("user_id", "item_id").distinct()
-    catalog = catalog_size
-    _measure(report, "buy_again", again, truth_all, settings.k_values, catalog)
-    _measure(report, "most_bought", most_bought, truth_all, settings.k_values, catalog)
-    _measure(report, "blended", blended, truth_all, settings.k_values, catalog)
-    _measure(report, "popular_all", popular_for(users, popularity, max_k, exclude_items=exclude_items),
-             truth_all, settings.k_values, catalog)
+    lists["blended"] = blend(lists["buy_again"], discover_users, propensity, max_k, share, report.calibration) \
+        .localCheckpoint(eager=True)
+    groups = customer_groups(user_occasions, as_of).cache()
+    for strategy, chosen in report.shipped.items():
+        lists[f"shipped_{strategy}"] = ship_what_wins(lists, groups, chosen, strategy)
+    lists["popular_all"] = popular_for(users, popularity, max_k, exclude_items=exclude_items)
+    for name, rows in lists.items():
+        _measure(report, name, rows, truth_all, settings.k_values, catalog_size)
     if truth_new.limit(1).count() == 0:
         report.notes.append("no held-out purchases of new items: discover not evaluated on purchases")
     else:
         new_users = truth_new.select("user_id").distinct()
-        _measure(report, "discover", discover.join(new_users, "user_id"), truth_new, settings.k_values, catalog)
+        bought = occasions.select("user_id", "item_id").distinct()
+        _measure(report, "discover", discover.join(new_users, "user_id"), truth_new, settings.k_values, catalog_size)
         _measure(report, "popular_new", popular_for(new_users, popularity, max_k,
                                                     bought.join(new_users, "user_id"), exclude_items),
-                 truth_new, settings.k_values, catalog)
+                 truth_new, settings.k_values, catalog_size)
     report.notes.append(f"global repeat share of purchase occasions {share:.3f}")
-    user_occasions.unpersist()
-    propensity.unpersist()
+    for df in (occasions, user_occasions, propensity, groups):
+        df.unpersist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,15 +576,19 @@ def strategy_lists(
     strategies: tuple[str, ...] | list[str],
     exclude_items: DataFrame | None = None,
     calibration: BlendCalibration | None = None,
+    ranker: BuyAgainRanker | None = None,
+    shipped: dict[str, dict[str, str]] | None = None,
 ) -> DataFrame:
     """(user_id, rank, item_id, score, source, strategy): the lists of each requested strategy.
 
     ``discover`` (user_id, rank, item_id, score, source): ``final_recommendations``' lists.
     ``buy_again``: every user with a purchase occasion (``lib.buy_again.purchase_occasions``) before
-    ``as_of`` gets their repeat-purchase list (source ``buy_again``). ``blended``: both interleaved by the
-    user's repeat propensity (calibrated by ``calibration`` when given, see ``lib.buy_again.blend``); each
-    row keeps the source it came from. ``exclude_items`` (item_id) never
-    appear in any list.
+    ``as_of`` gets their repeat-purchase list, ranked by ``ranker`` (default: the heuristic score; source
+    ``buy_again``). ``blended``: both interleaved by the user's repeat propensity (calibrated by
+    ``calibration`` when given, see ``lib.buy_again.blend``); each row keeps the source it came from.
+    ``shipped`` (strategy -> customer group -> list, from validation): a group whose validation a baseline
+    won gets that baseline's list instead, its rows' source naming it (e.g. ``most_bought``).
+    ``exclude_items`` (item_id) never appear in any list.
     """
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown or not strategies:
@@ -520,21 +596,35 @@ def strategy_lists(
     if exclude_items is not None:  # discover lists were built without these items; this is the safety net
         discover = discover.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti").withColumn(
             "rank", F.row_number().over(Window.partitionBy("user_id").orderBy("rank")))
+    shipped = shipped or {}
     parts = []
     if "discover" in strategies:
         parts.append(discover.withColumn("strategy", F.lit("discover")))
     if "buy_again" in strategies or "blended" in strategies:
-        again = buy_again_top_n(occasions, as_of, params, n, exclude_items).withColumn("source", F.lit("buy_again"))
-        if "blended" in strategies:
-            again = again.localCheckpoint(eager=True)
-        if "buy_again" in strategies:
-            parts.append(again.withColumn("strategy", F.lit("buy_again")))
+        ranker = ranker or BuyAgainRanker("heuristic", None, "heuristic")
+        again = ranker_top_n(ranker, occasions, as_of, params, n, exclude_items).withColumn(
+            "source", F.lit("buy_again")).localCheckpoint(eager=True)
+        lists = {"buy_again": again}
+        groups = None
+        if any(name != strategy for strategy, chosen in shipped.items() for name in chosen.values()):
+            groups = customer_groups(occasions, as_of).cache()
+            lists["most_bought"] = most_bought_top_n(occasions, as_of, n, exclude_items)
+            lists["most_recent"] = most_recent_top_n(occasions, as_of, n, exclude_items)
+
+        def shipped_list(strategy: str) -> DataFrame:
+            chosen = shipped.get(strategy, {})
+            if groups is None or all(name == strategy for name in chosen.values()):
+                return lists[strategy]
+            return ship_what_wins(lists, groups, chosen, strategy)
+
         if "blended" in strategies:
             propensity = repeat_propensity(occasions.where(F.col("ts") <= F.lit(as_of).cast("timestamp")),
                                            params.prior_strength).cache()
             share = global_repeat_share(propensity)
-            parts.append(blend(again, discover, propensity, n, share, calibration)
-                         .withColumn("strategy", F.lit("blended")))
+            lists["blended"] = blend(again, discover, propensity, n, share, calibration)
+        for strategy in ("buy_again", "blended"):
+            if strategy in strategies:
+                parts.append(shipped_list(strategy).withColumn("strategy", F.lit(strategy)))
     union = parts[0]
     for part in parts[1:]:
         union = union.unionByName(part)

@@ -406,6 +406,8 @@ class RecommendSettings:
     min_history: int
     k_values: tuple[int, ...]
     tune_k: int
+    split: str
+    horizon_days: float
     holdout_fraction: float
     holdout_cutoff: str
     validation_fraction: float
@@ -413,7 +415,7 @@ class RecommendSettings:
     model_dir: str
     strategies: tuple[str, ...]
     purchase_event_types: tuple[str, ...]
-    buy_again_horizon_days: float
+    buy_again_model: str
     buy_again_overdue_decay: float
     buy_again_min_gaps: int
     blend_prior_strength: float
@@ -424,6 +426,9 @@ class RecommendSettings:
 
     def __post_init__(self) -> None:
         require(len(self.k_values) > 0, "recommend.k_values", "must hold at least one K")
+        one_of(self.split, ("forward", "per_user"), "recommend.split")
+        one_of(self.buy_again_model, ("logistic_regression", "gbt", "heuristic"), "recommend.buy_again_model")
+        require(self.horizon_days > 0, "recommend.horizon_days", "must be > 0")
         require(0.0 < self.holdout_fraction < 1.0, "recommend.holdout_fraction", "must be in (0, 1)")
         require(0.0 < self.validation_fraction < 1.0, "recommend.validation_fraction", "must be in (0, 1)")
         parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
@@ -432,7 +437,6 @@ class RecommendSettings:
         require(len(self.strategies) > 0 and not unknown, "recommend.strategies",
                 f"must name some of {', '.join(strategies)}; got {list(self.strategies)}")
         require(len(self.purchase_event_types) > 0, "recommend.purchase_event_types", "must name an event type")
-        require(self.buy_again_horizon_days > 0, "recommend.buy_again_horizon_days", "must be > 0")
         require(self.buy_again_overdue_decay > 0, "recommend.buy_again_overdue_decay", "must be > 0")
         require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
         require(self.tune_stop_z >= 0, "recommend.tune_stop_z", "must be >= 0 (0: never stop a candidate early)")

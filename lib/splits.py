@@ -1,4 +1,13 @@
-"""Leakage-free evaluation splits of the events table: each user's most recent events are held out.
+"""Leakage-free evaluation splits of the events table.
+
+Two questions, two splits:
+
+- ``holdout_forward`` (the default, ``[recommend] split = "forward"``): the task an email faces. Fit on
+  every event up to a moment T, judge on what the customers seen before T do in the next
+  ``horizon_days`` (T, T + h]. T defaults to the latest event minus h.
+- ``holdout_latest`` (``split = "per_user"``): each user's latest share of events, whenever they happened;
+  it asks "what does this user do next" regardless of the calendar (and lets later users' events into
+  an earlier user's training side).
 
 Everything a model trains on (weights, decay, indices, popularity) must then be computed from the
 ``train`` side alone; ``relevant_items`` turns the held-out side into the evaluation's ground truth.
@@ -6,7 +15,7 @@ Everything a model trains on (weights, decay, indices, popularity) must then be 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
@@ -62,6 +71,39 @@ def holdout_latest(
     if train_end is None:
         raise ValueError("the training side of the split is empty: lower the holdout fraction or move the cutoff later")
     return Split(train=train, held_out=held_out, train_end=_as_utc(train_end))
+
+
+def holdout_forward(
+    events: DataFrame,
+    horizon_days: float,
+    cutoff: datetime | None = None,
+    ts_col: str = "event_ts",
+) -> Split:
+    """Train on every event up to ``cutoff`` T (default: the latest event minus ``horizon_days``), hold out
+    the events of (T, T + horizon_days]; later events are in neither side. ``train_end`` is T itself (not
+    the last training event), the moment every list of the split is made as of.
+
+    Ground truth then comes from ``relevant_items`` / ``purchase_truth``, which keep the users the
+    training side knows: the customers seen before T.
+    """
+    if ts_col not in events.columns:
+        raise ValueError(f"events lack column {ts_col}; has {', '.join(events.columns)}")
+    if horizon_days <= 0:
+        raise ValueError(f"the forward split's horizon_days must be > 0, got {horizon_days}")
+    horizon = timedelta(days=horizon_days)
+    if cutoff is None:
+        latest = events.agg(F.max(ts_col)).first()[0]
+        if latest is None:
+            raise ValueError("events are empty: nothing to split")
+        cutoff = _as_utc(latest) - horizon
+    cutoff = _as_utc(cutoff)
+    start, end = F.lit(cutoff).cast("timestamp"), F.lit(cutoff + horizon).cast("timestamp")
+    train = events.where(F.col(ts_col) <= start)
+    if train.limit(1).count() == 0:
+        raise ValueError(f"the training side of the forward split is empty: no event at or before {cutoff.isoformat()} "
+                         f"(recommend.split_cutoff / recommend.horizon_days)")
+    held_out = events.where((F.col(ts_col) > start) & (F.col(ts_col) <= end))
+    return Split(train=train, held_out=held_out, train_end=cutoff)
 
 
 def relevant_items(

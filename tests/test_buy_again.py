@@ -4,15 +4,16 @@ their trivial baselines and discovery keeps beating popularity on new items."""
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from pyspark.sql import functions as F
 
 from lib.als import AlsParams
-from lib.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, item_intervals,
-                           most_bought_top_n, purchase_occasions, repeat_propensity)
-from lib.recommend import EvaluationSettings, evaluate_offline
+from lib.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, choose_per_group, fit_ranker,
+                           item_intervals, most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n,
+                           repeat_propensity)
+from lib.recommend import EvaluationSettings, evaluate_offline, strategy_lists
 from lib.sample_repeat import RepeatSpec, generate_repeat_purchases, item_interval_days
 
 AS_OF = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -65,6 +66,57 @@ def test_scores_follow_frequency_interval_and_recency(spark):
     trivial = most_bought_top_n(occasions, AS_OF, 2, spark.createDataFrame([("soap",)], "item_id string"))
     assert [(r["user_id"], r["item_id"], r["score"]) for r in trivial.orderBy("user_id", "rank").collect()] == [
         ("u1", "milk", 4.0), ("u1", "tv", 1.0), ("u2", "milk", 3.0)]
+
+
+def _lists(rows) -> dict[str, list[str]]:
+    by_user: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: (r["user_id"], r["rank"])):
+        by_user.setdefault(row["user_id"], []).append(row["item_id"])
+    return by_user
+
+
+def test_ranker_learns_that_a_stopped_item_is_not_bought_again(spark):
+    """Six customers bought "fad" six times long ago and then stopped, and buy "milk" weekly. The window
+    before AS_OF teaches the ranker that milk comes back and fad does not: it ranks milk first where the
+    most-bought baseline ranks fad first (6 occasions against milk's 5)."""
+    rows = [(f"u{u}", "fad", d) for u in range(6) for d in (200, 190, 180, 170, 160, 150)] \
+        + [(f"u{u}", "milk", d) for u in range(6) for d in (28, 21, 14, 7, 1)]
+    occasions = purchase_occasions(_purchases(spark, rows), ["purchase"]).cache()
+    params = BuyAgainParams(horizon_days=14.0, min_gaps=2)
+    ranker = fit_ranker(occasions, AS_OF, params, "logistic_regression")
+    assert ranker.model is not None and "12 pairs" in ranker.note and "0.500 re-bought" in ranker.note
+    learned = _lists(ranker_top_n(ranker, occasions, AS_OF, params, 2).collect())
+    assert learned == {f"u{u}": ["milk", "fad"] for u in range(6)}
+    assert _lists(most_bought_top_n(occasions, AS_OF, 2).collect()) == {f"u{u}": ["fad", "milk"] for u in range(6)}
+    assert _lists(most_recent_top_n(occasions, AS_OF, 1).collect()) == {f"u{u}": ["milk"] for u in range(6)}
+    # Nothing re-bought in the window before the moment: nothing to learn, the heuristic ranks.
+    fallback = fit_ranker(occasions, AS_OF - timedelta(days=100), params, "logistic_regression")
+    assert fallback.model is None and "heuristic used" in fallback.note
+    occasions.unpersist()
+
+
+def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
+    """u1 has one order, u2 several. Validation: on one-order customers most_bought beat the buy-again list,
+    on repeat customers it tied (the list ships). u1's buy_again list is then their most-bought items,
+    recorded as source most_bought; u2 keeps the ranker's list."""
+    ndcg = {("buy_again", "one_order"): 0.20, ("most_bought", "one_order"): 0.25, ("most_recent", "one_order"): 0.1,
+            ("buy_again", "repeat"): 0.40, ("most_bought", "repeat"): 0.40}
+    chosen = choose_per_group("buy_again", ("most_bought", "most_recent"), ndcg)
+    assert chosen == {"one_order": "most_bought", "repeat": "buy_again"}
+    assert choose_per_group("buy_again", ("most_bought",), {}) == {"one_order": "buy_again", "repeat": "buy_again"}
+
+    rows = [("u1", "x", 3), ("u1", "y", 3), ("u1", "y", 3)] + [("u2", "a", d) for d in (30, 20, 10)] + [("u2", "b", 2)]
+    occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
+    discover = spark.createDataFrame([], "user_id string, rank int, item_id string, score double, source string")
+    lists = strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
+                           ("buy_again",), shipped={"buy_again": chosen}).collect()
+    got = {(r["user_id"], r["rank"]): (r["item_id"], r["source"], r["strategy"]) for r in lists}
+    # u1's most bought: x and y once each (same day), ties by recency then id.
+    assert {key: value[1] for key, value in got.items()} == {("u1", 1): "most_bought", ("u1", 2): "most_bought",
+                                                             ("u2", 1): "buy_again", ("u2", 2): "buy_again"}
+    assert [got[("u1", r)][0] for r in (1, 2)] == [r["item_id"] for r in most_bought_top_n(occasions, AS_OF, 2)
+                                                   .where("user_id = 'u1'").orderBy("rank").collect()]
+    assert {value[2] for value in got.values()} == {"buy_again"}
 
 
 def test_repeat_propensity_is_shrunk_to_the_global_share(spark):

@@ -55,16 +55,23 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
     assert discover.join(bought, ["user_id", "item_id"]).count() == 0
     again = recs.where("strategy = 'buy_again'")
     assert again.count() > 0 and again.join(bought, ["user_id", "item_id"], "left_anti").count() == 0
-    assert {r["source"] for r in again.select("source").distinct().collect()} == {"buy_again"}
+    # Where a baseline won a customer group's validation, that group's list is the baseline, and the run says so.
+    again_sources = {r["source"] for r in again.select("source").distinct().collect()}
+    assert "buy_again" in again_sources and again_sources <= {"buy_again", "most_bought", "most_recent"}
+    assert all(f"({source})" in result.message for source in again_sources - {"buy_again"})
     blended_sources = {r["source"] for r in recs.where("strategy = 'blended'").select("source").distinct().collect()}
-    assert "buy_again" in blended_sources and blended_sources & {"als", "segment_popular", "popular"}
+    if "blended: a baseline won validation" in result.message:
+        assert blended_sources & {"most_bought", "most_recent"}
+    else:
+        assert "buy_again" in blended_sources and blended_sources & {"als", "segment_popular", "popular"}
     assert result.counts["users_als"] > 0 and result.rows_out == recs.count()
 
     metrics = tables.read(spark, C.REC_METRICS)
     got = {(r["model"], r["k"], r["metric"]): r["value"] for r in metrics.collect()}
     # No NMF tables: NMF-score skipped; every strategy beside its trivial baselines.
-    assert {model for model, _, _ in got} == {"als", "popular", "buy_again", "most_bought", "blended",
-                                              "popular_all", "discover", "popular_new"}
+    assert {model for model, _, _ in got} == {"als", "popular", "buy_again", "buy_again_heuristic", "most_bought",
+                                              "most_recent", "blended", "popular_all", "shipped_buy_again",
+                                              "shipped_blended", "discover", "popular_new"}
     assert {k for _, k, _ in got} == {5, 10}
     assert all(0.0 <= value <= 1.0 for (_, _, metric), value in got.items() if metric != "users")
     tuning = tables.read(spark, C.ALS_TUNING).collect()

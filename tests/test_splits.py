@@ -1,12 +1,14 @@
-"""Evaluation splits: latest events held out per user, and nothing held out reaches training."""
+"""Evaluation splits: forward in time (fit up to T, judge the next horizon) or the latest events per user,
+and nothing held out reaches training."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from lib.buy_again import BuyAgainParams
 from lib.recommend import EvaluationSettings, item_popularity, training_side
 from lib.sample_data import SampleSpec, generate_events
 from lib.splits import holdout_latest, relevant_items
@@ -72,3 +74,42 @@ def test_held_out_events_do_not_influence_training_inputs(events):
     # The tampering did reach the held-out side, so the equalities above are not vacuous.
     truth = relevant_items(tampered_split.held_out, again.user_index)
     assert truth.where(F.col("item_id") == "leak-item").count() > 0
+
+
+def test_forward_split_trains_up_to_t_and_judges_seen_customers_on_the_next_horizon(spark):
+    """Latest event day 14, horizon 3: T = day 11. Training holds nothing after T; the truth is what the
+    customers seen before T bought in (T, T + 3]; validation is the same split at T - 3, from training."""
+    from lib.recommend import validation_split
+    from lib.splits import holdout_forward, purchase_truth
+
+    day = lambda d: datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(days=d)  # noqa: E731
+    rows = [("u1", "a", 1), ("u1", "b", 5), ("u1", "a", 9), ("u1", "c", 12), ("u2", "b", 8), ("u2", "b", 13),
+            ("u3", "a", 12), ("u4", "d", 14)]
+    events = spark.createDataFrame([(f"e{n}", u, i, "purchase", day(d)) for n, (u, i, d) in enumerate(rows)],
+                                   "event_id string, user_id string, item_id string, event_type string, "
+                                   "event_ts timestamp")
+    split = holdout_forward(events, 3.0)
+    assert split.train_end == day(11)
+    assert sorted(r["event_id"] for r in split.train.collect()) == ["e0", "e1", "e2", "e4"]
+    assert sorted(r["event_id"] for r in split.held_out.collect()) == ["e3", "e5", "e6", "e7"]
+    truth = purchase_truth(split.held_out, split.train.select("user_id").distinct(),
+                           split.train.select("user_id", "item_id"), ["purchase"])
+    # u3 and u4 were not seen before T: not judged. u2's b was bought before, u1's c is new.
+    assert sorted(tuple(r) for r in truth.collect()) == [("u1", "c", True), ("u2", "b", False)]
+
+    # An explicit T: events after T + horizon are in neither side.
+    early = holdout_forward(events, 3.0, cutoff=day(8))
+    assert sorted(r["event_id"] for r in early.held_out.collect()) == ["e2"]
+    assert early.train.count() == 3 and early.train_end == day(8)
+
+    # Validation: fit up to T - 3 = day 8, judged on (8, 11], carved from the test split's training side.
+    inner = validation_split(split.train, split, EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10,
+                                                                    buy_again=BuyAgainParams(horizon_days=3.0)))
+    assert inner.train_end == day(8)
+    assert sorted(r["event_id"] for r in inner.train.collect()) == ["e0", "e1", "e4"]
+    assert sorted(r["event_id"] for r in inner.held_out.collect()) == ["e2"]
+
+    with pytest.raises(ValueError, match="horizon_days must be > 0"):
+        holdout_forward(events, 0.0)
+    with pytest.raises(ValueError, match="training side of the forward split is empty"):
+        holdout_forward(events, 3.0, cutoff=day(0))
