@@ -202,7 +202,7 @@ def _positives(df: DataFrame, target: str) -> tuple[int, int]:
     return int(row["pos"] or 0), int(row["n"]) - int(row["pos"] or 0)
 
 
-class _Frames:
+class CutoffFrames:
     """Model rows as of a cutoff (customer features, purchase history and the purchase model fitted at
     that cutoff), built once per cutoff however many targets use it."""
 
@@ -249,7 +249,7 @@ def score_customers(events: DataFrame, as_of: date, settings: ScoresSettings,
     windows = tuple(settings.windows_days)
     k = k if affinities is not None else 0
     names = feature_names(windows, k) + purchase_history_names(windows) + ["bgnbd_p_alive", "bgnbd_rate"]
-    frames = _Frames(events, settings, affinities, k)
+    frames = CutoffFrames(events, settings, affinities, k)
     longest = max(windows)
     reason, counts = check_eligibility(events, as_of, settings)
     outcome = ScoreOutcome(scores=None, counts=dict(counts))  # type: ignore[arg-type]
@@ -307,7 +307,7 @@ def _average_rank(column: str) -> F.Column:
             + (F.count(F.lit(1)).over(Window.partitionBy(column)) - 1) / 2.0)
 
 
-def value_metrics(frames: _Frames, as_of: date, settings: ScoresSettings) -> list[tuple[str, str, str, int | None, float]]:
+def value_metrics(frames: CutoffFrames, as_of: date, settings: ScoresSettings) -> list[tuple[str, str, str, int | None, float]]:
     """Customer value validated on the ``value_validation_days`` before ``as_of``: the purchase model
     fitted at the start of that window against what buyers then spent (Spearman, top-decile revenue
     capture, beside historic spend) and when they next ordered (mean absolute error in days, beside the

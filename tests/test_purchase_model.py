@@ -12,7 +12,7 @@ from jobs.common import BASE_CONFIG
 from lib.config import parse_toml
 from lib.features import purchase_history
 from lib.purchase_model import PurchaseModel, customer_value, fit_purchase_model
-from lib.scoring import score_customers
+from lib.scoring import CutoffFrames, score_customers
 from lib.settings import ScoresSettings
 
 AS_OF = date(2024, 6, 30)
@@ -103,41 +103,41 @@ def _settings(**overrides) -> ScoresSettings:
     return ScoresSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def test_buyers_are_scored_and_the_churn_definition_switches_the_label(spark):
-    orders = [(u, d, r) for u, d, r in bgnbd_orders(customers=80, seed=3)]
-    # Views, no purchase: not scored. Views of buyers in the last 14 days: active but perhaps no order.
-    views = [("browser", AS_OF - timedelta(days=5), None)] + [
-        (f"c{i:03d}", AS_OF - timedelta(days=2), None) for i in range(0, 80, 3)]
-    events = _events(spark, orders + views).cache()
-    by_definition = {}
-    for definition in ("no_site_activity", "no_order"):
-        outcome = score_customers(events, AS_OF, _settings(churn_definition=definition))
-        assert outcome.eligible, outcome.reason
-        by_definition[definition] = outcome
-        rows = {r["user_id"]: r for r in outcome.scores.collect()}
-        outcome.scores.unpersist()
-        assert (rows["browser"]["eligible"], rows["browser"]["reason_code"]) == (False, "no_purchase_yet")
-        assert rows["browser"]["p_alive"] is None and rows["browser"]["historic_clv"] is None
-        buyers = {u for u, _, _ in orders}
-        assert {u for u, r in rows.items() if r["eligible"]} == buyers
-        assert all(r["reason_code"] is None and 0 <= r["churn_probability"] <= 1 for u, r in rows.items() if u in buyers)
+ORDERS = bgnbd_orders(customers=80, seed=3)
+# Views, no purchase: not scored. Views of every third buyer 2 days before AS_OF: active, perhaps no order.
+VIEWS = [("browser", AS_OF - timedelta(days=5), None)] + [(f"c{i:03d}", AS_OF - timedelta(days=2), None)
+                                                          for i in range(0, 80, 3)]
 
-    def validation_counts(cutoff: date, horizon: int, active) -> tuple[int, int]:
-        """(churners, stayers) among buyers as of ``cutoff`` by the days after it."""
-        bought = {u for u, d, _ in orders if d <= cutoff}
-        stayed = {u for u, d, r in orders + views if cutoff < d <= cutoff + timedelta(days=horizon) and active(r)}
-        return len(bought - stayed), len(bought & stayed)
 
-    site = by_definition["no_site_activity"].counts
-    assert (site["valid_churn_positives"], site["valid_churn_negatives"]) == \
-        validation_counts(AS_OF - timedelta(days=14), 14, lambda revenue: True)
-    order = by_definition["no_order"].counts
-    assert (order["valid_churn_positives"], order["valid_churn_negatives"]) == \
-        validation_counts(AS_OF - timedelta(days=30), 30, lambda revenue: revenue is not None)
-    assert order["valid_purchase_positives"] == site["valid_purchase_positives"]
-    metrics = {(t, m, metric) for t, m, metric, b, v in by_definition["no_order"].metrics}
+def test_every_buyer_is_scored_and_the_rest_get_a_reason(spark):
+    # One horizon for every target and the value check: the cutoffs (and purchase-model fits) are shared.
+    settings = _settings(churn_definition="no_order", churn_horizon_days=14, value_validation_days=14)
+    outcome = score_customers(_events(spark, ORDERS + VIEWS), AS_OF, settings)
+    assert outcome.eligible, outcome.reason
+    rows = {r["user_id"]: r for r in outcome.scores.collect()}
+    outcome.scores.unpersist()
+    assert (rows["browser"]["eligible"], rows["browser"]["reason_code"]) == (False, "no_purchase_yet")
+    assert rows["browser"]["p_alive"] is None and rows["browser"]["historic_clv"] is None
+    buyers = {u for u, _, _ in ORDERS}
+    assert {u for u, r in rows.items() if r["eligible"]} == buyers
+    assert all(r["reason_code"] is None and 0 <= r["churn_probability"] <= 1 and r["p_alive"] is not None
+               for u, r in rows.items() if u in buyers)
+    metrics = {(t, m, metric) for t, m, metric, b, v in outcome.metrics}
     for baseline in ("recency_baseline", "frequency_baseline", "rfm_baseline", "bgnbd_baseline"):
         assert ("churn", baseline, "roc_auc") in metrics and ("purchase", baseline, "roc_auc") in metrics
-    assert ("clv", "predicted_clv", "spearman") in metrics
+    assert ("clv", "predicted_clv", "spearman") in metrics and ("clv", "historic_spend_baseline", "spearman") in metrics
     assert ("next_order", "last_order_plus_mean_gap_baseline", "mae_days") in metrics
-    events.unpersist()
+
+
+@pytest.mark.parametrize("definition, horizon, counts", [
+    ("no_site_activity", 14, lambda revenue: True),            # a visit keeps a buyer
+    ("no_order", 30, lambda revenue: revenue is not None),     # only an order does, over churn_horizon_days
+])
+def test_the_churn_definition_switches_the_label(spark, definition, horizon, counts):
+    settings = _settings(churn_definition=definition)
+    cutoff = AS_OF - timedelta(days=horizon)
+    rows = CutoffFrames(_events(spark, ORDERS + VIEWS), settings, None, 0).labelled(cutoff, "churn")
+    churners = {r["user_id"] for r in rows.where("churn = 1.0").select("user_id").collect()}
+    bought = {u for u, d, _ in ORDERS if d <= cutoff}
+    stayed = {u for u, d, r in ORDERS + VIEWS if cutoff < d <= cutoff + timedelta(days=horizon) and counts(r)}
+    assert churners == bought - stayed and rows.count() == len(bought)
