@@ -1,6 +1,7 @@
-"""Customer scores: churn and purchase probability in the next horizon, expected revenue and email
-engagement per user into customer_scores (one row per user per as_of; a re-run replaces its as_of),
-validation metrics against a recency baseline into model_metrics, and a markdown report."""
+"""Customer scores: churn and purchase probability in the next horizon, expected revenue, customer value
+(CLV, p_alive, next order date) and email engagement per user into customer_scores (one row per user per
+as_of; a re-run replaces its as_of), validation metrics beside their baselines into model_metrics, and a
+markdown report."""
 from __future__ import annotations
 
 import logging
@@ -51,6 +52,7 @@ def run(ctx: StageContext) -> StageResult:
                        *[F.sum((F.col("churn_band") == b).cast("int")).alias(b) for b in ("low", "medium", "high")]
                        ).first()
     rows.unpersist()
+    outcome.scores.unpersist()
 
     # Appended even when empty (an ineligible run): the table then exists for readers and exports.
     tables.append(spark.createDataFrame(

@@ -191,15 +191,18 @@ CUSTOMER_SCORES = TableSpec(
     "purchase_probability double, expected_revenue double, engagement_score double, historic_clv double, "
     "predicted_clv double, total_clv double, p_alive double, expected_orders double, avg_days_between_orders double, "
     "expected_next_order_date date, eligible boolean, reason_code string, model_version string, run_id string",
-    "per user per as_of date: churn and purchase probability in the next horizon, expected revenue, email "
-    "engagement; eligible = false with a reason_code instead of a score (a re-run replaces its as_of)",
+    "per user per as_of date: churn and purchase probability in the next horizon, expected revenue, customer "
+    "value (historic / predicted / total CLV, p_alive, expected orders, order pace, next order date from the "
+    "BG/NBD + Gamma-Gamma purchase model), email engagement; eligible = false with a reason_code instead of "
+    "a score (a re-run replaces its as_of)",
     partition_by=("as_of",),
 )
 MODEL_METRICS = TableSpec(
     "model_metrics",
     "run_id string, as_of date, target string, model string, metric string, bin int, value double",
-    "validation metrics per run, target (churn, purchase) and model, with the recency baseline and "
-    "10-bin reliability tables (bin set only for the reliability_* metrics; appended)",
+    "validation metrics per run, target (churn, purchase, clv, next_order) and model, with the recency, "
+    "frequency, RFM and BG/NBD baselines and 10-bin reliability tables (bin set only for the reliability_* "
+    "and decile_lift metrics; appended)",
 )
 SEND_TIMES = TableSpec(
     "send_times",

@@ -151,3 +151,47 @@ def resolve_as_of(configured: datetime | None, events: DataFrame) -> date:
     if latest is None:
         raise ValueError("events is empty: nothing to score")
     return latest.date()
+
+
+def purchase_history_names(windows: tuple[int, ...]) -> list[str]:
+    """The model features of ``purchase_history`` (orders are distinct purchase days)."""
+    return ["orders", "order_tenure_days", "mean_gap_days_or_cap", "last_gap_days_or_cap", "historic_revenue",
+            *[f"purchase_days_{w}d" for w in windows]]
+
+
+def purchase_history(events: DataFrame, as_of: date, windows: tuple[int, ...]) -> DataFrame:
+    """One row per customer with a purchase up to the end of ``as_of``: orders (distinct purchase days),
+    first / last order date, the purchase model's summary (repeat_orders = orders - 1, t_x = days from
+    the first to the last order, T = days from the first order to ``as_of``, repeat_order_value = the
+    mean revenue of the orders after the first), historic_revenue, mean_gap_days and last_gap_days
+    (null below 2 orders) and the ``purchase_history_names`` features (gaps capped at twice the
+    longest window where missing)."""
+    bought = events_until(events, as_of).where(F.col("event_type") == "purchase")
+    daily = bought.groupBy("user_id", F.to_date("event_ts").alias("day")).agg(
+        F.sum(F.coalesce("revenue", F.lit(0.0))).alias("day_revenue"))
+    reference = F.lit(as_of.isoformat()).cast("date")
+    per_user = daily.groupBy("user_id").agg(
+        F.count(F.lit(1)).alias("orders"), F.min("day").alias("first_order_date"),
+        F.max("day").alias("last_order_date"), F.sum("day_revenue").alias("historic_revenue"),
+        F.min_by("day_revenue", "day").alias("first_order_revenue"),
+        # The second-to-last order: the last gap says whether the pace is changing.
+        F.try_element_at(F.sort_array(F.collect_list("day"), asc=False), F.lit(2)).alias("previous_order_date"),
+        *[F.sum(F.when(F.datediff(reference, "day") < w, 1.0).otherwise(0.0)).alias(f"purchase_days_{w}d")
+          for w in windows])
+    repeat = F.col("orders") - 1
+    span = F.datediff("last_order_date", "first_order_date").cast("double")
+    cap = float(max(windows) * 2)
+    history = per_user.select(
+        "user_id", F.col("orders").cast("double").alias("orders"), "first_order_date", "last_order_date",
+        repeat.cast("double").alias("repeat_orders"), span.alias("t_x"),
+        F.datediff(reference, "first_order_date").cast("double").alias("T"),
+        F.when(repeat > 0, (F.col("historic_revenue") - F.col("first_order_revenue")) / repeat)
+        .alias("repeat_order_value"),
+        "historic_revenue",
+        F.when(repeat > 0, span / repeat).alias("mean_gap_days"),
+        F.datediff("last_order_date", "previous_order_date").cast("double").alias("last_gap_days"),
+        *[f"purchase_days_{w}d" for w in windows])
+    return history.select(
+        "*", F.col("T").alias("order_tenure_days"),
+        F.coalesce("mean_gap_days", F.lit(cap)).alias("mean_gap_days_or_cap"),
+        F.coalesce("last_gap_days", F.lit(cap)).alias("last_gap_days_or_cap"))

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 HEADLINE = ("roc_auc", "pr_auc", "base_rate", "top_decile_lift", "brier")
+VALUE_TARGETS = ("clv", "next_order")
 
 
 def write_score_report(directory: str | Path, run_id: str, as_of: str,
@@ -25,14 +26,15 @@ def write_score_report(directory: str | Path, run_id: str, as_of: str,
         (out / "scores.md").write_text("\n".join(lines))
         return out / "scores.md"
     lines += ["Validation window: features as of one horizon before the scored date, outcomes in the horizon "
-              "after it (a time-based split). The recency-only rule is the baseline to beat.", ""]
+              "after it (a time-based split). The best baseline is the one to beat.", ""]
     fig_lift, axes_lift = plt.subplots(1, len(chosen), figsize=(6 * len(chosen), 3.5), squeeze=False)
     fig_rel, axes_rel = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4), squeeze=False)
     for i, (target, best) in enumerate(sorted(chosen.items())):
         model = f"{best}+{calibration}"
         rows = [m for m in metrics if m[0] == target]
         models = sorted({m[1] for m in rows if m[3] is None and m[2] in HEADLINE})
-        lines += [f"## {target}", "", f"Chosen: **{model}** (best validation PR-AUC).", "",
+        lines += [f"## {target}", "", f"Chosen: **{model}** (best validation PR-AUC); the *_baseline rows are "
+                  "recency, frequency, RFM logistic regression and the purchase model's probability.", "",
                   "| model | " + " | ".join(HEADLINE) + " |", "|---|" + "---:|" * len(HEADLINE)]
         for name in models:
             values = {m[2]: m[4] for m in rows if m[1] == name and m[3] is None}
@@ -61,6 +63,13 @@ def write_score_report(directory: str | Path, run_id: str, as_of: str,
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         plt.close(fig)
+    value = [m for m in metrics if m[0] in VALUE_TARGETS and m[3] is None]
+    if value:
+        lines += ["## Customer value", "", "Purchase model fitted at the start of the value validation window, "
+                  "measured on it, beside historic spend and the last order plus the average gap.", "",
+                  "| target | model | metric | value |", "|---|---|---|---:|"]
+        lines += [f"| {t} | {name} | {metric} | {v:.4f} |" for t, name, metric, _, v in value]
+        lines.append("")
     lines += ["## Lift", "", "![lift](lift.png)", "", "## Reliability", "",
               "Cross-fitted on two halves of the validation users: points on the diagonal are calibrated.", "",
               "![reliability](reliability.png)", ""]

@@ -200,6 +200,10 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "scores.gbt_max_iter": (1, 10_000),
     "scores.gbt_max_depth": (1, 30),                    # Spark's own limit
     "scores.seed": (0, SEED_MAX),
+    "scores.churn_horizon_days": (1, 3650),
+    "scores.clv_horizon_days": (1, 3650),
+    "scores.value_validation_days": (1, 3650),
+    "scores.purchase_model_max_rows": (100, INT32_MAX),
     "send_time.lookback_days": (1, 3650),
     "send_time.min_signals": (1, 1_000_000),
     "send_time.quiet_hours": (0, 23),
@@ -522,13 +526,16 @@ class SegmentsSettings:
                 f"must hold integers <= {limit}: {shape}; got {list(self.sweep_ks)}")
 
 
-SCORE_MODELS = ("logistic_regression", "gbt")
+SCORE_MODELS = ("logistic_regression", "gbt", "bgnbd")
+CHURN_DEFINITIONS = ("no_site_activity", "no_order")
 
 
 @dataclass(frozen=True)
 class ScoresSettings:
     as_of: str
     horizon_days: int
+    churn_definition: str
+    churn_horizon_days: int
     windows_days: tuple[int, ...]
     churn_band_medium: float
     churn_band_high: float
@@ -541,10 +548,14 @@ class ScoresSettings:
     gbt_max_depth: int
     lr_reg_param: float
     seed: int
+    clv_horizon_days: int
+    value_validation_days: int
+    purchase_model_max_rows: int
     report_dir: str
 
     def __post_init__(self) -> None:
         parse_utc(self.as_of, "scores.as_of")
+        one_of(self.churn_definition, CHURN_DEFINITIONS, "scores.churn_definition")
         require(len(self.windows_days) > 0, "scores.windows_days", "must hold at least one window")
         require(len(set(self.windows_days)) == len(self.windows_days), "scores.windows_days", "has duplicates")
         require(0.0 < self.churn_band_medium < 1.0, "scores.churn_band_medium",
@@ -563,6 +574,12 @@ class ScoresSettings:
     @property
     def as_of_utc(self) -> datetime | None:
         return parse_utc(self.as_of, "scores.as_of")
+
+    def target_horizon(self, target: str) -> int:
+        """Days after the cutoff a target's outcome is read from: churn as "no order" has its own horizon."""
+        if target == "churn" and self.churn_definition == "no_order":
+            return self.churn_horizon_days
+        return self.horizon_days
 
 
 @dataclass(frozen=True)
