@@ -9,7 +9,7 @@ from pyspark.ml.evaluation import RankingEvaluator
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
-from lib.metrics import catalog_coverage, evaluate, ranking_evaluator_input, ranking_metrics
+from lib.metrics import catalog_coverage, evaluate, group_ranking_metrics, ranking_evaluator_input, ranking_metrics
 
 
 def _recs(spark, rows):
@@ -75,3 +75,16 @@ def test_evaluate_adds_coverage_and_rejects_bad_input(spark):
         ranking_metrics(recommended, relevant, k=0)
     with pytest.raises(ValueError, match="lacks column"):
         ranking_metrics(recommended.drop("rank"), relevant, k=1)
+
+
+def test_group_metrics_average_each_groups_users(spark):
+    # a: hit at rank 1 (NDCG 1); b: no hit (0); c: hit at rank 2 of one relevant (1 / log2(3)). d has no group.
+    recommended = _recs(spark, [("a", "x", 1), ("b", "y", 1), ("c", "q", 1), ("c", "z", 2), ("d", "w", 1)])
+    relevant = spark.createDataFrame([("a", "x"), ("b", "v"), ("c", "z"), ("d", "w")], "user_id string, item_id string")
+    groups = spark.createDataFrame([("a", "repeat"), ("b", "repeat"), ("c", "one_order")],
+                                   "user_id string, customer_group string")
+    got = group_ranking_metrics(recommended, relevant, groups, k=2)
+    assert set(got) == {"repeat", "one_order"}
+    assert got["repeat"]["users"] == 2 and got["repeat"]["ndcg"] == pytest.approx(0.5)
+    assert got["repeat"]["ndcg_se"] == pytest.approx(statistics.stdev([1.0, 0.0]) / math.sqrt(2))
+    assert got["one_order"]["ndcg"] == pytest.approx(1 / math.log2(3)) and got["one_order"]["ndcg_se"] == 0.0
