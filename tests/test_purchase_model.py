@@ -109,6 +109,7 @@ VIEWS = [("browser", AS_OF - timedelta(days=5), None)] + [(f"c{i:03d}", AS_OF - 
                                                           for i in range(0, 80, 3)]
 
 
+@pytest.mark.slow  # the whole scoring with every baseline and the value check: about 40 s
 def test_every_buyer_is_scored_and_the_rest_get_a_reason(spark):
     # One horizon for every target and the value check: the cutoffs (and purchase-model fits) are shared.
     settings = _settings(churn_definition="no_order", churn_horizon_days=14, value_validation_days=14)
