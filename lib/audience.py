@@ -2,9 +2,10 @@
 
 For each campaign: everyone with a recommendation list, joined to their segment, latest scores (with
 the customer-value columns), send hour and last activity; the campaign's filters (segments, churn
-bands, minimum purchase probability, minimum predicted CLV, next order expected soon, activity); minus every suppressed user; cut to ``max_audience`` (highest purchase_probability first,
-ties by user id, so the cut is deterministic); then split by ``lib.holdout.assign_variant`` (a hash of
-the salt and the user id) into treatment, holdout and global_control. The same inputs give the same
+bands, minimum purchase probability, minimum predicted CLV, next order expected soon, activity);
+minus every suppressed user; cut to ``max_audience`` (highest purchase_probability first, ties by
+user id, so the cut is deterministic); then split by ``lib.holdout.assign_variant`` (a hash of the
+salt and the user id) into treatment, holdout and global_control. The same inputs give the same
 rows and variants on every run.
 
 A missing optional input (no customer_scores, send_times, user_segments yet) leaves its columns
@@ -54,7 +55,8 @@ def latest_scores(customer_scores: DataFrame) -> DataFrame:
     column the table lacks (written before it existed) is null."""
     latest = customer_scores.agg(F.max("as_of").alias("_latest"))
     return (customer_scores.join(F.broadcast(latest), F.col("as_of") == F.col("_latest"))
-            .select("user_id", "as_of", *[c if c in customer_scores.columns else _null_score(c) for c in SCORE_COLUMNS]))
+            .select("user_id", "as_of",
+                    *[c if c in customer_scores.columns else _null_score(c) for c in SCORE_COLUMNS]))
 
 
 def last_activity(events: DataFrame) -> DataFrame:

@@ -239,8 +239,7 @@ CAMPAIGN_AUDIENCE = TableSpec(
     "p_alive double, expected_orders double, avg_days_between_orders double, expected_next_order_date date, "
     "run_id string",
     "per enabled campaign its audience: variant (treatment / holdout / global_control by a hash of the user id), "
-    "the products to show and the attributes exported (customer value from the latest customer_scores); "
-    "suppressed customers never appear",
+    "the products to show and the attributes exported; suppressed customers never appear",
 )
 CAMPAIGN_RESULTS = TableSpec(
     "campaign_results",

@@ -1,8 +1,9 @@
 """Where the suite's Delta tables live (paths under a root, or catalog tables) and how they are written.
 
 Every write is one Delta commit (overwrite, append or insert-only MERGE) conformed to the table's
-catalog schema (an append or replaceWhere adds the catalog's newer columns to an older table), retried with backoff when a concurrent writer wins the commit race (a failed commit
-leaves nothing behind, so a retry is safe). Stages that write several tables are made all-or-nothing
+catalog schema (an append or replaceWhere adds the catalog's newer columns to an older table),
+retried with backoff when a concurrent writer wins the commit race (a failed commit leaves nothing
+behind, so a retry is safe). Stages that write several tables are made all-or-nothing
 one level up (``jobs.common.run_stage``) with ``version`` and ``restore``: each commit carries the
 run and stage in its ``userMetadata``, so a restore never rolls back another run's commits.
 """

@@ -288,17 +288,17 @@ VALUE_ROWS = [("a", 150.0, date(2026, 11, 3)),    # passes both filters below
 
 def value_scores(spark):
     """customer_scores rows with the customer-value columns; h is only scored at the older as_of."""
-    rows = [{"user_id": u, "as_of": AS_OF, "predicted_clv": clv, "historic_clv": 40.0, "total_clv": None if clv is None
-             else 40.0 + clv, "p_alive": 0.8, "expected_orders": 2.5, "avg_days_between_orders": 12.5,
-             "expected_next_order_date": nxt, "churn_band": "low", "purchase_probability": 0.5, "eligible": clv is not None}
-            for u, clv, nxt in VALUE_ROWS]
+    rows = [{"user_id": u, "as_of": AS_OF, "predicted_clv": clv, "historic_clv": 40.0,
+             "total_clv": None if clv is None else 40.0 + clv, "p_alive": 0.8, "expected_orders": 2.5,
+             "avg_days_between_orders": 12.5, "expected_next_order_date": nxt, "churn_band": "low",
+             "purchase_probability": 0.5, "eligible": clv is not None} for u, clv, nxt in VALUE_ROWS]
     rows.append({"user_id": "h", "as_of": OLDER, "predicted_clv": 900.0, "expected_next_order_date": date(2026, 11, 2)})
     return C.CUSTOMER_SCORES.conform(spark.createDataFrame(rows, C.CUSTOMER_SCORES.schema))
 
 
 def one_list_each(spark, users):
-    return spark.createDataFrame([(u, 1, "i1", 1.0, "als", "blended") for u in users],
-                                 "user_id string, rank int, item_id string, score double, source string, strategy string")
+    return spark.createDataFrame([(u, 1, "i1", 1.0, "als", "blended") for u in users], "user_id string, rank int, "
+                                 "item_id string, score double, source string, strategy string")
 
 
 def test_value_filters_pass_exact_customers_and_never_a_null(spark):
@@ -316,7 +316,8 @@ def test_value_filters_pass_exact_customers_and_never_a_null(spark):
 
     no_scores = replace(inputs, scores=None)
     people, notes = eligible(no_scores, CampaignSettings(name="vip", churn_bands=("low",), next_order_within_days=7))
-    assert people.count() == 8 and notes == ["vip: no customer_scores, churn_bands / next_order_within_days not applied"]
+    assert people.count() == 8
+    assert notes == ["vip: no customer_scores, churn_bands / next_order_within_days not applied"]
 
 
 def test_the_audience_carries_the_latest_customer_value_or_nulls(spark):

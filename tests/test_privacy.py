@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 from jobs.common import load_settings, run_stage
 from lib import catalog as C
 from lib import ingest, privacy, readers
+from lib.audience import CUSTOMER_VALUE_COLUMNS
 from lib.exports import ExportError, export_directory, read_export, write_export
 from lib.privacy import REDACTION, PrivacyError, load_key, pseudonym, pseudonymize_events
 from lib.runs import StageResult, run_record
@@ -220,7 +221,7 @@ def _plant_traces(spark, ctx, root: Path, stored: dict[str, str]) -> None:
                                      StageResult(message=f"ValueError: refused row of {quoted} (line 3)")),
                           C.PIPELINE_RUNS)
     audience = spark.createDataFrame(
-        [(campaign, stored[raw], "treatment", 1, [("sku-1", 1, 0.5, "als")], "high", 0.3, 10, "run-1")
+        [(campaign, stored[raw], "treatment", 1, [("sku-1", 1, 0.5, "als")], "high", 0.3, 10, *[None] * len(CUSTOMER_VALUE_COLUMNS), "run-1")
          for campaign, raw in (("winback", ERASED), ("winback", KEPT), ("welcome", KEPT))], C.CAMPAIGN_AUDIENCE.schema)
     for campaign in ("winback", "welcome"):
         write_export(spark, audience.where(F.col("campaign_id") == campaign),
