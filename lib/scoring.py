@@ -209,11 +209,11 @@ class CutoffFrames:
     def __init__(self, events: DataFrame, settings: ScoresSettings, affinities: DataFrame | None, k: int) -> None:
         self.events, self.settings, self.affinities, self.k = events, settings, affinities, k
         self.windows = tuple(settings.windows_days)
-        self.cache: dict[date, tuple[DataFrame, DataFrame, PurchaseModel]] = {}
+        self.cache: dict[date, tuple[DataFrame, PurchaseModel]] = {}
         self.histories: list[DataFrame] = []
 
-    def at(self, cutoff: date) -> tuple[DataFrame, DataFrame, PurchaseModel]:
-        """(every user's features, buyers' rows with the model features, the purchase model)."""
+    def at(self, cutoff: date) -> tuple[DataFrame, PurchaseModel]:
+        """(buyers' rows with every model feature, the purchase model)."""
         if cutoff not in self.cache:
             features = customer_features(self.events, cutoff, self.windows, self.affinities, self.k)
             history = purchase_history(self.events, cutoff, self.windows).persist()
@@ -223,12 +223,12 @@ class CutoffFrames:
                       .withColumn("bgnbd_p_alive", p_alive(model))
                       .withColumn("bgnbd_rate", F.col("bgnbd_p_alive") * (F.lit(model.r) + F.col("repeat_orders"))
                                   / (F.lit(model.alpha) + F.col("T"))))
-            self.cache[cutoff] = (features, buyers, model)
+            self.cache[cutoff] = (buyers, model)
         return self.cache[cutoff]
 
     def labelled(self, cutoff: date, target: str) -> DataFrame:
         """Buyers as of ``cutoff`` with the target's label (1.0 / 0.0) and its purchase-model score."""
-        _, buyers, model = self.at(cutoff)
+        buyers, model = self.at(cutoff)
         h = self.settings.target_horizon(target)
         rows = labelled(buyers, labels(self.events, cutoff, h))
         buy = p_purchase(model, h)
@@ -272,9 +272,10 @@ def score_customers(events: DataFrame, as_of: date, settings: ScoresSettings,
         outcome.scores = engagement.select(
             "user_id", *[F.lit(None).cast(kind).alias(c) for c, kind in SCORE_COLUMNS],
             "engagement_score", F.lit(False).alias("eligible"), F.lit(reason).alias("reason_code"))
+        _release(sets, frames)
         return outcome
 
-    _, scoring, model = frames.at(as_of)
+    scoring, model = frames.at(as_of)
     for target in TARGETS:
         h = settings.target_horizon(target)
         buy = p_purchase(model, h)
@@ -282,7 +283,7 @@ def score_customers(events: DataFrame, as_of: date, settings: ScoresSettings,
                              scoring.withColumn(BGNBD_COLUMN, buy if target == "purchase" else F.lit(1.0) - buy),
                              names, settings, outcome).drop(BGNBD_COLUMN)
     order_value = _order_value(sets["purchase"][1], longest)
-    value = customer_value(frames.at(as_of)[1].select(*PURCHASE_SUMMARY), model, as_of, settings.clv_horizon_days)
+    value = customer_value(scoring.select(*PURCHASE_SUMMARY), model, as_of, settings.clv_horizon_days)
     scored = scoring.select("user_id", "churn_probability", "purchase_probability",
                             (F.col("purchase_probability") * _conditional_revenue(longest, *order_value))
                             .alias("expected_revenue")).join(value, "user_id")
@@ -294,11 +295,15 @@ def score_customers(events: DataFrame, as_of: date, settings: ScoresSettings,
         F.when(F.col("churn_probability").isNull(), F.lit("no_purchase_yet")).alias("reason_code")))
     outcome.scores = outcome.scores.persist()   # the caller unpersists it once written
     outcome.scores.count()   # materialised before the cutoffs' cached rows go
+    _release(sets, frames)
+    return outcome
+
+
+def _release(sets: dict[str, tuple[DataFrame, DataFrame]], frames: CutoffFrames) -> None:
     for train, valid in sets.values():
         train.unpersist()
         valid.unpersist()
     frames.unpersist()
-    return outcome
 
 
 def _average_rank(column: str) -> F.Column:
@@ -314,7 +319,7 @@ def value_metrics(frames: CutoffFrames, as_of: date, settings: ScoresSettings) -
     last order plus the customer's average gap)."""
     days = settings.value_validation_days
     cutoff = as_of - timedelta(days=days)
-    _, buyers, model = frames.at(cutoff)
+    buyers, model = frames.at(cutoff)
     value = customer_value(buyers.select(*PURCHASE_SUMMARY), model, cutoff, days)
     outcome = labels(frames.events, cutoff, days).select("user_id", "revenue_next")
     first_next = (events_until(frames.events, as_of).where(
