@@ -6,7 +6,7 @@ joins of users with short per-group candidate lists, ranked by a window per user
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -21,7 +21,7 @@ from lib.buy_again import (RANKER_MODELS, BlendCalibration, BuyAgainParams, BuyA
                            ship_what_wins, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.metrics import catalog_coverage, group_ranking_metrics, ranking_metrics
-from lib.splits import Split, holdout_forward, holdout_latest, purchase_truth, relevant_items, user_history_end
+from lib.splits import Split, forward_split_fits, holdout_forward, holdout_latest, purchase_truth, relevant_items, user_history_end
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,22 @@ def _measure(report: EvaluationReport, model: str, recommended_ids: DataFrame, t
                  | {"ndcg_se": round(values["ndcg_se"], 4)})
 
 
+def split_that_fits(events: DataFrame, settings: EvaluationSettings) -> tuple[EvaluationSettings, str | None]:
+    """``settings`` with a split the events can carry, and a note when it changed. The forward split (at
+    the default cutoff) needs two horizons of history, its validation fitting up to T - h; a shop with
+    less is evaluated on the per-user split rather than failing the stage. An explicit cutoff is kept
+    (a cutoff the events cannot carry is an error the split names)."""
+    if settings.split != "forward" or settings.holdout_cutoff is not None:
+        return settings, None
+    fits, span_days = forward_split_fits(events, settings.buy_again.horizon_days)
+    if fits:
+        return settings, None
+    note = (f"the events span {span_days} days, under the forward split's two horizons of "
+            f"{settings.buy_again.horizon_days:g} days: evaluated on the per-user split instead")
+    log.warning("%s", note)
+    return replace(settings, split="per_user"), note
+
+
 def outer_split(events: DataFrame, settings: EvaluationSettings) -> Split:
     """The test split: forward at T (the cutoff, or the latest event minus the horizon), or per user."""
     if settings.split == "forward":
@@ -313,6 +329,7 @@ def evaluate_offline(
     trivial baselines on the held-out purchases (``evaluate_strategies``). ``exclude_items`` (item_id):
     items no list may hold (the catalog's exclusions); they are left out of training and of every list.
     """
+    settings, split_note = split_that_fits(events, settings)
     split = outer_split(events, settings)
     train_events = split.train.cache()
     side = training_side(train_events, settings, split.train_end, exclude_items=exclude_items)
@@ -339,7 +356,7 @@ def evaluate_offline(
                             inner_side.excluded, on_tuning_result, best_model, settings.top_n_blocks,
                             settings.tune_stop_z, settings.sample_seed)
     log.info("ALS tuning chose %s", best)
-    report = EvaluationReport(best=best, tuning=tuning)
+    report = EvaluationReport(best=best, tuning=tuning, notes=[split_note] if split_note else [])
     if settings.strategies:
         validate_strategies(report, settings, inner, inner_side, best_model[0], exclude_items)
 

@@ -106,6 +106,16 @@ def holdout_forward(
     return Split(train=train, held_out=held_out, train_end=cutoff)
 
 
+def forward_split_fits(events: DataFrame, horizon_days: float, ts_col: str = "event_ts") -> tuple[bool, int]:
+    """Whether ``events`` reach back two horizons before the default forward cutoff (the latest event minus
+    ``horizon_days``), as a forward split with its validation at T - h needs; and the days they span."""
+    first, last = events.agg(F.min(ts_col), F.max(ts_col)).first()
+    if first is None:
+        return False, 0
+    span = (last - first).total_seconds() / 86_400.0
+    return span >= 2.0 * horizon_days, int(span)
+
+
 def relevant_items(
     held_out: DataFrame,
     train_users: DataFrame,

@@ -109,6 +109,18 @@ def test_forward_split_trains_up_to_t_and_judges_seen_customers_on_the_next_hori
     assert sorted(r["event_id"] for r in inner.train.collect()) == ["e0", "e1", "e4"]
     assert sorted(r["event_id"] for r in inner.held_out.collect()) == ["e2"]
 
+    # Events from day 1 to 14 carry two horizons of 3 days (not of 7): a shorter history is evaluated on
+    # the per-user split, with a note, rather than failing the stage; an explicit cutoff is kept.
+    from lib.recommend import split_that_fits
+    settings = EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10, buy_again=BuyAgainParams(horizon_days=3.0))
+    assert split_that_fits(events, settings) == (settings, None)
+    weekly = EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10, buy_again=BuyAgainParams(horizon_days=7.0))
+    fallback, note = split_that_fits(events, weekly)
+    assert fallback.split == "per_user" and note.startswith("the events span 13 days, under the forward split's")
+    pinned = EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10, buy_again=BuyAgainParams(horizon_days=7.0),
+                                holdout_cutoff=day(8))
+    assert split_that_fits(events, pinned) == (pinned, None)
+
     with pytest.raises(ValueError, match="horizon_days must be > 0"):
         holdout_forward(events, 0.0)
     with pytest.raises(ValueError, match="training side of the forward split is empty"):
