@@ -66,7 +66,9 @@ def _weighted_histogram(df: DataFrame, time_cols: tuple[str, ...], other_cols: t
             histogram = (weekly.sample(fraction=fraction, seed=seed).groupBy(*cols)
                          .agg((F.count(F.lit(1)) / F.lit(fraction)).alias("weight")))
             log.info("purchase model: %d tuples above %d, fitted on a %.3f sample of customers", rows, max_rows, fraction)
-    return histogram.toPandas(), customers
+    # Sorted: the optimiser then sums the same numbers in the same order whatever Spark's row order, so
+    # the same data always gives the same parameters to the last bit.
+    return histogram.toPandas().sort_values(list(cols), kind="stable").reset_index(drop=True), customers
 
 
 def bgnbd_negative_log_likelihood(log_params: np.ndarray, x: np.ndarray, t_x: np.ndarray, T: np.ndarray,

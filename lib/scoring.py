@@ -319,6 +319,11 @@ def value_metrics(frames: CutoffFrames, as_of: date, settings: ScoresSettings) -
     last order plus the customer's average gap)."""
     days = settings.value_validation_days
     cutoff = as_of - timedelta(days=days)
+    if events_until(frames.events, cutoff).where(F.col("event_type") == "purchase").limit(1).count() == 0:
+        # A shop younger than the window has no earlier buyer to fit on: the scores stand, unvalidated.
+        log.warning("customer value not validated: no purchase before %s (scores.value_validation_days = %d)",
+                    cutoff, days)
+        return []
     buyers, model = frames.at(cutoff)
     value = customer_value(buyers.select(*PURCHASE_SUMMARY), model, cutoff, days)
     outcome = labels(frames.events, cutoff, days).select("user_id", "revenue_next")
