@@ -109,6 +109,17 @@ def _raw_score(model, df: DataFrame) -> DataFrame:
 
 
 Scorer = Callable[[DataFrame], DataFrame]
+CONSTANT_TOLERANCE = 1e-6   # relative spread below which a feature counts as constant on the training window
+
+
+def informative_features(train: DataFrame, names: list[str]) -> list[str]:
+    """``names`` without the features that are constant on ``train`` (standard deviation at most
+    CONSTANT_TOLERANCE x max(1, |mean|)). Standardising such a feature divides by almost zero, so
+    the slightest change in later windows becomes a huge input that saturates every probability."""
+    stats = train.select(*[F.struct(F.stddev_pop(c).alias("sd"), F.avg(c).alias("mean")).alias(c)
+                           for c in names]).first()
+    return [c for c in names
+            if (stats[c]["sd"] or 0.0) > CONSTANT_TOLERANCE * max(1.0, abs(stats[c]["mean"] or 0.0))]
 
 
 def _candidate(name: str, train: DataFrame, names: list[str], target: str, settings: ScoresSettings) -> Scorer:
@@ -143,6 +154,7 @@ def fit_target(target: str, train: DataFrame, valid: DataFrame, scoring: DataFra
     ``<target>_probability`` (validation metrics of every candidate and baseline appended to ``outcome``)."""
     weighted, pos, neg = _class_weights(train, target)
     windows = tuple(settings.windows_days)
+    names = informative_features(train, names)
     best, best_pr, best_scorer = "", -1.0, None
     for name in settings.models:
         scorer = _candidate(name, weighted, names, target, settings)
