@@ -29,11 +29,30 @@ def spark():
             "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO_ROOT}/conf/log4j2.properties",
             "spark.sql.warehouse.dir": str(REPO_ROOT / "build" / "spark-warehouse"),
             "spark.driver.memory": "3g",
+            # One driver serves the whole suite (~300 tests, tens of thousands of queries): keep the
+            # UI's history of queries, jobs and stages short so it cannot fill the heap by the end.
+            "spark.sql.ui.retainedExecutions": "50",
+            "spark.ui.retainedJobs": "100",
+            "spark.ui.retainedStages": "100",
+            "spark.ui.retainedTasks": "1000",
         },
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_cached_frames():
+    """Drop every cached DataFrame once a module is done. Stages leave some cached intermediates
+    for their process's exit to free; in one test session that runs dozens of stages they piled up
+    in the heap that broadcast joins are built in (CI: "Not enough memory to build and broadcast")."""
+    yield
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.catalog.clearCache()
 
 
 @pytest.fixture
