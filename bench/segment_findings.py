@@ -1,0 +1,189 @@
+"""Single-node findings on why the NMF segments fail on a real basket log (docs/segments.md,
+"Findings on the grocer's year"). Reads a warehouse's ``interactions`` with delta-rs, rebuilds the
+stage's matrix under variants of its transform / weighting, and factorizes it with the engine's own
+numpy HALS rule (lib.nmf.rules), so no Spark and no lock are needed.
+
+    PYTHONPATH=. python bench/segment_findings.py /tmp/seg_cj_wh [--products products.csv.gz]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from deltalake import DeltaTable
+
+from lib.nmf.rules import hals_update
+from lib.segments import adjusted_rand_index, size_balance
+
+log = logging.getLogger("bench.segment_findings")
+
+
+def build_matrix(inter: pd.DataFrame, n_users: int, n_items: int, value: str = "score", transform: str = "log1p",
+                 cap: float = 0.05, idf: bool = False, row_normalize: bool = True) -> sp.csr_matrix:
+    """X as lib.segments.transform_scores builds it, with ``value`` the interactions column used
+    (score: time-decayed weights; n_events: undecayed event count; binary: 1 per pair)."""
+    raw = np.ones(len(inter)) if value == "binary" else inter[value].to_numpy(dtype=float)
+    f = np.log1p(raw) if transform == "log1p" else raw
+    x = sp.csr_matrix((f, (inter.user_idx.to_numpy(), inter.item_idx.to_numpy())), shape=(n_users, n_items))
+    item_users = np.asarray((x > 0).sum(axis=0)).ravel()
+    users = int(((x > 0).sum(axis=1) > 0).sum())
+    weight = np.ones(n_items)
+    share = np.where(item_users > 0, item_users / users, 1.0)
+    if idf:
+        weight *= np.log1p(users / np.maximum(item_users, 1))
+    if cap < 1.0:
+        weight *= np.minimum(1.0, cap / share)
+    x = x @ sp.diags(weight)
+    if row_normalize:
+        totals = np.asarray(x.sum(axis=1)).ravel()
+        x = sp.diags(np.where(totals > 0, 1.0 / np.where(totals > 0, totals, 1), 1.0)) @ x
+    return sp.csr_matrix(x)
+
+
+def nndsvda(x: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """NNDSVDa from a randomized SVD (what the engine's sketch_svd computes, single node)."""
+    from sklearn.decomposition._nmf import _initialize_nmf
+
+    w, h = _initialize_nmf(x, k, init="nndsvda", random_state=seed)
+    return w, h.T.copy()
+
+
+def hals(x: sp.csr_matrix, k: int, seed: int, max_iter: int, passes: int = 5):
+    """The engine's HALS loop (one W product, one H product per iteration), history of rel. errors."""
+    w, ht = nndsvda(x, k, seed)
+    xt = sp.csr_matrix(x.T)
+    norm_sq = float(x.multiply(x).sum())
+    history = []
+    for _ in range(max_iter):
+        w = hals_update(w, x @ ht, ht.T @ ht, 0.0, 0.0, 1, 0.1)
+        ht = hals_update(ht, xt @ w, w.T @ w, 0.0, 0.0, passes, 0.1)
+        cross = float(np.sum((x @ ht) * w))
+        resid = norm_sq - 2 * cross + float(np.sum((w.T @ w) * (ht.T @ ht)))
+        history.append(math.sqrt(max(resid, 0.0) / norm_sq))
+    return w, ht, history
+
+
+def fired_at(history: list[float], tol: float) -> int:
+    """The iteration lib.nmf.rules.converged stops at (relative improvement of the error < tol)."""
+    for i in range(1, len(history)):
+        if (history[i - 1] - history[i]) / history[i - 1] < tol:
+            return i + 1
+    return len(history)
+
+
+def assign(w: np.ndarray, ht: np.ndarray, rule: str = "dominant") -> tuple[np.ndarray, np.ndarray]:
+    """lib.segments.assign_segments: shares of W[u, l] * sum_i H[l, i]; the largest ("dominant") or
+    the largest over the average customer's share ("relative"); affinity; -1 for empty rows."""
+    weights = w * ht.sum(axis=0)
+    total = weights.sum(axis=1, keepdims=True)
+    shares = weights / np.where(total > 0, total, 1)
+    has = total[:, 0] > 0
+    scores = shares if rule == "dominant" else shares / np.maximum(shares[has].mean(axis=0), 1e-300)
+    seg = np.where(has, scores.argmax(axis=1), -1)
+    aff = np.where(has, shares[np.arange(len(seg)), np.maximum(seg, 0)], 0.0)
+    return seg, aff
+
+
+def ari(a: np.ndarray, b: np.ndarray) -> float:
+    keep = (a >= 0) & (b >= 0)
+    table = pd.crosstab(a[keep], b[keep]).to_numpy()
+    return adjusted_rand_index(table)
+
+
+def top_lifts(had: sp.csr_matrix, seg: np.ndarray, ht: np.ndarray, k: int, top: int = 10) -> list[float]:
+    """Per segment, the mean lift of its top items by normalized H (lib.segments.top_item_lifts)."""
+    assigned = seg >= 0
+    rate = np.asarray(had[assigned].mean(axis=0)).ravel()
+    lifts = []
+    for l in range(k):
+        members = seg == l
+        if not members.any():
+            lifts.append(0.0)
+            continue
+        items = np.argsort(-ht[:, l], kind="stable")[:top]
+        within = np.asarray(had[members][:, items].mean(axis=0)).ravel()
+        lifts.append(float(np.mean(np.where(rate[items] > 0, within / np.where(rate[items] > 0, rate[items], 1), 0))))
+    return lifts
+
+
+def evaluate(x, had, k, max_iter, seeds=(7, 8), tol=1e-4, rule="dominant", runs=None):
+    runs = runs or [hals(x, k, s, max_iter) for s in seeds]
+    (w, ht, hist), (w2, ht2, _) = runs
+    seg, aff = assign(w, ht, rule)
+    seg2, _ = assign(w2, ht2, rule)
+    sizes = [int((seg == l).sum()) for l in range(k)]
+    largest, entropy = size_balance(sizes, k)
+    lifts = top_lifts(had, seg, ht, k)
+    return {"k": k, "iters": max_iter, "tol_fires_at": fired_at(hist, tol), "rel_err": hist[-1],
+            "largest": largest, "entropy": entropy, "ari": ari(seg, seg2), "min_lift": min(lifts),
+            "median_lift": float(np.median(lifts)), "affinity_median": float(np.median(aff[seg >= 0])),
+            "flat_share": float(np.mean(aff[seg >= 0] < 1.5 / k))}, (w, ht, hist, seg, aff)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("warehouse")
+    parser.add_argument("--part", default="all")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    inter = DeltaTable(f"{args.warehouse}/interactions").to_pandas(
+        columns=["user_idx", "item_idx", "score", "n_events", "last_ts"])
+    n_users, n_items = int(inter.user_idx.max()) + 1, int(inter.item_idx.max()) + 1
+    had = sp.csr_matrix((np.ones(len(inter)), (inter.user_idx, inter.item_idx)), shape=(n_users, n_items))
+    pd.set_option("display.width", 250)
+    if args.part in ("all", "decay"):
+        age = (inter.last_ts.max() - inter.last_ts).dt.days
+        rows = []
+        for days in (30, 60, 90, 180):
+            recent = age <= days
+            rows.append({"last days": days, "share of pairs": float(recent.mean()),
+                         "share of sum log1p(score)": float(np.log1p(inter.score[recent]).sum() / np.log1p(inter.score).sum()),
+                         "share of sum log1p(n_events)": float(np.log1p(inter.n_events[recent]).sum() / np.log1p(inter.n_events).sum())})
+        log.info("pairs last bought in the last d days and their part of the matrix\n%s",
+                 pd.DataFrame(rows).round(3).to_string(index=False))
+    if args.part in ("all", "spectrum"):
+        from scipy.sparse.linalg import svds
+        rows = []
+        for value in ("score", "n_events"):
+            for cap in (1.0, 0.05):
+                x = build_matrix(inter, n_users, n_items, value=value, cap=cap)
+                s = np.sort(svds(x, k=40, random_state=0)[1])[::-1]
+                norm_sq = float(x.multiply(x).sum())
+                rows.append({"value": value, "cap": cap, **{f"k={k}": float(np.sum(s[:k] ** 2) / norm_sq)
+                                                            for k in (1, 2, 5, 10, 20, 40)}})
+        log.info("share of ||X||^2 the best rank-k approximation explains (SVD bound)\n%s",
+                 pd.DataFrame(rows).round(3).to_string(index=False))
+    if args.part in ("all", "variants"):
+        rows = []
+        variants = [dict(value="score", cap=0.05), dict(value="score", cap=1.0), dict(value="score", cap=0.05, idf=True),
+                    dict(value="score", cap=0.05, row_normalize=False), dict(value="score", cap=0.05, transform="none"),
+                    dict(value="n_events", cap=0.05), dict(value="n_events", cap=1.0), dict(value="binary", cap=0.05)]
+        for variant in variants:
+            x = build_matrix(inter, n_users, n_items, **variant)
+            for iters in (7, 100):
+                row, _ = evaluate(x, had, 5, iters)
+                rows.append({**variant, **row})
+                log.info("%s", rows[-1])
+        log.info("k = 5 variants\n%s", pd.DataFrame(rows).round(3).to_string(index=False))
+    if args.part in ("all", "assignment"):
+        rows = []
+        for value in ("score", "n_events"):
+            x = build_matrix(inter, n_users, n_items, value=value)
+            for k in (5, 8):
+                runs = [hals(x, k, s, 100) for s in (7, 8)]
+                early = hals(x, k, 7, fired_at(runs[0][2], 1e-4))
+                for rule in ("dominant", "relative"):
+                    row, _ = evaluate(x, had, k, 100, rule=rule, runs=runs)
+                    row["ari_vs_stopped_early"] = ari(assign(early[0], early[1], rule)[0], assign(*runs[0][:2], rule)[0])
+                    rows.append({"value": value, "rule": rule, **row})
+                    log.info("%s", rows[-1])
+        log.info("assignment rules (cap 0.05, log1p, rows normalized)\n%s",
+                 pd.DataFrame(rows).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
