@@ -13,8 +13,8 @@ from lib import catalog as C
 from lib.report import write_segment_report
 from lib.runs import StageResult
 from lib.segments import (SegmentQuality, assign_segments, assignment_agreement, capped_item_count, component_mass,
-                          excluded_item_indices, factor_table, fit_segments, segment_matrix, segment_profiles, size_balance,
-                          top_item_lifts)
+                          excluded_item_indices, factor_table, fit_segments, score_transform_name, segment_matrix,
+                          segment_profiles, size_balance, top_item_lifts)
 
 log = logging.getLogger("jobs.segment_users")
 
@@ -37,19 +37,21 @@ def run(ctx: StageContext) -> StageResult:
     excluded = excluded_item_indices(item_index, products, ctx.settings.products.exclude_item_patterns).persist()
     n_excluded = excluded.count()
     entries, user_scales, item_weights = segment_matrix(interactions, settings, excluded)
+    matrix_name = score_transform_name(settings.transform, settings.value_column)
     entries = entries.persist()
     try:
         settings.check_against_matrix(*entries.where(F.col("value") > 0)
                                       .agg(F.countDistinct("row"), F.countDistinct("col")).first())
         result = fit_segments(entries, settings, n_rows, n_cols)
         tables.overwrite(factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
-                                      settings.transform, run_id), C.NMF_USER_FACTORS)
+                                      matrix_name, run_id), C.NMF_USER_FACTORS)
         tables.overwrite(factor_table(result.h, item_index, "item_idx", "item_id", item_weights, "item_weight",
-                                      settings.transform, run_id), C.NMF_ITEM_FACTORS)
+                                      matrix_name, run_id), C.NMF_ITEM_FACTORS)
         result.release()
         user_factors = tables.read(spark, C.NMF_USER_FACTORS)
         item_factors = tables.read(spark, C.NMF_ITEM_FACTORS)
-        tables.overwrite(assign_segments(user_factors, component_mass(item_factors, settings.k), run_id),
+        tables.overwrite(assign_segments(user_factors, component_mass(item_factors, settings.k), run_id,
+                                         settings.assignment),
                          C.USER_SEGMENTS)
         user_segments = tables.read(spark, C.USER_SEGMENTS)
 
@@ -58,9 +60,10 @@ def run(ctx: StageContext) -> StageResult:
             # The same fit from another seed: do customers land together again?
             other = fit_segments(entries, replace(settings, seed=settings.seed + 1), n_rows, n_cols)
             other_users = factor_table(other.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
-                                       settings.transform, run_id)
+                                       matrix_name, run_id)
             stability = assignment_agreement(
-                user_segments, assign_segments(other_users, component_mass(other.h, settings.k), run_id))
+                user_segments, assign_segments(other_users, component_mass(other.h, settings.k), run_id,
+                                               settings.assignment))
             other.release()
             log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
 
@@ -111,7 +114,7 @@ def run(ctx: StageContext) -> StageResult:
         log.info("segment report skipped: catalog tables and no segments.report_dir configured")
     else:
         shown = {key: value for key, value in asdict(settings).items()
-                 if key in ("k", "solver", "transform", "idf_items", "row_normalize", "popular_share_cap",
+                 if key in ("k", "solver", "value_column", "transform", "assignment", "idf_items", "row_normalize", "popular_share_cap",
                             "init", "seed")}
         path = write_segment_report(directory, run_id, profiles, result.history, sweep, shown, quality)
         log.info("segment report written to %s", path)

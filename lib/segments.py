@@ -1,8 +1,8 @@
 """Customer segments from an NMF of the interaction matrix: score transforms, factor tables,
 dominant segments, segment profiles, and the objective recomputed from the written tables.
 
-The factorized matrix is X[u, i] = row_scale[u] * item_weight[i] * f(score[u, i]), where f is the
-identity or log1p. ``row_scale`` is stored in ``nmf_user_factors`` and ``item_weight`` in
+The factorized matrix is X[u, i] = row_scale[u] * item_weight[i] * f(value[u, i]), where f is the
+identity or log1p and value the interactions column ``segments.value_column`` (score or n_events). ``row_scale`` is stored in ``nmf_user_factors`` and ``item_weight`` in
 ``nmf_item_factors`` (with ``score_transform`` naming f), so ``interactions`` and the two factor
 tables alone give X, and with it ||X - W H||_F / ||X||_F.
 """
@@ -21,6 +21,12 @@ from lib.nmf import NMFParams, factorize
 from lib.settings import SegmentsSettings
 
 TRANSFORMS = ("none", "log1p")
+# The interactions column the segments factorize: the time-decayed score, or the undecayed event count
+# (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
+VALUE_COLUMNS = ("score", "n_events")
+# How a user's segment is picked from their segment weights W[u, l] * sum_i H[l, i]: "dominant" (the
+# largest weight) or "relative" (the largest share over the average customer's share of that segment).
+ASSIGNMENTS = ("relative", "dominant")
 
 
 def nmf_params(settings: SegmentsSettings, k: int | None = None, max_iter: int | None = None) -> NMFParams:
@@ -33,6 +39,7 @@ def nmf_params(settings: SegmentsSettings, k: int | None = None, max_iter: int |
         col_blocks=settings.col_blocks, block_nnz=settings.block_nnz,
         broadcast_limit_bytes=int(settings.broadcast_limit_mb * 1024 * 1024),
         checkpoint_interval=settings.checkpoint_interval, parallelism=settings.parallelism,
+        sketch_power_iterations=settings.sketch_power_iterations,
     )
 
 
@@ -43,7 +50,7 @@ def segment_matrix(interactions: DataFrame, settings: SegmentsSettings,
     (item_idx) lists items left out (non-product lines, non-recommendable products): weight 0."""
     entries, user_scales, item_weights = transform_scores(
         interactions, settings.transform, settings.idf_items, settings.row_normalize,
-        popular_share_cap=settings.popular_share_cap, excluded=excluded)
+        popular_share_cap=settings.popular_share_cap, excluded=excluded, value_column=settings.value_column)
     return (entries.select(F.col("user_idx").alias("row"), F.col("item_idx").alias("col"), "value"),
             user_scales, item_weights)
 
@@ -61,9 +68,23 @@ def transformed_score(score: F.Column, transform: str) -> F.Column:
     return F.log1p(score) if transform == "log1p" else score
 
 
+def score_transform_name(transform: str, value_column: str) -> str:
+    """The factor tables' ``score_transform``: f alone over ``score`` (e.g. "log1p"), else f(column)."""
+    return transform if value_column == "score" else f"{transform}({value_column})"
+
+
+def parse_score_transform(name: str) -> tuple[str, str]:
+    """(transform, value_column) from a ``score_transform`` written by ``score_transform_name``."""
+    transform, _, column = name.partition("(")
+    column = column.rstrip(")") or "score"
+    if transform not in TRANSFORMS or column not in VALUE_COLUMNS:
+        raise ValueError(f"score_transform {name!r} names no known transform of {VALUE_COLUMNS}")
+    return transform, column
+
+
 def transform_scores(
     interactions: DataFrame, transform: str, idf_items: bool, row_normalize: bool,
-    popular_share_cap: float = 1.0, excluded: DataFrame | None = None,
+    popular_share_cap: float = 1.0, excluded: DataFrame | None = None, value_column: str = "score",
 ) -> tuple[DataFrame, DataFrame, DataFrame]:
     """The matrix to factorize and its scalings.
 
@@ -73,9 +94,12 @@ def transform_scores(
     of an item that more than a share c of the users have by c / share (an item everyone buys counts
     as if a share c bought it; rarer items keep weight 1); ``excluded`` items (item_idx) get weight 0
     and no entries; ``row_normalize`` scales each user's row to sum 1 so heavy users do not dominate.
+    ``value_column`` is the interactions column f is applied to (score or n_events).
     """
+    if value_column not in VALUE_COLUMNS:
+        raise ValueError(f"segments.value_column must be one of {VALUE_COLUMNS}, got {value_column!r}")
     base = interactions.select("user_idx", "item_idx",
-                               transformed_score(F.col("score").cast("double"), transform).alias("fscore"))
+                               transformed_score(F.col(value_column).cast("double"), transform).alias("fscore"))
     item_users = base.where(F.col("fscore") > 0).groupBy("item_idx").agg(F.count(F.lit(1)).alias("item_users"))
     weight = F.lit(1.0)
     if idf_items or popular_share_cap < 1.0:
@@ -141,25 +165,53 @@ def component_mass(item_factors: DataFrame, k: int) -> list[float]:
     return mass
 
 
-def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str) -> DataFrame:
-    """Each user's dominant segment and its share of the user's weight.
-
-    The weight of user u in segment l is W[u, l] * sum_i H[l, i] (the part of the user's row the
-    segment reconstructs), so the scale ambiguity of W H does not tilt the choice. Users whose row
-    of W is all zero (nothing to explain) get no segment.
-    """
+def segment_shares(user_factors: DataFrame, mass: list[float]) -> DataFrame:
+    """(user_id, shares): user u's share of their weight in each segment, W[u, l] * sum_i H[l, i]
+    over its sum (the part of the user's row each segment reconstructs, so the scale ambiguity of
+    W H does not tilt it). Users whose row of W is all zero (nothing to explain) are left out."""
     mass_col = F.array(*[F.lit(float(value)) for value in mass])
-    weighted = F.zip_with("factors", mass_col, lambda w, h: w * h)
-    scored = user_factors.select("user_id", weighted.alias("weights"))
-    scored = scored.select(
-        "user_id", "weights", F.aggregate("weights", F.lit(0.0), lambda acc, x: acc + x).alias("total"),
-        F.array_max("weights").alias("best"))
-    return scored.where(F.col("total") > 0).select(
-        "user_id",
-        (F.array_position("weights", F.col("best")) - 1).cast("int").alias("segment_id"),
-        (F.col("best") / F.col("total")).alias("affinity"),
-        F.lit(run_id).alias("run_id"),
-    )
+    weighted = user_factors.select("user_id", F.zip_with("factors", mass_col, lambda w, h: w * h).alias("weights"))
+    weighted = weighted.select("user_id", "weights",
+                               F.aggregate("weights", F.lit(0.0), lambda acc, x: acc + x).alias("total"))
+    # The divisor is null, not 0, for an empty row: the optimizer may compute shares before filtering.
+    divisor = F.when(F.col("total") > 0, F.col("total"))
+    return weighted.where(F.col("total") > 0).select(
+        "user_id", F.transform("weights", lambda w: w / divisor).alias("shares"))
+
+
+def mean_shares(shares: DataFrame, k: int) -> list[float]:
+    """The average customer's share in each segment (k scalars)."""
+    rows = (shares.select(F.posexplode("shares").alias("segment_id", "share"))
+            .groupBy("segment_id").agg(F.avg("share").alias("mean")).collect())
+    means = [0.0] * k
+    for row in rows:
+        means[row["segment_id"]] = float(row["mean"])
+    return means
+
+
+def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str, rule: str = "relative") -> DataFrame:
+    """Each user's segment and its share of the user's weight (``affinity``).
+
+    ``dominant``: the segment with the largest share. ``relative``: the segment whose share most
+    exceeds the average customer's share of it. On a real basket log one component holds the
+    staples every household buys; it has the largest share of nearly every customer, so the
+    dominant rule puts 86-95% of them in it (docs/segments.md, findings), while the relative rule
+    asks what sets the customer apart. Users whose row of W is all zero get no segment.
+    """
+    if rule not in ASSIGNMENTS:
+        raise ValueError(f"segments.assignment must be one of {ASSIGNMENTS}, got {rule!r}")
+    shares = segment_shares(user_factors, mass)
+    if rule == "dominant":
+        scores = F.col("shares")
+    else:
+        means = F.array(*[F.lit(value) for value in mean_shares(shares, len(mass))])
+        # A segment nobody has (mean 0) can never be picked: its score is 0 like every share of it.
+        scores = F.zip_with("shares", means, lambda s, m: F.when(m > 0, s / m).otherwise(F.lit(0.0)))
+    scored = shares.select("user_id", "shares", scores.alias("scores"))
+    scored = scored.select("user_id", "shares",
+                           (F.array_position("scores", F.array_max("scores")) - 1).cast("int").alias("segment_id"))
+    return scored.select("user_id", "segment_id", F.element_at("shares", F.col("segment_id") + 1).alias("affinity"),
+                         F.lit(run_id).alias("run_id"))
 
 
 def segment_profiles(
@@ -347,18 +399,20 @@ def _gram(factors: DataFrame, k: int) -> np.ndarray:
 def relative_error_from_tables(interactions: DataFrame, user_factors: DataFrame, item_factors: DataFrame) -> float:
     """||X - W H||_F / ||X||_F recomputed from ``interactions`` and the two factor tables alone.
 
-    X[u, i] = row_scale[u] * item_weight[i] * f(score), f named by ``score_transform``; the
+    X[u, i] = row_scale[u] * item_weight[i] * f(value), f and the value's column named by
+    ``score_transform`` (``score_transform_name``); the
     cross term is a join over the non-zeros, the W'W and H H' Grams are k x k sums.
     """
     transforms = [row[0] for row in item_factors.select("score_transform").distinct().collect()]
     if len(transforms) != 1:
         raise ValueError(f"nmf_item_factors must name exactly one score_transform, found {transforms}")
+    transform, value_column = parse_score_transform(transforms[0])
     k = len(user_factors.select("factors").first()[0])
     entries = (
         interactions.join(user_factors.select("user_idx", F.col("factors").alias("w"), "row_scale"), "user_idx")
         .join(item_factors.select("item_idx", F.col("factors").alias("h"), "item_weight"), "item_idx")
         .select((F.col("row_scale") * F.col("item_weight")
-                 * transformed_score(F.col("score").cast("double"), transforms[0])).alias("x"), "w", "h")
+                 * transformed_score(F.col(value_column).cast("double"), transform)).alias("x"), "w", "h")
     )
     dot = F.aggregate(F.zip_with("w", "h", lambda a, b: a * b), F.lit(0.0), lambda acc, v: acc + v)
     sums = entries.agg(F.sum(F.col("x") * F.col("x")).alias("norm_sq"), F.sum(F.col("x") * dot).alias("cross")).first()

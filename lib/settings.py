@@ -184,6 +184,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "segments.max_iter": (1, 100_000),
     "segments.seed": (0, SEED_MAX),
     "segments.inner_passes": (1, 1000),
+    "segments.sketch_power_iterations": (0, 100),
     "segments.row_blocks": (0, 100_000),
     "segments.parallelism": (0, 100_000),
     "segments.col_blocks": (0, 100_000),
@@ -482,6 +483,7 @@ class SegmentsSettings:
     max_iter: int
     tol: float
     init: str
+    sketch_power_iterations: int
     seed: int
     inner_passes: int
     l1_w: float
@@ -495,6 +497,8 @@ class SegmentsSettings:
     broadcast_limit_mb: float
     checkpoint_interval: int
     transform: str
+    value_column: str
+    assignment: str
     idf_items: bool
     row_normalize: bool
     popular_share_cap: float
@@ -508,6 +512,8 @@ class SegmentsSettings:
         one_of(self.solver, ("hals", "mu"), "segments.solver")
         one_of(self.init, ("sketch_svd", "random_columns", "random"), "segments.init")
         one_of(self.transform, ("none", "log1p"), "segments.transform")
+        one_of(self.value_column, ("score", "n_events"), "segments.value_column")
+        one_of(self.assignment, ("relative", "dominant"), "segments.assignment")
         require(self.tol >= 0, "segments.tol", "must be >= 0")
         for key in ("l1_w", "l2_w", "l1_h", "l2_h"):
             require(getattr(self, key) >= 0, f"segments.{key}", "must be >= 0")

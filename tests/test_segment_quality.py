@@ -14,11 +14,13 @@ from lib import catalog as C
 from lib import sample_data
 from lib import sample_realistic as R
 from lib.interactions import write_matrix_tables
-from lib.segments import adjusted_rand_index, size_balance
+from lib.segments import adjusted_rand_index, assign_segments, parse_score_transform, score_transform_name, size_balance
 
 SPEC = R.RealisticSpec(users=1000, items=200, events=60_000, segments=5, seed=3)
-# The settings before issue 13: no popularity damping, non-product lines factorized like products.
-BEFORE = ("segments.popular_share_cap=1.0", "products.exclude_item_patterns=[]")
+# The settings before issue 13: no popularity damping, non-product lines factorized like products,
+# and, before the grocer findings (docs/segments.md), the decayed score and the dominant segment.
+BEFORE = ("segments.popular_share_cap=1.0", "products.exclude_item_patterns=[]", "segments.value_column=score",
+          "segments.assignment=dominant")
 
 
 def test_adjusted_rand_index_matches_scikit_learn():
@@ -37,6 +39,30 @@ def test_size_balance():
     largest, entropy = size_balance([97, 1, 1, 1], 4)
     assert largest == pytest.approx(0.97) and 0 < entropy < 0.2
     assert size_balance([10, 0, 0], 3) == pytest.approx((1.0, 0.0))
+
+
+def test_relative_assignment_picks_the_segment_a_customer_has_more_of_than_the_average(spark):
+    # Shares of W[u, l] * mass[l]: with mass (1, 2) u1 is (0.9, 0.1) once normalized, u2 (0.8, 0.2),
+    # u3 (0.6, 0.4), u4 (0.95, 0.05); the average customer is (0.8125, 0.1875). Everyone's largest
+    # share is segment 0 (the staples), but u2 and u3 have more of segment 1 than the average.
+    rows = [("u1", [0.9, 0.05]), ("u2", [0.8, 0.1]), ("u3", [0.6, 0.2]), ("u4", [0.95, 0.025]), ("u5", [0.0, 0.0])]
+    factors = spark.createDataFrame(rows, "user_id string, factors array<double>")
+    got = {r["user_id"]: (r["segment_id"], round(r["affinity"], 6))
+           for r in assign_segments(factors, [1.0, 2.0], "r", "relative").collect()}
+    assert got == {"u1": (0, 0.9), "u2": (1, 0.2), "u3": (1, 0.4), "u4": (0, 0.95)}
+    dominant = {r["user_id"]: r["segment_id"] for r in assign_segments(factors, [1.0, 2.0], "r", "dominant").collect()}
+    assert dominant == {"u1": 0, "u2": 0, "u3": 0, "u4": 0}
+    with pytest.raises(ValueError, match="segments.assignment must be one of"):
+        assign_segments(factors, [1.0, 2.0], "r", "largest")
+
+
+def test_score_transform_names_the_factorized_column():
+    assert score_transform_name("log1p", "score") == "log1p"  # tables written before value_column
+    assert score_transform_name("log1p", "n_events") == "log1p(n_events)"
+    assert parse_score_transform("log1p") == ("log1p", "score")
+    assert parse_score_transform("none(n_events)") == ("none", "n_events")
+    with pytest.raises(ValueError, match="score_transform 'log1p\\(revenue\\)'"):
+        parse_score_transform("log1p(revenue)")
 
 
 def test_realistic_sample_is_skewed_like_an_invoice_log(spark):

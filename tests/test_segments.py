@@ -59,7 +59,7 @@ def test_objective_recomputes_from_the_tables_alone(spark, segmented):
 
     # Independently, densely, with the formula of docs/segments.md.
     u, i = users.toPandas().set_index("user_idx"), items.toPandas().set_index("item_idx")
-    assert set(u["score_transform"]) == set(i["score_transform"]) == {"log1p"}
+    assert set(u["score_transform"]) == set(i["score_transform"]) == {"log1p(n_events)"}
     w = np.zeros((u.index.max() + 1, SPEC.segments))
     h = np.zeros((i.index.max() + 1, SPEC.segments))
     for idx, factors in u["factors"].items():
@@ -69,7 +69,7 @@ def test_objective_recomputes_from_the_tables_alone(spark, segmented):
     x = np.zeros((w.shape[0], h.shape[0]))
     for row in interactions.toPandas().itertuples():
         x[row.user_idx, row.item_idx] = (u.loc[row.user_idx, "row_scale"] * i.loc[row.item_idx, "item_weight"]
-                                         * np.log1p(row.score))
+                                         * np.log1p(row.n_events))
     assert np.linalg.norm(x - w @ h.T) / np.linalg.norm(x) == pytest.approx(history["rel_error"].iloc[-1], rel=1e-6)
 
 

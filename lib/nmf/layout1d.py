@@ -83,7 +83,8 @@ class RowBlocks:
         spark = self.summed.sparkSession
         self.state = lineage.hold(self._row_blocks(partition_keys(spark, self.tasks)))
         if self.spec.init == "sketch_svd":
-            kept, self.shipped = sketch_svd(self.state, self.chunks, self.k, self.params.seed, self.stats.mean)
+            kept, self.shipped = sketch_svd(self.state, self.chunks, self.k, self.params.seed, self.stats.mean,
+                                            self.params.sketch_power_iterations, self.params.broadcast_limit_bytes)
             self.state = lineage.hold(kept)
             return
         shipped_spec = dataclasses.replace(self.spec, init="random") if self.spec.init == "random_columns" else self.spec

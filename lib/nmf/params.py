@@ -34,6 +34,7 @@ class NMFParams:
     broadcast_limit_bytes: int = 64 * 1024 * 1024   # largest factor shipped to every task (1D)
     checkpoint_interval: int = 1     # cut the lineage every this many iterations (1: plans stay flat)
     parallelism: int = 0             # tasks per distributed step; 0: as many as Spark runs at once
+    sketch_power_iterations: int = 7  # sketch_svd: rounds of X' X before the SVD (scikit-learn's randomized SVD runs 7)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -42,6 +43,8 @@ class NMFParams:
             raise ValueError(f"NMF solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.init not in INITS:
             raise ValueError(f"NMF init must be one of {INITS}, got {self.init!r}")
+        if self.sketch_power_iterations < 0:
+            raise ValueError(f"NMF sketch_power_iterations must be >= 0, got {self.sketch_power_iterations}")
         if self.max_iter < 1:
             raise ValueError(f"NMF max_iter must be >= 1, got {self.max_iter}")
         if min(self.l1_w, self.l2_w, self.l1_h, self.l2_h) < 0:

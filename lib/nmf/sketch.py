@@ -1,7 +1,9 @@
 """The sketch_svd init of the 1D layout: NNDSVDa from a randomized range sketch of X.
 
 NNDSVDa (Boutsidis & Gallopoulos 2008) from a sketch (Halko et al. 2011): Y = X Omega (Omega:
-shipped_n x r Gaussian, regenerated from the seed in each task), Q = Y L'^-1 with L L' = Y'Y (r x r,
+shipped_n x r Gaussian, regenerated from the seed in each task; after ``power_iterations`` rounds
+Omega <- orth(X' X Omega), each summed and orthonormalized in one task and shipped to the tasks
+in one broadcast row), Q = Y L'^-1 with L L' = Y'Y (r x r,
 on the driver), B = X' Q summed in one task and its thin SVD there: X ~ (Q Z) S P'. The kept factor
 comes from U = Q Z block by block, the shipped one from P; zeros are filled with mean(X) as
 scikit-learn's 'nndsvda' does. Only r x r matrices and per-component norms reach the driver.
@@ -26,14 +28,20 @@ log = logging.getLogger("lib.nmf")
 SKETCH_OVERSAMPLING = 10
 
 
-def _per_task_sum(blocks: DataFrame, fn: Callable[..., np.ndarray]) -> DataFrame:
-    """PARTIAL rows: per task, the sum over its row blocks of fn(indptr, indices, data, n_rows)."""
+def _block(batch: pa.RecordBatch, i: int, shipped_n: int):
+    """Row block i of a batch as a CSR matrix."""
+    args = [batch.column(c)[i].as_buffer() for c in ("indptr", "indices", "data")]
+    return codec.csr(*args, int(batch.column("n_rows")[i].as_py()), shipped_n)
+
+
+def _per_task_sum(blocks: DataFrame, fn: Callable[..., np.ndarray], shipped_n: int,
+                  omega_of: Callable[[pa.RecordBatch, int], np.ndarray]) -> DataFrame:
+    """PARTIAL rows: per task, the sum over its row blocks of fn(block matrix, Omega)."""
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         total = None
         for batch in batches:
             for i in range(batch.num_rows):
-                args = [batch.column(c)[i].as_buffer() for c in ("indptr", "indices", "data")]
-                part = fn(*args, int(batch.column("n_rows")[i].as_py()))
+                part = fn(_block(batch, i, shipped_n), omega_of(batch, i))
                 total = part if total is None else total + part
         if total is not None:
             yield codec.batch([{"partial": np.ascontiguousarray(total).tobytes()}], codec.PARTIAL)
@@ -41,27 +49,56 @@ def _per_task_sum(blocks: DataFrame, fn: Callable[..., np.ndarray]) -> DataFrame
     return blocks.mapInArrow(run, codec.spark_schema(codec.PARTIAL))
 
 
-def sketch_svd(blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean: float) -> tuple[DataFrame, DataFrame]:
-    """(kept blocks as STATE rows with the init filled in, not yet cached; the shipped factor, checkpointed)."""
+def _orthonormal_omega(partials: DataFrame, shipped_n: int, r: int) -> DataFrame:
+    """One row (omega: shipped_n x r float64 bytes): the summed X' X Omega partials, orthonormalized (QR)."""
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        total = np.zeros((shipped_n, r))
+        for batch in batches:
+            for blob in batch.column("partial"):
+                total += codec.dense(blob.as_buffer(), shipped_n, r)
+        yield pa.RecordBatch.from_pydict({"omega": [np.ascontiguousarray(np.linalg.qr(total)[0]).tobytes()]})
+
+    return partials.repartition(1).mapInArrow(run, "omega binary").localCheckpoint(eager=True)
+
+
+def sketch_svd(blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean: float,
+               power_iterations: int = 0, limit_bytes: int = 64 * 1024 * 1024) -> tuple[DataFrame, DataFrame]:
+    """(kept blocks as STATE rows with the init filled in, not yet cached; the shipped factor, checkpointed).
+
+    ``power_iterations`` rounds of subspace iteration sharpen the sketch where X's spectrum is flat
+    (a real basket log: its leading singular values differ by a few percent, and a plain sketch
+    lands on a different subspace, hence different segments, for every seed). They are skipped
+    when Omega (shipped_n x r doubles, in every task) would exceed ``limit_bytes``.
+    """
     shipped_n = chunks.n_rows
     blocks_only = blocks.where(F.col("kind") == Kind.BLOCK)
     kept_rows = blocks_only.agg(F.sum("n_rows")).first()[0]
     r = max(1, min(k + SKETCH_OVERSAMPLING, shipped_n, kept_rows))
     rank = min(k, r)
+    if power_iterations and shipped_n * r * 8 > limit_bytes:
+        log.info("NMF init: no power iterations, the %d x %d sketch is above the broadcast limit", shipped_n, r)
+        power_iterations = 0
 
-    def omega() -> np.ndarray:
+    def gaussian(batch: pa.RecordBatch, i: int) -> np.ndarray:
         return np.random.default_rng([seed, STREAM_SKETCH]).standard_normal((shipped_n, r))
 
-    def sketch(indptr, indices, data, n_rows) -> np.ndarray:
-        return np.asarray(codec.csr(indptr, indices, data, n_rows, shipped_n) @ omega())
+    def shipped_omega(batch: pa.RecordBatch, i: int) -> np.ndarray:
+        return codec.dense(batch.column("omega")[i].as_buffer(), shipped_n, r)
 
-    gram = codec.sum_rows(_per_task_sum(blocks_only, lambda *a: (lambda y: y.T @ y)(sketch(*a))), "partial", (r, r))
+    source, omega_of = blocks_only, gaussian
+    for _ in range(power_iterations):
+        partials = _per_task_sum(source, lambda m, om: np.asarray(m.T @ np.asarray(m @ om)), shipped_n, omega_of)
+        source, omega_of = blocks_only.crossJoin(F.broadcast(_orthonormal_omega(partials, shipped_n, r))), shipped_omega
+
+    def task_sum(fn: Callable[..., np.ndarray]) -> DataFrame:
+        return _per_task_sum(source, fn, shipped_n, omega_of)
+
+    gram = codec.sum_rows(task_sum(lambda m, om: (lambda y: y.T @ y)(np.asarray(m @ om))), "partial", (r, r))
     lower = np.linalg.cholesky(gram + 1e-10 * max(np.trace(gram), 1e-300) * np.eye(r))
     to_q = np.linalg.inv(lower).T  # Q = Y to_q has orthonormal columns
 
-    def project(indptr, indices, data, n_rows) -> np.ndarray:
-        matrix = codec.csr(indptr, indices, data, n_rows, shipped_n)
-        return np.asarray(matrix.T @ (np.asarray(matrix @ omega()) @ to_q))
+    def project(matrix, omega) -> np.ndarray:
+        return np.asarray(matrix.T @ (np.asarray(matrix @ omega) @ to_q))
 
     def svd(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         projected = np.zeros((shipped_n, r))
@@ -76,7 +113,7 @@ def sketch_svd(blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean
                             "z": np.ascontiguousarray(right_t.T[:, :rank]).tobytes(), "p_norms": norms.tobytes()}],
                           codec.SVD)
 
-    decomposed = (_per_task_sum(blocks_only, project).repartition(1)
+    decomposed = (task_sum(project).repartition(1)
                   .mapInArrow(svd, codec.spark_schema(codec.SVD)).localCheckpoint(eager=True))
     small = decomposed.select("values", "z", "p_norms").first()
     values = np.frombuffer(small["values"], dtype=np.float64)
@@ -84,11 +121,11 @@ def sketch_svd(blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean
     p_norms = np.frombuffer(small["p_norms"], dtype=np.float64).reshape(2, rank)
     to_u = to_q @ z
 
-    def u_block(indptr, indices, data, n_rows) -> np.ndarray:
-        u = sketch(indptr, indices, data, n_rows) @ to_u
+    def u_block(matrix, omega) -> np.ndarray:
+        u = np.asarray(matrix @ omega) @ to_u
         return np.stack([np.sum(np.maximum(u, 0) ** 2, axis=0), np.sum(np.maximum(-u, 0) ** 2, axis=0)])
 
-    u_norms = np.sqrt(codec.sum_rows(_per_task_sum(blocks_only, u_block), "partial", (2, rank)))
+    u_norms = np.sqrt(codec.sum_rows(task_sum(u_block), "partial", (2, rank)))
     # Per component keep the sign whose positive part carries more of the singular pair.
     positive = u_norms[0] * p_norms[0] >= u_norms[1] * p_norms[1]
     chosen_u = np.where(positive, u_norms[0], u_norms[1])
@@ -109,9 +146,10 @@ def sketch_svd(blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean
         for batch in batches:
             factors = []
             for i in range(batch.num_rows):
-                args = [batch.column(c)[i].as_buffer() for c in ("indptr", "indices", "data")]
-                u = sketch(*args, int(batch.column("n_rows")[i].as_py())) @ to_u
+                u = np.asarray(_block(batch, i, shipped_n) @ omega_of(batch, i)) @ to_u
                 factors.append(codec.pack(nonneg(u, u_scale)))
+            if "omega" in batch.schema.names:
+                batch = batch.drop_columns(["omega"])
             index = batch.schema.get_field_index("factor")
             yield batch.set_column(index, "factor", pa.array(factors, pa.binary()))
 
@@ -120,7 +158,8 @@ def sketch_svd(blocks: DataFrame, chunks: ShippedChunks, k: int, seed: int, mean
             for blob in batch.column("p"):
                 yield shipped_batch(nonneg(codec.dense(blob.as_buffer(), shipped_n, rank), p_scale), chunks)
 
-    kept = blocks_only.mapInArrow(fill_kept, codec.spark_schema(codec.STATE))
+    kept = source.mapInArrow(fill_kept, codec.spark_schema(codec.STATE))
     shipped = decomposed.select("p").mapInArrow(fill_shipped, codec.spark_schema(codec.SHIPPED)).localCheckpoint(eager=True)
-    log.info("NMF init: sketch of rank %d, leading singular values %s", r, np.round(values[:rank], 4).tolist())
+    log.info("NMF init: sketch of rank %d after %d power iterations, leading singular values %s", r,
+             power_iterations, np.round(values[:rank], 4).tolist())
     return kept, shipped
