@@ -48,7 +48,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 COLUMNS = ("external_id", "updated_at", "payload")
 PAYLOAD_FIELDS = ("campaign_id", "run_id", "segment_id", "churn_band", "purchase_probability", "send_hour_utc",
                   "products") + CUSTOMER_VALUE_COLUMNS
-SUFFIX = {"csv": ".csv", "json": ".json"}
 
 
 class ExportError(ValueError):

@@ -16,7 +16,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from lib import sources
-from lib.readers import LINE_AS_HEX, META_COLUMNS, READ_REASONS, InputContractError, infer_format, read_raw  # noqa: F401
+from lib.readers import LINE_AS_HEX, META_COLUMNS, READ_REASONS, InputContractError
 from lib.settings import InputSettings
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "event_type", "event_ts")

@@ -199,7 +199,8 @@ def ranking_evaluator_input(
 STRATEGY_COMPARISONS = (
     ("buy_again", "all next purchases", ("buy_again", "shipped_buy_again", "buy_again_heuristic", "most_bought",
                                          "most_recent")),
-    ("blended", "all next purchases", ("blended", "shipped_blended", "most_bought", "most_recent", "popular_all")),
+    ("blended", "all next purchases", ("blended", "shipped_blended", "most_bought", "most_recent", "popular_all",
+                                       "segment_popular")),
     ("discover", "next purchases of new items", ("discover", "popular_new")),
 )
 

@@ -39,9 +39,6 @@ from pyspark.sql import types as T
 from lib import readers
 from lib.sources import clean_id
 
-CATALOG_COLUMNS = ("item_id", "name", "category", "price", "available", "recommendable")
-REASONS = ("missing_item_id", "duplicate_item_id", "bad_price", "negative_price", "bad_available",
-           "bad_recommendable")
 TRUE_TEXT = ("true", "t", "yes", "y", "1")
 FALSE_TEXT = ("false", "f", "no", "n", "0")
 

@@ -25,14 +25,8 @@ from lib.splits import Split, forward_split_fits, holdout_forward, holdout_lates
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("als", "segment_popular", "popular", "buy_again", "most_bought", "most_recent")
 STRATEGIES = ("discover", "buy_again", "blended")
 SPLITS = ("forward", "per_user")
-# rec_metrics models of the strategy evaluation, by ground truth (see evaluate_strategies). shipped_<strategy>:
-# the list each customer group gets after validation chose between the strategy's list and the baselines.
-ALL_PURCHASE_MODELS = ("buy_again", "buy_again_heuristic", "most_bought", "most_recent", "blended", "popular_all",
-                       "shipped_buy_again", "shipped_blended")
-NEW_PURCHASE_MODELS = ("discover", "popular_new")
 # The baselines a buy-again or blended list must beat on a customer group's validation to ship there.
 SHIP_BASELINES = ("most_bought", "most_recent")
 METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
@@ -319,6 +313,7 @@ def evaluate_offline(
     factor_model_name: str = "nmf_score",
     on_tuning_result: Callable[[TuningResult], None] | None = None,
     exclude_items: DataFrame | None = None,
+    segments: DataFrame | None = None,
 ) -> EvaluationReport:
     """Split (``outer_split``: forward by default), tune ALS on a validation split carved from the training
     side (``validation_split``), then compare tuned ALS, global popularity and (optionally) a factor
@@ -384,7 +379,8 @@ def evaluate_offline(
         _measure(report, factor_model_name, factor_recs, test_truth_ids, settings.k_values, catalog_size)
 
     if purchases is not None:
-        evaluate_strategies(report, settings, split, train_events, purchases, als_all, exclude_items, catalog_size)
+        evaluate_strategies(report, settings, split, train_events, purchases, als_all, exclude_items, catalog_size,
+                            segments)
         purchases.unpersist()
         list_users.unpersist()
 
@@ -471,6 +467,23 @@ def popular_for(users: DataFrame, popularity: DataFrame, n: int, exclude_pairs: 
     return top_n(candidates, n, [F.col("score").desc()], exclude_pairs=exclude_pairs)
 
 
+def segment_popular_for(users: DataFrame, members: DataFrame, occasions: DataFrame, n: int,
+                        exclude_items: DataFrame | None = None) -> DataFrame:
+    """(user_id, item_id, score, rank): the items bought by most of the user's segment in ``occasions``
+    (distinct buyers); users of ``users`` with no segment in ``members`` (user_id, segment_id) get the
+    most bought items overall, as cold-start lists do."""
+    if exclude_items is not None:
+        occasions = occasions.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti")
+    in_segment = (occasions.join(members, "user_id").groupBy("segment_id", "item_id")
+                  .agg(F.countDistinct("user_id").cast("double").alias("score")))
+    ranked = in_segment.withColumn("rank", F.row_number().over(
+        Window.partitionBy("segment_id").orderBy(F.col("score").desc(), "item_id"))).where(F.col("rank") <= n)
+    targets = users.select("user_id").distinct()
+    assigned = targets.join(members, "user_id").join(ranked, "segment_id").select("user_id", "item_id", "score", "rank")
+    unassigned = targets.join(members, "user_id", "left_anti")
+    return assigned.unionByName(popular_for(unassigned, purchase_popularity(occasions), n))
+
+
 def evaluate_strategies(
     report: EvaluationReport,
     settings: EvaluationSettings,
@@ -480,6 +493,7 @@ def evaluate_strategies(
     discover: DataFrame,
     exclude_items: DataFrame | None,
     catalog_size: int,
+    segments: DataFrame | None = None,
 ) -> None:
     """The three list strategies against their trivial baselines on the held-out purchases of one split.
 
@@ -489,7 +503,8 @@ def evaluate_strategies(
 
     - on all next purchases: ``buy_again`` (the configured ranker), ``buy_again_heuristic`` (the due-ness
       score), ``most_bought`` and ``most_recent`` (the trivial "your most bought / most recent items"),
-      ``blended``, ``popular_all`` (the most bought items overall, nothing excluded), and
+      ``blended``, ``popular_all`` (the most bought items overall, nothing excluded), ``segment_popular``
+      (the most bought items of the user's segment in ``segments`` (user_id, segment_id), when given), and
       ``shipped_buy_again`` / ``shipped_blended``: per customer group the list validation chose
       (``report.shipped``);
     - on next purchases of new items (not bought in training): ``discover`` and ``popular_new``
@@ -528,6 +543,8 @@ def evaluate_strategies(
     for strategy, chosen in report.shipped.items():
         lists[f"shipped_{strategy}"] = ship_what_wins(lists, groups, chosen, strategy)
     lists["popular_all"] = popular_for(users, popularity, max_k, exclude_items=exclude_items)
+    if segments is not None:
+        lists["segment_popular"] = segment_popular_for(users, segments, occasions, max_k, exclude_items)
     for name, rows in lists.items():
         _measure(report, name, rows, truth_all, settings.k_values, catalog_size)
     if truth_new.limit(1).count() == 0:

@@ -112,13 +112,6 @@ def _read(dt: DeltaTable, wanted: tuple[str, ...], required: tuple[str, ...], ta
     return dt.to_pyarrow_table(columns=cols)
 
 
-def _strings(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not pa.types.is_string(arr.type):
-        arr = arr.cast(pa.string())
-    return arr
-
-
 def _encode(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list]:
     """Dictionary-code a column: (int codes as numpy, distinct values in first-seen order)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -541,10 +534,6 @@ class Snapshot:
 
     def missing(self, tables: tuple[str, ...]) -> list[str]:
         return [t for t in tables if t not in self.parts]
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes of the numpy / Arrow arrays per part (the user dicts are Python objects on top)."""
-        return {t: p.array_bytes() for t, p in self.parts.items() if hasattr(p, "array_bytes")}
 
 
 EMPTY = Snapshot(parts={}, versions={t: None for t in TABLES}, popular=Popular("none", [], [], ()), loaded_at=0.0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pyspark.sql import functions as F
 
 from lib.als import block_top_n
-from lib.recommend import final_recommendations, popular_top_n, sample_users, segment_popular_top_n
+from lib.recommend import (final_recommendations, popular_top_n, sample_users, segment_popular_for,
+                           segment_popular_top_n)
 
 
 def _entries(spark):
@@ -55,6 +56,21 @@ def test_segment_popularity_counts_all_members(spark):
     recs = segment_popular_top_n(only_cold, entries, 2, members=members).orderBy("rank").collect()
     # Among members 0, 1, 4: item 0 has 3 users, items 4 and 6 have 2 (ties by item id).
     assert [row["item_idx"] for row in recs] == [0, 4]
+
+
+def test_segment_popular_baseline_lists_what_each_segment_bought(spark):
+    # Segment 1 (a, b) bought apples and pears, segment 2 (c, d) milk; e has no segment.
+    occasions = spark.createDataFrame(
+        [("a", "apple"), ("b", "apple"), ("b", "pear"), ("c", "milk"), ("d", "milk"), ("d", "bread"), ("c", "fee")],
+        "user_id string, item_id string")
+    members = spark.createDataFrame([("a", 1), ("b", 1), ("c", 2), ("d", 2)], "user_id string, segment_id int")
+    users = spark.createDataFrame([("a",), ("c",), ("e",)], "user_id string")
+    fee = spark.createDataFrame([("fee",)], "item_id string")
+    rows = segment_popular_for(users, members, occasions, 2, exclude_items=fee).collect()
+    lists = {u: [r["item_id"] for r in sorted((r for r in rows if r["user_id"] == u), key=lambda r: r["rank"])]
+             for u in ("a", "c", "e")}
+    # Within a segment by distinct buyers (ties by id); e gets the most bought items overall.
+    assert lists == {"a": ["apple", "pear"], "c": ["milk", "bread"], "e": ["apple", "milk"]}
 
 
 def test_nmf_factors_rank_by_their_dot_product(spark):
