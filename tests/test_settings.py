@@ -85,7 +85,7 @@ def test_cross_key_checks_name_both_sides():
 
 
 def test_heap_sizes_reach_spark_submit_from_the_jobs_own_config():
-    assert submit_options([]) == ["--driver-memory", "2g", "--executor-memory", "2g"]
+    assert submit_options([]) == ["--driver-memory", "4g", "--executor-memory", "2g"]
     assert submit_options(["--set", "spark.driver_memory=6G", "--set", "spark.executor_memory=", "--run-id", "r"]) \
         == ["--driver-memory", "6G"]
     assert submit_options(["--conf", "conf/databricks.toml"]) == []          # the cluster sizes its JVMs
