@@ -139,7 +139,7 @@ NMF_ITEM_FACTORS = TableSpec(
     "NMF item factors H' with the item weighting of the factorized matrix",
 )
 USER_SEGMENTS = TableSpec("user_segments", "user_id string, segment_id int, affinity double, run_id string",
-                          "each user's dominant segment and its share of the user's weight")
+                          "each user's segment (segments.assignment) and its share of the user's weight")
 SEGMENT_PROFILES = TableSpec(
     "segment_profiles",
     "segment_id int, size long, share double, top_items array<struct<item_id: string, weight: double>>, "
