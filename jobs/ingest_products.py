@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> StageResult:
         return StageResult(rows_in=0, rows_out=0, message=message)
     spark, tables = ctx.spark, ctx.tables
     fmt = ctx.settings.products.format or infer_format(location, "/" in location and is_delta_path(spark, location))
-    raw = read_catalog(spark, location, fmt)
+    raw = read_catalog(spark, location, fmt, columns=ctx.settings.products.columns)
     products, quarantine = validate_products(raw, location, ctx.run_id)
     products = products.localCheckpoint(eager=True)
     quarantine = quarantine.localCheckpoint(eager=True)

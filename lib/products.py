@@ -57,8 +57,10 @@ def infer_format(location: str, has_delta_log: bool) -> str:
                            "json, parquet, delta or table") from None
 
 
-def read_catalog(spark: SparkSession, location: str, fmt: str, csv_delimiter: str = ",") -> DataFrame:
-    """The raw catalog with a ``_source_file`` column; CSV columns all text (parsed in validation)."""
+def read_catalog(spark: SparkSession, location: str, fmt: str, csv_delimiter: str = ",",
+                 columns: dict[str, str] | None = None) -> DataFrame:
+    """The raw catalog with a ``_source_file`` column; CSV columns all text (parsed in validation).
+    ``columns`` (file column -> catalog column, ``products.columns``) renames the file's columns."""
     if fmt == "csv":
         raw = (spark.read.option("header", "true").option("sep", csv_delimiter).option("inferSchema", "false")
                .option("mode", "PERMISSIVE").csv(location))
@@ -70,6 +72,11 @@ def read_catalog(spark: SparkSession, location: str, fmt: str, csv_delimiter: st
         raw = spark.read.format(fmt).load(location)
     else:
         raise CatalogError(f"products.format must be csv, json, parquet, delta or table, got {fmt!r}")
+    missing = sorted(set(columns or {}) - set(raw.columns))
+    if missing:
+        raise CatalogError(f"input.items {location}: products.columns names {', '.join(missing)}, not in the "
+                           f"catalog (columns: {', '.join(raw.columns)})")
+    raw = raw.withColumnsRenamed(columns or {})
     source = F.input_file_name() if fmt != "table" else F.lit(location)
     return raw.withColumn("_source_file", F.when(source != "", source).otherwise(F.lit(location)))
 

@@ -239,6 +239,8 @@ def _check_number(value: Any, key: str, rule: str) -> None:
             require(item <= high, key, f"must {'hold integers' if many else 'be'} <= {high}, got {shown}")
 
 
+# The catalog's columns: what ``products.columns`` may map a catalog file's column to.
+CATALOG_COLUMNS = ("item_id", "name", "category", "price", "available", "recommendable")
 # The input contract's columns: what ``input.columns`` may map a source column to.
 CONTRACT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "event_ts", "quantity", "revenue",
                     "campaign_id", "channel")
@@ -462,11 +464,18 @@ class RecommendSettings:
 class ProductsSettings:
     format: str
     exclude_item_patterns: tuple[str, ...]
+    columns: dict[str, str]
 
     def __post_init__(self) -> None:
         import re
 
         one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "products.format")
+        targets = list(self.columns.values())
+        unknown = sorted(set(targets) - set(CATALOG_COLUMNS))
+        require(not unknown, "products.columns", f"maps to {', '.join(unknown)}, not catalog columns "
+                                                 f"({', '.join(CATALOG_COLUMNS)})")
+        twice = sorted({name for name in targets if targets.count(name) > 1})
+        require(not twice, "products.columns", f"maps several catalog file columns to {', '.join(twice)}")
         for pattern in self.exclude_item_patterns:
             try:
                 re.compile(pattern)

@@ -65,6 +65,20 @@ def test_catalog_without_item_id_fails_naming_the_column_and_file(spark, tmp_pat
         validate_products(read_catalog(spark, location, "csv"), location, "r1")
 
 
+def test_a_catalog_with_its_own_column_names_is_mapped_by_products_columns(spark, tmp_path: Path):
+    # The grocer's catalog shape: product_id, product_type, product_category, and columns nobody maps.
+    location = _write(tmp_path, "product_id,brand,product_type,product_category\n"
+                                "1095275,National,FLUID MILK WHITE ONLY,FLUID MILK PRODUCTS\n"
+                                "26081,National,,\n", "product.csv")
+    mapping = {"product_id": "item_id", "product_type": "name", "product_category": "category"}
+    products, quarantine = validate_products(read_catalog(spark, location, "csv", columns=mapping), location, "r1")
+    assert sorted((r["item_id"], r["name"], r["category"]) for r in products.collect()) == \
+        [("1095275", "FLUID MILK WHITE ONLY", "FLUID MILK PRODUCTS"), ("26081", None, None)]
+    assert quarantine.count() == 0
+    with pytest.raises(CatalogError, match=r"product.csv: products.columns names sku, not in the catalog"):
+        read_catalog(spark, location, "csv", columns={"sku": "item_id"})
+
+
 def test_exclusions_from_flags_and_patterns(spark):
     items = spark.createDataFrame([(i,) for i in ("10001", "POST", "m", "M", "gift_0001_20", "DOT", "POSTAGE",
                                                   "A1", "A2", "A3")], "item_id string")

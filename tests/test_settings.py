@@ -69,6 +69,7 @@ def test_defaults_and_shipped_environments_build():
     ("spark.driver_memory=lots", "'spark.driver_memory' must be a size such as \"2g\""),
     ("spark.executor_memory=2gb", "'spark.executor_memory' must be a size such as"),
     ("spark.driver_memory=256m", "'spark.driver_memory' must be at least 512m, got '256m'"),
+    ("products.columns.product_id=sku", "'products.columns' maps to sku, not catalog columns"),
 ])
 def test_bad_values_fail_at_start_naming_the_key(assignment, message):
     with pytest.raises(ConfigError, match=message):
