@@ -3,7 +3,7 @@
 stage's matrix under variants of its transform / weighting, and factorizes it with the engine's own
 numpy HALS rule (lib.nmf.rules), so no Spark and no lock are needed.
 
-    PYTHONPATH=. python bench/segment_findings.py <warehouse> [--products products.csv.gz]
+    PYTHONPATH=. python bench/segment_findings.py <warehouse> [--part all|decay|spectrum|variants|sketch|assignment|lift_ranking|nextbuy] [--transactions transactions.csv.gz]
 """
 from __future__ import annotations
 

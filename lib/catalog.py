@@ -125,8 +125,8 @@ ITEM_INDEX = TableSpec("item_index", "item_id string, item_idx int",
                        "dense integer index of items, stable across runs")
 INTERACTIONS = TableSpec(
     "interactions",
-    "user_idx int, item_idx int, score double, n_events long, last_ts timestamp",
-    "weighted, time-decayed user-item scores (the sparse matrix)",
+    "user_idx int, item_idx int, score double, n_events long, n_weighted_events long, last_ts timestamp",
+    "weighted, time-decayed user-item scores (the sparse matrix) and the pair's event counts",
 )
 NMF_USER_FACTORS = TableSpec(
     "nmf_user_factors",

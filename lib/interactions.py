@@ -23,10 +23,12 @@ def score_events(
     half_life_days: float,
     as_of: datetime,
 ) -> DataFrame:
-    """Aggregate events into (user_id, item_id, score, n_events, last_ts).
+    """Aggregate events into (user_id, item_id, score, n_events, n_weighted_events, last_ts).
 
     Each event counts ``weights[event_type] * 0.5 ** (age_days / half_life_days)``, its age taken
     at ``as_of``. Events after ``as_of`` are left out (they have not happened yet at that date).
+    ``n_events`` counts every event of the pair (it reconciles with the events table);
+    ``n_weighted_events`` only those of a type with a positive weight (an email send is no taste).
     """
     if half_life_days <= 0:
         raise ValueError(f"interactions.half_life_days must be > 0, got {half_life_days}")
@@ -42,6 +44,7 @@ def score_events(
         .agg(
             F.sum(decayed).alias("score"),
             F.count(F.lit(1)).alias("n_events"),
+            F.count(F.when(weight > 0, F.lit(1))).alias("n_weighted_events"),
             F.max("event_ts").alias("last_ts"),
         )
     )
@@ -133,11 +136,12 @@ def grow_index(spark: SparkSession, tables: Tables, table: TableSpec, ids: DataF
 
 
 def to_matrix_entries(scored: DataFrame, user_index: DataFrame, item_index: DataFrame) -> DataFrame:
-    """The ``interactions`` table: scores keyed by dense indices (user_idx, item_idx, score, n_events, last_ts)."""
+    """The ``interactions`` table: scores keyed by dense indices (user_idx, item_idx, score, n_events,
+    n_weighted_events, last_ts)."""
     return (
         scored.join(user_index, "user_id")
         .join(item_index, "item_id")
-        .select("user_idx", "item_idx", "score", "n_events", "last_ts")
+        .select("user_idx", "item_idx", "score", "n_events", "n_weighted_events", "last_ts")
     )
 
 

@@ -76,6 +76,10 @@ def read_catalog(spark: SparkSession, location: str, fmt: str, csv_delimiter: st
     if missing:
         raise CatalogError(f"input.items {location}: products.columns names {', '.join(missing)}, not in the "
                            f"catalog (columns: {', '.join(raw.columns)})")
+    taken = sorted(set((columns or {}).values()) & (set(raw.columns) - set(columns or {})))
+    if taken:
+        raise CatalogError(f"input.items {location}: products.columns maps onto {', '.join(taken)}, which the "
+                           "catalog already has (map that column too, or leave it)")
     raw = raw.withColumnsRenamed(columns or {})
     source = F.input_file_name() if fmt != "table" else F.lit(location)
     return raw.withColumn("_source_file", F.when(source != "", source).otherwise(F.lit(location)))

@@ -121,7 +121,8 @@ def segment_popular_top_n(
 
 
 def user_segment_of(segments: DataFrame) -> DataFrame:
-    """(user_id, segment_id): each user's highest-affinity segment in the latest run of ``segments``."""
+    """(user_id, segment_id): each user's segment in the latest run of ``segments`` (the highest affinity
+    should a run hold several rows of a user)."""
     latest = segments.agg(F.max("run_id")).first()[0]
     current = segments.where(F.col("run_id") == F.lit(latest)) if latest is not None else segments
     best = Window.partitionBy("user_id").orderBy(F.col("affinity").desc(), F.col("segment_id"))

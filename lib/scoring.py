@@ -155,6 +155,8 @@ def fit_target(target: str, train: DataFrame, valid: DataFrame, scoring: DataFra
     weighted, pos, neg = _class_weights(train, target)
     windows = tuple(settings.windows_days)
     names = informative_features(train, names)
+    if not names:
+        raise ValueError(f"{target}: every feature is constant on the training window; nothing to learn from")
     best, best_pr, best_scorer = "", -1.0, None
     for name in settings.models:
         scorer = _candidate(name, weighted, names, target, settings)

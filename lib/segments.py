@@ -1,8 +1,8 @@
 """Customer segments from an NMF of the interaction matrix: score transforms, factor tables,
-dominant segments, segment profiles, and the objective recomputed from the written tables.
+segment assignment, segment profiles, and the objective recomputed from the written tables.
 
 The factorized matrix is X[u, i] = row_scale[u] * item_weight[i] * f(value[u, i]), where f is the
-identity or log1p and value the interactions column ``segments.value_column`` (score or n_events). ``row_scale`` is stored in ``nmf_user_factors`` and ``item_weight`` in
+identity or log1p and value the interactions column ``segments.value_column`` (score, n_events or n_weighted_events). ``row_scale`` is stored in ``nmf_user_factors`` and ``item_weight`` in
 ``nmf_item_factors`` (with ``score_transform`` naming f), so ``interactions`` and the two factor
 tables alone give X, and with it ||X - W H||_F / ||X||_F.
 """
@@ -23,7 +23,7 @@ from lib.settings import SegmentsSettings
 TRANSFORMS = ("none", "log1p")
 # The interactions column the segments factorize: the time-decayed score, or the undecayed event count
 # (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
-VALUE_COLUMNS = ("score", "n_events")
+VALUE_COLUMNS = ("score", "n_events", "n_weighted_events")
 # How a user's segment is picked from their segment weights W[u, l] * sum_i H[l, i]: "dominant" (the
 # largest weight) or "relative" (the largest share over the average customer's share of that segment).
 ASSIGNMENTS = ("relative", "dominant")
@@ -94,10 +94,13 @@ def transform_scores(
     of an item that more than a share c of the users have by c / share (an item everyone buys counts
     as if a share c bought it; rarer items keep weight 1); ``excluded`` items (item_idx) get weight 0
     and no entries; ``row_normalize`` scales each user's row to sum 1 so heavy users do not dominate.
-    ``value_column`` is the interactions column f is applied to (score or n_events).
+    ``value_column`` is the interactions column f is applied to (one of VALUE_COLUMNS).
     """
     if value_column not in VALUE_COLUMNS:
         raise ValueError(f"segments.value_column must be one of {VALUE_COLUMNS}, got {value_column!r}")
+    if value_column not in interactions.columns:
+        raise ValueError(f"interactions has no column {value_column} (segments.value_column): it was written "
+                         "before the column existed; run build_interactions again")
     base = interactions.select("user_idx", "item_idx",
                                transformed_score(F.col(value_column).cast("double"), transform).alias("fscore"))
     item_users = base.where(F.col("fscore") > 0).groupBy("item_idx").agg(F.count(F.lit(1)).alias("item_users"))

@@ -521,7 +521,7 @@ class SegmentsSettings:
         one_of(self.solver, ("hals", "mu"), "segments.solver")
         one_of(self.init, ("sketch_svd", "random_columns", "random"), "segments.init")
         one_of(self.transform, ("none", "log1p"), "segments.transform")
-        one_of(self.value_column, ("score", "n_events"), "segments.value_column")
+        one_of(self.value_column, ("score", "n_events", "n_weighted_events"), "segments.value_column")
         one_of(self.assignment, ("relative", "dominant"), "segments.assignment")
         require(self.tol >= 0, "segments.tol", "must be >= 0")
         for key in ("l1_w", "l2_w", "l1_h", "l2_h"):

@@ -5,7 +5,7 @@ import pytest
 from lib.interactions import extend_index, score_events, to_matrix_entries
 
 AS_OF = datetime(2026, 10, 31, tzinfo=timezone.utc)
-WEIGHTS = {"view": 1.0, "purchase": 8.0}
+WEIGHTS = {"view": 1.0, "purchase": 8.0, "email_send": 0.0}
 
 
 def test_scores_are_weighted_and_decayed_exactly(spark):
@@ -15,13 +15,14 @@ def test_scores_are_weighted_and_decayed_exactly(spark):
             ("u1", "i1", "purchase", datetime(2026, 10, 21)),  # age 10 = one half-life: 4.0
             ("u2", "i1", "view", datetime(2026, 10, 11)),      # age 20: 0.25
             ("u2", "i2", "view", datetime(2026, 11, 5)),       # after as_of: left out
+            ("u2", "i1", "email_send", datetime(2026, 10, 1)), # weight 0: counted, but not as taste
         ],
         "user_id string, item_id string, event_type string, event_ts timestamp",
     )
     got = sorted(tuple(row) for row in score_events(events, WEIGHTS, 10.0, AS_OF).collect())
     assert got == [
-        ("u1", "i1", pytest.approx(5.0), 2, datetime(2026, 10, 31)),
-        ("u2", "i1", pytest.approx(0.25), 1, datetime(2026, 10, 11)),
+        ("u1", "i1", pytest.approx(5.0), 2, 2, datetime(2026, 10, 31)),
+        ("u2", "i1", pytest.approx(0.25), 2, 1, datetime(2026, 10, 11)),
     ]
 
 
@@ -47,11 +48,12 @@ def test_index_numbering_does_not_depend_on_partitioning(spark):
 
 
 def test_matrix_entries_use_the_indices(spark):
-    scored = spark.createDataFrame([("u1", "i2", 3.0, 2, datetime(2026, 10, 1))],
-                                   "user_id string, item_id string, score double, n_events long, last_ts timestamp")
+    scored = spark.createDataFrame([("u1", "i2", 3.0, 2, 1, datetime(2026, 10, 1))],
+                                   "user_id string, item_id string, score double, n_events long, "
+                                   "n_weighted_events long, last_ts timestamp")
     users = spark.createDataFrame([("u1", 4)], "user_id string, user_idx int")
     items = spark.createDataFrame([("i2", 9)], "item_id string, item_idx int")
-    assert [tuple(r) for r in to_matrix_entries(scored, users, items).collect()] == [(4, 9, 3.0, 2, datetime(2026, 10, 1))]
+    assert [tuple(r) for r in to_matrix_entries(scored, users, items).collect()] == [(4, 9, 3.0, 2, 1, datetime(2026, 10, 1))]
 
 
 def test_index_is_unique_when_the_input_order_varies_between_evaluations(spark):

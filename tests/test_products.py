@@ -77,6 +77,8 @@ def test_a_catalog_with_its_own_column_names_is_mapped_by_products_columns(spark
     assert quarantine.count() == 0
     with pytest.raises(CatalogError, match=r"product.csv: products.columns names sku, not in the catalog"):
         read_catalog(spark, location, "csv", columns={"sku": "item_id"})
+    with pytest.raises(CatalogError, match=r"products.columns maps onto product_id, which the catalog already has"):
+        read_catalog(spark, location, "csv", columns={"brand": "product_id"})
 
 
 def test_exclusions_from_flags_and_patterns(spark):

@@ -71,7 +71,7 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
     # No NMF tables: NMF-score skipped; every strategy beside its trivial baselines.
     assert {model for model, _, _ in got} == {"als", "popular", "buy_again", "buy_again_heuristic", "most_bought",
                                               "most_recent", "blended", "popular_all", "shipped_buy_again",
-                                              "shipped_blended", "discover", "popular_new"}
+                                              "shipped_blended", "discover", "popular_new", "segment_popular"}
     assert {k for _, k, _ in got} == {5, 10}
     assert all(0.0 <= value <= 1.0 for (_, _, metric), value in got.items() if metric != "users")
     tuning = tables.read(spark, C.ALS_TUNING).collect()

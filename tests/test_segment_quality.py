@@ -135,7 +135,7 @@ def realistic(spark, tmp_path_factory):
         F.lit(1.0).alias("price"), F.lit(True).alias("available"),
         (F.col("item_id") != hidden).alias("recommendable"), F.lit("catalog").alias("run_id"))
     tables.overwrite(products, C.PRODUCTS)
-    named = _segment(spark, root, "named")
+    _segment(spark, root, "named")   # its profiles (with the catalog) are what the label tests read
     return tables, before, before_profiles, now, hidden
 
 

@@ -45,7 +45,8 @@ def test_segments_recover_planted_labels(spark, segmented):
     assert len(labels) == result.rows_out
     assert adjusted_rand_score(labels["planted"], labels["segment_id"]) >= 0.9
     affinity = found.agg(F.min("affinity"), F.max("affinity")).first()
-    assert 1.0 / SPEC.segments <= affinity[0] <= affinity[1] <= 1.0
+    assert 0.0 < affinity[0] <= affinity[1] <= 1.0   # the assigned segment's share: under the relative rule
+                                                    # not always the largest, so it may be below 1/k
 
 
 def test_objective_recomputes_from_the_tables_alone(spark, segmented):
@@ -59,7 +60,7 @@ def test_objective_recomputes_from_the_tables_alone(spark, segmented):
 
     # Independently, densely, with the formula of docs/segments.md.
     u, i = users.toPandas().set_index("user_idx"), items.toPandas().set_index("item_idx")
-    assert set(u["score_transform"]) == set(i["score_transform"]) == {"log1p(n_events)"}
+    assert set(u["score_transform"]) == set(i["score_transform"]) == {"log1p(n_weighted_events)"}
     w = np.zeros((u.index.max() + 1, SPEC.segments))
     h = np.zeros((i.index.max() + 1, SPEC.segments))
     for idx, factors in u["factors"].items():
@@ -69,7 +70,7 @@ def test_objective_recomputes_from_the_tables_alone(spark, segmented):
     x = np.zeros((w.shape[0], h.shape[0]))
     for row in interactions.toPandas().itertuples():
         x[row.user_idx, row.item_idx] = (u.loc[row.user_idx, "row_scale"] * i.loc[row.item_idx, "item_weight"]
-                                         * np.log1p(row.n_events))
+                                         * np.log1p(row.n_weighted_events))
     assert np.linalg.norm(x - w @ h.T) / np.linalg.norm(x) == pytest.approx(history["rel_error"].iloc[-1], rel=1e-6)
 
 
