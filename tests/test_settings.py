@@ -153,7 +153,7 @@ def _tiny_matrix(spark) -> dict:
     """The tables build_interactions leaves, in memory: 20 users with 5 of 11 items each, and a POST line
     (excluded by products.exclude_item_patterns) bought by one of them."""
     last = datetime(2026, 10, 1, 10)
-    cells = [(u, (u + i) % 11, 1.0, 1, last) for u in range(20) for i in range(5)] + [(0, 11, 8.0, 1, last)]
+    cells = [(u, (u + i) % 11, 1.0, 1, 1, last) for u in range(20) for i in range(5)] + [(0, 11, 8.0, 1, 1, last)]
     rows = {C.USER_INDEX: [(f"u{u:02d}", u) for u in range(20)],
             C.ITEM_INDEX: [(f"i{i:02d}", i) for i in range(11)] + [("POST", 11)], C.INTERACTIONS: cells, C.EVENTS: []}
     return {table.name: spark.createDataFrame(data, table.schema) for table, data in rows.items()}
