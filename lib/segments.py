@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -158,14 +158,19 @@ def factor_table(
     )
 
 
+def _per_segment(frame: DataFrame, array_col: str, aggregate: Callable[[str], F.Column], k: int) -> list[float]:
+    """k scalars: ``aggregate`` of each position of the array column over the rows (0.0 where none)."""
+    rows = (frame.select(F.posexplode(array_col).alias("segment_id", "value"))
+            .groupBy("segment_id").agg(aggregate("value").alias("value")).collect())
+    values = [0.0] * k
+    for row in rows:
+        values[row["segment_id"]] = float(row["value"])
+    return values
+
+
 def component_mass(item_factors: DataFrame, k: int) -> list[float]:
     """sum_i H[l, i] for each component l (k scalars)."""
-    rows = (item_factors.select(F.posexplode("factors").alias("segment_id", "weight"))
-            .groupBy("segment_id").agg(F.sum("weight").alias("mass")).collect())
-    mass = [0.0] * k
-    for row in rows:
-        mass[row["segment_id"]] = float(row["mass"])
-    return mass
+    return _per_segment(item_factors, "factors", F.sum, k)
 
 
 def segment_shares(user_factors: DataFrame, mass: list[float]) -> DataFrame:
@@ -184,12 +189,7 @@ def segment_shares(user_factors: DataFrame, mass: list[float]) -> DataFrame:
 
 def mean_shares(shares: DataFrame, k: int) -> list[float]:
     """The average customer's share in each segment (k scalars)."""
-    rows = (shares.select(F.posexplode("shares").alias("segment_id", "share"))
-            .groupBy("segment_id").agg(F.avg("share").alias("mean")).collect())
-    means = [0.0] * k
-    for row in rows:
-        means[row["segment_id"]] = float(row["mean"])
-    return means
+    return _per_segment(shares, "shares", F.avg, k)
 
 
 def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str, rule: str = "relative") -> DataFrame:

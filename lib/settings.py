@@ -239,6 +239,17 @@ def _check_number(value: Any, key: str, rule: str) -> None:
             require(item <= high, key, f"must {'hold integers' if many else 'be'} <= {high}, got {shown}")
 
 
+def column_map_targets(columns: dict[str, str], allowed: tuple[str, ...], key: str, kind: str,
+                       source: str) -> list[str]:
+    """The targets of a source column -> column map, each one of ``allowed`` and none twice."""
+    targets = list(columns.values())
+    unknown = sorted(set(targets) - set(allowed))
+    require(not unknown, key, f"maps to {', '.join(unknown)}, not {kind} columns ({', '.join(allowed)})")
+    twice = sorted({name for name in targets if targets.count(name) > 1})
+    require(not twice, key, f"maps several {source} columns to {', '.join(twice)}")
+    return targets
+
+
 # The catalog's columns: what ``products.columns`` may map a catalog file's column to.
 CATALOG_COLUMNS = ("item_id", "name", "category", "price", "available", "recommendable")
 # The input contract's columns: what ``input.columns`` may map a source column to.
@@ -263,12 +274,7 @@ class InputSettings:
     def __post_init__(self) -> None:
         one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "input.format")
         one_of(self.timestamp_unit, ("s", "ms", "us"), "input.timestamp_unit")
-        targets = list(self.columns.values())
-        unknown = sorted(set(targets) - set(CONTRACT_COLUMNS))
-        require(not unknown, "input.columns", f"maps to {', '.join(unknown)}, not contract columns "
-                                              f"({', '.join(CONTRACT_COLUMNS)})")
-        twice = sorted({name for name in targets if targets.count(name) > 1})
-        require(not twice, "input.columns", f"maps several input columns to {', '.join(twice)}")
+        targets = column_map_targets(self.columns, CONTRACT_COLUMNS, "input.columns", "contract", "input")
         require(not (self.event_type and "event_type" in targets), "input.event_type",
                 "is set, so no input column may map to event_type (input.columns)")
         require(all(isinstance(name, str) and name for name in self.revenue_product), "input.revenue_product",
@@ -470,12 +476,7 @@ class ProductsSettings:
         import re
 
         one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "products.format")
-        targets = list(self.columns.values())
-        unknown = sorted(set(targets) - set(CATALOG_COLUMNS))
-        require(not unknown, "products.columns", f"maps to {', '.join(unknown)}, not catalog columns "
-                                                 f"({', '.join(CATALOG_COLUMNS)})")
-        twice = sorted({name for name in targets if targets.count(name) > 1})
-        require(not twice, "products.columns", f"maps several catalog file columns to {', '.join(twice)}")
+        column_map_targets(self.columns, CATALOG_COLUMNS, "products.columns", "catalog", "catalog file")
         for pattern in self.exclude_item_patterns:
             try:
                 re.compile(pattern)
