@@ -45,6 +45,7 @@ def test_each_row_check_has_its_reason(spark):
         ("e18", "u1", "i1", "purchase", ts, "1", "-5"),
         ("e19", "u1", "i1", "purchase", "1759312800", "2", "10.5"),  # epoch seconds, valid
         ("e20", "u1", "i1", "view", "20240501", None, None),  # a date typed as a number: 1970 in seconds
+        ("e21", "u1", "i1", "purchase", "1997-06-02T09:30:00Z", "1", "4.5"),  # an old order, not garbage
     ]
     got = {row["event_id"]: row["reason"] for row in classify_rows(spark, rows).select("event_id", "reason").collect()}
     assert got == {
@@ -53,7 +54,7 @@ def test_each_row_check_has_its_reason(spark):
         "e9": "unparseable_event_ts", "e10": "timestamp_unit_mismatch", "e11": "too_early_event_ts",
         "e12": "future_event_ts", "e13": "unparseable_quantity", "e14": "non_finite_quantity",
         "e15": "negative_quantity", "e16": "unparseable_revenue", "e17": "non_finite_revenue",
-        "e18": "negative_revenue", "e19": None, "e20": "too_early_event_ts",
+        "e18": "negative_revenue", "e19": None, "e20": "too_early_event_ts", "e21": None,
     }
 
 
