@@ -11,8 +11,9 @@ from lib.config import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "email_open", "email_click")
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
-RULES = ingest.Rules(event_types=EVENT_TYPES, latest=NOW, earliest=datetime(2000, 1, 1, tzinfo=timezone.utc))
 SOURCE = load_settings([], []).input
+# The default lower bound (ingest.earliest_event_ts): what a new user's export is judged by.
+RULES = ingest.Rules(event_types=EVENT_TYPES, latest=NOW, earliest=load_settings([], []).ingest.earliest_utc)
 RAW_SCHEMA = "event_id string, user_id string, item_id string, event_type string, event_ts string, " \
              "quantity string, revenue string"
 
