@@ -18,15 +18,11 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from lib.nmf import NMFParams, factorize
+from lib.settings import SEGMENT_ASSIGNMENTS as ASSIGNMENTS
+from lib.settings import SEGMENT_VALUE_COLUMNS as VALUE_COLUMNS
 from lib.settings import SegmentsSettings
 
 TRANSFORMS = ("none", "log1p")
-# The interactions column the segments factorize: the time-decayed score, or the undecayed event count
-# (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
-VALUE_COLUMNS = ("score", "n_events", "n_weighted_events")
-# How a user's segment is picked from their segment weights W[u, l] * sum_i H[l, i]: "dominant" (the
-# largest weight) or "relative" (the largest share over the average customer's share of that segment).
-ASSIGNMENTS = ("relative", "dominant")
 
 
 def nmf_params(settings: SegmentsSettings, k: int | None = None, max_iter: int | None = None) -> NMFParams:

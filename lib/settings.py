@@ -486,6 +486,14 @@ class ProductsSettings:
             require(bool(pattern), "products.exclude_item_patterns", "must not hold an empty pattern")
 
 
+# The interactions column the segments factorize: the time-decayed score, or an undecayed event count
+# (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
+SEGMENT_VALUE_COLUMNS = ("score", "n_events", "n_weighted_events")
+# How a user's segment is picked from their segment weights W[u, l] * sum_i H[l, i]: "dominant" (the
+# largest weight) or "relative" (the largest share over the average customer's share of that segment).
+SEGMENT_ASSIGNMENTS = ("relative", "dominant")
+
+
 @dataclass(frozen=True)
 class SegmentsSettings:
     k: int
@@ -522,8 +530,8 @@ class SegmentsSettings:
         one_of(self.solver, ("hals", "mu"), "segments.solver")
         one_of(self.init, ("sketch_svd", "random_columns", "random"), "segments.init")
         one_of(self.transform, ("none", "log1p"), "segments.transform")
-        one_of(self.value_column, ("score", "n_events", "n_weighted_events"), "segments.value_column")
-        one_of(self.assignment, ("relative", "dominant"), "segments.assignment")
+        one_of(self.value_column, SEGMENT_VALUE_COLUMNS, "segments.value_column")
+        one_of(self.assignment, SEGMENT_ASSIGNMENTS, "segments.assignment")
         require(self.tol >= 0, "segments.tol", "must be >= 0")
         for key in ("l1_w", "l2_w", "l1_h", "l2_h"):
             require(getattr(self, key) >= 0, f"segments.{key}", "must be >= 0")
