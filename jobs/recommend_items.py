@@ -12,20 +12,18 @@ from dataclasses import replace
 from datetime import timezone
 from pathlib import Path
 
-from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, models_root, read_matrix
 from lib import catalog as C
-from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, block_top_n, candidate_grid, fit_als
+from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, candidate_grid, fit_als
 from lib.buy_again import BuyAgainParams, fit_ranker, purchase_occasions
 from lib.metrics import write_strategy_report
 from lib.products import excluded_items
-from lib.recommend import (EvaluationSettings, TrainingSide, evaluate_offline, excluded_pairs,
+from lib.recommend import (EvaluationSettings, TrainingSideNmf, evaluate_offline, excluded_pairs,
                            final_recommendations, strategy_lists, to_indexed, user_segment_of)
 from lib.runs import StageResult
-from lib.segments import fit_segments, segment_matrix
-from lib.settings import AlsSettings, RecommendSettings, Settings
+from lib.settings import AlsSettings, RecommendSettings
 
 log = logging.getLogger("jobs.recommend_items")
 
@@ -47,33 +45,6 @@ def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
 
 def _model_path(ctx: StageContext) -> str:
     return f"{models_root(ctx)}/{ctx.run_id}"
-
-
-def _nmf_recommender(settings: Settings):
-    """An NMF-score recommender fitted on the training side only."""
-    # The stored factors were fitted on every event, held-out ones included; scoring them on the
-    # held-out events would leak. So NMF is refitted, with the segments stage's own settings, on
-    # the training side's matrix, and its W H' scores rank the items.
-    segments = settings.segments
-
-    def recommend(side: TrainingSide, users: DataFrame, n: int) -> DataFrame:
-        entries, _, _ = segment_matrix(side.entries, segments)
-        n_rows = side.user_index.agg(F.max("user_idx")).first()[0] + 1
-        n_cols = side.item_index.agg(F.max("item_idx")).first()[0] + 1
-        entries = entries.persist()
-        result = fit_segments(entries, segments, n_rows, n_cols)
-        log.info("NMF on the training side: k=%d, relative error %.4f after %d iterations",
-                 segments.k, result.rel_error, result.iterations)
-        user_factors = result.w.withColumnRenamed("row_idx", "user_idx")
-        item_factors = result.h.withColumnRenamed("col_idx", "item_idx")
-        # The lists are materialized before the factors' caches are released.
-        top = block_top_n(user_factors, item_factors, users, n, side.excluded,
-                          _top_n_blocks(settings.recommend.als)).localCheckpoint(eager=True)
-        result.release()
-        entries.unpersist()
-        return top
-
-    return recommend
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -113,17 +84,19 @@ def run(ctx: StageContext) -> StageResult:
             sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
             tune_sample_users=settings.tune_sample_users,
         )
+        # The segments stage's NMF, refitted on each training side: the nmf_score recommender where its
+        # factors exist, the segments of the segment_popular baseline where its segments exist.
         has_nmf = tables.exists(spark, C.NMF_USER_FACTORS) and tables.exists(spark, C.NMF_ITEM_FACTORS)
-        nmf_recommender = _nmf_recommender(ctx.settings) if has_nmf else None
+        training_nmf = TrainingSideNmf(ctx.settings.segments, _top_n_blocks(settings.als))
         notes.append(f"NMF-score recommender refitted on the training side (segments.k={ctx.settings.segments.k})"
                      if has_nmf else "nmf_user_factors / nmf_item_factors absent: NMF-score recommender skipped")
         log.info("%s", notes[-1])
 
         tuning: list[TuningResult] = []
-        # The stored segments were fitted on every event, the judged days included: any leak helps
-        # the segment_popular baseline, so a list that beats it beats an optimistic baseline.
-        report = evaluate_offline(events, evaluation, candidates, nmf_recommender, "nmf_score", tuning.append,
-                                  exclude_ids, None if segments is None else user_segment_of(segments))
+        report = evaluate_offline(events, evaluation, candidates, training_nmf.recommend if has_nmf else None,
+                                  "nmf_score", tuning.append, exclude_ids,
+                                  None if segments is None else training_nmf.segments)
+        training_nmf.release()
         notes.extend(report.notes)
         best = report.best
         calibration = report.calibration
@@ -184,7 +157,8 @@ def run(ctx: StageContext) -> StageResult:
             notes.append(f"{strategy}: a baseline won validation, so it ships as the list of " + ", ".join(
                 f"{group} customers ({name})" for group, name in sorted(baselines.items())))
     recommendations = strategy_lists(discover, occasions, as_of, _buy_again_params(settings), settings.top_n,
-                                     settings.strategies, exclude_ids, calibration, ranker, shipped
+                                     settings.strategies, exclude_ids, calibration, ranker, shipped,
+                                     None if segments is None else user_segment_of(segments)
                                      ).withColumn("run_id", F.lit(run_id))
     tables.overwrite(recommendations, C.RECOMMENDATIONS)
 

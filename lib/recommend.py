@@ -13,22 +13,25 @@ from typing import Callable
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from lib.als import (AlsParams, Estimate, TopNBlocks, TuningResult, als_top_n, exclusion_tiers, fit_als,
-                     rank_and_exclude, tune_als, user_hash_fraction)
+from lib.als import (AlsParams, Estimate, TopNBlocks, TuningResult, als_top_n, block_top_n, exclusion_tiers,
+                     fit_als, rank_and_exclude, tune_als, user_hash_fraction)
 from lib.buy_again import (RANKER_MODELS, BlendCalibration, BuyAgainParams, BuyAgainRanker, blend, buy_again_top_n,
                            choose_per_group, customer_groups, fit_ranker, global_repeat_share, hit_curve,
                            most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n, repeat_propensity,
                            ship_what_wins, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
 from lib.metrics import catalog_coverage, group_ranking_metrics, ranking_metrics
+from lib.segments import assign_segments, component_mass, fit_segments, segment_matrix
+from lib.settings import SegmentsSettings
 from lib.splits import Split, forward_split_fits, holdout_forward, holdout_latest, purchase_truth, relevant_items, user_history_end
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("discover", "buy_again", "blended")
 SPLITS = ("forward", "per_user")
-# The baselines a buy-again or blended list must beat on a customer group's validation to ship there.
-SHIP_BASELINES = ("most_bought", "most_recent")
+# The baselines a buy-again or blended list must beat on a customer group's validation to ship there
+# (segment_popular only where the evaluation has segments).
+SHIP_BASELINES = ("most_bought", "most_recent", "segment_popular")
 METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
 # Each ranking metric's sampling error over the evaluated users, written beside it as <metric>_se.
 ERROR_NAMES = ("precision_se", "recall_se", "map_se", "ndcg_se")
@@ -226,6 +229,56 @@ def training_side(train_events: DataFrame, settings: EvaluationSettings, as_of: 
     return TrainingSide(entries, user_index, item_index, excluded, as_of)
 
 
+class TrainingSideNmf:
+    """The segments' NMF refitted on a training side, for the evaluation: the stored factors and segments
+    saw the judged events, so scoring or grouping by them would leak. One fit per training side serves
+    both its uses (the latest side's fit is kept until ``release``):
+
+    - ``recommend(side, users, n)``: the ``nmf_score`` recommender, items ranked by W H';
+    - ``segments(side)``: (user_id, segment_id) by the [segments] assignment rule, for ``segment_popular``.
+    """
+
+    def __init__(self, settings: SegmentsSettings, top_n_blocks: TopNBlocks | None = None) -> None:
+        self.settings = settings
+        self.top_n_blocks = top_n_blocks
+        self._side: TrainingSide | None = None
+        self._fit = None
+        self._entries: DataFrame | None = None
+
+    def _fitted(self, side: TrainingSide):
+        if self._side is not side:
+            self.release()
+            entries = segment_matrix(side.entries, self.settings)[0].persist()
+            n_rows = side.user_index.agg(F.max("user_idx")).first()[0] + 1
+            n_cols = side.item_index.agg(F.max("item_idx")).first()[0] + 1
+            self._fit = fit_segments(entries, self.settings, n_rows, n_cols)
+            self._side, self._entries = side, entries
+            log.info("NMF on the training side up to %s: k=%d, relative error %.4f after %d iterations",
+                     side.as_of.isoformat(), self.settings.k, self._fit.rel_error, self._fit.iterations)
+        return self._fit
+
+    def recommend(self, side: TrainingSide, users: DataFrame, n: int) -> DataFrame:
+        """(user_idx, item_idx, score, rank): each of ``users``' best ``n`` items by W H', exclusions removed."""
+        fit = self._fitted(side)
+        return block_top_n(fit.w.withColumnRenamed("row_idx", "user_idx"),
+                           fit.h.withColumnRenamed("col_idx", "item_idx"), users, n, side.excluded,
+                           self.top_n_blocks).localCheckpoint(eager=True)
+
+    def segments(self, side: TrainingSide) -> DataFrame:
+        """(user_id, segment_id) of every user of the side with a non-zero row of W."""
+        fit = self._fitted(side)
+        users = fit.w.select(F.col("row_idx").cast("int").alias("user_idx"), "factors") \
+            .join(side.user_index, "user_idx")
+        return assign_segments(users, component_mass(fit.h, self.settings.k), "training_side",
+                               self.settings.assignment).select("user_id", "segment_id").localCheckpoint(eager=True)
+
+    def release(self) -> None:
+        if self._fit is not None:
+            self._fit.release()
+            self._entries.unpersist()
+        self._side = self._fit = self._entries = None
+
+
 def _truth(held_out: DataFrame, side: TrainingSide, excluded_ids: DataFrame) -> DataFrame:
     """(user_id, item_id) ground truth for users the training side knows."""
     return relevant_items(held_out, side.user_index, excluded_ids)
@@ -314,7 +367,7 @@ def evaluate_offline(
     factor_model_name: str = "nmf_score",
     on_tuning_result: Callable[[TuningResult], None] | None = None,
     exclude_items: DataFrame | None = None,
-    segments: DataFrame | None = None,
+    segmenter: Callable[[TrainingSide], DataFrame] | None = None,
 ) -> EvaluationReport:
     """Split (``outer_split``: forward by default), tune ALS on a validation split carved from the training
     side (``validation_split``), then compare tuned ALS, global popularity and (optionally) a factor
@@ -324,6 +377,8 @@ def evaluate_offline(
     With ``settings.strategies`` the same split also measures the three list strategies against their
     trivial baselines on the held-out purchases (``evaluate_strategies``). ``exclude_items`` (item_id):
     items no list may hold (the catalog's exclusions); they are left out of training and of every list.
+    ``segmenter(training_side)`` -> (user_id, segment_id), fitted on that side only (e.g.
+    ``TrainingSideNmf.segments``): with it, ``segment_popular`` is measured and may ship.
     """
     settings, split_note = split_that_fits(events, settings)
     split = outer_split(events, settings)
@@ -354,7 +409,7 @@ def evaluate_offline(
     log.info("ALS tuning chose %s", best)
     report = EvaluationReport(best=best, tuning=tuning, notes=[split_note] if split_note else [])
     if settings.strategies:
-        validate_strategies(report, settings, inner, inner_side, best_model[0], exclude_items)
+        validate_strategies(report, settings, inner, inner_side, best_model[0], exclude_items, segmenter)
 
     test_users = test_truth_ids.select("user_id").distinct().join(side.user_index, "user_id").select("user_idx").cache()
     purchases = None
@@ -381,7 +436,7 @@ def evaluate_offline(
 
     if purchases is not None:
         evaluate_strategies(report, settings, split, train_events, purchases, als_all, exclude_items, catalog_size,
-                            segments)
+                            None if segmenter is None else segmenter(side))
         purchases.unpersist()
         list_users.unpersist()
 
@@ -392,12 +447,14 @@ def evaluate_offline(
 
 
 def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, inner: Split,
-                        inner_side: TrainingSide, model, exclude_items: DataFrame | None) -> None:
+                        inner_side: TrainingSide, model, exclude_items: DataFrame | None,
+                        segmenter: Callable[[TrainingSide], DataFrame] | None = None) -> None:
     """On the validation split (carved from the training side, so the held-out events stay unseen): the
     blend's per-rank hit rates of buy-again and discovery lists (``report.calibration``), and per customer
     group which list ships for buy_again and blended (``report.shipped``): the strategy's list unless a
-    baseline (``SHIP_BASELINES``) scores a higher NDCG@tune_k there. The buy-again ranker of these lists is
-    fitted one horizon before the validation moment, as the final one is before the lists' moment."""
+    baseline (``SHIP_BASELINES``; ``segment_popular`` with the segments of ``segmenter(inner_side)``) scores
+    a higher NDCG@tune_k there. The buy-again ranker of these lists is fitted one horizon before the
+    validation moment, as the final one is before the lists' moment."""
     length = max(max(settings.k_values), settings.blend_ranks)
     types = settings.purchase_event_types
     purchases = sample_users(purchase_truth(inner.held_out, inner_side.user_index,
@@ -431,6 +488,8 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
                               report.calibration),
              "most_bought": most_bought_top_n(user_occasions, as_of, length, exclude_items),
              "most_recent": most_recent_top_n(user_occasions, as_of, length, exclude_items)}
+    if segmenter is not None:
+        lists["segment_popular"] = segment_popular_for(users, segmenter(inner_side), occasions, length, exclude_items)
     groups = customer_groups(user_occasions, as_of).cache()
     ndcg: dict[tuple[str, str], float] = {}
     for name, rows in lists.items():
@@ -440,7 +499,8 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
                                 f"{values['ndcg']:.4f} (SE {values['ndcg_se']:.4f}, {values['users']:.0f} users)")
     for strategy in ("buy_again", "blended"):
         if strategy in settings.strategies:
-            report.shipped[strategy] = choose_per_group(strategy, SHIP_BASELINES, ndcg)
+            report.shipped[strategy] = choose_per_group(strategy, [name for name in SHIP_BASELINES if name in lists],
+                                                        ndcg)
             report.notes.append(f"{strategy} ships per customer group: " + ", ".join(
                 f"{group} -> {name}" for group, name in sorted(report.shipped[strategy].items())))
             log.info("%s", report.notes[-1])
@@ -505,7 +565,8 @@ def evaluate_strategies(
     - on all next purchases: ``buy_again`` (the configured ranker), ``buy_again_heuristic`` (the due-ness
       score), ``most_bought`` and ``most_recent`` (the trivial "your most bought / most recent items"),
       ``blended``, ``popular_all`` (the most bought items overall, nothing excluded), ``segment_popular``
-      (the most bought items of the user's segment in ``segments`` (user_id, segment_id), when given), and
+      (the most bought items of the user's segment in ``segments`` (user_id, segment_id, fitted on the
+      training side), when given), and
       ``shipped_buy_again`` / ``shipped_blended``: per customer group the list validation chose
       (``report.shipped``);
     - on next purchases of new items (not bought in training): ``discover`` and ``popular_new``
@@ -540,12 +601,12 @@ def evaluate_strategies(
     discover_users = discover.join(users, "user_id").withColumn("source", F.lit("als"))
     lists["blended"] = blend(lists["buy_again"], discover_users, propensity, max_k, share, report.calibration) \
         .localCheckpoint(eager=True)
+    if segments is not None:
+        lists["segment_popular"] = segment_popular_for(users, segments, occasions, max_k, exclude_items)
     groups = customer_groups(user_occasions, as_of).cache()
     for strategy, chosen in report.shipped.items():
         lists[f"shipped_{strategy}"] = ship_what_wins(lists, groups, chosen, strategy)
     lists["popular_all"] = popular_for(users, popularity, max_k, exclude_items=exclude_items)
-    if segments is not None:
-        lists["segment_popular"] = segment_popular_for(users, segments, occasions, max_k, exclude_items)
     for name, rows in lists.items():
         _measure(report, name, rows, truth_all, settings.k_values, catalog_size)
     if truth_new.limit(1).count() == 0:
@@ -613,6 +674,7 @@ def strategy_lists(
     calibration: BlendCalibration | None = None,
     ranker: BuyAgainRanker | None = None,
     shipped: dict[str, dict[str, str]] | None = None,
+    segments: DataFrame | None = None,
 ) -> DataFrame:
     """(user_id, rank, item_id, score, source, strategy): the lists of each requested strategy.
 
@@ -622,7 +684,8 @@ def strategy_lists(
     ``buy_again``). ``blended``: both interleaved by the user's repeat propensity (calibrated by
     ``calibration`` when given, see ``lib.buy_again.blend``); each row keeps the source it came from.
     ``shipped`` (strategy -> customer group -> list, from validation): a group whose validation a baseline
-    won gets that baseline's list instead, its rows' source naming it (e.g. ``most_bought``).
+    won gets that baseline's list instead, its rows' source naming it (e.g. ``most_bought``);
+    ``segment_popular`` needs ``segments`` (user_id, segment_id).
     ``exclude_items`` (item_id) never appear in any list.
     """
     unknown = sorted(set(strategies) - set(STRATEGIES))
@@ -641,10 +704,17 @@ def strategy_lists(
             "source", F.lit("buy_again")).localCheckpoint(eager=True)
         lists = {"buy_again": again}
         groups = None
-        if any(name != strategy for strategy, chosen in shipped.items() for name in chosen.values()):
+        baselines = {name for strategy, chosen in shipped.items() for name in chosen.values() if name != strategy}
+        if baselines:
             groups = customer_groups(occasions, as_of).cache()
             lists["most_bought"] = most_bought_top_n(occasions, as_of, n, exclude_items)
             lists["most_recent"] = most_recent_top_n(occasions, as_of, n, exclude_items)
+        if "segment_popular" in baselines:
+            if segments is None:
+                raise ValueError("validation shipped segment_popular, but no segments were given for the lists")
+            past = occasions.where(F.col("ts") <= F.lit(as_of).cast("timestamp"))
+            lists["segment_popular"] = segment_popular_for(past.select("user_id").distinct(), segments, past, n,
+                                                           exclude_items)
 
         def shipped_list(strategy: str) -> DataFrame:
             chosen = shipped.get(strategy, {})

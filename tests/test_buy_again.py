@@ -119,6 +119,28 @@ def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
     assert {value[2] for value in got.values()} == {"buy_again"}
 
 
+def test_segment_popular_ships_where_it_won_validation(spark):
+    """Validation chose segment_popular for one-order customers: u1 (one order, segment 0) gets the items
+    most of segment 0 bought, recorded as source segment_popular; u2 (repeat) keeps the ranker's list.
+    Without segments the lists cannot be made, and the error says so."""
+    rows = [("u1", "x", 3)] + [("u2", "a", d) for d in (30, 20, 10)] + [("u2", "b", 2)] \
+        + [("u3", "p", 5), ("u3", "q", 5), ("u4", "p", 6), ("u4", "x", 6), ("u5", "q", 4)]
+    occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
+    segments = spark.createDataFrame([("u1", 0), ("u3", 0), ("u4", 0), ("u2", 1), ("u5", 1)],
+                                     "user_id string, segment_id int")
+    discover = spark.createDataFrame([], "user_id string, rank int, item_id string, score double, source string")
+    shipped = {"buy_again": {"one_order": "segment_popular", "repeat": "buy_again"}}
+    lists = strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
+                           ("buy_again",), shipped=shipped, segments=segments).collect()
+    got = {(r["user_id"], r["rank"]): (r["item_id"], r["source"]) for r in lists if r["user_id"] in ("u1", "u2")}
+    # Segment 0's buyers: p by u3 and u4, x by u1 and u4, q by u3: p and x (2 buyers each; ties by id).
+    assert got[("u1", 1)] == ("p", "segment_popular") and got[("u1", 2)] == ("x", "segment_popular")
+    assert {value[1] for key, value in got.items() if key[0] == "u2"} == {"buy_again"}
+    with pytest.raises(ValueError, match="no segments were given"):
+        strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
+                       ("buy_again",), shipped=shipped)
+
+
 def test_repeat_propensity_is_shrunk_to_the_global_share(spark):
     # u1: 4 occasions of one item (3 repeats); u2: 4 different items (0 repeats). Global 3 / 8.
     rows = [("u1", "a", d) for d in (40, 30, 20, 10)] + [("u2", i, 5) for i in "wxyz"]

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
 SETS = ("spark.shuffle_partitions=2", "recommend.top_n=5", "recommend.k_values=5,10",
         "recommend.tune_k=5", "recommend.min_history=8", "recommend.als.search=grid", "recommend.als.ranks=6",
-        "recommend.als.reg_params=0.1", "recommend.als.alphas=1.0", "recommend.als.max_iter=5")
+        "recommend.als.reg_params=0.1", "recommend.als.alphas=1.0", "recommend.als.max_iter=5",
+        "segments.k=3", "segments.max_iter=5")
 
 
 def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, context):
@@ -57,11 +58,14 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
     assert again.count() > 0 and again.join(bought, ["user_id", "item_id"], "left_anti").count() == 0
     # Where a baseline won a customer group's validation, that group's list is the baseline, and the run says so.
     again_sources = {r["source"] for r in again.select("source").distinct().collect()}
-    assert "buy_again" in again_sources and again_sources <= {"buy_again", "most_bought", "most_recent"}
+    baselines = {"most_bought", "most_recent", "segment_popular"}
+    assert "buy_again" in again_sources and again_sources <= {"buy_again"} | baselines
     assert all(f"({source})" in result.message for source in again_sources - {"buy_again"})
+    # The segment_popular baseline was validated with segments fitted on the training side.
+    assert "validation NDCG@5 segment_popular on " in result.message
     blended_sources = {r["source"] for r in recs.where("strategy = 'blended'").select("source").distinct().collect()}
     if "blended: a baseline won validation" in result.message:
-        assert blended_sources & {"most_bought", "most_recent"}
+        assert blended_sources & baselines
     else:
         assert "buy_again" in blended_sources and blended_sources & {"als", "segment_popular", "popular"}
     assert result.counts["users_als"] > 0 and result.rows_out == recs.count()
@@ -89,18 +93,25 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
 
 
 def test_nmf_score_recommender_refits_on_the_training_side(spark, tmp_path: Path, context):
-    from lib.recommend import EvaluationSettings, training_side
+    from lib.recommend import EvaluationSettings, TrainingSideNmf, training_side
 
-    ctx = context(f"output.root={tmp_path / 'wh'}", *SETS, "segments.k=3", "segments.max_iter=5")
-    recommend = recommend_items._nmf_recommender(ctx.settings)
+    ctx = context(f"output.root={tmp_path / 'wh'}", *SETS)
+    training_nmf = TrainingSideNmf(ctx.settings.segments)
 
     events = generate_events(spark, SampleSpec(users=60, items=30, events=2000, segments=3, seed=4), partitions=2)
     as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
     side = training_side(events, EvaluationSettings(ctx.settings.interactions.weights, 30.0, ["purchase"], [5], 5),
                          as_of)
-    recs = recommend(side, side.user_index.select("user_idx"), 4).cache()
+    recs = training_nmf.recommend(side, side.user_index.select("user_idx"), 4).cache()
     assert recs.select("user_idx").distinct().count() == side.user_index.count()
     assert recs.groupBy("user_idx").count().where("count != 4").count() == 0
     assert recs.join(side.excluded, ["user_idx", "item_idx"]).count() == 0
     assert recs.where("score < 0").count() == 0          # NMF factors are non-negative
+    # The same fit groups the side's users: one segment each, of the k.
+    segments = training_nmf.segments(side)
+    assert segments.columns == ["user_id", "segment_id"]
+    assert segments.count() == segments.select("user_id").distinct().count() == side.user_index.count()
+    assert {r["segment_id"] for r in segments.select("segment_id").distinct().collect()} <= {0, 1, 2}
+    assert segments.join(side.user_index, "user_id", "left_anti").count() == 0
+    training_nmf.release()
     recs.unpersist()
