@@ -304,17 +304,21 @@ def ranker_top_n(ranker: BuyAgainRanker, occasions: DataFrame, as_of: datetime |
 # Ship what wins: per customer group, the list that won validation
 # ----------------------------------------------------------------------------------------------
 
-# Customers by purchase history as of the lists' moment: one order (day with a purchase) or more. Few on
-# purpose: each group's choice is measured on its own validation users.
-CUSTOMER_GROUPS = ("one_order", "repeat")
+# Customers by purchase history as of the lists' moment: no order yet (a visitor), one order (day with a
+# purchase) or more. Few on purpose: each group's choice is measured on its own validation users.
+CUSTOMER_GROUPS = ("no_order", "one_order", "repeat")
 
 
-def customer_groups(occasions: DataFrame, as_of: datetime | Column) -> DataFrame:
-    """(user_id, customer_group) for every user with a purchase occasion up to ``as_of``."""
+def customer_groups(occasions: DataFrame, as_of: datetime | Column, users: DataFrame | None = None) -> DataFrame:
+    """(user_id, customer_group) for every user with a purchase occasion up to ``as_of``, and every user of
+    ``users`` (user_id) without one (``no_order``)."""
     past = occasions.where(F.col("ts") <= _as_of_column(as_of))
     orders = past.groupBy("user_id").agg(F.countDistinct("day").alias("_orders"))
-    return orders.select("user_id", F.when(F.col("_orders") <= 1, F.lit(CUSTOMER_GROUPS[0]))
-                         .otherwise(F.lit(CUSTOMER_GROUPS[1])).alias("customer_group"))
+    if users is not None:
+        orders = orders.join(users.select("user_id").distinct(), "user_id", "full")
+    return orders.select("user_id", F.when(F.col("_orders").isNull(), F.lit(CUSTOMER_GROUPS[0]))
+                         .when(F.col("_orders") <= 1, F.lit(CUSTOMER_GROUPS[1]))
+                         .otherwise(F.lit(CUSTOMER_GROUPS[2])).alias("customer_group"))
 
 
 def choose_per_group(model: str, baselines: tuple[str, ...] | list[str],

@@ -490,7 +490,7 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
              "most_recent": most_recent_top_n(user_occasions, as_of, length, exclude_items)}
     if segmenter is not None:
         lists["segment_popular"] = segment_popular_for(users, segmenter(inner_side), occasions, length, exclude_items)
-    groups = customer_groups(user_occasions, as_of).cache()
+    groups = customer_groups(user_occasions, as_of, users).cache()
     ndcg: dict[tuple[str, str], float] = {}
     for name, rows in lists.items():
         for group, values in group_ranking_metrics(rows, purchases, groups, settings.tune_k).items():
@@ -603,7 +603,7 @@ def evaluate_strategies(
         .localCheckpoint(eager=True)
     if segments is not None:
         lists["segment_popular"] = segment_popular_for(users, segments, occasions, max_k, exclude_items)
-    groups = customer_groups(user_occasions, as_of).cache()
+    groups = customer_groups(user_occasions, as_of, users).cache()
     for strategy, chosen in report.shipped.items():
         lists[f"shipped_{strategy}"] = ship_what_wins(lists, groups, chosen, strategy)
     lists["popular_all"] = popular_for(users, popularity, max_k, exclude_items=exclude_items)
@@ -706,15 +706,14 @@ def strategy_lists(
         groups = None
         baselines = {name for strategy, chosen in shipped.items() for name in chosen.values() if name != strategy}
         if baselines:
-            groups = customer_groups(occasions, as_of).cache()
+            groups = customer_groups(occasions, as_of, discover.select("user_id")).cache()
             lists["most_bought"] = most_bought_top_n(occasions, as_of, n, exclude_items)
             lists["most_recent"] = most_recent_top_n(occasions, as_of, n, exclude_items)
         if "segment_popular" in baselines:
             if segments is None:
                 raise ValueError("validation shipped segment_popular, but no segments were given for the lists")
             past = occasions.where(F.col("ts") <= F.lit(as_of).cast("timestamp"))
-            lists["segment_popular"] = segment_popular_for(past.select("user_id").distinct(), segments, past, n,
-                                                           exclude_items)
+            lists["segment_popular"] = segment_popular_for(groups.select("user_id"), segments, past, n, exclude_items)
 
         def shipped_list(strategy: str) -> DataFrame:
             chosen = shipped.get(strategy, {})

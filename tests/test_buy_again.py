@@ -102,8 +102,9 @@ def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
     ndcg = {("buy_again", "one_order"): 0.20, ("most_bought", "one_order"): 0.25, ("most_recent", "one_order"): 0.1,
             ("buy_again", "repeat"): 0.40, ("most_bought", "repeat"): 0.40}
     chosen = choose_per_group("buy_again", ("most_bought", "most_recent"), ndcg)
-    assert chosen == {"one_order": "most_bought", "repeat": "buy_again"}
-    assert choose_per_group("buy_again", ("most_bought",), {}) == {"one_order": "buy_again", "repeat": "buy_again"}
+    # No validation figure for customers without an order: they keep the model's list.
+    assert chosen == {"no_order": "buy_again", "one_order": "most_bought", "repeat": "buy_again"}
+    assert set(choose_per_group("buy_again", ("most_bought",), {}).values()) == {"buy_again"}
 
     rows = [("u1", "x", 3), ("u1", "y", 3), ("u1", "y", 3)] + [("u2", "a", d) for d in (30, 20, 10)] + [("u2", "b", 2)]
     occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
@@ -120,21 +121,26 @@ def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
 
 
 def test_segment_popular_ships_where_it_won_validation(spark):
-    """Validation chose segment_popular for one-order customers: u1 (one order, segment 0) gets the items
-    most of segment 0 bought, recorded as source segment_popular; u2 (repeat) keeps the ranker's list.
-    Without segments the lists cannot be made, and the error says so."""
+    """Validation chose segment_popular for customers with no or one order: u1 (one order, segment 0) gets
+    the items most of segment 0 bought, recorded as source segment_popular, and so does u6 (a visitor of
+    segment 1 with no order); u2 (repeat) keeps the ranker's list. Without segments the lists cannot be
+    made, and the error says so."""
     rows = [("u1", "x", 3)] + [("u2", "a", d) for d in (30, 20, 10)] + [("u2", "b", 2)] \
         + [("u3", "p", 5), ("u3", "q", 5), ("u4", "p", 6), ("u4", "x", 6), ("u5", "q", 4)]
     occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
-    segments = spark.createDataFrame([("u1", 0), ("u3", 0), ("u4", 0), ("u2", 1), ("u5", 1)],
+    segments = spark.createDataFrame([("u1", 0), ("u3", 0), ("u4", 0), ("u2", 1), ("u5", 1), ("u6", 1)],
                                      "user_id string, segment_id int")
-    discover = spark.createDataFrame([], "user_id string, rank int, item_id string, score double, source string")
-    shipped = {"buy_again": {"one_order": "segment_popular", "repeat": "buy_again"}}
+    discover = spark.createDataFrame([("u6", 1, "z", 1.0, "als")],
+                                     "user_id string, rank int, item_id string, score double, source string")
+    shipped = {"buy_again": {"no_order": "segment_popular", "one_order": "segment_popular", "repeat": "buy_again"}}
     lists = strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
                            ("buy_again",), shipped=shipped, segments=segments).collect()
-    got = {(r["user_id"], r["rank"]): (r["item_id"], r["source"]) for r in lists if r["user_id"] in ("u1", "u2")}
+    got = {(r["user_id"], r["rank"]): (r["item_id"], r["source"]) for r in lists
+           if r["user_id"] in ("u1", "u2", "u6")}
     # Segment 0's buyers: p by u3 and u4, x by u1 and u4, q by u3: p and x (2 buyers each; ties by id).
     assert got[("u1", 1)] == ("p", "segment_popular") and got[("u1", 2)] == ("x", "segment_popular")
+    # Segment 1's: a and b by u2, q by u5 (one buyer each): a and b by id.
+    assert [got[("u6", r)] for r in (1, 2)] == [("a", "segment_popular"), ("b", "segment_popular")]
     assert {value[1] for key, value in got.items() if key[0] == "u2"} == {"buy_again"}
     with pytest.raises(ValueError, match="no segments were given"):
         strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
