@@ -29,9 +29,11 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("discover", "buy_again", "blended")
 SPLITS = ("forward", "per_user")
-# The baselines a buy-again or blended list must beat on a customer group's validation to ship there
-# (segment_popular only where the evaluation has segments).
-SHIP_BASELINES = ("most_bought", "most_recent", "segment_popular")
+# The baselines a strategy's list must beat on a customer group's validation to ship there. A buy-again
+# list holds items the customer bought, so only lists of those replace it; the blended list may be
+# anything (segment_popular only where the evaluation has segments).
+SHIP_BASELINES = {"buy_again": ("most_bought", "most_recent"),
+                  "blended": ("most_bought", "most_recent", "segment_popular")}
 METRIC_NAMES = ("precision", "recall", "map", "ndcg", "coverage", "users")
 # Each ranking metric's sampling error over the evaluated users, written beside it as <metric>_se.
 ERROR_NAMES = ("precision_se", "recall_se", "map_se", "ndcg_se")
@@ -452,8 +454,8 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
     """On the validation split (carved from the training side, so the held-out events stay unseen): the
     blend's per-rank hit rates of buy-again and discovery lists (``report.calibration``), and per customer
     group which list ships for buy_again and blended (``report.shipped``): the strategy's list unless a
-    baseline (``SHIP_BASELINES``; ``segment_popular`` with the segments of ``segmenter(inner_side)``) scores
-    a higher NDCG@tune_k there. The buy-again ranker of these lists is fitted one horizon before the
+    baseline of its ``SHIP_BASELINES`` (``segment_popular`` with the segments of ``segmenter(inner_side)``)
+    scores a higher NDCG@tune_k there. The buy-again ranker of these lists is fitted one horizon before the
     validation moment, as the final one is before the lists' moment."""
     length = max(max(settings.k_values), settings.blend_ranks)
     types = settings.purchase_event_types
@@ -499,8 +501,8 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
                                 f"{values['ndcg']:.4f} (SE {values['ndcg_se']:.4f}, {values['users']:.0f} users)")
     for strategy in ("buy_again", "blended"):
         if strategy in settings.strategies:
-            report.shipped[strategy] = choose_per_group(strategy, [name for name in SHIP_BASELINES if name in lists],
-                                                        ndcg)
+            report.shipped[strategy] = choose_per_group(
+                strategy, [name for name in SHIP_BASELINES[strategy] if name in lists], ndcg)
             report.notes.append(f"{strategy} ships per customer group: " + ", ".join(
                 f"{group} -> {name}" for group, name in sorted(report.shipped[strategy].items())))
             log.info("%s", report.notes[-1])

@@ -121,10 +121,10 @@ def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
 
 
 def test_segment_popular_ships_where_it_won_validation(spark):
-    """Validation chose segment_popular for customers with no or one order: u1 (one order, segment 0) gets
-    the items most of segment 0 bought, recorded as source segment_popular, and so does u6 (a visitor of
-    segment 1 with no order); u2 (repeat) keeps the ranker's list. Without segments the lists cannot be
-    made, and the error says so."""
+    """Validation chose segment_popular as the blended list of customers with no or one order: u1 (one
+    order, segment 0) gets the items most of segment 0 bought, recorded as source segment_popular, and so
+    does u6 (a visitor of segment 1 with no order); u2 (repeat) keeps the blend (their discovery list is
+    empty here: buy-again items only). Without segments the lists cannot be made, and the error says so."""
     rows = [("u1", "x", 3)] + [("u2", "a", d) for d in (30, 20, 10)] + [("u2", "b", 2)] \
         + [("u3", "p", 5), ("u3", "q", 5), ("u4", "p", 6), ("u4", "x", 6), ("u5", "q", 4)]
     occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
@@ -132,9 +132,9 @@ def test_segment_popular_ships_where_it_won_validation(spark):
                                      "user_id string, segment_id int")
     discover = spark.createDataFrame([("u6", 1, "z", 1.0, "als")],
                                      "user_id string, rank int, item_id string, score double, source string")
-    shipped = {"buy_again": {"no_order": "segment_popular", "one_order": "segment_popular", "repeat": "buy_again"}}
+    shipped = {"blended": {"no_order": "segment_popular", "one_order": "segment_popular", "repeat": "blended"}}
     lists = strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
-                           ("buy_again",), shipped=shipped, segments=segments).collect()
+                           ("blended",), shipped=shipped, segments=segments).collect()
     got = {(r["user_id"], r["rank"]): (r["item_id"], r["source"]) for r in lists
            if r["user_id"] in ("u1", "u2", "u6")}
     # Segment 0's buyers: p by u3 and u4, x by u1 and u4, q by u3: p and x (2 buyers each; ties by id).
@@ -144,7 +144,7 @@ def test_segment_popular_ships_where_it_won_validation(spark):
     assert {value[1] for key, value in got.items() if key[0] == "u2"} == {"buy_again"}
     with pytest.raises(ValueError, match="no segments were given"):
         strategy_lists(discover, occasions, AS_OF, BuyAgainParams(horizon_days=7.0, min_gaps=1), 2,
-                       ("buy_again",), shipped=shipped)
+                       ("blended",), shipped=shipped)
 
 
 def test_repeat_propensity_is_shrunk_to_the_global_share(spark):
