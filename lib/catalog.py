@@ -175,7 +175,8 @@ RECOMMENDATIONS = TableSpec(
     "recommendations",
     "user_id string, rank int, item_id string, score double, source string, run_id string, strategy string",
     "top-N items per user and strategy (discover, buy_again, blended; source: als, segment_popular, popular, "
-    "buy_again, or most_bought / most_recent where that baseline won the customer group's validation)",
+    "buy_again, or most_bought / most_recent / segment_popular where that baseline won the customer group's "
+    "validation)",
 )
 REC_METRICS = TableSpec("rec_metrics", "run_id string, model string, k int, metric string, value double",
                         "offline ranking metrics per model on held-out events (appended)")
