@@ -234,7 +234,7 @@ def training_side(train_events: DataFrame, settings: EvaluationSettings, as_of: 
 class TrainingSideNmf:
     """The segments' NMF refitted on a training side, for the evaluation: the stored factors and segments
     saw the judged events, so scoring or grouping by them would leak. One fit per training side serves
-    both its uses (the latest side's fit is kept until ``release``):
+    both its uses (the latest side's factors are kept, checkpointed, until another side or ``release``):
 
     - ``recommend(side, users, n)``: the ``nmf_score`` recommender, items ranked by W H';
     - ``segments(side)``: (user_id, segment_id) by the [segments] assignment rule, for ``segment_popular``.
@@ -244,41 +244,42 @@ class TrainingSideNmf:
         self.settings = settings
         self.top_n_blocks = top_n_blocks
         self._side: TrainingSide | None = None
-        self._fit = None
-        self._entries: DataFrame | None = None
+        self._factors: tuple[DataFrame, DataFrame] | None = None
 
-    def _fitted(self, side: TrainingSide):
+    def _fitted(self, side: TrainingSide) -> tuple[DataFrame, DataFrame]:
+        """(W, H) of ``side``: (user_idx, factors) and (item_idx, factors)."""
         if self._side is not side:
             self.release()
             entries = segment_matrix(side.entries, self.settings)[0].persist()
             n_rows = side.user_index.agg(F.max("user_idx")).first()[0] + 1
             n_cols = side.item_index.agg(F.max("item_idx")).first()[0] + 1
-            self._fit = fit_segments(entries, self.settings, n_rows, n_cols)
-            self._side, self._entries = side, entries
+            fit = fit_segments(entries, self.settings, n_rows, n_cols)
             log.info("NMF on the training side up to %s: k=%d, relative error %.4f after %d iterations",
-                     side.as_of.isoformat(), self.settings.k, self._fit.rel_error, self._fit.iterations)
-        return self._fit
+                     side.as_of.isoformat(), self.settings.k, fit.rel_error, fit.iterations)
+            # Checkpointed factors (small: k numbers per user and item) outlive the fit's cached blocks,
+            # which would otherwise sit in memory through the ALS fits that follow.
+            w = fit.w.select(F.col("row_idx").cast("int").alias("user_idx"), "factors").localCheckpoint(eager=True)
+            h = fit.h.select(F.col("col_idx").cast("int").alias("item_idx"), "factors").localCheckpoint(eager=True)
+            fit.release()
+            entries.unpersist()
+            self._side, self._factors = side, (w, h)
+        return self._factors
 
     def recommend(self, side: TrainingSide, users: DataFrame, n: int) -> DataFrame:
         """(user_idx, item_idx, score, rank): each of ``users``' best ``n`` items by W H', exclusions removed."""
-        fit = self._fitted(side)
-        return block_top_n(fit.w.withColumnRenamed("row_idx", "user_idx"),
-                           fit.h.withColumnRenamed("col_idx", "item_idx"), users, n, side.excluded,
-                           self.top_n_blocks).localCheckpoint(eager=True)
+        w, h = self._fitted(side)
+        return block_top_n(w, h, users, n, side.excluded, self.top_n_blocks).localCheckpoint(eager=True)
 
     def segments(self, side: TrainingSide) -> DataFrame:
         """(user_id, segment_id) of every user of the side with a non-zero row of W."""
-        fit = self._fitted(side)
-        users = fit.w.select(F.col("row_idx").cast("int").alias("user_idx"), "factors") \
-            .join(side.user_index, "user_idx")
-        return assign_segments(users, component_mass(fit.h, self.settings.k), "training_side",
-                               self.settings.assignment).select("user_id", "segment_id").localCheckpoint(eager=True)
+        w, h = self._fitted(side)
+        return assign_segments(w.join(side.user_index, "user_idx"), component_mass(h, self.settings.k),
+                               "training_side", self.settings.assignment
+                               ).select("user_id", "segment_id").localCheckpoint(eager=True)
 
     def release(self) -> None:
-        if self._fit is not None:
-            self._fit.release()
-            self._entries.unpersist()
-        self._side = self._fit = self._entries = None
+        """Forget the kept factors."""
+        self._side = self._factors = None
 
 
 def _truth(held_out: DataFrame, side: TrainingSide, excluded_ids: DataFrame) -> DataFrame:
@@ -459,8 +460,11 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
     validation moment, as the final one is before the lists' moment."""
     length = max(max(settings.k_values), settings.blend_ranks)
     types = settings.purchase_event_types
+    # The indices are the test split's (up to T): validation judges only the customers seen before its own
+    # moment, as the test split does, or every group would hold visitors the lists cannot know yet.
+    seen = inner.train.select("user_id").distinct()
     purchases = sample_users(purchase_truth(inner.held_out, inner_side.user_index,
-                                            excluded_pairs(inner.train, list(types)), types),
+                                            excluded_pairs(inner.train, list(types)), types).join(seen, "user_id"),
                              settings.eval_sample_users, settings.sample_seed).select("user_id", "item_id").cache()
     users = purchases.select("user_id").distinct()
     occasions = purchase_occasions(inner.train, types).cache()
@@ -533,8 +537,8 @@ def popular_for(users: DataFrame, popularity: DataFrame, n: int, exclude_pairs: 
 def segment_popular_for(users: DataFrame, members: DataFrame, occasions: DataFrame, n: int,
                         exclude_items: DataFrame | None = None) -> DataFrame:
     """(user_id, item_id, score, rank): the items bought by most of the user's segment in ``occasions``
-    (distinct buyers); users of ``users`` with no segment in ``members`` (user_id, segment_id) get the
-    most bought items overall, as cold-start lists do."""
+    (distinct buyers); users of ``users`` with no segment in ``members`` (user_id, segment_id), or whose
+    segment bought nothing, get the most bought items overall, as cold-start lists do."""
     if exclude_items is not None:
         occasions = occasions.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti")
     in_segment = (occasions.join(members, "user_id").groupBy("segment_id", "item_id")
@@ -542,8 +546,10 @@ def segment_popular_for(users: DataFrame, members: DataFrame, occasions: DataFra
     ranked = in_segment.withColumn("rank", F.row_number().over(
         Window.partitionBy("segment_id").orderBy(F.col("score").desc(), "item_id"))).where(F.col("rank") <= n)
     targets = users.select("user_id").distinct()
-    assigned = targets.join(members, "user_id").join(ranked, "segment_id").select("user_id", "item_id", "score", "rank")
-    unassigned = targets.join(members, "user_id", "left_anti")
+    # A segment whose members bought nothing has no list: its users count as unassigned.
+    listed = members.join(ranked.select("segment_id").distinct(), "segment_id").select("user_id", "segment_id")
+    assigned = targets.join(listed, "user_id").join(ranked, "segment_id").select("user_id", "item_id", "score", "rank")
+    unassigned = targets.join(listed, "user_id", "left_anti")
     return assigned.unionByName(popular_for(unassigned, purchase_popularity(occasions), n))
 
 

@@ -10,9 +10,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from lib.als import AlsParams
-from lib.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, choose_per_group, fit_ranker,
-                           item_intervals, most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n,
-                           repeat_propensity)
+from lib.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, choose_per_group, customer_groups,
+                           fit_ranker, item_intervals, most_bought_top_n, most_recent_top_n, purchase_occasions,
+                           ranker_top_n, repeat_propensity)
 from lib.recommend import EvaluationSettings, evaluate_offline, strategy_lists
 from lib.sample_repeat import RepeatSpec, generate_repeat_purchases, item_interval_days
 
@@ -118,6 +118,17 @@ def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
     assert [got[("u1", r)][0] for r in (1, 2)] == [r["item_id"] for r in most_bought_top_n(occasions, AS_OF, 2)
                                                    .where("user_id = 'u1'").orderBy("rank").collect()]
     assert {value[2] for value in got.values()} == {"buy_again"}
+
+
+def test_customer_groups_count_order_days_and_name_visitors(spark):
+    """u1 bought twice on one day (one_order), u2 on two days (repeat), u7 only after the moment and u8
+    never (no_order, both listed by ``users``); without ``users`` only buyers are grouped."""
+    rows = [("u1", "x", 3), ("u1", "y", 3), ("u2", "a", 20), ("u2", "a", 10), ("u7", "z", -2)]
+    occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
+    users = spark.createDataFrame([("u1",), ("u8",), ("u7",)], "user_id string")
+    grouped = {r["user_id"]: r["customer_group"] for r in customer_groups(occasions, AS_OF, users).collect()}
+    assert grouped == {"u1": "one_order", "u2": "repeat", "u7": "no_order", "u8": "no_order"}
+    assert {r["user_id"] for r in customer_groups(occasions, AS_OF).collect()} == {"u1", "u2"}
 
 
 def test_segment_popular_ships_where_it_won_validation(spark):

@@ -59,18 +59,19 @@ def test_segment_popularity_counts_all_members(spark):
 
 
 def test_segment_popular_baseline_lists_what_each_segment_bought(spark):
-    # Segment 1 (a, b) bought apples and pears, segment 2 (c, d) milk; e has no segment.
+    # Segment 1 (a, b) bought apples and pears, segment 2 (c, d) milk; e has no segment; segment 3 (f)
+    # bought nothing.
     occasions = spark.createDataFrame(
         [("a", "apple"), ("b", "apple"), ("b", "pear"), ("c", "milk"), ("d", "milk"), ("d", "bread"), ("c", "fee")],
         "user_id string, item_id string")
-    members = spark.createDataFrame([("a", 1), ("b", 1), ("c", 2), ("d", 2)], "user_id string, segment_id int")
-    users = spark.createDataFrame([("a",), ("c",), ("e",)], "user_id string")
+    members = spark.createDataFrame([("a", 1), ("b", 1), ("c", 2), ("d", 2), ("f", 3)], "user_id string, segment_id int")
+    users = spark.createDataFrame([("a",), ("c",), ("e",), ("f",)], "user_id string")
     fee = spark.createDataFrame([("fee",)], "item_id string")
     rows = segment_popular_for(users, members, occasions, 2, exclude_items=fee).collect()
     lists = {u: [r["item_id"] for r in sorted((r for r in rows if r["user_id"] == u), key=lambda r: r["rank"])]
-             for u in ("a", "c", "e")}
-    # Within a segment by distinct buyers (ties by id); e gets the most bought items overall.
-    assert lists == {"a": ["apple", "pear"], "c": ["milk", "bread"], "e": ["apple", "milk"]}
+             for u in ("a", "c", "e", "f")}
+    # Within a segment by distinct buyers (ties by id); e and f get the most bought items overall.
+    assert lists == {"a": ["apple", "pear"], "c": ["milk", "bread"], "e": ["apple", "milk"], "f": ["apple", "milk"]}
 
 
 def test_nmf_factors_rank_by_their_dot_product(spark):
