@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -231,6 +232,7 @@ def measure_drift(stage: str, ctx: GateInput) -> list[DriftMeasurement]:
         if version is None:
             log.info("drift of %s: first version, nothing to compare", check.table.name)
             continue
+        started = time.monotonic()
         previous = _previous_run_rows(ctx.previous(check.table), check.latest)
         current = ctx.tables.read(ctx.spark, check.table).where(F.col("run_id") == F.lit(ctx.run_id))
         values = {**numeric_psis(previous, current, check.numeric, settings.bins),
@@ -245,6 +247,8 @@ def measure_drift(stage: str, ctx: GateInput) -> list[DriftMeasurement]:
                 log.warning("drift of %s.%s: PSI %.3f above %g (%s) against version %d", check.table.name,
                             column, value, threshold, status, version)
             measurements.append(DriftMeasurement(check.table.name, column, "psi", value, threshold, status, version))
+        log.info("drift of %s against version %d: %d columns in %.1f s", check.table.name, version,
+                 len(check.numeric) + len(check.categorical), time.monotonic() - started)
     return measurements
 
 
