@@ -15,7 +15,8 @@ from pyspark.sql import DataFrame, SparkSession
 from jobs.stages import BY_NAME, StageSpec
 from lib import catalog as C
 from lib.config import ConfigError, parse_toml, resolve
-from lib.quality import GateInput, check_gates, quality_rows, raise_on_failure
+from lib.quality import (GateInput, check_gates, drift_rows, measure_drift, quality_rows, raise_on_drift,
+                         raise_on_failure)
 from lib.runs import StageResult, run_record
 from lib.settings import OutputSettings, Settings
 from lib.storage import COMMIT_METADATA_CONF, Tables
@@ -120,12 +121,14 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     """Run one registered stage all-or-nothing, recorded in ``pipeline_runs``.
 
     A ``running`` row is written first (a killed run stays visible as one), then the stage runs with
-    every Delta commit tagged ``<run_id>:<stage>``, then its data-quality gates. When the stage or a
-    gate fails, every table the registry says it writes is restored to the version it had before
-    (only where all newer commits carry this run's tag), the row becomes ``failed`` with the error,
-    the stage's ``discard`` removes what it wrote outside Delta, and the error is re-raised. After the
-    ``success`` row is written, the stage's ``publish`` makes its files outside Delta (exports)
-    readable: a run that fails or is killed before that never has a readable export.
+    every Delta commit tagged ``<run_id>:<stage>``, then its data-quality gates and drift checks
+    (``data_quality`` and ``drift`` rows, kept whatever happens). When the stage, a gate or a drift
+    check (with drift.action = fail) fails, every table the registry says it writes is restored to the
+    version it had before (only where all newer commits carry this run's tag), the row becomes
+    ``failed`` with the error, the stage's ``discard`` removes what it wrote outside Delta, and the
+    error is re-raised. After the ``success`` row is written, the stage's ``publish`` makes its files
+    outside Delta (exports) readable: a run that fails or is killed before that never has a readable
+    export.
     """
     stage = BY_NAME[name]
     spark, tables = ctx.spark, ctx.tables
@@ -137,10 +140,15 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     spark.conf.set(COMMIT_METADATA_CONF, tag)
     try:
         result = stage.run(ctx)
-        measurements = check_gates(name, GateInput(spark, tables, ctx.settings, result, versions_before))
+        gate_input = GateInput(spark, tables, ctx.settings, result, versions_before, ctx.run_id)
+        measurements = check_gates(name, gate_input)
+        drifts = measure_drift(name, gate_input)
         if measurements:
             tables.append(quality_rows(spark, ctx.run_id, name, measurements), C.DATA_QUALITY)
+        if drifts:
+            tables.append(drift_rows(spark, ctx.run_id, name, drifts), C.DRIFT)
         raise_on_failure(name, measurements)
+        raise_on_drift(name, drifts)
     except Exception as err:
         finished = datetime.now(timezone.utc)
         message = f"{type(err).__name__}: {err}"

@@ -232,6 +232,15 @@ DATA_QUALITY = TableSpec(
     "run_id string, stage string, gate string, value double, threshold double, passed boolean, detail string",
     "every data-quality gate measured after a stage: value, threshold, passed (appended)",
 )
+DRIFT = TableSpec(
+    "drift",
+    "run_id string, stage string, table_name string, column_name string, statistic string, value double, "
+    "threshold double, status string, previous_version long",
+    "per run, stage and measured column (customer_scores after score_customers, user_segments after "
+    "segment_users): its drift (statistic psi) against the table's version before the stage "
+    "(previous_version), the threshold it was held to, status ok / warn / fail (appended; none on a table's "
+    "first version)",
+)
 CAMPAIGN_AUDIENCE = TableSpec(
     "campaign_audience",
     "campaign_id string, user_id string, variant string, segment_id int, "
@@ -271,8 +280,8 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
     CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
-    DATA_QUALITY, USER_IDENTITIES, ERASURE_REQUESTS,
+    DATA_QUALITY, DRIFT, USER_IDENTITIES, ERASURE_REQUESTS,
 )
 BY_NAME = {spec.name: spec for spec in ALL_TABLES}
 # Written around every stage by jobs.common.run_stage rather than by a stage itself.
-BOOKKEEPING: tuple[TableSpec, ...] = (PIPELINE_RUNS, DATA_QUALITY)
+BOOKKEEPING: tuple[TableSpec, ...] = (PIPELINE_RUNS, DATA_QUALITY, DRIFT)

@@ -4,9 +4,17 @@ Each gate measures one number on the stage's output (a share, a count, a change 
 previous version) and compares it with a threshold from ``[quality]``. Every measurement becomes a
 ``data_quality`` row; a failed gate fails the stage, which ``jobs.common.run_stage`` then rolls back,
 so later stages never read output that failed a gate.
+
+Drift checks sit beside the gates: after a stage that writes customer scores or segments, each
+measured column's population stability index (``lib.drift``) against the table's version before the
+stage becomes a ``drift`` row with status ok / warn / fail (``[drift]``); a fail, only with
+``drift.action = "fail"``, fails and rolls back the stage like a gate.
 """
 from __future__ import annotations
 
+import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,13 +22,20 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lib import catalog as C
+from lib.drift import numeric_psis, share_psi
 from lib.runs import StageResult
-from lib.settings import Settings
+from lib.settings import DriftSettings, Settings
 from lib.storage import Tables
+
+log = logging.getLogger("lib.quality")
 
 
 class DataQualityError(RuntimeError):
     """A gate failed; the message names the gate, the measured value and the threshold."""
+
+
+class DriftError(DataQualityError):
+    """A column drifted beyond drift.psi_fail with drift.action = "fail"; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +48,7 @@ class GateInput:
     settings: Settings
     result: StageResult
     versions_before: dict[str, int | None]
+    run_id: str = ""
 
     def previous(self, table: C.TableSpec) -> DataFrame | None:
         version = self.versions_before.get(table.name)
@@ -148,3 +164,103 @@ def raise_on_failure(stage: str, measurements: list[Measurement]) -> None:
     if failed:
         raise DataQualityError(f"stage {stage}: data-quality gate(s) failed: " + "; ".join(
             f"{m.gate} = {m.value:g} (threshold {m.threshold:g}: {m.detail})" for m in failed))
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """What drift is measured on one table: numeric columns (quantile bins) and categorical ones (shares).
+
+    ``latest``: a partition column whose newest value in the previous version is the previous run's
+    rows (customer_scores keeps every as_of; the previous run is its latest one). This run's rows are
+    the ones carrying its run_id.
+    """
+
+    table: C.TableSpec
+    numeric: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    latest: str = ""
+
+
+@dataclass(frozen=True)
+class DriftMeasurement:
+    table: str
+    column: str
+    statistic: str
+    value: float
+    threshold: float
+    status: str
+    previous_version: int
+
+
+# What each stage's drift checks measure. churn_percentile is left out: a rank within the run, uniform
+# by construction, its PSI is always near 0. eligible's share catches a run that could not score at all
+# (its numeric columns are then empty, so they have no PSI).
+DRIFT_CHECKS: dict[str, tuple[DriftCheck, ...]] = {
+    "segment_users": (DriftCheck(C.USER_SEGMENTS, categorical=("segment_id",)),),
+    "score_customers": (DriftCheck(
+        C.CUSTOMER_SCORES,
+        numeric=("churn_probability", "purchase_probability", "expected_revenue", "engagement_score",
+                 "historic_clv", "predicted_clv", "total_clv", "p_alive", "expected_orders",
+                 "avg_days_between_orders"),
+        categorical=("churn_band", "eligible"), latest="as_of"),),
+}
+
+
+def drift_status(value: float, settings: DriftSettings) -> tuple[str, float]:
+    """(status, the threshold that decided it): fail above psi_fail only when action is fail."""
+    if value > settings.psi_fail:
+        return ("fail" if settings.action == "fail" else "warn"), settings.psi_fail
+    return ("warn" if value > settings.psi_warn else "ok"), settings.psi_warn
+
+
+def _previous_run_rows(previous: DataFrame, latest: str) -> DataFrame:
+    if not latest:
+        return previous
+    newest = previous.agg(F.max(latest)).first()[0]
+    return previous.where(F.col(latest) == F.lit(newest)) if newest is not None else previous.limit(0)
+
+
+def measure_drift(stage: str, ctx: GateInput) -> list[DriftMeasurement]:
+    """Every drift check of ``stage`` against the versions before it ran; a table's first version has
+    nothing to compare (no rows), and a numeric column with no values on one side has no PSI."""
+    settings = ctx.settings.drift
+    if not settings.enabled:
+        return []
+    measurements = []
+    for check in DRIFT_CHECKS.get(stage, ()):
+        version = ctx.versions_before.get(check.table.name)
+        if version is None:
+            log.info("drift of %s: first version, nothing to compare", check.table.name)
+            continue
+        started = time.monotonic()
+        previous = _previous_run_rows(ctx.previous(check.table), check.latest)
+        current = ctx.tables.read(ctx.spark, check.table).where(F.col("run_id") == F.lit(ctx.run_id))
+        values = {**numeric_psis(previous, current, check.numeric, settings.bins),
+                  **{column: share_psi(previous, current, column) for column in check.categorical}}
+        for column in (*check.numeric, *check.categorical):
+            value = values[column]
+            if math.isnan(value):
+                log.info("drift of %s.%s: no values in the previous or this run, no PSI", check.table.name, column)
+                continue
+            status, threshold = drift_status(value, settings)
+            if status != "ok":
+                log.warning("drift of %s.%s: PSI %.3f above %g (%s) against version %d", check.table.name,
+                            column, value, threshold, status, version)
+            measurements.append(DriftMeasurement(check.table.name, column, "psi", value, threshold, status, version))
+        log.info("drift of %s against version %d: %d columns in %.1f s", check.table.name, version,
+                 len(check.numeric) + len(check.categorical), time.monotonic() - started)
+    return measurements
+
+
+def drift_rows(spark: SparkSession, run_id: str, stage: str, measurements: list[DriftMeasurement]) -> DataFrame:
+    return spark.createDataFrame(
+        [(run_id, stage, m.table, m.column, m.statistic, m.value, m.threshold, m.status, m.previous_version)
+         for m in measurements], C.DRIFT.schema)
+
+
+def raise_on_drift(stage: str, measurements: list[DriftMeasurement]) -> None:
+    failed = [m for m in measurements if m.status == "fail"]
+    if failed:
+        raise DriftError(f"stage {stage}: drift beyond drift.psi_fail (drift.action = fail): " + "; ".join(
+            f"{m.table}.{m.column} {m.statistic} = {m.value:.3f} (threshold {m.threshold:g}, previous version "
+            f"{m.previous_version})" for m in failed))

@@ -208,6 +208,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "send_time.lookback_days": (1, 3650),
     "send_time.min_signals": (1, 1_000_000),
     "send_time.quiet_hours": (0, 23),
+    "drift.bins": (2, 100),                             # quantile bins of a numeric column's PSI
     "campaigns.*.segments": (0, 999),                   # segment ids: 0 .. segments.k - 1
     "campaigns.*.active_within_days": (0, 3650),
     "campaigns.*.next_order_within_days": (0, 3650),
@@ -728,6 +729,24 @@ class QualitySettings:
             require(0.0 <= getattr(self, key) <= 1.0, f"quality.{key}", f"must be in [0, 1], got {getattr(self, key)}")
 
 
+DRIFT_ACTIONS = ("warn", "fail")
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    enabled: bool
+    bins: int
+    psi_warn: float
+    psi_fail: float
+    action: str
+
+    def __post_init__(self) -> None:
+        require(self.psi_warn > 0, "drift.psi_warn", f"must be > 0, got {self.psi_warn}")
+        require(self.psi_fail >= self.psi_warn, "drift.psi_fail",
+                f"must be >= drift.psi_warn ({self.psi_warn}), got {self.psi_fail}")
+        one_of(self.action, DRIFT_ACTIONS, "drift.action")
+
+
 # A JVM heap size as spark-submit takes it: digits and a unit (k, m, g, t), e.g. "2g" or "1536m".
 MEMORY_SIZE = re.compile(r"(\d+)([kmgt])", re.IGNORECASE)
 MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -783,6 +802,7 @@ class Settings:
     send_time: SendTimeSettings
     holdout: HoldoutSettings
     quality: QualitySettings
+    drift: DriftSettings
     campaigns: dict[str, CampaignSettings]
     exports: ExportsSettings
     campaign_report: CampaignReportSettings
