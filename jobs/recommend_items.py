@@ -82,6 +82,7 @@ def run(ctx: StageContext) -> StageResult:
             blend_ranks=settings.top_n,
             top_n_blocks=_top_n_blocks(settings.als), eval_sample_users=settings.eval_sample_users,
             sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
+            ship_min_group_users=settings.ship_min_group_users,
             tune_sample_users=settings.tune_sample_users,
         )
         # The segments stage's NMF, refitted on each training side: the nmf_score recommender where its

@@ -321,13 +321,14 @@ def customer_groups(occasions: DataFrame, as_of: datetime | Column, users: DataF
                          .otherwise(F.lit(CUSTOMER_GROUPS[2])).alias("customer_group"))
 
 
-def choose_per_group(model: str, baselines: tuple[str, ...] | list[str],
-                     ndcg: dict[tuple[str, str], float]) -> dict[str, str]:
+def choose_per_group(model: str, baselines: tuple[str, ...] | list[str], ndcg: dict[tuple[str, str], float],
+                     users: dict[str, float] | None = None, min_users: int = 1) -> dict[str, str]:
     """group -> the list to ship: ``model`` unless a baseline scored a strictly higher validation NDCG in
-    that group (``ndcg``: (list, group) -> value; a group without ``model``'s value keeps ``model``)."""
+    that group (``ndcg``: (list, group) -> value; a group without ``model``'s value keeps ``model``, and
+    so does a group with fewer than ``min_users`` validation users in ``users``: group -> count)."""
     chosen = {}
     for group in CUSTOMER_GROUPS:
-        if (model, group) not in ndcg:
+        if (model, group) not in ndcg or (users is not None and users.get(group, 0) < min_users):
             chosen[group] = model
             continue
         # max keeps the first of equals: a tie ships the model.

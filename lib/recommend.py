@@ -169,6 +169,8 @@ class EvaluationSettings:
     tune_sample_users: int = 0
     sample_seed: int = 42
     tune_stop_z: float = 0.0   # > 0: tuning stops a clearly worse candidate early (lib.als.tune_als)
+    # A customer group with fewer validation users keeps the strategy's own list: no baseline ships on noise.
+    ship_min_group_users: int = 30
 
     def __post_init__(self) -> None:
         if not self.k_values or min(self.k_values) < 1 or self.tune_k < 1:
@@ -179,6 +181,8 @@ class EvaluationSettings:
         if self.split not in SPLITS or self.buy_again_model not in RANKER_MODELS:
             raise ValueError(f"split must be one of {SPLITS} and buy_again_model one of {RANKER_MODELS}, got "
                              f"{self.split!r} and {self.buy_again_model!r}")
+        if self.ship_min_group_users < 1:
+            raise ValueError(f"ship_min_group_users must be >= 1, got {self.ship_min_group_users}")
         if min(self.eval_sample_users, self.tune_sample_users, self.tune_stop_z) < 0:
             raise ValueError(f"eval_sample_users, tune_sample_users and tune_stop_z must be >= 0, got "
                              f"{self.eval_sample_users}, {self.tune_sample_users}, {self.tune_stop_z}")
@@ -456,7 +460,7 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
     blend's per-rank hit rates of buy-again and discovery lists (``report.calibration``), and per customer
     group which list ships for buy_again and blended (``report.shipped``): the strategy's list unless a
     baseline of its ``SHIP_BASELINES`` (``segment_popular`` with the segments of ``segmenter(inner_side)``)
-    scores a higher NDCG@tune_k there. The buy-again ranker of these lists is fitted one horizon before the
+    scores a higher NDCG@tune_k there, in a group of at least ``ship_min_group_users`` validation users. The buy-again ranker of these lists is fitted one horizon before the
     validation moment, as the final one is before the lists' moment."""
     length = max(max(settings.k_values), settings.blend_ranks)
     types = settings.purchase_event_types
@@ -498,15 +502,18 @@ def validate_strategies(report: EvaluationReport, settings: EvaluationSettings, 
         lists["segment_popular"] = segment_popular_for(users, segmenter(inner_side), occasions, length, exclude_items)
     groups = customer_groups(user_occasions, as_of, users).cache()
     ndcg: dict[tuple[str, str], float] = {}
+    group_users: dict[str, float] = {}
     for name, rows in lists.items():
         for group, values in group_ranking_metrics(rows, purchases, groups, settings.tune_k).items():
             ndcg[(name, group)] = values["ndcg"]
+            group_users[group] = values["users"]
             report.notes.append(f"validation NDCG@{settings.tune_k} {name} on {group} customers: "
                                 f"{values['ndcg']:.4f} (SE {values['ndcg_se']:.4f}, {values['users']:.0f} users)")
     for strategy in ("buy_again", "blended"):
         if strategy in settings.strategies:
             report.shipped[strategy] = choose_per_group(
-                strategy, [name for name in SHIP_BASELINES[strategy] if name in lists], ndcg)
+                strategy, [name for name in SHIP_BASELINES[strategy] if name in lists], ndcg, group_users,
+                settings.ship_min_group_users)
             report.notes.append(f"{strategy} ships per customer group: " + ", ".join(
                 f"{group} -> {name}" for group, name in sorted(report.shipped[strategy].items())))
             log.info("%s", report.notes[-1])

@@ -173,6 +173,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "recommend.tune_k": (1, 1000),
     "recommend.buy_again_min_gaps": (1, 1_000_000),
     "recommend.eval_sample_users": (0, INT32_MAX),
+    "recommend.ship_min_group_users": (1, INT32_MAX),
     "recommend.tune_sample_users": (0, INT32_MAX),
     "recommend.als.ranks": (1, 1000),
     "recommend.als.max_candidates": (1, 1000),
@@ -436,6 +437,7 @@ class RecommendSettings:
     eval_sample_users: int
     tune_sample_users: int
     tune_stop_z: float
+    ship_min_group_users: int
     als: AlsSettings
 
     def __post_init__(self) -> None:

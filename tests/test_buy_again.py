@@ -105,6 +105,9 @@ def test_a_group_whose_validation_a_baseline_won_gets_the_baseline_list(spark):
     # No validation figure for customers without an order: they keep the model's list.
     assert chosen == {"no_order": "buy_again", "one_order": "most_bought", "repeat": "buy_again"}
     assert set(choose_per_group("buy_again", ("most_bought",), {}).values()) == {"buy_again"}
+    # Five one-order customers in validation are too few to replace the model's list.
+    assert choose_per_group("buy_again", ("most_bought", "most_recent"), ndcg, {"one_order": 5, "repeat": 400},
+                            30) == {"no_order": "buy_again", "one_order": "buy_again", "repeat": "buy_again"}
 
     rows = [("u1", "x", 3), ("u1", "y", 3), ("u1", "y", 3)] + [("u2", "a", d) for d in (30, 20, 10)] + [("u2", "b", 2)]
     occasions = purchase_occasions(_purchases(spark, rows), ["purchase"])
