@@ -85,11 +85,6 @@ def numeric_psis(previous: DataFrame, current: DataFrame, columns: Sequence[str]
     return {column: psi(expected[column], actual[column]) for column in columns}
 
 
-def numeric_psi(previous: DataFrame, current: DataFrame, column: str, bins: int = 10) -> float:
-    """PSI of one numeric column (``numeric_psis`` for several: it reads each side once for all)."""
-    return numeric_psis(previous, current, [column], bins)[column]
-
-
 def shares(df: DataFrame, column: str) -> dict[Hashable, int]:
     """Rows per value of ``column`` (null is a value): for columns with few values, such as segment ids."""
     return {row[column]: int(row["count"]) for row in df.groupBy(column).count().collect()}

@@ -11,7 +11,7 @@ from jobs import score_customers
 from jobs.common import run_stage
 from jobs.stages import BY_NAME
 from lib import catalog as C
-from lib.drift import EPSILON, numeric_psi, psi, quantile_edges, share_psi
+from lib.drift import EPSILON, numeric_psis, psi, quantile_edges, share_psi
 from lib.quality import DRIFT_CHECKS, DriftError, GateInput, measure_drift, raise_on_drift
 from lib.runs import StageResult
 
@@ -33,12 +33,12 @@ def test_numeric_psi_cuts_at_the_previous_quantiles(spark):
     previous = spark.createDataFrame([(float(v),) for v in range(1, 11)], "x double")
     assert quantile_edges(previous, ["x"], 5) == {"x": [2.0, 4.0, 6.0, 8.0]}
     same_with_a_null = spark.createDataFrame([(float(v),) for v in range(1, 11)] + [(None,)], "x double")
-    assert numeric_psi(previous, same_with_a_null, "x", bins=5) == 0.0
+    assert numeric_psis(previous, same_with_a_null, ["x"], bins=5)["x"] == 0.0
     # 5..14 against bins (..2] (2..4] (4..6] (6..8] (8..): shares 0, 0, .2, .2, .6 against .2 each.
     shifted = spark.createDataFrame([(float(v),) for v in range(5, 15)], "x double")
     empty_bin = (EPSILON - 0.2) * math.log(EPSILON / 0.2)
-    assert numeric_psi(previous, shifted, "x", bins=5) == pytest.approx(2 * empty_bin + 0.4 * math.log(3), rel=1e-12)
-    assert math.isnan(numeric_psi(previous, spark.createDataFrame([(None,)], "x double"), "x", bins=5))
+    assert numeric_psis(previous, shifted, ["x"], bins=5)["x"] == pytest.approx(2 * empty_bin + 0.4 * math.log(3), rel=1e-12)
+    assert math.isnan(numeric_psis(previous, spark.createDataFrame([(None,)], "x double"), ["x"], bins=5)["x"])
 
 
 def test_share_psi_of_segment_ids(spark):
