@@ -57,10 +57,11 @@ def run(ctx: StageContext) -> StageResult:
     notes: list[str] = []
     counts: dict[str, int] = {}
 
-    # Items no list may hold: the catalog's unavailable / unrecommendable items and ids matching
-    # products.exclude_item_patterns (postage, fees, ...). Small: one row per excluded item.
+    # Items no list may hold: the catalog's unavailable / unrecommendable items, its excluded categories
+    # and ids matching products.exclude_item_patterns (postage, fees, ...). Small: one row per excluded item.
     products = tables.read(spark, C.PRODUCTS) if tables.exists(spark, C.PRODUCTS) else None
-    exclude = excluded_items(products, item_index, ctx.settings.products.exclude_item_patterns).cache()
+    exclude = excluded_items(products, item_index, ctx.settings.products.exclude_item_patterns,
+                             ctx.settings.products.exclude_categories).cache()
     counts["excluded_items"] = exclude.count()
     notes.append(("products table absent: " if products is None else "")
                  + f"{counts['excluded_items']} items excluded from every list (catalog flags and patterns)")

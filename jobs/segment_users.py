@@ -5,16 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, replace
 
-import numpy as np
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, read_matrix, report_directory
 from lib import catalog as C
 from lib.report import write_segment_report
 from lib.runs import StageResult
-from lib.segments import (SegmentQuality, assign_segments, assignment_agreement, capped_item_count, component_mass,
-                          excluded_item_indices, factor_table, fit_segments, score_transform_name, segment_matrix,
-                          segment_profiles, size_balance, top_item_lifts)
+from lib.segments import (assign_segments, assignment_agreement, capped_item_count, component_mass,
+                          distinctive_items, excluded_item_indices, factor_table, fit_segments, score_transform_name,
+                          segment_item_lifts, segment_matrix, segment_profiles, summarize_quality, top_item_lifts)
 
 log = logging.getLogger("jobs.segment_users")
 
@@ -34,7 +33,8 @@ def run(ctx: StageContext) -> StageResult:
     # Items in no list are in no segment either: non-product lines (products.exclude_item_patterns) and,
     # when the optional catalog exists, unavailable or unrecommendable products; it also names the segments.
     products = tables.read(spark, C.PRODUCTS) if tables.exists(spark, C.PRODUCTS) else None
-    excluded = excluded_item_indices(item_index, products, ctx.settings.products.exclude_item_patterns).persist()
+    excluded = excluded_item_indices(item_index, products, ctx.settings.products.exclude_item_patterns,
+                                     ctx.settings.products.exclude_categories).persist()
     n_excluded = excluded.count()
     entries, user_scales, item_weights = segment_matrix(interactions, settings, excluded)
     matrix_name = score_transform_name(settings.transform, settings.value_column)
@@ -51,7 +51,7 @@ def run(ctx: StageContext) -> StageResult:
         user_factors = tables.read(spark, C.NMF_USER_FACTORS)
         item_factors = tables.read(spark, C.NMF_ITEM_FACTORS)
         tables.overwrite(assign_segments(user_factors, component_mass(item_factors, settings.k), run_id,
-                                         settings.assignment),
+                                         settings.assignment, settings.min_segment_share),
                          C.USER_SEGMENTS)
         user_segments = tables.read(spark, C.USER_SEGMENTS)
 
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> StageResult:
                                        matrix_name, run_id)
             stability = assignment_agreement(
                 user_segments, assign_segments(other_users, component_mass(other.h, settings.k), run_id,
-                                               settings.assignment))
+                                               settings.assignment, settings.min_segment_share))
             other.release()
             log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
 
@@ -82,32 +82,35 @@ def run(ctx: StageContext) -> StageResult:
         tables.append(spark.createDataFrame([(run_id, k, err, its) for k, err, its in sweep], C.NMF_K_SWEEP.schema),
                       C.NMF_K_SWEEP)
 
+    # Who has which item, per segment: names the segments by what sets them apart and measures their lift.
+    lifts = segment_item_lifts(interactions, user_index, item_index, user_segments).persist()
+    distinctive = distinctive_items(lifts, settings.top_items, settings.distinct_min_support, excluded)
     tables.overwrite(segment_profiles(user_segments, item_factors, settings.k, settings.top_items, run_id,
-                                      products=products, excluded=excluded),
+                                      products=products, excluded=excluded, distinctive=distinctive,
+                                      min_distinct_lift=settings.min_distinct_lift),
                      C.SEGMENT_PROFILES)
     profile_rows = tables.read(spark, C.SEGMENT_PROFILES)
     excluded.unpersist()
-    lifts = {(row["segment_id"], row["item_id"]): row["lift"]  # k x top_items rows
-             for row in top_item_lifts(interactions, user_index, item_index, user_segments, profile_rows).collect()}
+    top_lifts = {(row["segment_id"], row["item_id"]): row["lift"]  # k x top_items rows
+                 for row in top_item_lifts(lifts, profile_rows).collect()}
+    lifts.unpersist()
     profiles = [
         {"segment_id": row["segment_id"], "size": row["size"], "share": row["share"], "label": row["label"],
+         "distinct": row["distinct"],
          "top_items": [(item["item_id"], item["weight"]) for item in (row["top_items"] or [])],
-         "lifts": [lifts.get((row["segment_id"], item["item_id"]), 0.0) for item in (row["top_items"] or [])]}
-        for row in profile_rows.collect()  # k rows
+         "lifts": [top_lifts.get((row["segment_id"], item["item_id"]), 0.0) for item in (row["top_items"] or [])],
+         "distinctive": [(item["item_id"], item["lift"], item["support"]) for item in (row["distinctive_items"] or [])]}
+        for row in sorted(profile_rows.collect(), key=lambda r: r["segment_id"])  # k rows
     ]
-    profiles.sort(key=lambda p: p["segment_id"])
     matrix_users = interactions.where(F.col("score") > 0).select("user_idx").distinct().count()
+    quality = summarize_quality(profiles, settings.k, matrix_users, stability, n_excluded,
+                                capped_item_count(interactions, settings.popular_share_cap))
     assigned = sum(p["size"] for p in profiles)
-    largest, entropy = size_balance([p["size"] for p in profiles], settings.k)
-    quality = SegmentQuality(
-        k=settings.k, users=matrix_users, assigned_share=assigned / matrix_users if matrix_users else 0.0,
-        largest_share=largest, size_entropy=entropy, stability_ari=stability,
-        top_lifts=tuple(float(np.mean(p["lifts"])) if p["lifts"] else 0.0 for p in profiles),
-        excluded_items=n_excluded, capped_items=capped_item_count(interactions, settings.popular_share_cap))
     tables.append(spark.createDataFrame([quality.row(run_id)], C.SEGMENT_QUALITY.schema), C.SEGMENT_QUALITY)
     log.info("segment quality: largest share %.3f, size entropy %.3f, stability ARI %.3f, top-item lift "
-             "min %.2f median %.2f", quality.largest_share, quality.size_entropy, quality.stability_ari,
-             quality.min_top_lift, quality.median_top_lift)
+             "min %.2f median %.2f, distinctive-item lift min %.2f, %.1f%% in distinct segments, %d empty",
+             quality.largest_share, quality.size_entropy, quality.stability_ari, quality.min_top_lift,
+             quality.median_top_lift, quality.min_distinct_lift, 100 * quality.distinct_share, quality.empty_segments)
 
     directory = report_directory(ctx, ctx.settings.segments.report_dir, "segments")
     if directory is None:
@@ -115,6 +118,7 @@ def run(ctx: StageContext) -> StageResult:
     else:
         shown = {key: value for key, value in asdict(settings).items()
                  if key in ("k", "solver", "value_column", "transform", "assignment", "idf_items", "row_normalize", "popular_share_cap",
+                            "min_segment_share", "distinct_min_support", "min_distinct_lift",
                             "init", "seed")}
         path = write_segment_report(directory, run_id, profiles, result.history, sweep, shown, quality)
         log.info("segment report written to %s", path)

@@ -143,16 +143,19 @@ USER_SEGMENTS = TableSpec("user_segments", "user_id string, segment_id int, affi
 SEGMENT_PROFILES = TableSpec(
     "segment_profiles",
     "segment_id int, size long, share double, top_items array<struct<item_id: string, weight: double>>, "
+    "distinctive_items array<struct<item_id: string, lift: double, support: double>>, distinct boolean, "
     "label string, run_id string",
-    "one row per segment: size, share, top items, a label",
+    "one row per segment: size, share, top items, distinctive items, a label",
 )
 SEGMENT_QUALITY = TableSpec(
     "segment_quality",
     "run_id string, k int, users long, assigned_share double, largest_share double, size_entropy double, "
     "stability_ari double, min_top_lift double, median_top_lift double, top_lifts array<double>, "
-    "excluded_items int, capped_items int",
+    "excluded_items int, capped_items int, distinct_lifts array<double>, min_distinct_lift double, "
+    "distinct_share double, empty_segments int",
     "per run: largest segment share, normalised size entropy, ARI between two seeds, each segment's "
-    "top-item lift over the global rate, share of users assigned (appended)",
+    "top-item and distinctive-item lift over the global rate, share of users assigned and in distinct "
+    "segments, segments left empty (appended)",
 )
 NMF_HISTORY = TableSpec("nmf_history", "run_id string, iteration int, rel_error double, seconds double",
                         "the NMF objective per iteration, per run (appended)")

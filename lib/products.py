@@ -25,8 +25,9 @@ column and the file.
 Which items may be recommended (``excluded_items`` / ``recommendable_items``): an item is excluded
 when its catalog row says available = false or recommendable = false, or when its item_id matches
 one of ``products.exclude_item_patterns`` (regular expressions matched against the whole id, e.g.
-POST, DOT, M: postage, fees, manual adjustments, gift cards). Items the catalog does not list are
-recommendable unless a pattern matches, so everything works without a catalog.
+POST, DOT, M: postage, fees, manual adjustments, gift cards), or when its catalog category matches one
+of ``products.exclude_categories`` (a grocer's fuel and coupon lines). Items the catalog does not list
+are recommendable unless a pattern matches, so everything works without a catalog.
 """
 from __future__ import annotations
 
@@ -174,10 +175,12 @@ def _pattern_regex(patterns: Sequence[str]) -> str:
     return "^(?:" + "|".join(f"(?:{p})" for p in patterns) + ")$"
 
 
-def excluded_items(products: DataFrame | None, item_ids: DataFrame, patterns: Sequence[str]) -> DataFrame:
+def excluded_items(products: DataFrame | None, item_ids: DataFrame, patterns: Sequence[str],
+                   categories: Sequence[str] = ()) -> DataFrame:
     """(item_id, reason): the items of ``item_ids`` (an item_id column) and of ``products`` never to
-    recommend: ``pattern`` (item_id matches one of ``patterns`` in full), ``unavailable``
-    (available = false) or ``not_recommendable`` (recommendable = false); the first that applies.
+    recommend: ``pattern`` (item_id matches one of ``patterns`` in full), ``category`` (the catalog
+    category, trimmed, matches one of ``categories`` in full), ``unavailable`` (available = false) or
+    ``not_recommendable`` (recommendable = false); the first that applies.
 
     ``products`` may be None (no catalog): then only the patterns apply. Small: one row per excluded item.
     """
@@ -188,18 +191,24 @@ def excluded_items(products: DataFrame | None, item_ids: DataFrame, patterns: Se
     pattern_hit = F.col("item_id").rlike(_pattern_regex(patterns)) if patterns else F.lit(False)
     if products is not None:
         flags = products.select("item_id", F.col("available").alias("_available"),
-                                F.col("recommendable").alias("_recommendable"))
+                                F.col("recommendable").alias("_recommendable"),
+                                F.trim("category").alias("_category"))
         ids = ids.join(flags, "item_id", "left")
     else:
         ids = ids.withColumn("_available", F.lit(None).cast("boolean")) \
-            .withColumn("_recommendable", F.lit(None).cast("boolean"))
+            .withColumn("_recommendable", F.lit(None).cast("boolean")) \
+            .withColumn("_category", F.lit(None).cast("string"))
+    category_hit = F.coalesce(F.col("_category").rlike(_pattern_regex(categories)), F.lit(False)) \
+        if categories else F.lit(False)
     reason = (F.when(pattern_hit, F.lit("pattern"))
+              .when(category_hit, F.lit("category"))
               .when(F.col("_available") == F.lit(False), F.lit("unavailable"))
               .when(F.col("_recommendable") == F.lit(False), F.lit("not_recommendable")))
     return ids.withColumn("reason", reason).where(F.col("reason").isNotNull()).select("item_id", "reason")
 
 
-def recommendable_items(products: DataFrame | None, item_ids: DataFrame, patterns: Sequence[str]) -> DataFrame:
+def recommendable_items(products: DataFrame | None, item_ids: DataFrame, patterns: Sequence[str],
+                        categories: Sequence[str] = ()) -> DataFrame:
     """(item_id): the items of ``item_ids`` that may appear in a list (``excluded_items`` removed)."""
-    excluded = excluded_items(products, item_ids, patterns)
+    excluded = excluded_items(products, item_ids, patterns, categories)
     return item_ids.select("item_id").distinct().join(excluded, "item_id", "left_anti")

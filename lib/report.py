@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")  # batch jobs have no display
@@ -28,7 +29,7 @@ def write_segment_report(
     ``profiles``: dicts with segment_id, size, share, label, top_items (list of (item_id, weight)).
     ``history``: (iteration, relative error, seconds). ``sweep``: (k, final relative error, iterations).
     ``quality``: a ``lib.segments.SegmentQuality`` (adds segment_quality.png and its section); profiles may
-    then carry ``lifts`` (per top item).
+    then carry ``lifts`` (per top item), ``distinctive`` ((item_id, lift, support) by lift) and ``distinct``.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,16 +66,21 @@ def write_segment_report(
         f"({sum(h[2] for h in history):.1f} s).",
         "",
         "A customer belongs to the segment that explains most of their activity; *share* is the part "
-        "of assigned customers in the segment. Top items are the items weighing most in the segment.",
+        "of assigned customers in the segment. Top items are the items weighing most in the segment; "
+        "distinctive items are those its customers have most often compared with everyone (lift: how many "
+        "times more often; support: the share of the segment's customers who have it). A segment whose "
+        "distinctive items barely stand out is labelled *General*: its customers share no taste to mail.",
         "",
         "![segment sizes](segment_sizes.png)",
         "",
-        "| segment | customers | share | label | top items (weight) |",
-        "|---:|---:|---:|---|---|",
+        "| segment | customers | share | label | distinctive items (lift, support) | top items (weight) |",
+        "|---:|---:|---:|---|---|---|",
     ]
     for p in profiles:
         items = ", ".join(f"{item} ({weight:.3f})" for item, weight in (p.get("top_items") or [])[:10])
-        lines.append(f"| {p['segment_id']} | {p['size']} | {p['share']:.1%} | {p['label']} | {items} |")
+        distinctive = ", ".join(f"{item} ({lift:.1f}x, {support:.0%})"
+                                for item, lift, support in (p.get("distinctive") or [])[:5])
+        lines.append(f"| {p['segment_id']} | {p['size']} | {p['share']:.1%} | {p['label']} | {distinctive} | {items} |")
     if quality is not None:
         lines += ["", "## Are the segments usable?", "", _quality_text(quality), "",
                   "![segment quality](segment_quality.png)", "",
@@ -87,6 +93,10 @@ def write_segment_report(
                   f"| top-item lift, min / median over segments | {quality.min_top_lift:.2f} / "
                   f"{quality.median_top_lift:.2f} | well above 1: a segment's top items are its own, not "
                   "everyone's best sellers |",
+                  f"| distinctive-item lift, min over segments | {_fmt(quality.min_distinct_lift, '.2f')} | at least "
+                  "segments.min_distinct_lift: below it a segment is General |",
+                  f"| customers in distinct (not General) segments | {_fmt(quality.distinct_share, '.1%')} | most of them |",
+                  f"| segments without customers (merged under segments.min_segment_share) | {quality.empty_segments} | 0 |",
                   f"| customers assigned | {quality.assigned_share:.1%} | near 100% |",
                   f"| items left out (products.exclude_item_patterns, catalog flags) | {quality.excluded_items} | the non-product lines and unrecommendable products |",
                   f"| items damped (more than segments.popular_share_cap of users have them) | "
@@ -121,10 +131,16 @@ def _quality_text(quality: Any) -> str:
     if quality.stability_ari == quality.stability_ari and quality.stability_ari < 0.8:
         verdicts.append(f"another seed regroups the customers (ARI {quality.stability_ari:.2f}): the segments "
                         "are not stable")
+    general = ""
+    if quality.distinct_share == quality.distinct_share and quality.distinct_share < 1.0:
+        general = (f" {1.0 - quality.distinct_share:.0%} of the customers are in General segments: nothing they "
+                   "buy sets them apart, so mail them popular or buy-again lists rather than a taste.")
+    if not verdicts and general:
+        return "Balanced and stable: no segment is a catch-all, and another seed finds the same groups." + general
     if not verdicts:
         return ("Balanced, stable and distinct: no segment is a catch-all, each is led by items its customers "
                 "buy more than others do, and another seed finds the same groups.")
-    return "Warning: " + "; ".join(verdicts) + "."
+    return "Warning: " + "; ".join(verdicts) + "." + general
 
 
 def _quality_plot(path: Path, profiles: list[dict[str, Any]], quality: Any) -> None:
@@ -136,10 +152,16 @@ def _quality_plot(path: Path, profiles: list[dict[str, Any]], quality: Any) -> N
     left.set_ylabel("share of customers")
     left.set_title(f"Sizes (entropy {quality.size_entropy:.2f})")
     left.legend(fontsize=8)
-    right.bar(names, list(quality.top_lifts), color="#228833")
+    width = 0.4
+    positions = np.arange(len(names))
+    right.bar(positions - width / 2, np.nan_to_num(quality.top_lifts), width, color="#228833", label="top items")
+    if quality.distinct_lifts:
+        right.bar(positions + width / 2, np.nan_to_num(quality.distinct_lifts), width, color="#ccbb44",
+                  label="distinctive items")
+    right.set_xticks(positions, names)
     right.axhline(1.0, color="#888888", linestyle="--", label="no lift (global rate)")
     right.set_xlabel("segment")
-    right.set_ylabel("mean lift of top items")
+    right.set_ylabel("mean lift")
     right.set_title(f"Distinctness (stability ARI {_fmt(quality.stability_ari, '.2f')})")
     right.legend(fontsize=8)
     fig.tight_layout()

@@ -129,13 +129,14 @@ def transform_scores(
 
 
 def excluded_item_indices(item_index: DataFrame, products: DataFrame | None,
-                          patterns: tuple[str, ...] | list[str]) -> DataFrame:
+                          patterns: tuple[str, ...] | list[str], categories: tuple[str, ...] = ()) -> DataFrame:
     """(item_idx, item_id, reason) of the indexed items the segments leave out: the items
     ``lib.products.excluded_items`` keeps out of every list (ids matching products.exclude_item_patterns,
-    such as postage and manual adjustments, and, with a catalog, unavailable or unrecommendable items)."""
+    such as postage and manual adjustments, and, with a catalog, unavailable or unrecommendable items and
+    those of products.exclude_categories)."""
     from lib.products import excluded_items
 
-    return (item_index.join(excluded_items(products, item_index, patterns), "item_id")
+    return (item_index.join(excluded_items(products, item_index, patterns, categories), "item_id")
             .select("item_idx", "item_id", "reason"))
 
 
@@ -188,7 +189,8 @@ def mean_shares(shares: DataFrame, k: int) -> list[float]:
     return _per_segment(shares, "shares", F.avg, k)
 
 
-def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str, rule: str = "relative") -> DataFrame:
+def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str, rule: str = "relative",
+                    min_share: float = 0.0) -> DataFrame:
     """Each user's segment and its share of the user's weight (``affinity``).
 
     ``dominant``: the segment with the largest share. ``relative``: the segment whose share most
@@ -196,33 +198,70 @@ def assign_segments(user_factors: DataFrame, mass: list[float], run_id: str, rul
     staples every household buys; it has the largest share of nearly every customer, so the
     dominant rule puts 86-95% of them in it (docs/segments.md, findings), while the relative rule
     asks what sets the customer apart. Users whose row of W is all zero get no segment.
+
+    ``min_share``: a segment left with fewer than this share of the assigned users is merged, the
+    smallest first: its users go to their best remaining segment (a user with no weight in any
+    remaining segment to the largest one), and the sizes are counted again (k scalars per round).
+    A merged segment keeps its id and has no users.
     """
     if rule not in ASSIGNMENTS:
         raise ValueError(f"segments.assignment must be one of {ASSIGNMENTS}, got {rule!r}")
+    k = len(mass)
     shares = segment_shares(user_factors, mass)
     if rule == "dominant":
         scores = F.col("shares")
     else:
-        means = F.array(*[F.lit(value) for value in mean_shares(shares, len(mass))])
+        means = F.array(*[F.lit(value) for value in mean_shares(shares, k)])
         # A segment nobody has (mean 0) can never be picked: its score is 0 like every share of it.
         scores = F.zip_with("shares", means, lambda s, m: F.when(m > 0, s / m).otherwise(F.lit(0.0)))
     scored = shares.select("user_id", "shares", scores.alias("scores"))
-    scored = scored.select("user_id", "shares",
-                           (F.array_position("scores", F.array_max("scores")) - 1).cast("int").alias("segment_id"))
-    return scored.select("user_id", "segment_id", F.element_at("shares", F.col("segment_id") + 1).alias("affinity"),
-                         F.lit(run_id).alias("run_id"))
+    kept = list(range(k))
+    assigned = scored.select("user_id", "shares", _best_of(kept, k, kept[0]).alias("segment_id"))
+    while min_share > 0 and len(kept) > 1:
+        sizes = segment_sizes(assigned, k)
+        total = sum(sizes)
+        small = [segment for segment in kept if sizes[segment] < min_share * total]
+        if not small:
+            break
+        kept.remove(min(small, key=lambda segment: (sizes[segment], segment)))
+        largest = max(kept, key=lambda segment: (sizes[segment], -segment))
+        assigned = scored.select("user_id", "shares", _best_of(kept, k, largest).alias("segment_id"))
+    return assigned.select("user_id", "segment_id", F.element_at("shares", F.col("segment_id") + 1).alias("affinity"),
+                           F.lit(run_id).alias("run_id"))
+
+
+def _best_of(kept: list[int], k: int, fallback: int) -> F.Column:
+    """The 0-based position of the largest ``scores`` entry among the ``kept`` segments (the lowest id on
+    a tie); ``fallback`` when every kept score is 0."""
+    masked = F.zip_with("scores", F.array(*[F.lit(segment in kept) for segment in range(k)]),
+                        lambda score, keep: F.when(keep, score).otherwise(F.lit(-1.0)))
+    best = F.array_max(masked)
+    return F.when(best > 0, F.array_position(masked, best) - 1).otherwise(F.lit(fallback)).cast("int")
+
+
+def segment_sizes(user_segments: DataFrame, k: int) -> list[int]:
+    """Users per segment (k scalars; 0 for a segment nobody is in)."""
+    sizes = [0] * k
+    for row in user_segments.groupBy("segment_id").count().collect():
+        sizes[row["segment_id"]] = int(row["count"])
+    return sizes
 
 
 def segment_profiles(
     user_segments: DataFrame, item_factors: DataFrame, k: int, top_n: int, run_id: str,
     products: DataFrame | None = None, excluded: DataFrame | None = None,
+    distinctive: DataFrame | None = None, min_distinct_lift: float = 1.0,
 ) -> DataFrame:
-    """One row per segment: size, share of assigned users, top items by normalized H weight, a label.
+    """One row per segment: size, share of assigned users, top items by normalized H weight, its
+    distinctive items, whether it is distinct, a label.
 
-    The label is the three top item ids; with ``products`` (the catalog: item_id, name, category) it is
-    the segment's dominant category (the largest summed weight among its top items) and the three top
-    items' names (an item the catalog does not name keeps its id). ``excluded`` items (item_id) are
-    never among the top items.
+    ``distinctive`` (segment_id, distinctive_items: ``distinctive_items``): a segment is ``distinct``
+    when its distinctive items' mean lift is at least ``min_distinct_lift``; its label then names them.
+    A segment that is not (nothing its customers buy sets them apart) is labelled "General: " and its
+    top items: a marketer should not mail it as a taste. Without ``distinctive`` every segment is
+    distinct and named by its top items. Labels are three item ids, or with ``products`` (the catalog:
+    item_id, name, category) the listed items' dominant category and three names (an item the
+    catalog does not name keeps its id). ``excluded`` items (item_id) are never among the top items.
     """
     sizes = user_segments.groupBy("segment_id").agg(F.count(F.lit(1)).alias("size"))
     total = F.sum("size").over(Window.partitionBy())
@@ -234,38 +273,64 @@ def segment_profiles(
     ranked = normalized.where(F.col("weight") > 0).withColumn(
         "rank", F.row_number().over(Window.partitionBy("segment_id").orderBy(F.desc("weight"), "item_id")))
     ranked = ranked.where(F.col("rank") <= top_n)
-    if products is not None:
-        names = products.select("item_id", F.trim("name").alias("name"), F.trim("category").alias("category"))
-        ranked = ranked.join(names, "item_id", "left").withColumn(
-            "name", F.when(F.length("name") > 0, F.col("name")).otherwise(F.col("item_id")))
-        categories = (ranked.where(F.length("category") > 0).groupBy("segment_id", "category")
-                      .agg(F.sum("weight").alias("category_weight"))
-                      .withColumn("pick", F.row_number().over(
-                          Window.partitionBy("segment_id").orderBy(F.desc("category_weight"), "category")))
-                      .where(F.col("pick") == 1).select("segment_id", "category"))
-    else:
-        ranked = ranked.withColumn("name", F.col("item_id"))
-    top = (ranked.groupBy("segment_id")
-           .agg(F.sort_array(F.collect_list(F.struct("rank", "item_id", "weight", "name"))).alias("ranked")))
-    names_label = F.concat_ws(" / ", F.slice(F.transform("ranked", lambda r: r["name"]), 1, 3))
-    top = top.select(
-        "segment_id",
-        F.transform("ranked", lambda r: F.struct(r["item_id"].alias("item_id"), r["weight"].alias("weight"))).alias("top_items"),
-        names_label.alias("label"),
-    )
-    if products is not None:
-        top = top.join(categories, "segment_id", "left").select(
-            "segment_id", "top_items",
-            F.when(F.col("category").isNotNull(), F.concat_ws(": ", "category", "label"))
-            .otherwise(F.col("label")).alias("label"))
+    top = ranked.groupBy("segment_id").agg(
+        F.transform(F.sort_array(F.collect_list(F.struct("rank", "item_id", "weight"))),
+                    lambda r: F.struct(r["item_id"].alias("item_id"), r["weight"].alias("weight"))).alias("top_items"))
+    top = top.join(_labels(ranked.select("segment_id", "rank", "item_id", F.col("weight").alias("value")), products)
+                   .withColumnRenamed("label", "top_label"), "segment_id", "left")
     all_segments = item_factors.sparkSession.range(k).select(F.col("id").cast("int").alias("segment_id"))
+    profiles = all_segments.join(sizes, "segment_id", "left").join(top, "segment_id", "left")
+    if distinctive is None:
+        profiles = profiles.withColumn("distinctive_items", F.lit(None).cast(DISTINCTIVE_ITEMS_TYPE)) \
+            .withColumn("distinct", F.lit(True)).withColumn("label", F.col("top_label"))
+    else:
+        listed = distinctive.select("segment_id", F.posexplode("distinctive_items").alias("rank", "item")).select(
+            "segment_id", "rank", F.col("item.item_id").alias("item_id"), F.col("item.lift").alias("value"))
+        mean_lift = F.when(F.size("distinctive_items") > 0, F.aggregate(
+            "distinctive_items", F.lit(0.0), lambda acc, item: acc + item["lift"]) / F.size("distinctive_items"))
+        profiles = (profiles.join(distinctive, "segment_id", "left")
+                    .join(_labels(listed, products).withColumnRenamed("label", "distinct_label"), "segment_id", "left")
+                    .withColumn("distinct", F.coalesce(F.size("distinctive_items") > 0, F.lit(False))
+                                & F.coalesce(mean_lift >= F.lit(float(min_distinct_lift)), F.lit(False)))
+                    .withColumn("label", F.when(F.col("distinct"), F.col("distinct_label"))
+                                .otherwise(F.concat(F.lit("General: "), F.coalesce("top_label", F.lit("(no items)"))))))
     return (
-        all_segments.join(sizes, "segment_id", "left").join(top, "segment_id", "left")
-        .select("segment_id", F.coalesce("size", F.lit(0)).cast("long").alias("size"), "top_items", "label")
+        profiles.select("segment_id", F.coalesce("size", F.lit(0)).cast("long").alias("size"), "top_items",
+                        "distinctive_items", "distinct", "label")
         .withColumn("share", F.when(total > 0, F.col("size") / total).otherwise(F.lit(0.0)))
-        .select("segment_id", "size", "share", "top_items",
-                F.coalesce("label", F.lit("(empty)")).alias("label"), F.lit(run_id).alias("run_id"))
+        .select("segment_id", "size", "share", "top_items", "distinctive_items",
+                F.when(F.col("size") > 0, F.col("distinct")).otherwise(F.lit(False)).alias("distinct"),
+                F.when(F.col("size") > 0, F.coalesce("label", F.lit("(empty)")))
+                .otherwise(F.lit("(empty: merged or unused)")).alias("label"),
+                F.lit(run_id).alias("run_id"))
     )
+
+
+DISTINCTIVE_ITEMS_TYPE = "array<struct<item_id: string, lift: double, support: double>>"
+
+
+def _labels(listed: DataFrame, products: DataFrame | None) -> DataFrame:
+    """(segment_id, label) from each segment's listed items (segment_id, rank, item_id, value): the three
+    first item ids, or with ``products`` the category with the largest summed value among the listed
+    items and the three first items' names."""
+    if products is None:
+        listed = listed.withColumn("name", F.col("item_id"))
+    else:
+        names = products.select("item_id", F.trim("name").alias("name"), F.trim("category").alias("category"))
+        listed = listed.join(names, "item_id", "left").withColumn(
+            "name", F.when(F.length("name") > 0, F.col("name")).otherwise(F.col("item_id")))
+    first = listed.groupBy("segment_id").agg(F.concat_ws(" / ", F.slice(F.transform(
+        F.sort_array(F.collect_list(F.struct("rank", "name"))), lambda r: r["name"]), 1, 3)).alias("label"))
+    if products is None:
+        return first
+    categories = (listed.where(F.length("category") > 0).groupBy("segment_id", "category")
+                  .agg(F.sum("value").alias("category_value"))
+                  .withColumn("pick", F.row_number().over(
+                      Window.partitionBy("segment_id").orderBy(F.desc("category_value"), "category")))
+                  .where(F.col("pick") == 1).select("segment_id", "category"))
+    return first.join(categories, "segment_id", "left").select(
+        "segment_id", F.when(F.col("category").isNotNull(), F.concat_ws(": ", "category", "label"))
+        .otherwise(F.col("label")).alias("label"))
 
 
 def adjusted_rand_index(contingency: np.ndarray) -> float:
@@ -302,60 +367,119 @@ def assignment_agreement(first: DataFrame, second: DataFrame) -> float:
     return adjusted_rand_index(table)
 
 
-def top_item_lifts(interactions: DataFrame, user_index: DataFrame, item_index: DataFrame,
-                   user_segments: DataFrame, profiles: DataFrame) -> DataFrame:
-    """(segment_id, item_id, lift) for each segment's top items: the share of the segment's customers who
-    have the item over the share of all assigned customers who have it (1 = no more than anyone)."""
+def segment_item_lifts(interactions: DataFrame, user_index: DataFrame, item_index: DataFrame,
+                       user_segments: DataFrame) -> DataFrame:
+    """(segment_id, item_id, support, lift) for every item some customer of a segment has: ``support``
+    is the share of the segment's customers who have the item, ``lift`` that share over the share of
+    all assigned customers who have it (1 = no more than anyone)."""
     members = user_segments.join(user_index, "user_id").select("user_idx", "segment_id")
-    top = (profiles.select("segment_id", F.explode("top_items").alias("top"))
-           .select("segment_id", F.col("top.item_id").alias("item_id"))
-           .join(item_index, "item_id"))
     had = interactions.where(F.col("score") > 0).select("user_idx", "item_idx").distinct().join(members, "user_idx")
-    everyone = had.join(top.select("item_idx").distinct(), "item_idx").groupBy("item_idx").agg(
-        F.count(F.lit(1)).alias("item_users"))
-    within = had.join(top, ["item_idx", "segment_id"]).groupBy("segment_id", "item_idx").agg(
-        F.count(F.lit(1)).alias("segment_item_users"))
+    within = had.groupBy("segment_id", "item_idx").agg(F.count(F.lit(1)).alias("segment_item_users"))
+    everyone = had.groupBy("item_idx").agg(F.count(F.lit(1)).alias("item_users"))
     sizes = members.groupBy("segment_id").agg(F.count(F.lit(1)).alias("segment_users"))
     assigned = members.agg(F.count(F.lit(1)).alias("assigned"))
-    return (top.join(within, ["segment_id", "item_idx"], "left").join(everyone, "item_idx", "left")
-            .join(sizes, "segment_id", "left").crossJoin(assigned)
-            .select("segment_id", "item_id",
-                    F.when(F.col("item_users") > 0,
-                           (F.coalesce("segment_item_users", F.lit(0)) / F.col("segment_users"))
-                           / (F.col("item_users") / F.col("assigned"))).otherwise(F.lit(0.0)).alias("lift")))
+    support = F.col("segment_item_users") / F.col("segment_users")
+    return (within.join(everyone, "item_idx").join(sizes, "segment_id").crossJoin(assigned)
+            .join(item_index, "item_idx")
+            .select("segment_id", "item_id", support.alias("support"),
+                    (support / (F.col("item_users") / F.col("assigned"))).alias("lift")))
+
+
+def distinctive_items(lifts: DataFrame, top_n: int, min_support: float,
+                      excluded: DataFrame | None = None) -> DataFrame:
+    """(segment_id, distinctive_items): per segment, its ``top_n`` items with the highest lift among
+    those at least ``min_support`` of its customers have (a rare item's lift is noise), as
+    array<struct<item_id, lift, support>> by lift, then support, then item_id. ``excluded`` items
+    (item_id) are never listed."""
+    candidates = lifts.where(F.col("support") >= F.lit(float(min_support)))
+    if excluded is not None:
+        candidates = candidates.join(excluded.select("item_id").distinct(), "item_id", "left_anti")
+    ranked = candidates.withColumn("rank", F.row_number().over(
+        Window.partitionBy("segment_id").orderBy(F.desc("lift"), F.desc("support"), "item_id"))) \
+        .where(F.col("rank") <= top_n)
+    return ranked.groupBy("segment_id").agg(F.transform(
+        F.sort_array(F.collect_list(F.struct("rank", "item_id", "lift", "support"))),
+        lambda r: F.struct(r["item_id"].alias("item_id"), r["lift"].alias("lift"), r["support"].alias("support")))
+        .alias("distinctive_items"))
+
+
+def top_item_lifts(lifts: DataFrame, profiles: DataFrame) -> DataFrame:
+    """(segment_id, item_id, lift) for each segment's top items (``segment_profiles``), from
+    ``segment_item_lifts``; a top item none of the segment's customers has lifts 0."""
+    top = (profiles.select("segment_id", F.explode("top_items").alias("top"))
+           .select("segment_id", F.col("top.item_id").alias("item_id")))
+    return top.join(lifts, ["segment_id", "item_id"], "left").select(
+        "segment_id", "item_id", F.coalesce("lift", F.lit(0.0)).alias("lift"))
 
 
 @dataclass(frozen=True)
 class SegmentQuality:
-    """How usable one run's segments are (one row of ``segment_quality``)."""
+    """How usable one run's segments are (one row of ``segment_quality``). Per-segment figures are NaN
+    for a segment without customers (merged by ``segments.min_segment_share``); min / median skip them."""
 
     k: int
     users: int                 # users in the matrix
     assigned_share: float      # share of them with a segment
     largest_share: float       # share of assigned users in the largest segment (1/k at best)
-    size_entropy: float        # entropy of the segment sizes / log k (1 = equal sizes, 0 = one segment)
+    size_entropy: float        # entropy of the sizes / log(k - merged) (1 = equal sizes, 0 = one segment)
     stability_ari: float       # ARI between this fit and one with segments.seed + 1 (nan: not measured)
     top_lifts: tuple[float, ...]  # per segment: mean lift of its top items over the global rate
     excluded_items: int
     capped_items: int          # items down-weighted by segments.popular_share_cap
+    distinct_lifts: tuple[float, ...] = ()  # per segment: mean lift of its distinctive items
+    distinct_share: float = float("nan")    # share of assigned users in distinct (not "General") segments
+    empty_segments: int = 0                 # segments without customers (merged, or nobody's best)
 
     @property
     def min_top_lift(self) -> float:
-        return min(self.top_lifts) if self.top_lifts else float("nan")
+        return _nan_stat(np.nanmin, self.top_lifts)
 
     @property
     def median_top_lift(self) -> float:
-        return float(np.median(self.top_lifts)) if self.top_lifts else float("nan")
+        return _nan_stat(np.nanmedian, self.top_lifts)
+
+    @property
+    def min_distinct_lift(self) -> float:
+        return _nan_stat(np.nanmin, self.distinct_lifts)
 
     def row(self, run_id: str) -> tuple:
         return (run_id, int(self.k), int(self.users), float(self.assigned_share), float(self.largest_share),
                 float(self.size_entropy), float(self.stability_ari), float(self.min_top_lift),
                 float(self.median_top_lift), [float(v) for v in self.top_lifts], int(self.excluded_items),
-                int(self.capped_items))
+                int(self.capped_items), [float(v) for v in self.distinct_lifts], float(self.min_distinct_lift),
+                float(self.distinct_share), int(self.empty_segments))
+
+
+def _nan_stat(stat: Callable, values: tuple[float, ...]) -> float:
+    finite = [v for v in values if v == v]
+    return float(stat(finite)) if finite else float("nan")
+
+
+def summarize_quality(profiles: list[dict], k: int, matrix_users: int, stability_ari: float,
+                      excluded_items: int, capped_items: int) -> SegmentQuality:
+    """The ``segment_quality`` row of a run from its k profiles (dicts with size, distinct, lifts: the
+    top items' lifts, distinctive: (item_id, lift, support) tuples). Sizes and lifts count only
+    segments with customers; the size entropy is over the k segments minus the empty ones."""
+    assigned = sum(p["size"] for p in profiles)
+    empty = sum(1 for p in profiles if p["size"] == 0)
+    largest, entropy = size_balance([p["size"] for p in profiles], k - empty)
+
+    def mean_where_used(profile: dict, values: list[float]) -> float:
+        return float(np.mean(values)) if profile["size"] > 0 and values else float("nan")
+
+    return SegmentQuality(
+        k=k, users=matrix_users, assigned_share=assigned / matrix_users if matrix_users else 0.0,
+        largest_share=largest, size_entropy=entropy, stability_ari=stability_ari,
+        top_lifts=tuple(mean_where_used(p, p["lifts"]) for p in profiles),
+        excluded_items=excluded_items, capped_items=capped_items,
+        distinct_lifts=tuple(mean_where_used(p, [lift for _, lift, _ in p["distinctive"]]) for p in profiles),
+        distinct_share=sum(p["size"] for p in profiles if p["distinct"]) / assigned if assigned else float("nan"),
+        empty_segments=empty)
 
 
 def size_balance(sizes: list[int], k: int) -> tuple[float, float]:
-    """(largest share, entropy of the size distribution / log k) of segment sizes."""
+    """(largest share, entropy of the size distribution / log k) of segment sizes; ``k`` counts the
+    segments customers could be in (merged segments left out)."""
     total = float(sum(sizes))
     if total <= 0:
         return float("nan"), float("nan")

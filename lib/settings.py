@@ -473,6 +473,7 @@ class RecommendSettings:
 class ProductsSettings:
     format: str
     exclude_item_patterns: tuple[str, ...]
+    exclude_categories: tuple[str, ...]
     columns: dict[str, str]
 
     def __post_init__(self) -> None:
@@ -480,13 +481,14 @@ class ProductsSettings:
 
         one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "products.format")
         column_map_targets(self.columns, CATALOG_COLUMNS, "products.columns", "catalog", "catalog file")
-        for pattern in self.exclude_item_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError(f"config key 'products.exclude_item_patterns' holds an invalid regular "
-                                  f"expression {pattern!r}: {err}") from None
-            require(bool(pattern), "products.exclude_item_patterns", "must not hold an empty pattern")
+        for key in ("exclude_item_patterns", "exclude_categories"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"config key 'products.{key}' holds an invalid regular "
+                                      f"expression {pattern!r}: {err}") from None
+                require(bool(pattern), f"products.{key}", "must not hold an empty pattern")
 
 
 # The interactions column the segments factorize: the time-decayed score, or an undecayed event count
@@ -523,6 +525,9 @@ class SegmentsSettings:
     idf_items: bool
     row_normalize: bool
     popular_share_cap: float
+    min_segment_share: float
+    distinct_min_support: float
+    min_distinct_lift: float
     stability_check: bool
     top_items: int
     sweep_ks: tuple[int, ...]
@@ -541,6 +546,12 @@ class SegmentsSettings:
         require(self.broadcast_limit_mb > 0, "segments.broadcast_limit_mb", "must be > 0")
         require(0.0 < self.popular_share_cap <= 1.0, "segments.popular_share_cap",
                 f"must be in (0, 1] (1: off), got {self.popular_share_cap}")
+        require(0.0 <= self.min_segment_share < 1.0 / max(self.k, 1), "segments.min_segment_share",
+                f"must be in [0, 1 / k) = [0, {1.0 / max(self.k, 1):.4f}) (0: keep every segment), got {self.min_segment_share}")
+        require(0.0 < self.distinct_min_support <= 1.0, "segments.distinct_min_support",
+                f"must be in (0, 1], got {self.distinct_min_support}")
+        require(self.min_distinct_lift >= 1.0, "segments.min_distinct_lift",
+                f"must be >= 1 (1: every segment with a distinctive item counts as distinct), got {self.min_distinct_lift}")
 
     def check_against_matrix(self, users: int, items: int) -> None:
         """Before the stage's first write: NMF of a users x items matrix has at most min(users, items)

@@ -85,12 +85,17 @@ def test_exclusions_from_flags_and_patterns(spark):
     items = spark.createDataFrame([(i,) for i in ("10001", "POST", "m", "M", "gift_0001_20", "DOT", "POSTAGE",
                                                   "A1", "A2", "A3")], "item_id string")
     products = spark.createDataFrame(
-        [("A1", True, True), ("A2", False, True), ("A3", True, False), ("Z9", False, False)],
-        "item_id string, available boolean, recommendable boolean")
+        [("A1", True, True, "DAIRY"), ("A2", False, True, "DAIRY"), ("A3", True, False, "DAIRY"),
+         ("Z9", False, False, None), ("F1", True, True, " FUEL "), ("F2", True, True, "FUEL OIL")],
+        "item_id string, available boolean, recommendable boolean, category string")
     patterns = ["POST", "DOT", "(?i)m", "(?i)gift_.*"]
     got = {r["item_id"]: r["reason"] for r in excluded_items(products, items, patterns).collect()}
     assert got == {"POST": "pattern", "m": "pattern", "M": "pattern", "gift_0001_20": "pattern", "DOT": "pattern",
                    "A2": "unavailable", "A3": "not_recommendable", "Z9": "unavailable"}
+    # A category matches in full, trimmed: FUEL OIL stays, a category rule comes before the flags.
+    by_category = {r["item_id"]: r["reason"] for r in excluded_items(products, items, [], ["FUEL", "DAIRY"]).collect()}
+    assert by_category == {"F1": "category", "A1": "category", "A2": "category", "A3": "category",
+                           "Z9": "unavailable"}
     # Patterns match the whole id: POSTAGE stays; without a catalog only patterns apply.
     assert {r["item_id"] for r in recommendable_items(products, items, patterns).collect()} == {"10001", "POSTAGE",
                                                                                                  "A1"}

@@ -14,7 +14,9 @@ from lib import catalog as C
 from lib import sample_data
 from lib import sample_realistic as R
 from lib.interactions import write_matrix_tables
-from lib.segments import adjusted_rand_index, assign_segments, parse_score_transform, score_transform_name, size_balance
+from lib.segments import (adjusted_rand_index, assign_segments, distinctive_items, parse_score_transform,
+                          score_transform_name, segment_item_lifts, segment_profiles, size_balance, summarize_quality,
+                          top_item_lifts)
 
 SPEC = R.RealisticSpec(users=1000, items=200, events=60_000, segments=5, seed=3)
 # The settings before issue 13: no popularity damping, non-product lines factorized like products,
@@ -54,6 +56,108 @@ def test_relative_assignment_picks_the_segment_a_customer_has_more_of_than_the_a
     assert dominant == {"u1": 0, "u2": 0, "u3": 0, "u4": 0}
     with pytest.raises(ValueError, match="segments.assignment must be one of"):
         assign_segments(factors, [1.0, 2.0], "r", "largest")
+
+
+def test_a_segment_under_the_minimum_share_is_merged_into_its_customers_next_segments(spark):
+    # Dominant rule, equal masses: segments 0 and 1 hold three customers each, segment 2 two (25%).
+    # With min_share 0.3 segment 2 goes: u7 moves to its next segment (1); u8 has weight only in
+    # segment 2, so it goes to the largest remaining segment (0 and 1 tie at 3: the lower id).
+    rows = [("u1", [0.9, 0.1, 0.0]), ("u2", [0.8, 0.2, 0.0]), ("u3", [0.7, 0.3, 0.0]),
+            ("u4", [0.1, 0.9, 0.0]), ("u5", [0.2, 0.7, 0.1]), ("u6", [0.3, 0.6, 0.1]),
+            ("u7", [0.2, 0.3, 0.5]), ("u8", [0.0, 0.0, 1.0])]
+    factors = spark.createDataFrame(rows, "user_id string, factors array<double>")
+    plain = {r["user_id"]: r["segment_id"] for r in assign_segments(factors, [1.0] * 3, "r", "dominant").collect()}
+    assert plain == {"u1": 0, "u2": 0, "u3": 0, "u4": 1, "u5": 1, "u6": 1, "u7": 2, "u8": 2}
+    merged = {r["user_id"]: (r["segment_id"], round(r["affinity"], 6))
+              for r in assign_segments(factors, [1.0] * 3, "r", "dominant", min_share=0.3).collect()}
+    assert merged == {"u1": (0, 0.9), "u2": (0, 0.8), "u3": (0, 0.7), "u4": (1, 0.9), "u5": (1, 0.7),
+                      "u6": (1, 0.6), "u7": (1, 0.3), "u8": (0, 0.0)}
+    # A share the segment reaches keeps it.
+    kept = {r["user_id"]: r["segment_id"] for r in assign_segments(factors, [1.0] * 3, "r", "dominant",
+                                                                   min_share=0.25).collect()}
+    assert kept == plain
+
+
+@pytest.fixture(scope="module")
+def baskets(spark):
+    """Five customers in three segments (a k = 4 fit leaves segment 3 empty): everyone buys milk,
+    segment 0 nappies, segment 1 beer (and one of them wine, the other tea), segment 2 only milk."""
+    held = {"a": ["milk", "nappies"], "b": ["milk", "nappies"], "c": ["milk", "beer", "wine"],
+            "d": ["milk", "beer", "tea"], "e": ["milk"]}
+    users = sorted(held)
+    items = sorted({item for basket in held.values() for item in basket})
+    user_index = spark.createDataFrame([(u, i) for i, u in enumerate(users)], "user_id string, user_idx int")
+    item_index = spark.createDataFrame([(it, i) for i, it in enumerate(items)], "item_id string, item_idx int")
+    interactions = spark.createDataFrame(
+        [(users.index(u), items.index(it), 1.0) for u, basket in held.items() for it in basket],
+        "user_idx int, item_idx int, score double")
+    segments = spark.createDataFrame([("a", 0), ("b", 0), ("c", 1), ("d", 1), ("e", 2)],
+                                     "user_id string, segment_id int")
+    return interactions, user_index, item_index, segments
+
+
+def test_item_lifts_and_distinctive_items_on_hand_made_baskets(spark, baskets):
+    interactions, user_index, item_index, segments = baskets
+    lifts = segment_item_lifts(interactions, user_index, item_index, segments)
+    got = {(r["segment_id"], r["item_id"]): (round(r["support"], 6), round(r["lift"], 6)) for r in lifts.collect()}
+    # lift = support in the segment / share of all five customers who have the item.
+    assert got == {(0, "milk"): (1.0, 1.0), (0, "nappies"): (1.0, 2.5),
+                   (1, "milk"): (1.0, 1.0), (1, "beer"): (1.0, 2.5), (1, "wine"): (0.5, 2.5), (1, "tea"): (0.5, 2.5),
+                   (2, "milk"): (1.0, 1.0)}
+
+    def listed(frame):
+        return {r["segment_id"]: [(i["item_id"], round(i["lift"], 6)) for i in r["distinctive_items"]]
+                for r in frame.collect()}
+
+    # By lift, then support, then id; an item under the minimum support is not listed.
+    assert listed(distinctive_items(lifts, 3, 0.5)) == {
+        0: [("nappies", 2.5), ("milk", 1.0)], 1: [("beer", 2.5), ("tea", 2.5), ("wine", 2.5)], 2: [("milk", 1.0)]}
+    assert listed(distinctive_items(lifts, 3, 0.6)) == {
+        0: [("nappies", 2.5), ("milk", 1.0)], 1: [("beer", 2.5), ("milk", 1.0)], 2: [("milk", 1.0)]}
+    excluded = spark.createDataFrame([("beer",)], "item_id string")
+    assert listed(distinctive_items(lifts, 2, 0.5, excluded))[1] == [("tea", 2.5), ("wine", 2.5)]
+
+
+def test_profiles_name_distinct_segments_by_their_distinctive_items_and_the_rest_general(spark, baskets):
+    interactions, user_index, item_index, segments = baskets
+    lifts = segment_item_lifts(interactions, user_index, item_index, segments)
+    # H: segment 0 weighs milk most, segment 1 beer, segment 2 milk; segment 3 has weights but no customers.
+    item_factors = spark.createDataFrame(
+        [("milk", [0.6, 0.2, 1.0, 0.1]), ("nappies", [0.4, 0.0, 0.0, 0.1]), ("beer", [0.0, 0.7, 0.0, 0.0]),
+         ("wine", [0.0, 0.05, 0.0, 0.0]), ("tea", [0.0, 0.05, 0.0, 0.0])], "item_id string, factors array<double>")
+    products = spark.createDataFrame(
+        [("milk", "Whole milk", "DAIRY"), ("nappies", "Nappies", "BABY"), ("beer", "Lager", "DRINKS"),
+         ("wine", "Red wine", "DRINKS"), ("tea", "Green tea", "DRINKS")], "item_id string, name string, category string")
+    profiles = segment_profiles(segments, item_factors, 4, 1, "r", products=products,
+                                distinctive=distinctive_items(lifts, 1, 0.6), min_distinct_lift=2.0)
+    got = {r["segment_id"]: (r["size"], r["distinct"], r["label"], [i["item_id"] for i in r["top_items"] or []])
+           for r in profiles.collect()}
+    assert got == {0: (2, True, "BABY: Nappies", ["milk"]), 1: (2, True, "DRINKS: Lager", ["beer"]),
+                   2: (1, False, "General: DAIRY: Whole milk", ["milk"]),
+                   3: (0, False, "(empty: merged or unused)", ["milk"])}
+    # Without the distinctive items (or the catalog) every segment is named by its top items.
+    plain = {r["segment_id"]: (r["distinct"], r["label"]) for r in segment_profiles(segments, item_factors, 4, 2, "r")
+             .collect()}
+    assert plain == {0: (True, "milk / nappies"), 1: (True, "beer / milk"), 2: (True, "milk"),
+                     3: (False, "(empty: merged or unused)")}
+    top = {(r["segment_id"], r["item_id"]): round(r["lift"], 6) for r in top_item_lifts(lifts, profiles).collect()}
+    assert top == {(0, "milk"): 1.0, (1, "beer"): 2.5, (2, "milk"): 1.0, (3, "milk"): 0.0}
+
+
+def test_quality_counts_only_segments_with_customers():
+    profiles = [
+        {"size": 60, "distinct": True, "lifts": [2.0, 4.0], "distinctive": [("a", 3.0, 0.5), ("b", 5.0, 0.2)]},
+        {"size": 40, "distinct": False, "lifts": [1.0, 1.0], "distinctive": [("c", 1.2, 0.9)]},
+        {"size": 0, "distinct": False, "lifts": [0.0], "distinctive": []},
+    ]
+    quality = summarize_quality(profiles, 3, 125, 0.9, 7, 2)
+    assert quality.assigned_share == pytest.approx(0.8) and quality.largest_share == pytest.approx(0.6)
+    # Entropy over the two segments customers could be in.
+    assert quality.size_entropy == pytest.approx(-(0.6 * np.log(0.6) + 0.4 * np.log(0.4)) / np.log(2))
+    assert quality.top_lifts[:2] == (3.0, 1.0) and np.isnan(quality.top_lifts[2])
+    assert quality.distinct_lifts[:2] == (4.0, 1.2) and np.isnan(quality.distinct_lifts[2])
+    assert (quality.min_top_lift, quality.median_top_lift, quality.min_distinct_lift) == (1.0, 2.0, 1.2)
+    assert quality.distinct_share == pytest.approx(0.6) and quality.empty_segments == 1
 
 
 def test_score_transform_names_the_factorized_column():
@@ -177,20 +281,24 @@ def test_labels_use_the_catalog_and_unrecommendable_items_stay_out(spark, realis
     named = tables.read(spark, C.SEGMENT_QUALITY).where("run_id = 'named'").first()
     profiles = tables.read(spark, C.SEGMENT_PROFILES).orderBy("segment_id").collect()
     assert all(p["run_id"] == "named" for p in profiles)
-    assert not any(item["item_id"] == hidden for p in profiles for item in p["top_items"])
+    assert not any(item["item_id"] == hidden for p in profiles
+                   for item in p["top_items"] + p["distinctive_items"])
     assert named["excluded_items"] == len(R.NON_PRODUCT_ITEMS) + 1
     planted = R.planted_items(spark, SPEC).toPandas().set_index("item_id")
     for p in profiles:
-        top = [item["item_id"] for item in p["top_items"]]
+        # Every segment is distinct here, so its label names its distinctive items (highest lift first).
+        assert p["distinct"]
+        listed = p["distinctive_items"]
+        assert [item["lift"] for item in listed] == sorted((item["lift"] for item in listed), reverse=True)
         category, names = p["label"].split(": ", 1)
-        assert names == " / ".join(f"Product {item}" for item in top[:3])
+        assert names == " / ".join(f"Product {item['item_id']}" for item in listed[:3])
         weights = {}
-        for item in p["top_items"]:
+        for item in listed:
             row = planted.loc[item["item_id"]]
             name = (f"Category {int(row['segment_id'])}" if row["kind"] == "segment"
                     else "Best sellers" if row["kind"] == "best_seller" else "General")
-            weights[name] = weights.get(name, 0.0) + item["weight"]
-        assert category == max(sorted(weights), key=weights.get)  # the dominant category
+            weights[name] = weights.get(name, 0.0) + item["lift"]
+        assert category == max(sorted(weights), key=weights.get)  # the category of the largest summed lift
     # Every segment is led by one planted segment's products, not by best sellers or the general tail;
     # at 1000 customers the smallest planted segment (11%, about 100 customers) may merge into another
     # and a larger one split, so four of the five planted categories must lead a segment.
@@ -204,6 +312,8 @@ def test_labels_use_the_catalog_and_unrecommendable_items_stay_out(spark, realis
     assert "![segment quality](segment_quality.png)" in text
     assert f"| largest segment share | {named['largest_share']:.1%} |" in text
     assert f"| stability (ARI, seed vs seed + 1) | {named['stability_ari']:.3f} |" in text
+    assert f"| customers in distinct (not General) segments | {named['distinct_share']:.1%} |" in text
+    assert named["distinct_share"] == 1.0 and named["min_distinct_lift"] >= 2.0 and named["empty_segments"] == 0
     for p in profiles:
         assert p["label"] in text
 

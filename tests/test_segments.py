@@ -84,7 +84,10 @@ def test_profiles_report_and_sweep(spark, segmented):
     for profile in profiles:
         weights = [item["weight"] for item in profile["top_items"]]
         assert 0 < len(weights) <= top_n and weights == sorted(weights, reverse=True)
-        assert profile["label"].startswith(profile["top_items"][0]["item_id"])
+        # Planted segments are distinct: the label names the three distinctive items, highest lift first.
+        distinctive = profile["distinctive_items"]
+        assert profile["distinct"] and all(item["lift"] >= 1.0 for item in distinctive)
+        assert profile["label"] == " / ".join(item["item_id"] for item in distinctive[:3])
         assert profile["run_id"] == "run-1"
 
     sweep = tables.read(spark, C.NMF_K_SWEEP).orderBy("k").collect()
@@ -109,3 +112,9 @@ def test_bad_settings_are_named(context):
         context("segments.sweep_ks=[\"x\"]")
     with pytest.raises(ConfigError, match="'segments.sweep_ks' must hold integers >= 1"):
         context("segments.sweep_ks=2,0")
+    with pytest.raises(ConfigError, match=r"'segments.min_segment_share' must be in \[0, 1 / k\) = \[0, 0.2000\)"):
+        context("segments.min_segment_share=0.2")
+    with pytest.raises(ConfigError, match="'segments.min_distinct_lift' must be >= 1"):
+        context("segments.min_distinct_lift=0.5")
+    with pytest.raises(ConfigError, match="'products.exclude_categories' holds an invalid regular expression"):
+        context("products.exclude_categories=[\"(FUEL\"]")
