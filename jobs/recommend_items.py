@@ -2,8 +2,9 @@
 
 Reads events, interactions, user_index, item_index (and user_segments / nmf_* / products when present);
 writes recommendations (one list per user and strategy: discover, buy_again, blended), rec_metrics,
-als_tuning and the ALS model under a versioned path. For each customer group where a baseline won the
-validation of buy_again or blended, that group's list IS the baseline (its source names it).
+segment_usefulness (with user_segments), als_tuning and the ALS model under a versioned path. For each
+customer group where a baseline won the validation of buy_again or blended, that group's list IS the
+baseline (its source names it).
 """
 from __future__ import annotations
 
@@ -109,6 +110,10 @@ def run(ctx: StageContext) -> StageResult:
         tables.append(spark.createDataFrame(tuning_rows, C.ALS_TUNING.schema), C.ALS_TUNING)
         metrics = [(run_id, model, k, metric, value) for model, k, metric, value in report.metrics]
         tables.append(spark.createDataFrame(metrics, C.REC_METRICS.schema), C.REC_METRICS)
+        if report.segment_usefulness:
+            usefulness = [(run_id, *[row[name] for name in C.SEGMENT_USEFULNESS.columns[1:]])
+                          for row in report.segment_usefulness]
+            tables.append(spark.createDataFrame(usefulness, C.SEGMENT_USEFULNESS.schema), C.SEGMENT_USEFULNESS)
         counts["candidates"] = len(tuning_rows)
         counts["candidates_stopped_early"] = sum(result.stopped_early for result in tuning)
         if counts["candidates_stopped_early"]:
@@ -118,7 +123,7 @@ def run(ctx: StageContext) -> StageResult:
             log.info("strategy report skipped: tables are not under a local output.root")
         else:
             path = write_strategy_report(Path(tables.root) / "reports" / "recommendations", run_id, report.metrics,
-                                         report.notes)
+                                         report.notes, report.segment_usefulness)
             if path is not None:
                 log.info("strategy report: %s", path)
     else:

@@ -71,7 +71,7 @@ SEGMENT_USERS = StageSpec(
 RECOMMEND_ITEMS = StageSpec(
     "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines",
     reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS, C.PRODUCTS),
-    writes=(C.ALS_TUNING, C.REC_METRICS, C.RECOMMENDATIONS))
+    writes=(C.ALS_TUNING, C.REC_METRICS, C.SEGMENT_USEFULNESS, C.RECOMMENDATIONS))
 SCORE_CUSTOMERS = StageSpec(
     "score_customers", "churn and purchase probability, expected revenue, email engagement per customer",
     reads=(C.EVENTS, C.NMF_USER_FACTORS),

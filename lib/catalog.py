@@ -183,6 +183,14 @@ RECOMMENDATIONS = TableSpec(
 )
 REC_METRICS = TableSpec("rec_metrics", "run_id string, model string, k int, metric string, value double",
                         "offline ranking metrics per model on held-out events (appended)")
+SEGMENT_USEFULNESS = TableSpec(
+    "segment_usefulness",
+    "run_id string, k int, segment_id int, users long, ndcg_segment double, ndcg_global double, ndcg_diff double, "
+    "ndcg_diff_se double, hit_segment double, hit_global double",
+    "per segment refitted on the evaluation's training side: NDCG@K and hit rate of its own most bought items "
+    "against the most bought overall on its customers' held-out purchases, the paired difference and its "
+    "standard error (appended)",
+)
 ALS_TUNING = TableSpec(
     "als_tuning",
     "run_id string, candidate int, rank int, reg_param double, alpha double, max_iter int, metric string, "
@@ -279,8 +287,8 @@ ERASURE_REQUESTS = TableSpec(
 
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
-    USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS, ALS_TUNING,
-    CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
+    USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS,
+    SEGMENT_USEFULNESS, ALS_TUNING, CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
     CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
     DATA_QUALITY, DRIFT, USER_IDENTITIES, ERASURE_REQUESTS,

@@ -136,6 +136,71 @@ def group_ranking_metrics(
             for row in rows}
 
 
+# One row per segment of ``segment_usefulness``, in this order (the segment_usefulness table adds run_id, k).
+SEGMENT_USEFULNESS_COLUMNS = ("segment_id", "users", "ndcg_segment", "ndcg_global", "ndcg_diff", "ndcg_diff_se",
+                              "hit_segment", "hit_global")
+
+
+def segment_usefulness(
+    segment_lists: DataFrame,
+    global_lists: DataFrame,
+    truth: DataFrame,
+    segments: DataFrame,
+    k: int,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    rank_col: str = "rank",
+) -> DataFrame:
+    """Per segment, how much better the segment's own list predicts its customers' held-out purchases than
+    the global list: one row per segment of ``segments`` (user, segment_id; one row per user) with evaluated
+    customers, columns ``SEGMENT_USEFULNESS_COLUMNS``, ordered by segment_id.
+
+    The evaluated customers are those of ``truth`` (user, item) with a segment; a customer of ``truth``
+    missing from a list scores NDCG 0 and no hit on it (as in ``per_user_ranking_metrics``); customers
+    without a segment are left out. The comparison is paired (same customer, two lists): ndcg_diff is the
+    mean over the segment's customers of NDCG@K(segment list) - NDCG@K(global list) and ndcg_diff_se that
+    difference's sample standard deviation / sqrt(users) (null for a segment of one customer). hit_*: the
+    share of customers with at least one held-out purchase in the list's top K.
+    """
+    def per_user(lists: DataFrame, name: str) -> DataFrame:
+        metrics = per_user_ranking_metrics(lists, truth, k, user_col, item_col, rank_col)
+        return metrics.select(user_col, F.col("ndcg").alias(f"ndcg_{name}"),
+                              (F.col("hits") > 0).cast("double").alias(f"hit_{name}"))
+
+    _check_columns(segments, (user_col, "segment_id"), "segments")
+    # Both per-user tables hold exactly the users of truth, so the inner join keeps every evaluated customer.
+    paired = per_user(segment_lists, "segment").join(per_user(global_lists, "global"), user_col) \
+        .join(segments.select(user_col, "segment_id"), user_col)
+    diff = F.col("ndcg_segment") - F.col("ndcg_global")
+    return paired.groupBy("segment_id").agg(
+        F.count(F.lit(1)).alias("users"),
+        F.avg("ndcg_segment").alias("ndcg_segment"),
+        F.avg("ndcg_global").alias("ndcg_global"),
+        F.avg(diff).alias("ndcg_diff"),
+        (F.stddev_samp(diff) / F.sqrt(F.count(F.lit(1)))).alias("ndcg_diff_se"),
+        F.avg("hit_segment").alias("hit_segment"),
+        F.avg("hit_global").alias("hit_global"),
+    ).select(*SEGMENT_USEFULNESS_COLUMNS).orderBy("segment_id")
+
+
+def segments_beating_global(rows: list[dict], z: float = 2.0) -> tuple[int, int, float]:
+    """Of ``segment_usefulness`` rows: how many segments' own list beats the global one by more than ``z``
+    standard errors of NDCG, of how many, and the share of the rows' customers in those segments (a
+    segment of one customer has no standard error and never counts)."""
+    beating = [row for row in rows if row["ndcg_diff_se"] is not None and row["ndcg_diff"] > z * row["ndcg_diff_se"]]
+    customers = sum(row["users"] for row in rows)
+    share = sum(row["users"] for row in beating) / customers if customers else 0.0
+    return len(beating), len(rows), share
+
+
+def segment_usefulness_summary(rows: list[dict], k: int) -> str:
+    """One line: the share of evaluated customers in segments whose own list beats the global one by > 2 SE."""
+    beating, segments, share = segments_beating_global(rows)
+    customers = sum(row["users"] for row in rows)
+    return (f"segment_popular beats popular_all by more than 2 SE of NDCG@{k} in {beating} of {segments} "
+            f"training-side segments, holding {share:.1%} of the {customers} evaluated customers with a segment")
+
+
 def catalog_coverage(
     recommended: DataFrame,
     catalog_size: int,
@@ -206,10 +271,11 @@ STRATEGY_COMPARISONS = (
 
 
 def write_strategy_report(directory, run_id: str, metrics: list[tuple[str, int, str, float]],
-                          notes: list[str] = ()) -> "object | None":
+                          notes: list[str] = (), segment_rows: list[dict] = ()) -> "object | None":
     """recommendations.md and strategies.png in ``directory``: NDCG@K and recall@K of each strategy beside
-    its baselines (``metrics``: (model, k, metric, value) rows). Returns the markdown path, or None when
-    the metrics hold no strategy rows."""
+    its baselines (``metrics``: (model, k, metric, value) rows), and per training-side segment how much its
+    own popular items beat the global ones (``segment_rows``: ``segment_usefulness`` rows with their k).
+    Returns the markdown path, or None when the metrics hold no strategy rows."""
     from pathlib import Path
 
     import matplotlib
@@ -252,6 +318,19 @@ def write_strategy_report(directory, run_id: str, metrics: list[tuple[str, int, 
                          f"({values.get((model, k, 'ndcg_se'), 0.0):.4f}) | "
                          f"{values[(model, k, 'recall')]:.4f} | {values[(model, k, 'precision')]:.4f} | "
                          f"{values[(model, k, 'users')]:.0f} |")
+    if segment_rows:
+        segment_k = segment_rows[0]["k"]
+        lines += ["", "## Do the segments predict next purchases?", "",
+                  segment_usefulness_summary(segment_rows, segment_k) + " (segments refitted on the training "
+                  "side: their ids are not the shipped segments' ids).", "",
+                  f"| segment | users | NDCG@{segment_k} segment_popular | NDCG@{segment_k} popular_all | "
+                  f"difference (SE) | hit@{segment_k} segment_popular | hit@{segment_k} popular_all |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in segment_rows:
+            se = "-" if row["ndcg_diff_se"] is None else f"{row['ndcg_diff_se']:.4f}"
+            lines.append(f"| {row['segment_id']} | {row['users']} | {row['ndcg_segment']:.4f} | "
+                         f"{row['ndcg_global']:.4f} | {row['ndcg_diff']:+.4f} ({se}) | {row['hit_segment']:.3f} | "
+                         f"{row['hit_global']:.3f} |")
     lines += ["", *[f"- {note}" for note in notes]]
     path = out / "recommendations.md"
     path.write_text("\n".join(lines) + "\n")

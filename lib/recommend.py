@@ -20,7 +20,8 @@ from lib.buy_again import (RANKER_MODELS, BlendCalibration, BuyAgainParams, BuyA
                            most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n, repeat_propensity,
                            ship_what_wins, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
-from lib.metrics import catalog_coverage, group_ranking_metrics, ranking_metrics
+from lib.metrics import (catalog_coverage, group_ranking_metrics, ranking_metrics, segment_usefulness,
+                         segment_usefulness_summary)
 from lib.segments import assign_segments, component_mass, fit_segments, segment_matrix
 from lib.settings import SegmentsSettings
 from lib.splits import Split, forward_split_fits, holdout_forward, holdout_latest, purchase_truth, relevant_items, user_history_end
@@ -302,6 +303,9 @@ class EvaluationReport:
     calibration: BlendCalibration | None = None  # the blend's per-rank hit rates, from the validation split
     # strategy -> customer group -> the list validation chose to ship (the strategy's own, or a baseline)
     shipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Per training-side segment at max K, k plus lib.metrics.SEGMENT_USEFULNESS_COLUMNS: how much better
+    # segment_popular predicts its customers' next purchases than popular_all (empty without segments).
+    segment_usefulness: list[dict] = field(default_factory=list)
 
     def value(self, model: str, k: int, metric: str) -> float:
         for row in self.metrics:
@@ -581,7 +585,8 @@ def evaluate_strategies(
       score), ``most_bought`` and ``most_recent`` (the trivial "your most bought / most recent items"),
       ``blended``, ``popular_all`` (the most bought items overall, nothing excluded), ``segment_popular``
       (the most bought items of the user's segment in ``segments`` (user_id, segment_id, fitted on the
-      training side), when given), and
+      training side), when given; then also ``report.segment_usefulness``, segment_popular against
+      popular_all per segment at max K), and
       ``shipped_buy_again`` / ``shipped_blended``: per customer group the list validation chose
       (``report.shipped``);
     - on next purchases of new items (not bought in training): ``discover`` and ``popular_new``
@@ -624,6 +629,12 @@ def evaluate_strategies(
     lists["popular_all"] = popular_for(users, popularity, max_k, exclude_items=exclude_items)
     for name, rows in lists.items():
         _measure(report, name, rows, truth_all, settings.k_values, catalog_size)
+    if segments is not None:
+        report.segment_usefulness = [
+            {"k": max_k, **row.asDict()}
+            for row in segment_usefulness(lists["segment_popular"], lists["popular_all"], truth_all, segments,
+                                          max_k).collect()]
+        log.info("%s", segment_usefulness_summary(report.segment_usefulness, max_k))
     if truth_new.limit(1).count() == 0:
         report.notes.append("no held-out purchases of new items: discover not evaluated on purchases")
     else:

@@ -9,7 +9,9 @@ from pyspark.ml.evaluation import RankingEvaluator
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
-from lib.metrics import catalog_coverage, evaluate, group_ranking_metrics, ranking_evaluator_input, ranking_metrics
+from lib.metrics import (SEGMENT_USEFULNESS_COLUMNS, catalog_coverage, evaluate, group_ranking_metrics,
+                         ranking_evaluator_input, ranking_metrics, segment_usefulness, segments_beating_global,
+                         write_strategy_report)
 
 
 def _recs(spark, rows):
@@ -88,3 +90,59 @@ def test_group_metrics_average_each_groups_users(spark):
     assert got["repeat"]["users"] == 2 and got["repeat"]["ndcg"] == pytest.approx(0.5)
     assert got["repeat"]["ndcg_se"] == pytest.approx(statistics.stdev([1.0, 0.0]) / math.sqrt(2))
     assert got["one_order"]["ndcg"] == pytest.approx(1 / math.log2(3)) and got["one_order"]["ndcg_se"] == 0.0
+
+
+def test_segment_usefulness_pairs_each_customers_two_lists(spark):
+    # K = 2, binary gains: NDCG of one relevant item hit at rank 1 is 1, of two relevant items with one hit
+    # at rank r is (1 / log2(r + 1)) / (1 + 1 / log2(3)). Segment 0's list a b c, segment 1's c d e, the
+    # global list x y z for everyone but u3 and u9. u3 is missing from the segment list, u9 from both: NDCG 0.
+    # u7 has no segment (left out); u8 has a segment but no held-out purchase (not evaluated).
+    segment_lists = _recs(spark, [(u, item, r) for u in ("u1", "u2") for r, item in enumerate("abc", 1)]
+                          + [(u, item, r) for u in ("u4", "u5", "u6", "u8") for r, item in enumerate("cde", 1)])
+    global_lists = _recs(spark, [(u, item, r) for u in ("u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8")
+                                 for r, item in enumerate("xyz", 1)])
+    truth = spark.createDataFrame([("u1", "a"), ("u2", "b"), ("u2", "x"), ("u3", "a"), ("u4", "x"), ("u5", "y"),
+                                   ("u5", "e"), ("u6", "c"), ("u7", "x"), ("u9", "a")], "user_id string, item_id string")
+    segments = spark.createDataFrame([("u1", 0), ("u2", 0), ("u3", 0), ("u4", 1), ("u5", 1), ("u6", 1), ("u8", 1),
+                                      ("u9", 2)], "user_id string, segment_id int")
+
+    got = [row.asDict() for row in segment_usefulness(segment_lists, global_lists, truth, segments, k=2).collect()]
+
+    second = 1 / math.log2(3)
+    both = 1 + second                              # IDCG@2 of two relevant items
+    # segment 0: u1 hit a at 1 (segment) / none (global); u2 b at 2 of {b, x} / x at 1; u3 none / none
+    seg0 = ([1.0, second / both, 0.0], [0.0, 1 / both, 0.0])
+    # segment 1: u4 none / x at 1; u5 e is at rank 3 > K / y at 2 of {y, e}; u6 c at 1 / none
+    seg1 = ([0.0, 0.0, 1.0], [1.0, second / both, 0.0])
+    expected = []
+    for segment, (own, overall) in enumerate((seg0, seg1)):
+        diffs = [a - b for a, b in zip(own, overall)]
+        expected.append({"segment_id": segment, "users": 3, "ndcg_segment": pytest.approx(sum(own) / 3),
+                         "ndcg_global": pytest.approx(sum(overall) / 3), "ndcg_diff": pytest.approx(sum(diffs) / 3),
+                         "ndcg_diff_se": pytest.approx(statistics.stdev(diffs) / math.sqrt(3))})
+    expected[0].update(hit_segment=pytest.approx(2 / 3), hit_global=pytest.approx(1 / 3))
+    expected[1].update(hit_segment=pytest.approx(1 / 3), hit_global=pytest.approx(2 / 3))
+    # u9 alone, on no list: NDCG 0 on both, no standard error for one customer.
+    expected.append({"segment_id": 2, "users": 1, "ndcg_segment": 0.0, "ndcg_global": 0.0, "ndcg_diff": 0.0,
+                     "ndcg_diff_se": None, "hit_segment": 0.0, "hit_global": 0.0})
+    assert [tuple(row) for row in got] == [SEGMENT_USEFULNESS_COLUMNS] * 3
+    assert got == expected
+    assert got[0]["ndcg_diff"] > 0 > got[1]["ndcg_diff"]   # segment 1's own list is the worse one
+    with pytest.raises(ValueError, match="segments lacks column.s. segment_id"):
+        segment_usefulness(segment_lists, global_lists, truth, segments.withColumnRenamed("segment_id", "s"), k=2)
+
+
+def test_segments_beating_global_count_customers_beyond_two_standard_errors(tmp_path):
+    rows = [{"k": 10, "segment_id": 0, "users": 10, "ndcg_segment": 0.5, "ndcg_global": 0.2, "ndcg_diff": 0.3,
+             "ndcg_diff_se": 0.1, "hit_segment": 0.6, "hit_global": 0.4},
+            {"k": 10, "segment_id": 1, "users": 30, "ndcg_segment": 0.3, "ndcg_global": 0.2, "ndcg_diff": 0.1,
+             "ndcg_diff_se": 0.1, "hit_segment": 0.4, "hit_global": 0.3},
+            {"k": 10, "segment_id": 2, "users": 1, "ndcg_segment": 1.0, "ndcg_global": 0.0, "ndcg_diff": 1.0,
+             "ndcg_diff_se": None, "hit_segment": 1.0, "hit_global": 0.0}]
+    assert segments_beating_global(rows) == (1, 3, pytest.approx(10 / 41))
+    assert segments_beating_global(rows, z=0.5) == (2, 3, pytest.approx(40 / 41))
+    metrics = [("blended", 10, metric, 0.1) for metric in ("ndcg", "recall", "precision", "users")]
+    report = write_strategy_report(tmp_path, "run-1", metrics, segment_rows=rows).read_text()
+    assert "in 1 of 3 training-side segments, holding 24.4% of the 41 evaluated customers" in report
+    assert "| 0 | 10 | 0.5000 | 0.2000 | +0.3000 (0.1000) | 0.600 | 0.400 |" in report
+    assert "| 2 | 1 | 1.0000 | 0.0000 | +1.0000 (-) | 1.000 | 0.000 |" in report

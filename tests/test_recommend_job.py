@@ -80,6 +80,12 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
                                               "shipped_blended", "discover", "popular_new", "segment_popular"}
     assert {k for _, k, _ in got} == {5, 10}
     assert all(0.0 <= value <= 1.0 for (_, _, metric), value in got.items() if metric != "users")
+    # Per training-side segment at max K; every evaluated customer here has a segment (a non-zero row of W).
+    usefulness = tables.read(spark, C.SEGMENT_USEFULNESS).collect()
+    assert {(r["run_id"], r["k"]) for r in usefulness} == {("run-1", 10)}
+    assert sum(r["users"] for r in usefulness) == got[("segment_popular", 10, "users")]
+    report = (tmp_path / "wh" / "reports" / "recommendations" / "recommendations.md").read_text()
+    assert "## Do the segments predict next purchases?" in report
     tuning = tables.read(spark, C.ALS_TUNING).collect()
     assert len(tuning) == 1 and tuning[0]["chosen"] and tuning[0]["run_id"] == "run-1"
     assert "NMF-score recommender skipped" in result.message
