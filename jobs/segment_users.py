@@ -11,7 +11,7 @@ from jobs.common import StageContext, main_for, read_matrix, report_directory
 from lib import catalog as C
 from lib.report import write_segment_report
 from lib.runs import StageResult
-from lib.segments import (assign_segments, assignment_agreement, capped_item_count, component_mass,
+from lib.segments import (assess_k, assign_segments, assignment_agreement, choose_k, capped_item_count, component_mass,
                           distinctive_items, excluded_item_indices, factor_table, fit_segments, score_transform_name,
                           segment_item_lifts, segment_matrix, segment_profiles, summarize_quality, top_item_lifts)
 
@@ -42,6 +42,17 @@ def run(ctx: StageContext) -> StageResult:
     try:
         settings.check_against_matrix(*entries.where(F.col("value") > 0)
                                       .agg(F.countDistinct("row"), F.countDistinct("col")).first())
+        sweep: list[dict] = []
+        chosen = None
+        if settings.choose_k:
+            trials = []
+            for k in settings.k_candidates():
+                trials.append(assess_k(entries, settings, k, n_rows, n_cols, user_index, user_scales))
+                log.info("choosing k: %s", trials[-1])
+            chosen, why = choose_k(trials)
+            log.info("choosing k: %s", why)
+            settings = replace(settings, k=chosen.k)
+            sweep = [{**asdict(trial), "chosen": trial is chosen} for trial in trials]
         result = fit_segments(entries, settings, n_rows, n_cols)
         tables.overwrite(factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
                                       matrix_name, run_id), C.NMF_USER_FACTORS)
@@ -56,7 +67,9 @@ def run(ctx: StageContext) -> StageResult:
         user_segments = tables.read(spark, C.USER_SEGMENTS)
 
         stability = float("nan")
-        if settings.stability_check:
+        if chosen is not None:
+            stability = chosen.stability_ari  # the same two fits (same seeds and settings) as the trial's
+        elif settings.stability_check:
             # The same fit from another seed: do customers land together again?
             other = fit_segments(entries, replace(settings, seed=settings.seed + 1), n_rows, n_cols)
             other_users = factor_table(other.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
@@ -67,20 +80,20 @@ def run(ctx: StageContext) -> StageResult:
             other.release()
             log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
 
-        sweep: list[tuple[int, float, int]] = []
-        for k in settings.sweep_ks:
-            trial = fit_segments(entries, settings, n_rows, n_cols, k=k, max_iter=settings.sweep_max_iter)
-            sweep.append((k, trial.rel_error, trial.iterations))
-            trial.release()
-            log.info("k sweep: k=%d relative error %.5f after %d iterations", k, sweep[-1][1], sweep[-1][2])
+        if chosen is None:
+            for k in settings.sweep_ks:
+                trial = fit_segments(entries, settings, n_rows, n_cols, k=k, max_iter=settings.sweep_max_iter)
+                sweep.append({"k": k, "rel_error": trial.rel_error, "iterations": trial.iterations})
+                trial.release()
+                log.info("k sweep: k=%d relative error %.5f after %d iterations", k, trial.rel_error, trial.iterations)
     finally:
         entries.unpersist()
 
     tables.append(spark.createDataFrame([(run_id, it, err, sec) for it, err, sec in result.history],
                                         C.NMF_HISTORY.schema), C.NMF_HISTORY)
     if sweep:
-        tables.append(spark.createDataFrame([(run_id, k, err, its) for k, err, its in sweep], C.NMF_K_SWEEP.schema),
-                      C.NMF_K_SWEEP)
+        tables.append(spark.createDataFrame([(run_id, *[row.get(name) for name in C.NMF_K_SWEEP.columns[1:]])
+                                             for row in sweep], C.NMF_K_SWEEP.schema), C.NMF_K_SWEEP)
 
     # Who has which item, per segment: names the segments by what sets them apart and measures their lift.
     lifts = segment_item_lifts(interactions, user_index, item_index, user_segments).persist()
@@ -118,7 +131,7 @@ def run(ctx: StageContext) -> StageResult:
     else:
         shown = {key: value for key, value in asdict(settings).items()
                  if key in ("k", "solver", "value_column", "transform", "assignment", "idf_items", "row_normalize", "popular_share_cap",
-                            "min_segment_share", "distinct_min_support", "min_distinct_lift",
+                            "min_segment_share", "distinct_min_support", "min_distinct_lift", "choose_k",
                             "init", "seed")}
         path = write_segment_report(directory, run_id, profiles, result.history, sweep, shown, quality)
         log.info("segment report written to %s", path)

@@ -159,8 +159,12 @@ SEGMENT_QUALITY = TableSpec(
 )
 NMF_HISTORY = TableSpec("nmf_history", "run_id string, iteration int, rel_error double, seconds double",
                         "the NMF objective per iteration, per run (appended)")
-NMF_K_SWEEP = TableSpec("nmf_k_sweep", "run_id string, k int, rel_error double, iterations int",
-                        "final NMF error for each k of segments.sweep_ks (appended)")
+NMF_K_SWEEP = TableSpec(
+    "nmf_k_sweep",
+    "run_id string, k int, rel_error double, iterations int, largest_share double, size_entropy double, "
+    "stability_ari double, empty_segments int, chosen boolean",
+    "final NMF error for each k of segments.sweep_ks; with segments.choose_k also its sizes, stability and "
+    "whether it was chosen (appended)")
 PRODUCTS = TableSpec(
     "products",
     "item_id string, name string, category string, price double, available boolean, recommendable boolean, "

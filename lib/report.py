@@ -20,14 +20,15 @@ def write_segment_report(
     run_id: str,
     profiles: list[dict[str, Any]],
     history: list[tuple[int, float, float]],
-    sweep: list[tuple[int, float, int]] | None = None,
+    sweep: list[dict[str, Any]] | None = None,
     settings: dict[str, Any] | None = None,
     quality: Any | None = None,
 ) -> Path:
     """Write segments.md, segment_sizes.png and convergence.png into ``directory``; return the markdown path.
 
     ``profiles``: dicts with segment_id, size, share, label, top_items (list of (item_id, weight)).
-    ``history``: (iteration, relative error, seconds). ``sweep``: (k, final relative error, iterations).
+    ``history``: (iteration, relative error, seconds). ``sweep``: per k tried, k, rel_error and iterations
+    (with segments.choose_k also largest_share, size_entropy, stability_ari, empty_segments, chosen).
     ``quality``: a ``lib.segments.SegmentQuality`` (adds segment_quality.png and its section); profiles may
     then carry ``lifts`` (per top item), ``distinctive`` ((item_id, lift, support) by lift) and ``distinct``.
     """
@@ -103,11 +104,22 @@ def write_segment_report(
                   f"{quality.capped_items} | a handful of best sellers |",
                   ""]
     lines += ["", "## Convergence", "", "![convergence](convergence.png)", ""]
-    if sweep:
+    if sweep and sweep[0].get("chosen") is not None:
+        lines += ["## Choosing the number of segments", "",
+                  "Each candidate k fitted from two seeds (segments.choose_k); the chosen k is the largest whose "
+                  "segments are stable (ARI >= 0.8), balanced (entropy >= 0.8, largest share <= 2 / k) and all "
+                  "kept (none merged), else the most stable:", "",
+                  "| k | relative error | iterations | largest share | size entropy | stability ARI | merged | chosen |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {row['k']} | {row['rel_error']:.4f} | {row['iterations']} | {row['largest_share']:.1%} | "
+                  f"{row['size_entropy']:.3f} | {row['stability_ari']:.3f} | {row['empty_segments']} | "
+                  f"{'**chosen**' if row['chosen'] else ''} |" for row in sweep]
+        lines.append("")
+    elif sweep:
         lines += ["## Choosing the number of segments", "",
                   "Final relative error for each k tried (lower is a closer fit; look for where it stops "
                   "dropping much):", "", "| k | relative error | iterations |", "|---:|---:|---:|"]
-        lines += [f"| {k} | {err:.4f} | {its} |" for k, err, its in sweep]
+        lines += [f"| {row['k']} | {row['rel_error']:.4f} | {row['iterations']} |" for row in sweep]
         lines.append("")
     if settings:
         lines += ["## Settings", ""] + [f"- `{key}` = `{value}`" for key, value in sorted(settings.items())] + [""]

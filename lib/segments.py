@@ -9,7 +9,7 @@ tables alone give X, and with it ||X - W H||_F / ||X||_F.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -312,15 +312,16 @@ DISTINCTIVE_ITEMS_TYPE = "array<struct<item_id: string, lift: double, support: d
 def _labels(listed: DataFrame, products: DataFrame | None) -> DataFrame:
     """(segment_id, label) from each segment's listed items (segment_id, rank, item_id, value): the three
     first item ids, or with ``products`` the category with the largest summed value among the listed
-    items and the three first items' names."""
+    items and the three first distinct names."""
     if products is None:
         listed = listed.withColumn("name", F.col("item_id"))
     else:
         names = products.select("item_id", F.trim("name").alias("name"), F.trim("category").alias("category"))
         listed = listed.join(names, "item_id", "left").withColumn(
             "name", F.when(F.length("name") > 0, F.col("name")).otherwise(F.col("item_id")))
-    first = listed.groupBy("segment_id").agg(F.concat_ws(" / ", F.slice(F.transform(
-        F.sort_array(F.collect_list(F.struct("rank", "name"))), lambda r: r["name"]), 1, 3)).alias("label"))
+    # Catalogs name products by type (several pack sizes of one yoghurt): each name once.
+    first = listed.groupBy("segment_id").agg(F.concat_ws(" / ", F.slice(F.array_distinct(F.transform(
+        F.sort_array(F.collect_list(F.struct("rank", "name"))), lambda r: r["name"])), 1, 3)).alias("label"))
     if products is None:
         return first
     categories = (listed.where(F.length("category") > 0).groupBy("segment_id", "category")
@@ -365,6 +366,68 @@ def assignment_agreement(first: DataFrame, second: DataFrame) -> float:
     for row in counts:
         table[row["a"], row["b"]] = row["count"]
     return adjusted_rand_index(table)
+
+
+@dataclass(frozen=True)
+class KTrial:
+    """One candidate k of ``segments.choose_k``: its fit and how usable its segments are."""
+
+    k: int
+    rel_error: float
+    iterations: int
+    largest_share: float   # of the assigned customers
+    size_entropy: float    # entropy / log(k - empty)
+    stability_ari: float   # between the fits from seed and seed + 1
+    empty_segments: int    # merged by segments.min_segment_share
+
+
+# What ``choose_k`` asks of a k: the goals of docs/segments.md.
+CHOOSE_K_MIN_ARI = 0.8
+CHOOSE_K_MIN_ENTROPY = 0.8
+CHOOSE_K_LARGEST_TIMES_EQUAL = 2.0  # the largest segment holds at most this many times 1/k
+
+
+def assess_k(entries: DataFrame, settings: SegmentsSettings, k: int, n_rows: int, n_cols: int,
+             user_index: DataFrame, user_scales: DataFrame) -> KTrial:
+    """Fit ``k`` segments from ``settings.seed`` and ``seed + 1`` (full ``max_iter``), assign the users of
+    both with the stage's rule and merge, and measure the first fit's sizes and the two fits' agreement.
+    Only k-sized counts reach the driver; both fits are released."""
+    assignments, first = [], None
+    for seed in (settings.seed, settings.seed + 1):
+        result = fit_segments(entries, replace(settings, k=k, seed=seed), n_rows, n_cols)
+        users = factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale", "", "")
+        assignments.append(assign_segments(users, component_mass(result.h, k), "", settings.assignment,
+                                           settings.min_segment_share).localCheckpoint(eager=True))
+        first = first or (result.rel_error, result.iterations)
+        result.release()
+    sizes = segment_sizes(assignments[0], k)
+    empty = sum(1 for size in sizes if size == 0)
+    largest, entropy = size_balance(sizes, k - empty)
+    return KTrial(k=k, rel_error=first[0], iterations=first[1], largest_share=largest, size_entropy=entropy,
+                  stability_ari=assignment_agreement(*assignments), empty_segments=empty)
+
+
+def choose_k(trials: list[KTrial]) -> tuple[KTrial, str]:
+    """The largest k whose segments are usable: stable (ARI between seeds >= CHOOSE_K_MIN_ARI), balanced
+    (size entropy >= CHOOSE_K_MIN_ENTROPY, largest share <= CHOOSE_K_LARGEST_TIMES_EQUAL / k) and all kept
+    (none merged for being too small). More segments mail more precise tastes, as long as they hold.
+    When no k qualifies, the most stable one (the smaller on a tie). Returns the trial and why."""
+    if not trials:
+        raise ValueError("choose_k needs at least one candidate k")
+
+    def usable(trial: KTrial) -> bool:
+        return (trial.stability_ari >= CHOOSE_K_MIN_ARI and trial.size_entropy >= CHOOSE_K_MIN_ENTROPY
+                and trial.largest_share <= CHOOSE_K_LARGEST_TIMES_EQUAL / trial.k and trial.empty_segments == 0)
+
+    rule = (f"stability ARI >= {CHOOSE_K_MIN_ARI}, size entropy >= {CHOOSE_K_MIN_ENTROPY}, largest share <= "
+            f"{CHOOSE_K_LARGEST_TIMES_EQUAL:g} / k, no segment merged")
+    passing = [trial for trial in trials if usable(trial)]
+    if passing:
+        chosen = max(passing, key=lambda trial: trial.k)
+        return chosen, f"k = {chosen.k}: the largest of {[t.k for t in trials]} with {rule}"
+    chosen = max(trials, key=lambda trial: (np.nan_to_num(trial.stability_ari, nan=-1.0), -trial.k))
+    return chosen, (f"k = {chosen.k}: no k of {[t.k for t in trials]} has {rule}; the most stable "
+                    f"(ARI {chosen.stability_ari:.3f})")
 
 
 def segment_item_lifts(interactions: DataFrame, user_index: DataFrame, item_index: DataFrame,

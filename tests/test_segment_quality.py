@@ -14,7 +14,8 @@ from lib import catalog as C
 from lib import sample_data
 from lib import sample_realistic as R
 from lib.interactions import write_matrix_tables
-from lib.segments import (adjusted_rand_index, assign_segments, distinctive_items, parse_score_transform,
+from lib.segments import (KTrial, adjusted_rand_index, assess_k, assign_segments, choose_k, distinctive_items,
+                          parse_score_transform,
                           score_transform_name, segment_item_lifts, segment_profiles, size_balance, summarize_quality,
                           top_item_lifts)
 
@@ -142,6 +143,12 @@ def test_profiles_name_distinct_segments_by_their_distinctive_items_and_the_rest
                      3: (False, "(empty: merged or unused)")}
     top = {(r["segment_id"], r["item_id"]): round(r["lift"], 6) for r in top_item_lifts(lifts, profiles).collect()}
     assert top == {(0, "milk"): 1.0, (1, "beer"): 2.5, (2, "milk"): 1.0, (3, "milk"): 0.0}
+    # A name several listed products share (a catalog naming products by type) appears once.
+    by_type = products.withColumn("name", F.when(F.col("item_id").isin("wine", "tea"), F.lit("Mixers"))
+                                  .otherwise(F.col("name")))
+    wider = segment_profiles(segments, item_factors, 4, 3, "r", products=by_type,
+                             distinctive=distinctive_items(lifts, 3, 0.5), min_distinct_lift=2.0)
+    assert wider.where("segment_id = 1").first()["label"] == "DRINKS: Lager / Mixers"
 
 
 def test_quality_counts_only_segments_with_customers():
@@ -158,6 +165,44 @@ def test_quality_counts_only_segments_with_customers():
     assert quality.distinct_lifts[:2] == (4.0, 1.2) and np.isnan(quality.distinct_lifts[2])
     assert (quality.min_top_lift, quality.median_top_lift, quality.min_distinct_lift) == (1.0, 2.0, 1.2)
     assert quality.distinct_share == pytest.approx(0.6) and quality.empty_segments == 1
+
+
+def _trial(k: int, ari: float, entropy: float = 0.9, largest: float | None = None, empty: int = 0) -> KTrial:
+    return KTrial(k=k, rel_error=0.9, iterations=10, largest_share=1.2 / k if largest is None else largest,
+                  size_entropy=entropy, stability_ari=ari, empty_segments=empty)
+
+
+def test_choose_k_keeps_the_largest_stable_balanced_k_else_the_most_stable():
+    # 5 is unstable, 6 lost a segment to merging: 4 is the largest usable k.
+    chosen, why = choose_k([_trial(3, 0.95), _trial(4, 0.9), _trial(5, 0.6), _trial(6, 0.85, empty=1)])
+    assert chosen.k == 4 and why.startswith("k = 4: the largest of [3, 4, 5, 6]")
+    # A catch-all (largest share above 2 / k) or unequal sizes (entropy under 0.8) disqualify too.
+    assert choose_k([_trial(3, 0.95), _trial(4, 0.9, largest=0.51)])[0].k == 3
+    assert choose_k([_trial(3, 0.95), _trial(4, 0.9, entropy=0.79)])[0].k == 3
+    # None usable: the most stable, the smaller k on a tie.
+    chosen, why = choose_k([_trial(3, 0.5), _trial(4, 0.7), _trial(5, 0.7)])
+    assert chosen.k == 4 and "no k of [3, 4, 5]" in why and "the most stable (ARI 0.700)" in why
+    with pytest.raises(ValueError, match="at least one candidate"):
+        choose_k([])
+
+
+def test_assess_k_measures_sizes_and_stability_of_a_planted_matrix(spark, context):
+    # Three planted groups of 20 users, each buying its own 10 items (and one item every group buys).
+    rows = [(u, (u // 20) * 10 + i, 1.0 + (u * 7 + i) % 3) for u in range(60) for i in range(10)]
+    rows += [(u, 30, 1.0) for u in range(60)]
+    entries = spark.createDataFrame(rows, "row int, col int, value double")
+    user_index = spark.createDataFrame([(f"u{u}", u) for u in range(60)], "user_id string, user_idx int")
+    scales = spark.createDataFrame([(u, 1.0) for u in range(60)], "user_idx int, row_scale double")
+    settings = context("segments.k=3", "segments.sweep_ks=2,3", "segments.choose_k=true",
+                       "segments.max_iter=30").settings.segments
+    assert settings.k_candidates() == (2, 3)
+    three = assess_k(entries, settings, 3, 60, 31, user_index, scales)
+    assert (three.k, three.empty_segments) == (3, 0)
+    assert three.largest_share == pytest.approx(1 / 3) and three.size_entropy == pytest.approx(1.0)
+    assert three.stability_ari == pytest.approx(1.0) and 0 < three.rel_error < 1
+    two = assess_k(entries, settings, 2, 60, 31, user_index, scales)
+    assert two.largest_share >= 0.5 and two.rel_error > three.rel_error
+    assert choose_k([two, three])[0].k == 3
 
 
 def test_score_transform_names_the_factorized_column():

@@ -114,6 +114,10 @@ def test_bad_settings_are_named(context):
         context("segments.sweep_ks=2,0")
     with pytest.raises(ConfigError, match=r"'segments.min_segment_share' must be in \[0, 1 / k\) = \[0, 0.2000\)"):
         context("segments.min_segment_share=0.2")
+    with pytest.raises(ConfigError, match="'segments.choose_k' needs the candidate k in segments.sweep_ks"):
+        context("segments.choose_k=true")
+    with pytest.raises(ConfigError, match=r"'segments.min_segment_share' must be in \[0, 1 / k\) = \[0, 0.1000\)"):
+        context("segments.choose_k=true", "segments.sweep_ks=4,10", "segments.min_segment_share=0.15")
     with pytest.raises(ConfigError, match="'segments.min_distinct_lift' must be >= 1"):
         context("segments.min_distinct_lift=0.5")
     with pytest.raises(ConfigError, match="'products.exclude_categories' holds an invalid regular expression"):
