@@ -1,7 +1,7 @@
 """Customer scores: churn and purchase probability in the next horizon, expected revenue, customer value
 (CLV, p_alive, next order date) and email engagement per user into customer_scores (one row per user per
-as_of; a re-run replaces its as_of), validation metrics beside their baselines into model_metrics, and a
-markdown report."""
+as_of; a re-run replaces its as_of), validation metrics beside their baselines into model_metrics, the
+segments' mean scores into segment_outcomes (when user_segments exists), and a markdown report."""
 from __future__ import annotations
 
 import logging
@@ -15,18 +15,19 @@ from lib import catalog as C
 from lib.features import resolve_as_of, segment_affinities
 from lib.runs import StageResult
 from lib.score_report import write_score_report
-from lib.scoring import finalize_scores, score_customers
+from lib.scoring import finalize_scores, score_customers, segment_outcomes
 from lib.storage import Tables
 
 log = logging.getLogger("jobs.score_customers")
 
 
-def replace_as_of(ctx: StageContext, tables: Tables, rows: DataFrame, as_of: date) -> None:
+def replace_as_of(ctx: StageContext, tables: Tables, rows: DataFrame, as_of: date,
+                  table: C.TableSpec = C.CUSTOMER_SCORES) -> None:
     """Write one as_of's rows in one Delta commit, replacing that date's earlier rows (replaceWhere)."""
-    if not tables.exists(ctx.spark, C.CUSTOMER_SCORES):
-        tables.append(rows, C.CUSTOMER_SCORES)
+    if not tables.exists(ctx.spark, table):
+        tables.append(rows, table)
     else:
-        tables.replace_where(rows, C.CUSTOMER_SCORES, f"as_of = DATE'{as_of.isoformat()}'")
+        tables.replace_where(rows, table, f"as_of = DATE'{as_of.isoformat()}'")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -48,6 +49,13 @@ def run(ctx: StageContext) -> StageResult:
         version = f"none@{run_id}"
     rows = finalize_scores(outcome.scores, as_of, settings, version, run_id).persist()
     replace_as_of(ctx, tables, rows, as_of)
+    by_segment: list[dict] = []
+    if tables.exists(spark, C.USER_SEGMENTS):
+        by_segment = [row.asDict() for row in  # k rows
+                      segment_outcomes(rows, tables.read(spark, C.USER_SEGMENTS)).collect()]
+        replace_as_of(ctx, tables, spark.createDataFrame(
+            [(run_id, as_of, *[row[name] for name in C.SEGMENT_OUTCOMES.columns[2:]]) for row in by_segment],
+            C.SEGMENT_OUTCOMES.schema), as_of, C.SEGMENT_OUTCOMES)
     summary = rows.agg(F.count(F.lit(1)).alias("users"), F.sum(F.col("eligible").cast("int")).alias("eligible"),
                        *[F.sum((F.col("churn_band") == b).cast("int")).alias(b) for b in ("low", "medium", "high")]
                        ).first()
@@ -63,7 +71,7 @@ def run(ctx: StageContext) -> StageResult:
                                      else f"not scored: {outcome.reason} ({outcome.counts})"))
     if directory is not None:
         path = write_score_report(directory, run_id, as_of.isoformat(), outcome.metrics, outcome.chosen,
-                                  settings.calibration, message)
+                                  settings.calibration, message, by_segment)
         log.info("score report written to %s", path)
     roc = {t: v for t, m, metric, b, v in outcome.metrics
            if metric == "roc_auc" and m == f"{outcome.chosen.get(t)}+{settings.calibration}"}

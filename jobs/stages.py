@@ -74,8 +74,8 @@ RECOMMEND_ITEMS = StageSpec(
     writes=(C.ALS_TUNING, C.REC_METRICS, C.SEGMENT_USEFULNESS, C.RECOMMENDATIONS))
 SCORE_CUSTOMERS = StageSpec(
     "score_customers", "churn and purchase probability, expected revenue, email engagement per customer",
-    reads=(C.EVENTS, C.NMF_USER_FACTORS),
-    writes=(C.CUSTOMER_SCORES, C.MODEL_METRICS))
+    reads=(C.EVENTS, C.NMF_USER_FACTORS, C.USER_SEGMENTS),
+    writes=(C.CUSTOMER_SCORES, C.MODEL_METRICS, C.SEGMENT_OUTCOMES))
 PLAN_SENDS = StageSpec(
     "plan_sends", "best send hour per customer and the global control / campaign holdout assignments",
     reads=(C.EVENTS, C.USER_SEGMENTS, C.USER_IDENTITIES),

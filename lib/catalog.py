@@ -185,6 +185,13 @@ RECOMMENDATIONS = TableSpec(
     "buy_again, or most_bought / most_recent / segment_popular where that baseline won the customer group's "
     "validation)",
 )
+SEGMENT_OUTCOMES = TableSpec(
+    "segment_outcomes",
+    "run_id string, as_of date, segment_id int, customers long, eligible long, churn_probability double, "
+    "purchase_probability double, expected_revenue double, historic_clv double, engagement_score double",
+    "per segment and scored date: its customers, and the mean churn and purchase probability, expected "
+    "revenue, historic CLV and email engagement of the eligible ones (a re-run replaces its as_of)",
+)
 REC_METRICS = TableSpec("rec_metrics", "run_id string, model string, k int, metric string, value double",
                         "offline ranking metrics per model on held-out events (appended)")
 SEGMENT_USEFULNESS = TableSpec(
@@ -292,7 +299,7 @@ ERASURE_REQUESTS = TableSpec(
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
     USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS,
-    SEGMENT_USEFULNESS, ALS_TUNING, CUSTOMER_SCORES, MODEL_METRICS, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
+    SEGMENT_USEFULNESS, ALS_TUNING, CUSTOMER_SCORES, MODEL_METRICS, SEGMENT_OUTCOMES, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
     CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
     DATA_QUALITY, DRIFT, USER_IDENTITIES, ERASURE_REQUESTS,

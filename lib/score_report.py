@@ -15,9 +15,10 @@ VALUE_TARGETS = ("clv", "next_order")
 
 def write_score_report(directory: str | Path, run_id: str, as_of: str,
                        metrics: list[tuple[str, str, str, int | None, float]], chosen: dict[str, str],
-                       calibration: str, message: str = "") -> Path:
+                       calibration: str, message: str = "", segments: list[dict] = ()) -> Path:
     """scores.md, lift.png and reliability.png in ``directory``; returns the markdown path.
-    ``metrics``: (target, model, metric, bin, value) rows as written to model_metrics."""
+    ``metrics``: (target, model, metric, bin, value) rows as written to model_metrics; ``segments``: the
+    run's ``segment_outcomes`` rows (segment_id, customers, eligible and the mean scores)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Customer scores (run {run_id}, as of {as_of})", ""]
@@ -69,6 +70,16 @@ def write_score_report(directory: str | Path, run_id: str, as_of: str,
                   "measured on it, beside historic spend and the last order plus the average gap.", "",
                   "| target | model | metric | value |", "|---|---|---|---:|"]
         lines += [f"| {t} | {name} | {metric} | {v:.4f} |" for t, name, metric, _, v in value]
+        lines.append("")
+    if segments:
+        lines += ["## Segments", "", "Mean scores of each segment's eligible customers: which segments are about "
+                  "to lapse, buy, spend and open emails.", "",
+                  "| segment | customers | eligible | churn probability | purchase probability | expected revenue | "
+                  "historic CLV | engagement |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {row['segment_id']} | {row['customers']} | {row['eligible']} | "
+                  + " | ".join("" if row[name] is None else f"{row[name]:.3f}"
+                               for name in ("churn_probability", "purchase_probability", "expected_revenue",
+                                            "historic_clv", "engagement_score")) + " |" for row in segments]
         lines.append("")
     lines += ["## Lift", "", "![lift](lift.png)", "", "## Reliability", "",
               "Cross-fitted on two halves of the validation users: points on the diagonal are calibrated.", "",

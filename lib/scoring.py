@@ -419,3 +419,20 @@ def finalize_scores(scores: DataFrame, as_of: date, settings: ScoresSettings, mo
         band.alias("churn_band"), F.when(p.isNotNull(), percentile).cast("double").alias("churn_percentile"),
         "purchase_probability", "expected_revenue", *[c for c, _ in SCORE_COLUMNS[3:]], "engagement_score",
         "eligible", "reason_code", F.lit(model_version).alias("model_version"), F.lit(run_id).alias("run_id"))
+
+
+SEGMENT_OUTCOME_MEANS = ("churn_probability", "purchase_probability", "expected_revenue", "historic_clv",
+                         "engagement_score")
+
+
+def segment_outcomes(scores: DataFrame, user_segments: DataFrame) -> DataFrame:
+    """(segment_id, customers, eligible, and the mean of each ``SEGMENT_OUTCOME_MEANS`` score): how the
+    segments differ in churn, buying, value and email engagement. ``scores``: one as_of's
+    ``customer_scores`` rows; means are over the eligible customers (null when a segment has none);
+    customers without a segment are left out. One row per segment with a scored customer."""
+    eligible = F.col("eligible")
+    return (scores.join(user_segments.select("user_id", "segment_id"), "user_id")
+            .groupBy("segment_id")
+            .agg(F.count(F.lit(1)).alias("customers"), F.sum(eligible.cast("long")).alias("eligible"),
+                 *[F.avg(F.when(eligible, F.col(name))).alias(name) for name in SEGMENT_OUTCOME_MEANS])
+            .orderBy("segment_id"))

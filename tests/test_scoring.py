@@ -14,7 +14,8 @@ from lib import catalog as C
 from lib.config import ConfigError, parse_toml
 from lib.features import customer_features, feature_names, labels
 from lib.sample_data import SampleSpec, generate_events, planted_users
-from lib.scoring import finalize_scores, informative_features, score_customers
+from lib.score_report import write_score_report
+from lib.scoring import finalize_scores, informative_features, score_customers, segment_outcomes
 from lib.settings import ScoresSettings
 
 SPEC = SampleSpec(users=400, items=60, events=60_000, segments=3, seed=5, churn_fraction=0.3, email_campaigns=True)
@@ -234,6 +235,25 @@ def test_stage_replaces_its_as_of_and_records_the_reason(spark, events, context,
     assert record["status"] == "success" and "insufficient_history" in record["message"]
     assert record["counts"]["reason.insufficient_history"] == first
     assert record["counts"]["eligible"] == 0
+
+
+def test_segment_outcomes_average_the_eligible_customers_of_each_segment(spark, tmp_path):
+    scores = spark.createDataFrame(
+        [("a", True, 0.2, 0.6, 10.0, 100.0, 0.5), ("b", True, 0.4, 0.2, 30.0, 300.0, 0.1),
+         ("c", False, None, None, None, None, None), ("d", True, 0.9, 0.1, 0.0, 20.0, 0.0),
+         ("e", True, 0.5, 0.5, 5.0, 50.0, 0.5)],
+        "user_id string, eligible boolean, churn_probability double, purchase_probability double, "
+        "expected_revenue double, historic_clv double, engagement_score double")
+    segments = spark.createDataFrame([("a", 0), ("b", 0), ("c", 0), ("d", 1), ("x", 2)],
+                                     "user_id string, segment_id int")
+    rows = [row.asDict() for row in segment_outcomes(scores, segments).collect()]
+    # e has no segment, x no score; c counts as a customer but not in the means.
+    assert [(r["segment_id"], r["customers"], r["eligible"]) for r in rows] == [(0, 3, 2), (1, 1, 1)]
+    assert rows[0]["churn_probability"] == pytest.approx(0.3) and rows[0]["historic_clv"] == pytest.approx(200.0)
+    assert rows[1]["churn_probability"] == pytest.approx(0.9) and rows[1]["engagement_score"] == 0.0
+    path = write_score_report(tmp_path, "r", "2026-01-01", [], {"churn": "logistic_regression"}, "platt",
+                              segments=rows)
+    assert "| 0 | 3 | 2 | 0.300 | 0.400 | 20.000 | 200.000 | 0.300 |" in path.read_text()
 
 
 @pytest.mark.parametrize("key, value, named", [
