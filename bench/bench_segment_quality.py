@@ -21,8 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers need this interpreter's numpy
 
-# Issue 13's variants were measured with the matrix and assignment of their time; issue 21 changed both.
-ISSUE_13 = ["segments.value_column=score", "segments.assignment=dominant", "segments.sketch_power_iterations=0"]
+# Issue 13's variants were measured with the matrix and assignment of their time; issue 21 changed both
+# and added the merging of small segments.
+ISSUE_13 = ["segments.value_column=score", "segments.assignment=dominant", "segments.sketch_power_iterations=0",
+            "segments.min_segment_size=0"]
 VARIANTS = {  # name -> --set pairs over conf/base.toml
     "before (no damping, non-product lines in)": [*ISSUE_13, "segments.popular_share_cap=1.0",
                                                   "products.exclude_item_patterns=[]"],

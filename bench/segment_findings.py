@@ -92,7 +92,7 @@ def fired_at(history: list[float], tol: float) -> int:
 
 
 def assign(w: np.ndarray, ht: np.ndarray, rule: str = "dominant") -> tuple[np.ndarray, np.ndarray]:
-    """lib.segments.assign_segments: shares of W[u, l] * sum_i H[l, i]; the largest ("dominant") or
+    """lib.segments.assign_segments without merging small segments: shares of W[u, l] * sum_i H[l, i]; the largest ("dominant") or
     the largest over the average customer's share ("relative"); affinity; -1 for empty rows."""
     weights = w * ht.sum(axis=0)
     total = weights.sum(axis=1, keepdims=True)
@@ -111,7 +111,8 @@ def ari(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def top_lifts(had: sp.csr_matrix, seg: np.ndarray, ht: np.ndarray, k: int, top: int = 10) -> list[float]:
-    """Per segment, the mean lift of its top items by normalized H (lib.segments.top_item_lifts)."""
+    """Per segment, the mean lift of its top items by normalized H (lib.segments.top_item_lifts; an empty
+    segment counts 0 here, where the stage's quality row skips it)."""
     assigned = seg >= 0
     rate = np.asarray(had[assigned].mean(axis=0)).ravel()
     lifts = []

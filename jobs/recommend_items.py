@@ -65,7 +65,7 @@ def run(ctx: StageContext) -> StageResult:
                              ctx.settings.products.exclude_categories).cache()
     counts["excluded_items"] = exclude.count()
     notes.append(("products table absent: " if products is None else "")
-                 + f"{counts['excluded_items']} items excluded from every list (catalog flags and patterns)")
+                 + f"{counts['excluded_items']} items excluded from every list (catalog flags, categories and patterns)")
     exclude_ids = exclude.select("item_id") if counts["excluded_items"] else None
     settings.check_against_items(item_index.join(exclude, "item_id", "left_anti").count(), item_index.count())
     segments = tables.read(spark, C.USER_SEGMENTS) if tables.exists(spark, C.USER_SEGMENTS) else None

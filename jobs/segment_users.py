@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> StageResult:
         user_factors = tables.read(spark, C.NMF_USER_FACTORS)
         item_factors = tables.read(spark, C.NMF_ITEM_FACTORS)
         tables.overwrite(assign_segments(user_factors, component_mass(item_factors, settings.k), run_id,
-                                         settings.assignment, settings.min_segment_share),
+                                         settings.assignment, settings.min_share(settings.k)),
                          C.USER_SEGMENTS)
         user_segments = tables.read(spark, C.USER_SEGMENTS)
 
@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> StageResult:
                                        matrix_name, run_id)
             stability = assignment_agreement(
                 user_segments, assign_segments(other_users, component_mass(other.h, settings.k), run_id,
-                                               settings.assignment, settings.min_segment_share))
+                                               settings.assignment, settings.min_share(settings.k)))
             other.release()
             log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
 
@@ -131,7 +131,7 @@ def run(ctx: StageContext) -> StageResult:
     else:
         shown = {key: value for key, value in asdict(settings).items()
                  if key in ("k", "solver", "value_column", "transform", "assignment", "idf_items", "row_normalize", "popular_share_cap",
-                            "min_segment_share", "distinct_min_support", "min_distinct_lift", "choose_k",
+                            "min_segment_size", "distinct_min_support", "min_distinct_lift", "choose_k",
                             "init", "seed")}
         path = write_segment_report(directory, run_id, profiles, result.history, sweep, shown, quality)
         log.info("segment report written to %s", path)

@@ -123,7 +123,8 @@ def check_segments(campaigns: dict[str, CampaignSettings], known: set[int] | Non
     for name, campaign in campaigns.items():
         unknown = sorted(set(campaign.segments) - (known or set()))
         if unknown:
-            where = (f"user_segments has segments {', '.join(map(str, sorted(known)))}" if known
+            where = (f"user_segments has segments {', '.join(map(str, sorted(known)))} (a segment too small "
+                     "to mail is merged: segment_profiles labels it '(empty: merged or unused)')" if known
                      else "there is no user_segments table (run segment_users)")
             raise CampaignInputError(f"config key 'campaigns.{name}.segments' names unknown segment(s) "
                                      f"{', '.join(map(str, unknown))}: {where}")

@@ -276,10 +276,12 @@ class TrainingSideNmf:
         return block_top_n(w, h, users, n, side.excluded, self.top_n_blocks).localCheckpoint(eager=True)
 
     def segments(self, side: TrainingSide) -> DataFrame:
-        """(user_id, segment_id) of every user of the side with a non-zero row of W."""
+        """(user_id, segment_id) of every user of the side with a non-zero row of W, small segments merged
+        as the stage merges them (segments.min_segment_size)."""
         w, h = self._fitted(side)
         return assign_segments(w.join(side.user_index, "user_idx"), component_mass(h, self.settings.k),
-                               "training_side", self.settings.assignment
+                               "training_side", self.settings.assignment,
+                               self.settings.min_share(self.settings.k)
                                ).select("user_id", "segment_id").localCheckpoint(eager=True)
 
     def release(self) -> None:

@@ -97,9 +97,9 @@ def write_segment_report(
                   f"| distinctive-item lift, min over segments | {_fmt(quality.min_distinct_lift, '.2f')} | at least "
                   "segments.min_distinct_lift: below it a segment is General |",
                   f"| customers in distinct (not General) segments | {_fmt(quality.distinct_share, '.1%')} | most of them |",
-                  f"| segments without customers (merged under segments.min_segment_share) | {quality.empty_segments} | 0 |",
+                  f"| segments without customers (merged under segments.min_segment_size, or nobody's best) | {quality.empty_segments} | 0 |",
                   f"| customers assigned | {quality.assigned_share:.1%} | near 100% |",
-                  f"| items left out (products.exclude_item_patterns, catalog flags) | {quality.excluded_items} | the non-product lines and unrecommendable products |",
+                  f"| items left out (products.exclude_item_patterns and exclude_categories, catalog flags) | {quality.excluded_items} | the non-product lines and unrecommendable products |",
                   f"| items damped (more than segments.popular_share_cap of users have them) | "
                   f"{quality.capped_items} | a handful of best sellers |",
                   ""]

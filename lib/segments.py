@@ -378,7 +378,7 @@ class KTrial:
     largest_share: float   # of the assigned customers
     size_entropy: float    # entropy / log(k - empty)
     stability_ari: float   # between the fits from seed and seed + 1
-    empty_segments: int    # merged by segments.min_segment_share
+    empty_segments: int    # merged by segments.min_segment_size, or nobody's best segment
 
 
 # What ``choose_k`` asks of a k: the goals of docs/segments.md.
@@ -397,7 +397,7 @@ def assess_k(entries: DataFrame, settings: SegmentsSettings, k: int, n_rows: int
         result = fit_segments(entries, replace(settings, k=k, seed=seed), n_rows, n_cols)
         users = factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale", "", "")
         assignments.append(assign_segments(users, component_mass(result.h, k), "", settings.assignment,
-                                           settings.min_segment_share).localCheckpoint(eager=True))
+                                           settings.min_share(k)).localCheckpoint(eager=True))
         first = first or (result.rel_error, result.iterations)
         result.release()
     sizes = segment_sizes(assignments[0], k)
@@ -478,7 +478,7 @@ def top_item_lifts(lifts: DataFrame, profiles: DataFrame) -> DataFrame:
 @dataclass(frozen=True)
 class SegmentQuality:
     """How usable one run's segments are (one row of ``segment_quality``). Per-segment figures are NaN
-    for a segment without customers (merged by ``segments.min_segment_share``); min / median skip them."""
+    for a segment without customers (merged by ``segments.min_segment_size``); min / median skip them."""
 
     k: int
     users: int                 # users in the matrix

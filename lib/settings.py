@@ -525,7 +525,7 @@ class SegmentsSettings:
     idf_items: bool
     row_normalize: bool
     popular_share_cap: float
-    min_segment_share: float
+    min_segment_size: float
     distinct_min_support: float
     min_distinct_lift: float
     stability_check: bool
@@ -547,16 +547,19 @@ class SegmentsSettings:
         require(self.broadcast_limit_mb > 0, "segments.broadcast_limit_mb", "must be > 0")
         require(0.0 < self.popular_share_cap <= 1.0, "segments.popular_share_cap",
                 f"must be in (0, 1] (1: off), got {self.popular_share_cap}")
-        largest_k = max(self.k_candidates())
-        require(0.0 <= self.min_segment_share < 1.0 / max(largest_k, 1), "segments.min_segment_share",
-                f"must be in [0, 1 / k) = [0, {1.0 / max(largest_k, 1):.4f}) (0: keep every segment; k = {largest_k}, "
-                f"the largest k the stage may fit), got {self.min_segment_share}")
+        require(0.0 <= self.min_segment_size < 1.0, "segments.min_segment_size",
+                f"must be in [0, 1) (a fraction of the equal share 1 / k; 0: keep every segment), "
+                f"got {self.min_segment_size}")
         require(not self.choose_k or bool(self.sweep_ks), "segments.choose_k",
                 "needs the candidate k in segments.sweep_ks (e.g. [3, 4, 5, 6, 8])")
         require(0.0 < self.distinct_min_support <= 1.0, "segments.distinct_min_support",
                 f"must be in (0, 1], got {self.distinct_min_support}")
         require(self.min_distinct_lift >= 1.0, "segments.min_distinct_lift",
                 f"must be >= 1 (1: every segment with a distinctive item counts as distinct), got {self.min_distinct_lift}")
+
+    def min_share(self, k: int) -> float:
+        """The share of the assigned customers under which one of k segments is merged."""
+        return self.min_segment_size / k
 
     def k_candidates(self) -> tuple[int, ...]:
         """The k the stage chooses among: ``k`` and, with ``choose_k``, every k of ``sweep_ks``."""

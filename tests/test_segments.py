@@ -27,7 +27,7 @@ def segmented(spark, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("segments_wh")
     sets = [f"output.root={root}", f"segments.k={SPEC.segments}", "segments.max_iter=20",
-            "segments.idf_items=true", "segments.sweep_ks=2,3", "segments.sweep_max_iter=2"]
+            "segments.idf_items=true", "segments.sweep_ks=2,3", "segments.choose_k=true"]
     ctx = StageContext(spark, load_settings([], sets), "run-1")
     tables = ctx.tables
     events = generate_events(spark, SPEC, partitions=1)
@@ -90,9 +90,14 @@ def test_profiles_report_and_sweep(spark, segmented):
         assert profile["label"] == " / ".join(item["item_id"] for item in distinctive[:3])
         assert profile["run_id"] == "run-1"
 
+    # choose_k: 2, 3 and 4 each fitted from two seeds; the planted four are the largest usable k.
     sweep = tables.read(spark, C.NMF_K_SWEEP).orderBy("k").collect()
-    assert [row["k"] for row in sweep] == [2, 3]
-    assert all(0 < row["rel_error"] < 1 and row["iterations"] <= 2 for row in sweep)
+    assert [row["k"] for row in sweep] == [2, 3, 4] and [row["chosen"] for row in sweep] == [False, False, True]
+    assert all(0 < row["rel_error"] < 1 and 0 < row["iterations"] <= 20 for row in sweep)
+    four = sweep[2]
+    assert four["stability_ari"] >= 0.8 and four["empty_segments"] == 0 and four["largest_share"] <= 2 / 4
+    quality = tables.read(spark, C.SEGMENT_QUALITY).first()
+    assert quality["k"] == SPEC.segments and quality["stability_ari"] == four["stability_ari"]
 
     report = report_directory(ctx, ctx.settings.segments.report_dir, "segments")
     text = (report / "segments.md").read_text()
@@ -102,7 +107,9 @@ def test_profiles_report_and_sweep(spark, segmented):
         assert profile["label"] in text
     sweep_section = text.split("## Choosing the number of segments", 1)[1].split("##", 1)[0]
     for row in sweep:
-        assert f"| {row['k']} | {row['rel_error']:.4f} | {row['iterations']} |" in sweep_section
+        assert f"| {row['k']} | {row['rel_error']:.4f} | {row['iterations']} | {row['largest_share']:.1%} |" \
+            in sweep_section
+    assert f"| {four['stability_ari']:.3f} | 0 | **chosen** |" in sweep_section
 
 
 def test_bad_settings_are_named(context):
@@ -112,12 +119,11 @@ def test_bad_settings_are_named(context):
         context("segments.sweep_ks=[\"x\"]")
     with pytest.raises(ConfigError, match="'segments.sweep_ks' must hold integers >= 1"):
         context("segments.sweep_ks=2,0")
-    with pytest.raises(ConfigError, match=r"'segments.min_segment_share' must be in \[0, 1 / k\) = \[0, 0.2000\)"):
-        context("segments.min_segment_share=0.2")
+    with pytest.raises(ConfigError, match=r"'segments.min_segment_size' must be in \[0, 1\) \(a fraction of the equal"):
+        context("segments.min_segment_size=1")
     with pytest.raises(ConfigError, match="'segments.choose_k' needs the candidate k in segments.sweep_ks"):
         context("segments.choose_k=true")
-    with pytest.raises(ConfigError, match=r"'segments.min_segment_share' must be in \[0, 1 / k\) = \[0, 0.1000\)"):
-        context("segments.choose_k=true", "segments.sweep_ks=4,10", "segments.min_segment_share=0.15")
+    assert context("segments.k=100").settings.segments.min_share(100) == pytest.approx(0.001)
     with pytest.raises(ConfigError, match="'segments.min_distinct_lift' must be >= 1"):
         context("segments.min_distinct_lift=0.5")
     with pytest.raises(ConfigError, match="'products.exclude_categories' holds an invalid regular expression"):
