@@ -585,7 +585,7 @@ def test_a_stage_that_run_stage_rolls_back_is_never_served(context, monkeypatch,
             spark = ctx.spark
             users = [(f"u{i}", i, 0.9, ctx.run_id) for i in range(len(shares))]
             ctx.tables.overwrite(spark.createDataFrame(users, C.USER_SEGMENTS.schema), C.USER_SEGMENTS)
-            profiles = [(i, 1, share, [], f"{ctx.run_id}-{i}", ctx.run_id) for i, share in enumerate(shares)]
+            profiles = [(i, 1, share, [], [], True, f"{ctx.run_id}-{i}", ctx.run_id) for i, share in enumerate(shares)]
             ctx.tables.overwrite(spark.createDataFrame(profiles, C.SEGMENT_PROFILES.schema), C.SEGMENT_PROFILES)
             store.poll()
             seen_in_flight.append(dict(store.current.versions))

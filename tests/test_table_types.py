@@ -118,8 +118,8 @@ def test_every_write_path_over_spark_connect_records_plain_strings(connect, spar
     tables.upsert(connect, run_record(connect, "r1", "ingest", "success", at, at, StageResult(3, 2, "ok", {"a": 1})),
                   C.PIPELINE_RUNS, "target.run_id = source.run_id AND target.stage = source.stage")
     # createDataFrame with the catalog schema: array<struct<item_id: string, ...>>, overwritten.
-    tables.overwrite(connect.createDataFrame([(0, 4, 0.5, [("i1", 0.9)], "sports", "r1")], C.SEGMENT_PROFILES.schema),
-                     C.SEGMENT_PROFILES)
+    tables.overwrite(connect.createDataFrame([(0, 4, 0.5, [("i1", 0.9)], [("i1", 2.5, 0.4)], True, "sports", "r1")],
+                                             C.SEGMENT_PROFILES.schema), C.SEGMENT_PROFILES)
     # Literals.
     tables.append(connect.range(1).select(F.lit("r1").alias("run_id"), F.lit("als").alias("model"), F.lit(5).alias("k"),
                                           F.lit("ndcg").alias("metric"), F.lit(0.2).alias("value")), C.REC_METRICS)
