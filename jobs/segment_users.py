@@ -11,7 +11,7 @@ from jobs.common import StageContext, main_for, read_matrix, report_directory
 from lib import catalog as C
 from lib.report import write_segment_report
 from lib.runs import StageResult
-from lib.segments import (assess_k, assign_segments, assignment_agreement, choose_k, capped_item_count, component_mass,
+from lib.segments import (assess_k, assign_fit, assign_segments, assignment_agreement, choose_k, capped_item_count, component_mass,
                           distinctive_items, excluded_item_indices, factor_table, fit_segments, score_transform_name,
                           segment_item_lifts, segment_matrix, segment_profiles, summarize_quality, top_item_lifts)
 
@@ -72,11 +72,8 @@ def run(ctx: StageContext) -> StageResult:
         elif settings.stability_check:
             # The same fit from another seed: do customers land together again?
             other = fit_segments(entries, replace(settings, seed=settings.seed + 1), n_rows, n_cols)
-            other_users = factor_table(other.w, user_index, "user_idx", "user_id", user_scales, "row_scale",
-                                       matrix_name, run_id)
-            stability = assignment_agreement(
-                user_segments, assign_segments(other_users, component_mass(other.h, settings.k), run_id,
-                                               settings.assignment, settings.min_share(settings.k)))
+            stability = assignment_agreement(user_segments,
+                                             assign_fit(other, settings, settings.k, user_index, user_scales))
             other.release()
             log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
 

@@ -387,6 +387,14 @@ CHOOSE_K_MIN_ENTROPY = 0.8
 CHOOSE_K_LARGEST_TIMES_EQUAL = 2.0  # the largest segment holds at most this many times 1/k
 
 
+def assign_fit(result, settings: SegmentsSettings, k: int, user_index: DataFrame,
+               user_scales: DataFrame) -> DataFrame:
+    """(user_id, segment_id, affinity, run_id) of a fit still held in memory (a trial or another seed's
+    fit, not written), by the stage's rule and merge; the caller releases the fit after using them."""
+    users = factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale", "", "")
+    return assign_segments(users, component_mass(result.h, k), "", settings.assignment, settings.min_share(k))
+
+
 def assess_k(entries: DataFrame, settings: SegmentsSettings, k: int, n_rows: int, n_cols: int,
              user_index: DataFrame, user_scales: DataFrame) -> KTrial:
     """Fit ``k`` segments from ``settings.seed`` and ``seed + 1`` (full ``max_iter``), assign the users of
@@ -395,9 +403,7 @@ def assess_k(entries: DataFrame, settings: SegmentsSettings, k: int, n_rows: int
     assignments, first = [], None
     for seed in (settings.seed, settings.seed + 1):
         result = fit_segments(entries, replace(settings, k=k, seed=seed), n_rows, n_cols)
-        users = factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale", "", "")
-        assignments.append(assign_segments(users, component_mass(result.h, k), "", settings.assignment,
-                                           settings.min_share(k)).localCheckpoint(eager=True))
+        assignments.append(assign_fit(result, settings, k, user_index, user_scales).localCheckpoint(eager=True))
         first = first or (result.rel_error, result.iterations)
         result.release()
     sizes = segment_sizes(assignments[0], k)
