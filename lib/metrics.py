@@ -89,6 +89,22 @@ def per_user_ranking_metrics(
     )
 
 
+def _summary_columns() -> list:
+    """The aggregation of ``per_user_ranking_metrics`` into ``users``, each metric's mean and its sample sd."""
+    return [F.count(F.lit(1)).alias("users"),
+            *[F.avg(name).alias(name) for name in RANKING_METRICS],
+            *[F.stddev_samp(name).alias(f"{name}_sd") for name in RANKING_METRICS]]
+
+
+def _summary_values(row) -> dict[str, float]:
+    users = row["users"]
+    if not users:
+        raise ValueError("no evaluated users: the relevant table is empty")
+    values = {"users": float(users), **{name: float(row[name]) for name in RANKING_METRICS}}
+    values.update({f"{name}_se": float(row[f"{name}_sd"] or 0.0) / math.sqrt(users) for name in RANKING_METRICS})
+    return values
+
+
 def ranking_metrics(
     recommended: DataFrame,
     relevant: DataFrame,
@@ -101,17 +117,7 @@ def ranking_metrics(
     each metric's sampling error ``<metric>_se``: the standard error of the mean over users (sample
     standard deviation / sqrt(users); 0 for a single user)."""
     per_user = per_user_ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
-    row = per_user.agg(
-        F.count(F.lit(1)).alias("users"),
-        *[F.avg(name).alias(name) for name in RANKING_METRICS],
-        *[F.stddev_samp(name).alias(f"{name}_sd") for name in RANKING_METRICS],
-    ).first()
-    users = row["users"]
-    if not users:
-        raise ValueError("no evaluated users: the relevant table is empty")
-    values = {"users": float(users), **{name: float(row[name]) for name in RANKING_METRICS}}
-    values.update({f"{name}_se": float(row[f"{name}_sd"] or 0.0) / math.sqrt(users) for name in RANKING_METRICS})
-    return values
+    return _summary_values(per_user.agg(*_summary_columns()).first())
 
 
 def group_ranking_metrics(
@@ -201,21 +207,6 @@ def segment_usefulness_summary(rows: list[dict], k: int) -> str:
             f"training-side segments, holding {share:.1%} of the {customers} evaluated customers with a segment")
 
 
-def catalog_coverage(
-    recommended: DataFrame,
-    catalog_size: int,
-    k: int,
-    item_col: str = "item_id",
-    rank_col: str = "rank",
-) -> float:
-    """Share of the catalog that appears in at least one user's top K."""
-    _check_k(k)
-    if catalog_size < 1:
-        raise ValueError(f"catalog size must be >= 1, got {catalog_size}")
-    distinct = recommended.where(F.col(rank_col) <= k).select(item_col).distinct().count()
-    return distinct / catalog_size
-
-
 def evaluate(
     recommended: DataFrame,
     relevant: DataFrame,
@@ -226,10 +217,13 @@ def evaluate(
     rank_col: str = "rank",
 ) -> dict[str, float]:
     """All metrics at K: precision, recall, map, ndcg (with their standard errors), coverage and the
-    number of users evaluated."""
-    metrics = ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
-    metrics["coverage"] = catalog_coverage(recommended, catalog_size, k, item_col, rank_col)
-    return metrics
+    number of users evaluated, in one Spark action (``recommended`` is often an unmaterialised list)."""
+    if catalog_size < 1:
+        raise ValueError(f"catalog size must be >= 1, got {catalog_size}")
+    per_user = per_user_ranking_metrics(recommended, relevant, k, user_col, item_col, rank_col)
+    listed = recommended.where(F.col(rank_col) <= k).agg(F.countDistinct(item_col).alias("_listed_items"))
+    row = per_user.agg(*_summary_columns()).crossJoin(listed).first()
+    return {**_summary_values(row), "coverage": row["_listed_items"] / catalog_size}
 
 
 def ranking_evaluator_input(

@@ -20,7 +20,7 @@ from lib.buy_again import (RANKER_MODELS, BlendCalibration, BuyAgainParams, BuyA
                            most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n, repeat_propensity,
                            ship_what_wins, top_n)
 from lib.interactions import index_additions, score_events, to_matrix_entries
-from lib.metrics import (catalog_coverage, group_ranking_metrics, ranking_metrics, segment_usefulness,
+from lib.metrics import (evaluate, group_ranking_metrics, ranking_metrics, segment_usefulness,
                          segment_usefulness_summary)
 from lib.segments import assign_segments, component_mass, fit_segments, segment_matrix
 from lib.settings import SegmentsSettings
@@ -256,8 +256,9 @@ class TrainingSideNmf:
         if self._side is not side:
             self.release()
             entries = segment_matrix(side.entries, self.settings)[0].persist()
-            n_rows = side.user_index.agg(F.max("user_idx")).first()[0] + 1
-            n_cols = side.item_index.agg(F.max("item_idx")).first()[0] + 1
+            last = side.user_index.agg(F.max("user_idx").alias("user")).crossJoin(
+                side.item_index.agg(F.max("item_idx").alias("item"))).first()
+            n_rows, n_cols = last["user"] + 1, last["item"] + 1
             fit = fit_segments(entries, self.settings, n_rows, n_cols)
             log.info("NMF on the training side up to %s: k=%d, relative error %.4f after %d iterations",
                      side.as_of.isoformat(), self.settings.k, fit.rel_error, fit.iterations)
@@ -324,8 +325,7 @@ def _ndcg_at(recommended: DataFrame, truth: DataFrame, k: int) -> Estimate:
 def _measure(report: EvaluationReport, model: str, recommended_ids: DataFrame, truth: DataFrame,
              k_values: list[int], catalog_size: int) -> None:
     for k in sorted(k_values):
-        values = ranking_metrics(recommended_ids, truth, k)
-        values["coverage"] = catalog_coverage(recommended_ids, catalog_size, k)
+        values = evaluate(recommended_ids, truth, k, catalog_size)
         report.metrics.extend((model, k, name, float(values[name])) for name in METRIC_NAMES + ERROR_NAMES)
         log.info("evaluation %s @%d: %s", model, k, {name: round(values[name], 4) for name in METRIC_NAMES}
                  | {"ndcg_se": round(values["ndcg_se"], 4)})

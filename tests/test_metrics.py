@@ -9,7 +9,7 @@ from pyspark.ml.evaluation import RankingEvaluator
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
-from lib.metrics import (SEGMENT_USEFULNESS_COLUMNS, catalog_coverage, evaluate, group_ranking_metrics,
+from lib.metrics import (SEGMENT_USEFULNESS_COLUMNS, evaluate, group_ranking_metrics,
                          ranking_evaluator_input, ranking_metrics, segment_usefulness, segments_beating_global,
                          write_strategy_report)
 
@@ -41,7 +41,8 @@ def test_hand_computed_example(spark):
     assert got["map"] == pytest.approx(map_k)
     assert got["ndcg"] == pytest.approx(ndcg)
     assert got["ndcg_se"] == pytest.approx(statistics.stdev([ndcg_a, ndcg_b, 0.0]) / math.sqrt(3))
-    assert catalog_coverage(recommended, catalog_size=10, k=3) == pytest.approx(5 / 10)
+    everything = evaluate(recommended, relevant, k=3, catalog_size=10)  # the same, plus coverage, in one action
+    assert everything == pytest.approx({**got, "coverage": 5 / 10})
 
 
 def test_agrees_with_ranking_evaluator(spark):
@@ -73,6 +74,8 @@ def test_evaluate_adds_coverage_and_rejects_bad_input(spark):
     got = evaluate(recommended, relevant, k=1, catalog_size=4)
     assert got["coverage"] == pytest.approx(1 / 4)
     assert got["ndcg"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="catalog size must be >= 1"):
+        evaluate(recommended, relevant, k=1, catalog_size=0)
     with pytest.raises(ValueError, match="K >= 1"):
         ranking_metrics(recommended, relevant, k=0)
     with pytest.raises(ValueError, match="lacks column"):
