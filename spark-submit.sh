@@ -52,10 +52,10 @@ print(target)
 PY
 )"
 
-delta_package="$(python -c 'from lib.session import DELTA_PACKAGE; print(DELTA_PACKAGE)')"
+delta_package="$(python -c 'from lib.platform.session import DELTA_PACKAGE; print(DELTA_PACKAGE)')"
 
 # Heap sizes ([spark] driver_memory / executor_memory after the job's --conf files and --set
-# overrides, resolved by lib.settings) must reach the JVM before it starts; an option given here
+# overrides, resolved by lib.platform.settings) must reach the JVM before it starts; an option given here
 # (--driver-memory 8g, --conf spark.driver.memory=8g) wins.
 given() {
   local arg
@@ -72,13 +72,13 @@ while read -r option value; do
   esac
 done < <(python -c 'import sys; from jobs.common import submit_options; o = submit_options(sys.argv[1:])
 print("\n".join(f"{name} {value}" for name, value in zip(o[::2], o[1::2])))' ${job_args[@]+"${job_args[@]}"})
-# Local mode (executors inside the driver's JVM): lib.session.LOCAL_CONF, so that a task's
+# Local mode (executors inside the driver's JVM): lib.platform.session.LOCAL_CONF, so that a task's
 # OutOfMemoryError fails the stage, which is then rolled back and recorded, instead of exiting the JVM.
 local_conf=()
 case "${remote:-$master}" in
   local*)
     while read -r pair; do local_conf+=(--conf "$pair"); done < <(python -c '
-from lib.session import LOCAL_CONF
+from lib.platform.session import LOCAL_CONF
 print("\n".join(f"{key}={value}" for key, value in LOCAL_CONF.items()))') ;;
 esac
 common=(

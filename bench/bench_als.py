@@ -5,13 +5,13 @@ planted taste groups, holds out 20% of each user's items (users with >= 5 items)
 local[2] (implicit with 2 threads):
 
 - MLlib: ALS fit, then top-10 for all users with their training items excluded, by both top-N paths
-  on the same model: the blockwise scoring of lib.als.als_top_n (user blocks x broadcast item blocks,
+  on the same model: the blockwise scoring of lib.recommend.als.als_top_n (user blocks x broadcast item blocks,
   numpy matmul and partial sort in mapInArrow) and MLlib's recommendForUserSubset per exclusion tier
-  (lib.als.mllib_top_n, the previous path); both write their lists to parquet;
+  (lib.recommend.als.mllib_top_n, the previous path); both write their lists to parquet;
 - implicit: AlternatingLeastSquares fit (exact Cholesky solver, use_cg=False), then
   ``recommend(..., N=10, filter_already_liked_items=True)`` for all users;
 
-and scores every top-10 list with lib.metrics.ranking_metrics (NDCG@10) on the held-out items; it also
+and scores every top-10 list with lib.recommend.metrics.ranking_metrics (NDCG@10) on the held-out items; it also
 counts the blockwise rows that differ from MLlib's lists and the excluded (training) items in them.
 
 Same in substance: MLlib's confidence is 1 + alpha * r; implicit's is alpha * value, so implicit
@@ -48,9 +48,10 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 from pyspark.sql import DataFrame, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from lib.als import AlsParams, TopNBlocks, als_top_n, fit_als, mllib_top_n  # noqa: E402
-from lib.metrics import ranking_metrics  # noqa: E402
-from lib.session import local_session  # noqa: E402
+from lib.recommend.als import AlsParams, als_top_n, fit_als, mllib_top_n
+from lib.recommend.topn import TopNBlocks
+from lib.recommend.metrics import ranking_metrics
+from lib.platform.session import local_session
 
 log = logging.getLogger("bench_als")
 ITEMS_PER_USER = 20
@@ -184,10 +185,10 @@ def write_report(rows: list[dict], params: AlsParams, blocks: TopNBlocks, load: 
         "2 threads). Synthetic matrix with 20 planted taste groups, about 20 items per user (lognormal),",
         "values 1 + Poisson(1) summed per pair; 20% of each user's items (users with >= 5) held out.",
         f"Both: rank {params.rank}, {params.max_iter} iterations, MLlib regParam {params.reg_param}, alpha {params.alpha}.",
-        "Top-10 excludes each user's training items. NDCG@10 from `lib.metrics` on the held-out items.",
-        "Two top-N paths on the same MLlib model, side by side: **blockwise** (`lib.als.als_top_n`: user",
+        "Top-10 excludes each user's training items. NDCG@10 from `lib.recommend.metrics` on the held-out items.",
+        "Two top-N paths on the same MLlib model, side by side: **blockwise** (`lib.recommend.als.als_top_n`: user",
         f"blocks of about {blocks.user_block_mb:g} MB x broadcast item blocks of <= {blocks.item_block_mb:g} MB, numpy matmul, -inf",
-        "masking and a partial sort inside `mapInArrow`) and **MLlib** (`lib.als.mllib_top_n`:",
+        "masking and a partial sort inside `mapInArrow`) and **MLlib** (`lib.recommend.als.mllib_top_n`:",
         "`recommendForUserSubset` once per exclusion tier, the previous path). Both top-N timings include",
         "writing the lists to parquet.",
         "",

@@ -1,8 +1,8 @@
 """Benchmark: ALS tuning and offline evaluation on every user vs on a seeded sample with early stopping
 (not a test).
 
-One generated clickstream (lib.sample_data, planted segments), the recommend_items stage's offline
-evaluation (lib.recommend.evaluate_offline: time split, ALS candidates tuned on a validation split,
+One generated clickstream (lib.sample.planted, planted segments), the recommend_items stage's offline
+evaluation (lib.recommend.evaluation.evaluate_offline: time split, ALS candidates tuned on a validation split,
 the chosen one against popularity on the held-out events) run twice on the same events:
 
 - ``all``: every user evaluated, every candidate measured on every validation user (the previous
@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per Spark task
 
-from lib.als import TopNBlocks, TuningResult, candidate_grid  # noqa: E402
-from lib.recommend import EvaluationSettings, evaluate_offline  # noqa: E402
-from lib.sample_data import SampleSpec, generate_events  # noqa: E402
-from lib.session import local_session  # noqa: E402
+from lib.recommend.als import TuningResult, candidate_grid
+from lib.recommend.topn import TopNBlocks
+from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.sample.planted import SampleSpec, generate_events
+from lib.platform.session import local_session
 
 log = logging.getLogger("bench_als_tuning")
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}
@@ -82,8 +83,8 @@ def main() -> None:
         "# ALS tuning and evaluation: every user vs a seeded sample with early stopping",
         "",
         "Produced by `bench/bench_als_tuning.py` (one run, this 2-core machine, local[2]). Generated clickstream",
-        f"(lib.sample_data, 8 planted segments): {args.users:,} users, {args.items:,} items, {n_events:,} events.",
-        "`lib.recommend.evaluate_offline` as the recommend_items stage runs it: 20% of each user's latest events",
+        f"(lib.sample.planted, 8 planted segments): {args.users:,} users, {args.items:,} items, {n_events:,} events.",
+        "`lib.recommend.evaluation.evaluate_offline` as the recommend_items stage runs it: 20% of each user's latest events",
         "held out, ALS tuned on a validation split of the rest, the chosen candidate against popularity on",
         f"the held-out events. {len(candidates)} candidates drawn from the default grid (seed 42), 10 iterations.",
         "Metrics are means over the evaluated users ± their standard error.",

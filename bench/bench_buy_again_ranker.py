@@ -4,7 +4,7 @@
 
 Lists are made as of T = the latest purchase minus ``--horizon`` days and judged by NDCG@10 on what the
 customers seen before T bought in (T, T + horizon]; each ranker is fitted on the window before T
-(lib.buy_again.fit_ranker), as the recommend_items stage does.
+(lib.recommend.buy_again.fit_ranker), as the recommend_items stage does.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyspark.sql import functions as F  # noqa: E402
 
-from lib.buy_again import (BuyAgainParams, buy_again_top_n, fit_ranker, most_bought_top_n,  # noqa: E402
-                           most_recent_top_n, purchase_occasions, ranker_top_n)
-from lib.metrics import ranking_metrics  # noqa: E402
-from lib.session import local_session  # noqa: E402
+from lib.recommend.buy_again import (BuyAgainParams, buy_again_top_n, fit_ranker, most_bought_top_n, most_recent_top_n,
+                                     purchase_occasions, ranker_top_n)
+from lib.recommend.metrics import ranking_metrics
+from lib.platform.session import local_session
 
 log = logging.getLogger("bench_buy_again_ranker")
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 from jobs.common import StageContext, load_settings, run_stage  # noqa: E402
-from lib.session import local_session  # noqa: E402
+from lib.platform.session import local_session
 
 
 def main() -> None:

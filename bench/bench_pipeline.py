@@ -93,7 +93,7 @@ def run_one(events: int, forget: int, out: Path, from_stage: str = "", event_log
     date = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     from jobs.common import StageContext, apply_runtime_settings, load_settings, run_stage
     from jobs.run_pipeline import pipeline_stages
-    from lib.session import local_session
+    from lib.platform.session import local_session
 
     shape = sizes_for(events)
     root = out / f"wh-{events}"

@@ -1,7 +1,7 @@
 """Segment quality on the realistic invoice log, before and after the issue-13 defaults (not a test).
 
-Generates the realistic sample (lib.sample_realistic) at a few thousand customers, builds the
-interactions with lib.interactions, runs the segment_users stage once per variant of the settings,
+Generates the realistic sample (lib.sample.realistic) at a few thousand customers, builds the
+interactions with lib.features.interactions, runs the segment_users stage once per variant of the settings,
 and prints the segment_quality row of each run, with the agreement (ARI) of its segments with the
 planted ones, as the markdown table docs/segments.md shows.
 
@@ -53,10 +53,10 @@ def main() -> None:
 
     from jobs import segment_users
     from jobs.common import StageContext, load_settings
-    from lib import catalog as C
-    from lib import sample_realistic as R
-    from lib.interactions import write_matrix_tables
-    from lib.session import local_session
+    from lib.platform import catalog as C
+    from lib.sample import realistic as R
+    from lib.features.interactions import write_matrix_tables
+    from lib.platform.session import local_session
 
     spark = local_session("bench-segment-quality", master="local[2]",
                           conf={"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "3g"})

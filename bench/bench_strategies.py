@@ -1,9 +1,9 @@
 """The three list strategies against their trivial baselines on generated repeat-purchase data
-(lib.sample_repeat), written as docs/recommendations_strategies.md + .png (not a test).
+(lib.sample.repeat), written as docs/recommendations_strategies.md + .png (not a test).
 
     .venv/bin/python bench/bench_strategies.py [--users 3000] [--out docs]
 
-Same evaluation as the recommend_items stage (lib.recommend.evaluate_offline with strategies), one
+Same evaluation as the recommend_items stage (lib.recommend.evaluation.evaluate_offline with strategies), one
 ALS candidate, the default buy-again settings except the horizon (28 days, about the held-out window).
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from lib.als import AlsParams  # noqa: E402
-from lib.buy_again import BuyAgainParams  # noqa: E402
-from lib.metrics import write_strategy_report  # noqa: E402
-from lib.recommend import EvaluationSettings, evaluate_offline  # noqa: E402
-from lib.sample_repeat import RepeatSpec, generate_repeat_purchases  # noqa: E402
-from lib.session import local_session  # noqa: E402
+from lib.recommend.als import AlsParams
+from lib.recommend.buy_again import BuyAgainParams
+from lib.recommend.metrics import write_strategy_report
+from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.sample.repeat import RepeatSpec, generate_repeat_purchases
+from lib.platform.session import local_session
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     flock /tmp/spark.lock .venv/bin/python bench/run_presets.py [--out bench/out/presets] [--preset NAME ...]
 
 For each preset in conf/sources/ (retailrocket, rees46, invoice_lines) this writes a csv in that
-source's own shape, derived from lib.sample_data.generate_events and shifted to the public dataset's
+source's own shape, derived from lib.sample.planted.generate_events and shifted to the public dataset's
 own era: its native column names, event names, timestamp unit or format and id style (epoch
 milliseconds and numeric visitor ids; `2019-10-01 00:00:00 UTC`, cart / remove_from_cart and a price on
 every row; `12/1/2010 8:26`, CustomerID `17850.0`, postage lines, cancellations and lines without a
@@ -45,8 +45,8 @@ CHEAP = ["spark.shuffle_partitions=2", "segments.k=3", "segments.max_iter=10", "
 
 def generated(users: int, items: int, events: int):
     """The generated clickstream as pandas (a few thousand rows), from one short local Spark session."""
-    from lib.sample_data import SampleSpec, generate_events
-    from lib.session import local_session
+    from lib.sample.planted import SampleSpec, generate_events
+    from lib.platform.session import local_session
 
     spec = SampleSpec(users=users, items=items, events=events, segments=3, seed=11)
     spark = local_session("bench-presets-generate", "local[2]", {

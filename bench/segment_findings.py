@@ -17,14 +17,14 @@ import scipy.sparse as sp
 from deltalake import DeltaTable
 
 from lib.nmf.rules import hals_update
-from lib.segments import adjusted_rand_index, size_balance
+from lib.segments.assign import adjusted_rand_index, size_balance
 
 log = logging.getLogger("bench.segment_findings")
 
 
 def build_matrix(inter: pd.DataFrame, n_users: int, n_items: int, value: str = "score", transform: str = "log1p",
                  cap: float = 0.05, idf: bool = False, row_normalize: bool = True) -> sp.csr_matrix:
-    """X as lib.segments.transform_scores builds it, with ``value`` the interactions column used
+    """X as lib.segments.matrix.transform_scores builds it, with ``value`` the interactions column used
     (score: time-decayed weights; n_events: undecayed event count; binary: 1 per pair)."""
     raw = np.ones(len(inter)) if value == "binary" else inter[value].to_numpy(dtype=float)
     f = np.log1p(raw) if transform == "log1p" else raw
@@ -92,7 +92,7 @@ def fired_at(history: list[float], tol: float) -> int:
 
 
 def assign(w: np.ndarray, ht: np.ndarray, rule: str = "dominant") -> tuple[np.ndarray, np.ndarray]:
-    """lib.segments.assign_segments without merging small segments: shares of W[u, l] * sum_i H[l, i]; the largest ("dominant") or
+    """lib.segments.assign.assign_segments without merging small segments: shares of W[u, l] * sum_i H[l, i]; the largest ("dominant") or
     the largest over the average customer's share ("relative"); affinity; -1 for empty rows."""
     weights = w * ht.sum(axis=0)
     total = weights.sum(axis=1, keepdims=True)
@@ -111,7 +111,7 @@ def ari(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def top_lifts(had: sp.csr_matrix, seg: np.ndarray, ht: np.ndarray, k: int, top: int = 10) -> list[float]:
-    """Per segment, the mean lift of its top items by normalized H (lib.segments.top_item_lifts; an empty
+    """Per segment, the mean lift of its top items by normalized H (lib.segments.profiles.top_item_lifts; an empty
     segment counts 0 here, where the stage's quality row skips it)."""
     assigned = seg >= 0
     rate = np.asarray(had[assigned].mean(axis=0)).ravel()

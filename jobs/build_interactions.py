@@ -7,9 +7,9 @@ from datetime import timezone
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
-from lib import catalog as C
-from lib.interactions import grow_index, score_events, to_matrix_entries
-from lib.runs import StageResult
+from lib.platform import catalog as C
+from lib.features.interactions import grow_index, score_events, to_matrix_entries
+from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.build_interactions")
 

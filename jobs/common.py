@@ -13,18 +13,18 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.stages import BY_NAME, StageSpec
-from lib import catalog as C
-from lib.config import ConfigError, parse_toml, resolve
-from lib.quality import (GateInput, check_gates, drift_rows, measure_drift, quality_rows, raise_on_drift,
-                         raise_on_failure)
-from lib.runs import StageResult, run_record
-from lib.settings import OutputSettings, Settings
-from lib.storage import COMMIT_METADATA_CONF, Tables
+from lib.platform import catalog as C
+from lib.platform.config import ConfigError, parse_toml, resolve
+from lib.platform.quality import (GateInput, check_gates, drift_rows, measure_drift, quality_rows, raise_on_drift,
+                                  raise_on_failure)
+from lib.platform.runs import StageResult, run_record
+from lib.platform.settings import OutputSettings, Settings
+from lib.platform.storage import COMMIT_METADATA_CONF, Tables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.toml"
 log = logging.getLogger("jobs")
-# Characters of a failed stage's error kept in its pipeline_runs message (lib.runs keeps 4,000 in all).
+# Characters of a failed stage's error kept in its pipeline_runs message (lib.platform.runs keeps 4,000 in all).
 ERROR_TEXT_LIMIT = 3000
 
 

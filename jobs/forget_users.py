@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.common import StageContext, exports_root, main_for, models_root, report_directory
-from lib.privacy import ErasureTargets, forget, load_key, read_erasure_request
-from lib.runs import StageResult
+from lib.platform.privacy import ErasureTargets, forget, load_key, read_erasure_request
+from lib.platform.runs import StageResult
 
 
 def report_roots(ctx: StageContext) -> tuple[str, ...]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from jobs.common import StageContext, main_for, sample_root
-from lib.runs import StageResult
-from lib.sample_campaign import sample_campaign_events
-from lib.sample_data import (SampleSpec, generate_events, planted_segment_items, planted_user_segments,
-                             planted_users)
+from lib.platform.runs import StageResult
+from lib.sample.campaign import sample_campaign_events
+from lib.sample.planted import SampleSpec, generate_events, planted_segment_items, planted_user_segments, planted_users
 
 
 def run(ctx: StageContext) -> StageResult:
     if ctx.settings.sample.mode == "realistic":  # an invoice log with real-data skew (issue 13)
-        from lib.sample_realistic import write_sample
+        from lib.sample.realistic import write_sample
         return write_sample(ctx.spark, ctx.settings.sample, sample_root(ctx.settings))
     spec = SampleSpec(**{key: value for key, value in asdict(ctx.settings.sample).items()
                          if key not in ("path", "mode")})

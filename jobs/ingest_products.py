@@ -10,10 +10,10 @@ import logging
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
-from lib import catalog as C
-from lib.products import infer_format, read_catalog, validate_products
-from lib.runs import StageResult
-from lib.storage import is_delta_path
+from lib.platform import catalog as C
+from lib.ingest.products import infer_format, read_catalog, validate_products
+from lib.platform.runs import StageResult
+from lib.platform.storage import is_delta_path
 
 log = logging.getLogger("jobs.ingest_products")
 

@@ -16,15 +16,18 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, models_root, read_matrix
-from lib import catalog as C
-from lib.als import AlsParams, TopNBlocks, TuningResult, als_top_n, candidate_grid, fit_als
-from lib.buy_again import BuyAgainParams, fit_ranker, purchase_occasions
-from lib.metrics import write_strategy_report
-from lib.products import excluded_items
-from lib.recommend import (EvaluationSettings, TrainingSideNmf, evaluate_offline, excluded_pairs,
-                           final_recommendations, strategy_lists, to_indexed, user_segment_of)
-from lib.runs import StageResult
-from lib.settings import AlsSettings, RecommendSettings
+from lib.platform import catalog as C
+from lib.recommend.als import AlsParams, TuningResult, als_top_n, candidate_grid, fit_als
+from lib.recommend.topn import TopNBlocks
+from lib.recommend.buy_again import BuyAgainParams, fit_ranker, purchase_occasions
+from lib.recommend.metrics import write_strategy_report
+from lib.ingest.products import excluded_items
+from lib.recommend.baselines import user_segment_of
+from lib.recommend.evaluation import EvaluationSettings, TrainingSideNmf, evaluate_offline
+from lib.recommend.lists import final_recommendations, strategy_lists
+from lib.recommend.pairs import excluded_pairs, to_indexed
+from lib.platform.runs import StageResult
+from lib.platform.settings import AlsSettings, RecommendSettings
 
 log = logging.getLogger("jobs.recommend_items")
 

@@ -9,7 +9,7 @@ import logging
 
 from jobs.common import run_stage, start_job
 from jobs.stages import GENERATE_EVENTS, PIPELINE, StageSpec
-from lib.settings import Settings
+from lib.platform.settings import Settings
 
 log = logging.getLogger("jobs.run_pipeline")
 

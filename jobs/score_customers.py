@@ -11,12 +11,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, report_directory
-from lib import catalog as C
-from lib.features import resolve_as_of, segment_affinities
-from lib.runs import StageResult
-from lib.score_report import write_score_report
-from lib.scoring import finalize_scores, score_customers, segment_outcomes
-from lib.storage import Tables
+from lib.platform import catalog as C
+from lib.features.customers import resolve_as_of, segment_affinities
+from lib.platform.runs import StageResult
+from lib.scores.report import write_score_report
+from lib.scores.scoring import finalize_scores, score_customers, segment_outcomes
+from lib.platform.storage import Tables
 
 log = logging.getLogger("jobs.score_customers")
 

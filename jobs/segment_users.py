@@ -8,12 +8,14 @@ from dataclasses import asdict, replace
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, read_matrix, report_directory
-from lib import catalog as C
-from lib.report import write_segment_report
-from lib.runs import StageResult
-from lib.segments import (assess_k, assign_fit, assign_segments, assignment_agreement, choose_k, capped_item_count, component_mass,
-                          distinctive_items, excluded_item_indices, factor_table, fit_segments, score_transform_name,
-                          segment_item_lifts, segment_matrix, segment_profiles, summarize_quality, top_item_lifts)
+from lib.platform import catalog as C
+from lib.segments.report import write_segment_report
+from lib.platform.runs import StageResult
+from lib.segments.assign import assess_k, assign_fit, assign_segments, assignment_agreement, choose_k, component_mass
+from lib.segments.matrix import (capped_item_count, excluded_item_indices, factor_table, fit_segments,
+                                 score_transform_name, segment_matrix)
+from lib.segments.profiles import (distinctive_items, segment_item_lifts, segment_profiles, summarize_quality,
+                                   top_item_lifts)
 
 log = logging.getLogger("jobs.segment_users")
 

@@ -35,7 +35,7 @@ from service.store import (CUSTOMER_SCORES, PROFILE_SOURCES, RECOMMENDATIONS, SE
 log = logging.getLogger("service")
 
 NO_STORE = {"Cache-Control": "private, no-store"}
-PSEUDONYM = re.compile(r"[0-9a-f]{64}")  # lib.privacy.pseudonym: HMAC-SHA256 in lowercase hex
+PSEUDONYM = re.compile(r"[0-9a-f]{64}")  # lib.platform.privacy.pseudonym: HMAC-SHA256 in lowercase hex
 
 
 def _error(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:

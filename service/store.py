@@ -70,7 +70,7 @@ PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", 
             ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 
-# customer_scores' customer-value columns (lib.audience.CUSTOMER_VALUE_COLUMNS, tests/test_service.py holds them
+# customer_scores' customer-value columns (lib.campaign.audience.CUSTOMER_VALUE_COLUMNS, tests/test_service.py holds them
 # equal) with their Arrow types: always in a profile's scores, null when the table was written before they existed.
 CUSTOMER_VALUE_COLUMNS = {"historic_clv": pa.float64(), "predicted_clv": pa.float64(), "total_clv": pa.float64(),
                           "p_alive": pa.float64(), "expected_orders": pa.float64(),

@@ -17,7 +17,7 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 @pytest.fixture(scope="session")
 def spark():
     from jobs.common import load_settings
-    from lib.session import local_session
+    from lib.platform.session import local_session
 
     session = local_session(
         "email-personalization-tests",

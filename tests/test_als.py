@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from lib.als import (AlsParams, Estimate, TopNBlocks, als_top_n, block_top_n, candidate_grid, exclusion_tiers,
-                     fit_als, mllib_top_n, tune_als)
-from lib.metrics import ranking_metrics
-from lib.recommend import EvaluationSettings, evaluate_offline
-from lib.sample_data import SampleSpec, generate_events
+from lib.recommend.als import AlsParams, Estimate, als_top_n, candidate_grid, fit_als, mllib_top_n, tune_als
+from lib.recommend.topn import TopNBlocks, block_top_n, exclusion_tiers
+from lib.recommend.metrics import ranking_metrics
+from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.sample.planted import SampleSpec, generate_events
 
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}
 
@@ -145,7 +145,7 @@ def test_blockwise_top_n_equals_brute_force_numpy(spark, caplog):
     small = TopNBlocks(user_block_mb=7000 / 2**20, item_block_mb=rank * 4 * 25 / 2**20, chunk_elements=200)
     for blocks, user_blocks in ((TopNBlocks(), 1), (small, small.user_blocks(n_users, rank, len(pairs), longest))):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="lib.als"):
+        with caplog.at_level(logging.INFO, logger="lib.recommend"):
             got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"])
                          for r in block_top_n(users, items, users.select("user_idx"), n, exclude, blocks).collect())
         assert got == sorted(expected), blocks

@@ -19,7 +19,7 @@ from databricks.sdk.service import jobs as dbjobs
 from jobs import entrypoints
 from jobs.common import load_settings, parse_args, tables_of
 from jobs.stages import ALL_STAGES, PIPELINE
-from lib import catalog as C
+from lib.platform import catalog as C
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JOB_KEY = "email_personalization"
@@ -248,7 +248,7 @@ def test_the_wheel_carries_the_entry_points_and_the_config(bundle, job, tmp_path
         entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
         metadata = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert {"conf/base.toml", "conf/databricks.toml", "conf/sources/retailrocket.toml", "jobs/entrypoints.py",
-            "jobs/stages.py", "lib/storage.py", "lib/nmf/fit.py"} <= names
+            "jobs/stages.py", "lib/platform/storage.py", "lib/nmf/fit.py"} <= names
     for task in job.tasks:
         assert re.search(rf"^{re.escape(task.python_wheel_task.entry_point)} = ", entry_points, re.M)
     requirements = re.findall(r"^Requires-Dist: (.*)$", metadata, re.M)
@@ -260,7 +260,7 @@ def test_the_wheel_carries_the_entry_points_and_the_config(bundle, job, tmp_path
                     str(wheel)], check=True, timeout=300)
     site_packages = next(Path(sys.prefix).glob("lib/python3*/site-packages"))
     probe = (
-        "import jobs.common as c; from lib import catalog; from importlib.metadata import entry_points; "
+        "import jobs.common as c; from lib.platform import catalog; from importlib.metadata import entry_points; "
         "settings = c.load_settings(['conf/databricks.toml'], []); "
         "print(c.__file__); print(c.tables_of(settings.output).location(catalog.EVENTS)); "
         "print(sorted(e.name for e in entry_points(group='console_scripts') if e.dist.name == 'email-personalization'))"

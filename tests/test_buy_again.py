@@ -9,12 +9,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from pyspark.sql import functions as F
 
-from lib.als import AlsParams
-from lib.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, choose_per_group, customer_groups,
-                           fit_ranker, item_intervals, most_bought_top_n, most_recent_top_n, purchase_occasions,
-                           ranker_top_n, repeat_propensity)
-from lib.recommend import EvaluationSettings, evaluate_offline, strategy_lists
-from lib.sample_repeat import RepeatSpec, generate_repeat_purchases, item_interval_days
+from lib.recommend.als import AlsParams
+from lib.recommend.buy_again import (BuyAgainParams, blend, buy_again_scores, buy_again_top_n, choose_per_group,
+                                     customer_groups, fit_ranker, item_intervals, most_bought_top_n, most_recent_top_n,
+                                     purchase_occasions, ranker_top_n, repeat_propensity)
+from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.recommend.lists import strategy_lists
+from lib.sample.repeat import RepeatSpec, generate_repeat_purchases, item_interval_days
 
 AS_OF = datetime(2026, 3, 1, tzinfo=timezone.utc)
 DAY = 86_400

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from jobs.stages import ALL_STAGES, PIPELINE, tables_markdown
-from lib import catalog as C
+from lib.platform import catalog as C
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ TABLE_METHODS = {"read", "require", "exists", "overwrite", "append", "insert_new
 
 
 def _table_literals(path: Path, names: set[str]) -> set[str]:
-    """Table names passed as string literals to a Tables method (instead of a lib.catalog spec)."""
+    """Table names passed as string literals to a Tables method (instead of a lib.platform.catalog spec)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in TABLE_METHODS:
@@ -53,7 +53,21 @@ def test_no_table_name_literal_outside_the_catalog():
     names = {table.name for table in C.ALL_TABLES}
     for path in sorted((REPO_ROOT / "jobs").glob("*.py")) + sorted((REPO_ROOT / "lib").rglob("*.py")):
         found = _table_literals(path, names)
-        assert not found, f"{path.relative_to(REPO_ROOT)} names table(s) {found} as literals; use lib.catalog"
+        assert not found, f"{path.relative_to(REPO_ROOT)} names table(s) {found} as literals; use lib.platform.catalog"
+
+
+def test_each_table_leads_to_its_job_and_lib_package():
+    """The README's table list names each table's stage and package: the job must call that package,
+    and every lib package says in its docstring what it owns."""
+    for stage in ALL_STAGES:
+        source = (REPO_ROOT / "jobs" / f"{stage.name}.py").read_text()
+        assert f"from {stage.package}" in source, f"jobs/{stage.name}.py does not use {stage.package}"
+    packages = sorted(path.parent for path in (REPO_ROOT / "lib").glob("*/__init__.py"))
+    assert {f"lib.{path.name}" for path in packages} >= {stage.package for stage in ALL_STAGES}
+    for package in packages:
+        docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
+        assert docstring and len(docstring) > 40, f"lib/{package.name}/__init__.py says nothing of what it owns"
+    assert [path.name for path in (REPO_ROOT / "lib").glob("*.py")] == ["__init__.py"], "lib/ holds packages only"
 
 
 def test_no_job_imports_another_job():

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common import BASE_CONFIG, load_config
-from lib.config import ConfigError, merge, parse_set, parse_toml, resolve
+from lib.platform.config import ConfigError, merge, parse_set, parse_toml, resolve
 
 BASE = {
     "input": {"events": "", "format": ""},

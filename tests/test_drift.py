@@ -10,10 +10,10 @@ import pytest
 from jobs import score_customers
 from jobs.common import run_stage
 from jobs.stages import BY_NAME
-from lib import catalog as C
-from lib.drift import EPSILON, numeric_psis, psi, quantile_edges, share_psi
-from lib.quality import DRIFT_CHECKS, DriftError, GateInput, measure_drift, raise_on_drift
-from lib.runs import StageResult
+from lib.platform import catalog as C
+from lib.platform.drift import EPSILON, numeric_psis, psi, quantile_edges, share_psi
+from lib.platform.quality import DRIFT_CHECKS, DriftError, GateInput, measure_drift, raise_on_drift
+from lib.platform.runs import StageResult
 
 # Half / half moved to 80 / 20: (0.8 - 0.5) ln(0.8 / 0.5) + (0.2 - 0.5) ln(0.2 / 0.5).
 EIGHTY_TWENTY = 0.3 * math.log(1.6) - 0.3 * math.log(0.4)

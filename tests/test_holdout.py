@@ -8,7 +8,7 @@ import pytest
 from pyspark.sql import functions as F
 from scipy.stats import chi2_contingency
 
-from lib.holdout import GLOBAL_KEY, assign_variant, bucket_col, bucket_of, holdout_assignments
+from lib.campaign.holdout import GLOBAL_KEY, assign_variant, bucket_col, bucket_of, holdout_assignments
 
 SALT = "test-salt"
 N = 20_000

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 from jobs.common import load_settings, run_stage
-from lib import catalog as C
-from lib import ingest, readers
-from lib.config import ConfigError
+from lib.platform import catalog as C
+from lib.ingest import events as ingest
+from lib.ingest import readers
+from lib.platform.config import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "email_open", "email_click")
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
@@ -102,8 +103,8 @@ def test_invisible_and_unicode_space_characters_inside_ids_follow_one_rule(spark
                    "e4": ("u1", "i 1", None), "e5": ("u1", "i 1", None), "e6": ("u  1", "i1", None),
                    "e7": (None, "i1", "blank_user_id")}
 
-    from lib.campaigns import read_suppressions
-    from lib.products import validate_products
+    from lib.campaign.campaigns import read_suppressions
+    from lib.ingest.products import validate_products
     listed = tmp_path / "suppressions.csv"
     listed.write_text("user_id,reason\nu\u200b1,unsubscribed\n\u00a0u\u00a02 ,bounced\n", encoding="utf-8")
     assert sorted(r["user_id"] for r in read_suppressions(spark, str(listed), "input.suppressions").collect()) == \

@@ -2,7 +2,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lib.interactions import extend_index, score_events, to_matrix_entries
+from lib.features.interactions import extend_index, score_events, to_matrix_entries
 
 AS_OF = datetime(2026, 10, 31, tzinfo=timezone.utc)
 WEIGHTS = {"view": 1.0, "purchase": 8.0, "email_send": 0.0}
@@ -59,7 +59,7 @@ def test_matrix_entries_use_the_indices(spark):
 def test_index_is_unique_when_the_input_order_varies_between_evaluations(spark):
     # ids out of a shuffle arrive in a different order each time they are computed; the range
     # partitioning of two evaluations must not disagree (it did: duplicate and missing indices).
-    from lib.sample_data import SampleSpec, generate_events
+    from lib.sample.planted import SampleSpec, generate_events
 
     events = generate_events(spark, SampleSpec(users=3000, items=100, events=150_000, segments=3, seed=5))
     previous = spark.conf.get("spark.sql.shuffle.partitions")

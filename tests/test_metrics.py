@@ -9,9 +9,8 @@ from pyspark.ml.evaluation import RankingEvaluator
 from pyspark.sql import Window
 from pyspark.sql import functions as F
 
-from lib.metrics import (SEGMENT_USEFULNESS_COLUMNS, evaluate, group_ranking_metrics,
-                         ranking_evaluator_input, ranking_metrics, segment_usefulness, segments_beating_global,
-                         write_strategy_report)
+from lib.recommend.metrics import (SEGMENT_USEFULNESS_COLUMNS, evaluate, group_ranking_metrics, ranking_evaluator_input,
+                                   ranking_metrics, segment_usefulness, segments_beating_global, write_strategy_report)
 
 
 def _recs(spark, rows):

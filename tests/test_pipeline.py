@@ -71,7 +71,7 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     assert sorted(tuple(r) for r in read("user_index").collect()) == index_before
 
     history = spark.sql(f"DESCRIBE HISTORY delta.`{root / 'events'}`").collect()
-    # Created empty, without statistics on its personal columns (lib.storage.Tables.create), then merged into.
+    # Created empty, without statistics on its personal columns (lib.platform.storage.Tables.create), then merged into.
     assert [h["operation"] for h in sorted(history, key=lambda h: h["version"])][:3] == \
         ["WRITE", "SET TBLPROPERTIES", "MERGE"]
     interactions_history = spark.sql(f"DESCRIBE HISTORY delta.`{root / 'interactions'}`").count()

@@ -8,10 +8,10 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs import ingest_products, recommend_items
-from lib import catalog as C
-from lib.interactions import write_matrix_tables
-from lib.products import CatalogError, excluded_items, read_catalog, recommendable_items, validate_products
-from lib.sample_repeat import POSTAGE_ID, RepeatSpec, generate_repeat_purchases
+from lib.platform import catalog as C
+from lib.features.interactions import write_matrix_tables
+from lib.ingest.products import CatalogError, excluded_items, read_catalog, recommendable_items, validate_products
+from lib.sample.repeat import POSTAGE_ID, RepeatSpec, generate_repeat_purchases
 
 CATALOG = """item_id,name,category,price,available,recommendable
 A1,Mug,kitchen,4.5,true,true

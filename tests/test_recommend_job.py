@@ -9,10 +9,10 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import functions as F
 
 from jobs import recommend_items
-from lib import catalog as C
-from lib.config import ConfigError
-from lib.interactions import index_additions, score_events, to_matrix_entries
-from lib.sample_data import SampleSpec, generate_events
+from lib.platform import catalog as C
+from lib.platform.config import ConfigError
+from lib.features.interactions import index_additions, score_events, to_matrix_entries
+from lib.sample.planted import SampleSpec, generate_events
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
@@ -101,7 +101,7 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
 
 
 def test_nmf_score_recommender_refits_on_the_training_side(spark, tmp_path: Path, context):
-    from lib.recommend import EvaluationSettings, TrainingSideNmf, training_side
+    from lib.recommend.evaluation import EvaluationSettings, TrainingSideNmf, training_side
 
     ctx = context(f"output.root={tmp_path / 'wh'}", *SETS)
     training_nmf = TrainingSideNmf(ctx.settings.segments)

@@ -10,9 +10,9 @@ from pyspark.sql import functions as F
 
 from jobs import build_interactions
 from jobs.common import run_stage
-from lib import catalog as C
-from lib import ingest
-from lib.quality import DataQualityError
+from lib.platform import catalog as C
+from lib.ingest import events as ingest
+from lib.platform.quality import DataQualityError
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
 

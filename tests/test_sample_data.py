@@ -2,7 +2,7 @@ from datetime import date, timedelta
 
 from pyspark.sql import functions as F
 
-from lib.sample_data import SampleSpec, generate_events, planted_segment_items, planted_user_segments
+from lib.sample.planted import SampleSpec, generate_events, planted_segment_items, planted_user_segments
 
 SPEC = SampleSpec(users=300, items=60, events=120_000, segments=3, seed=11)
 
@@ -49,8 +49,8 @@ EMAIL_SPEC = SampleSpec(users=300, items=60, events=60_000, segments=3, seed=21,
 
 
 def test_email_campaigns_plant_sends_hours_and_churners_who_stop_opening_first(spark):
-    from lib.sample_data import EMAIL_LEAD_DAYS, planted_users
-    from lib.send_time import epoch_hour
+    from lib.sample.planted import EMAIL_LEAD_DAYS, planted_users
+    from lib.campaign.send_time import epoch_hour
 
     plain = generate_events(spark, SampleSpec(users=50, items=20, events=2000, segments=2, seed=1))
     assert plain.where("event_type = 'email_send'").count() == 0  # direct callers keep the old sample

@@ -10,14 +10,14 @@ from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
 from jobs.common import report_directory
-from lib import catalog as C
-from lib import sample_data
-from lib import sample_realistic as R
-from lib.interactions import write_matrix_tables
-from lib.segments import (KTrial, adjusted_rand_index, assess_k, assign_segments, choose_k, distinctive_items,
-                          parse_score_transform,
-                          score_transform_name, segment_item_lifts, segment_profiles, size_balance, summarize_quality,
-                          top_item_lifts)
+from lib.platform import catalog as C
+from lib.sample import planted as sample_data
+from lib.sample import realistic as R
+from lib.features.interactions import write_matrix_tables
+from lib.segments.assign import KTrial, adjusted_rand_index, assess_k, assign_segments, choose_k, size_balance
+from lib.segments.matrix import parse_score_transform, score_transform_name
+from lib.segments.profiles import (distinctive_items, segment_item_lifts, segment_profiles, summarize_quality,
+                                   top_item_lifts)
 
 SPEC = R.RealisticSpec(users=1000, items=200, events=60_000, segments=5, seed=3)
 # The settings before issue 13: no popularity damping, non-product lines factorized like products,
@@ -264,7 +264,7 @@ def _segment(spark, root, run_id: str, *sets: str):
 
 @pytest.fixture(scope="module")
 def realistic(spark, tmp_path_factory):
-    """The realistic sample through lib.interactions, then the stage with the settings before and now."""
+    """The realistic sample through lib.features.interactions, then the stage with the settings before and now."""
     from jobs.common import StageContext, load_settings
 
     root = tmp_path_factory.mktemp("quality_wh")
@@ -384,7 +384,7 @@ def test_segment_quality_table_appends_one_row_per_run(spark, realistic):
 
 
 def test_sample_mode_is_checked(context):
-    from lib.config import ConfigError
+    from lib.platform.config import ConfigError
 
     with pytest.raises(ConfigError, match="'sample.mode' must be one of planted, realistic; got 'real'"):
         context("sample.mode=real")

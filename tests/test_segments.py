@@ -9,11 +9,11 @@ from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
 from jobs.common import report_directory
-from lib import catalog as C
-from lib.config import ConfigError
-from lib.interactions import write_matrix_tables
-from lib.sample_data import SampleSpec, generate_events, planted_user_segments
-from lib.segments import relative_error_from_tables
+from lib.platform import catalog as C
+from lib.platform.config import ConfigError
+from lib.features.interactions import write_matrix_tables
+from lib.sample.planted import SampleSpec, generate_events, planted_user_segments
+from lib.segments.matrix import relative_error_from_tables
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
@@ -22,7 +22,7 @@ SPEC = SampleSpec(users=400, items=60, events=24_000, segments=4, seed=3)
 
 @pytest.fixture(scope="module")
 def segmented(spark, tmp_path_factory):
-    """Interactions built from the sample by lib.interactions, then the stage run over them."""
+    """Interactions built from the sample by lib.features.interactions, then the stage run over them."""
     from jobs.common import StageContext, load_settings
 
     root = tmp_path_factory.mktemp("segments_wh")

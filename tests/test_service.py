@@ -250,8 +250,8 @@ def test_profile_with_missing_tables_has_null_fields_and_names_them(warehouse):
 def test_profile_scores_carry_customer_value_null_safe_also_from_an_older_table(warehouse):
     """Before the customer-value columns existed (an older warehouse) the profile has them as JSON nulls;
     once a newer write adds them (schema merge, like the pipeline's), the latest as_of's values are served."""
-    from lib import catalog as C
-    from lib.audience import CUSTOMER_VALUE_COLUMNS as PIPELINE_VALUE_COLUMNS
+    from lib.platform import catalog as C
+    from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS as PIPELINE_VALUE_COLUMNS
 
     assert tuple(CUSTOMER_VALUE_COLUMNS) == PIPELINE_VALUE_COLUMNS
     assert CUSTOMER_VALUE_COLUMNS == {
@@ -570,9 +570,9 @@ def test_a_stage_that_run_stage_rolls_back_is_never_served(context, monkeypatch,
     successful run throughout."""
     from jobs import segment_users
     from jobs.common import run_stage
-    from lib import catalog as C
-    from lib.quality import DataQualityError
-    from lib.runs import StageResult
+    from lib.platform import catalog as C
+    from lib.platform.quality import DataQualityError
+    from lib.platform.runs import StageResult
 
     wh = tmp_path / "wh"
     settings = settings_mod.from_env({"RECS_WAREHOUSE": str(wh), "RECS_ALLOW_NO_AUTH": "1", "RECS_RELOAD_SECONDS": "0"},

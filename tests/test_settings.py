@@ -9,10 +9,10 @@ from typing import get_type_hints
 import pytest
 
 from jobs.common import BASE_CONFIG, load_settings, submit_options
-from lib.als import TopNBlocks
-from lib import catalog as C
-from lib.config import OPEN_TABLES, ConfigError, parse_toml
-from lib.settings import INT_RANGES, TOP_N_SCORES_CHUNK_MB, CampaignSettings, Settings, section_keys
+from lib.recommend.topn import TopNBlocks
+from lib.platform import catalog as C
+from lib.platform.config import OPEN_TABLES, ConfigError, parse_toml
+from lib.platform.settings import INT_RANGES, TOP_N_SCORES_CHUNK_MB, CampaignSettings, Settings, section_keys
 
 
 def _toml_keys(table: dict, prefix: str = "") -> set[str]:
@@ -167,7 +167,7 @@ def _tiny_matrix(spark) -> dict:
 @pytest.mark.slow  # two stages up to their checks: 12.7 s on the shared machine
 def test_stage_parameters_beyond_the_data_fail_before_the_first_write(spark, tmp_path, context, monkeypatch):
     from jobs import recommend_items, segment_users
-    from lib.storage import Tables
+    from lib.platform.storage import Tables
 
     frames = _tiny_matrix(spark)
     monkeypatch.setattr(Tables, "require", lambda self, spark, table, producer: frames[table.name])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common import BASE_CONFIG, load_settings, run_stage
-from lib import catalog as C
+from lib.platform import catalog as C
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
 

@@ -8,10 +8,11 @@ import pytest
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from lib.buy_again import BuyAgainParams
-from lib.recommend import EvaluationSettings, item_popularity, training_side
-from lib.sample_data import SampleSpec, generate_events
-from lib.splits import holdout_latest, relevant_items
+from lib.recommend.buy_again import BuyAgainParams
+from lib.recommend.baselines import item_popularity
+from lib.recommend.evaluation import EvaluationSettings, training_side
+from lib.sample.planted import SampleSpec, generate_events
+from lib.features.splits import holdout_latest, relevant_items
 
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}
 
@@ -79,8 +80,8 @@ def test_held_out_events_do_not_influence_training_inputs(events):
 def test_forward_split_trains_up_to_t_and_judges_seen_customers_on_the_next_horizon(spark):
     """Latest event day 14, horizon 3: T = day 11. Training holds nothing after T; the truth is what the
     customers seen before T bought in (T, T + 3]; validation is the same split at T - 3, from training."""
-    from lib.recommend import validation_split
-    from lib.splits import holdout_forward, purchase_truth
+    from lib.recommend.evaluation import validation_split
+    from lib.features.splits import holdout_forward, purchase_truth
 
     day = lambda d: datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(days=d)  # noqa: E731
     rows = [("u1", "a", 1), ("u1", "b", 5), ("u1", "a", 9), ("u1", "c", 12), ("u2", "b", 8), ("u2", "b", 13),
@@ -111,7 +112,7 @@ def test_forward_split_trains_up_to_t_and_judges_seen_customers_on_the_next_hori
 
     # Events from day 1 to 14 carry two horizons of 3 days (not of 7): a shorter history is evaluated on
     # the per-user split, with a note, rather than failing the stage; an explicit cutoff is kept.
-    from lib.recommend import split_that_fits
+    from lib.recommend.evaluation import split_that_fits
     settings = EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10, buy_again=BuyAgainParams(horizon_days=3.0))
     assert split_that_fits(events, settings) == (settings, None)
     weekly = EvaluationSettings(WEIGHTS, 30.0, ["purchase"], [10], 10, buy_again=BuyAgainParams(horizon_days=7.0))

@@ -6,12 +6,12 @@ from pyspark.sql import functions as F
 
 from jobs import build_interactions
 from jobs.common import run_stage
-from lib import catalog as C
-from lib.settings import INT32_MAX
+from lib.platform import catalog as C
+from lib.platform.settings import INT32_MAX
 
 
 def test_a_task_out_of_memory_restores_the_tables_and_records_the_failure(spark, tmp_path, context, monkeypatch):
-    # Without lib.session.LOCAL_CONF a task's OutOfMemoryError exits the whole local JVM (code 52),
+    # Without lib.platform.session.LOCAL_CONF a task's OutOfMemoryError exits the whole local JVM (code 52),
     # before the job can restore or record anything; that is the failure this test guards against.
     assert spark.sparkContext.getConf().get("spark.executor.killOnFatalError.depth") == "0"
     ctx = context(f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2", run_id="run-oom")

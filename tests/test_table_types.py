@@ -18,9 +18,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from lib import catalog as C
-from lib.runs import StageResult, run_record
-from lib.storage import Tables
+from lib.platform import catalog as C
+from lib.platform.runs import StageResult, run_record
+from lib.platform.storage import Tables
 
 CONNECT_MODE = "SPARK_CONNECT_MODE_ENABLED"  # pyspark's process-wide switch to Connect columns
 
@@ -111,7 +111,7 @@ def test_over_spark_connect_conform_gives_every_catalog_table_plain_strings(conn
 @pytest.mark.slow  # a dozen Delta commits over Connect
 def test_every_write_path_over_spark_connect_records_plain_strings(connect, spark, tmp_path, delta_rs_rows):
     """createDataFrame rows with the catalog schema, literals, MERGE sources, empty tables, overwrites
-    (overwriteSchema) and replaceWhere, through lib.storage.Tables over Connect."""
+    (overwriteSchema) and replaceWhere, through lib.platform.storage.Tables over Connect."""
     tables, at = Tables(root=str(tmp_path / "wh")), datetime(2026, 11, 1, 12, 0)
     # Appended, then MERGEd (upsert), like run_stage's bookkeeping: a map<string, bigint> column.
     tables.append(run_record(connect, "r1", "ingest", "running", at, None, StageResult()), C.PIPELINE_RUNS)

@@ -1,0 +1,2 @@
+"""Activation: send times, holdouts, audiences, campaign bookkeeping, export files and the lift read-out.
+"""

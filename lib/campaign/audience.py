@@ -1,0 +1,150 @@
+"""Campaign audiences: who gets which campaign, with which products, in which variant.
+
+For each campaign: everyone with a recommendation list, joined to their segment, latest scores (with
+the customer-value columns), send hour and last activity; the campaign's filters (segments, churn
+bands, minimum purchase probability, minimum predicted CLV, next order expected soon, activity);
+minus every suppressed user; cut to ``max_audience`` (highest purchase_probability first, ties by
+user id, so the cut is deterministic); then split by ``lib.campaign.holdout.assign_variant`` (a hash of the
+salt and the user id) into treatment, holdout and global_control. The same inputs give the same
+rows and variants on every run.
+
+A missing optional input (no customer_scores, send_times, user_segments yet) leaves its columns
+null and its filters unapplied; ``AudienceInputs.notes`` says which, for the stage's message. A score
+filter never passes a customer whose value is null (unscored, ineligible, or a customer_scores table
+written before the column existed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from lib.platform import catalog as C
+from lib.campaign.holdout import assign_variant
+from lib.platform.settings import CampaignSettings
+
+
+# customer_scores' customer-value columns: carried into campaign_audience and its exports as the scores hold them.
+CUSTOMER_VALUE_COLUMNS = ("historic_clv", "predicted_clv", "total_clv", "p_alive", "expected_orders",
+                          "avg_days_between_orders", "expected_next_order_date")
+SCORE_COLUMNS = ("churn_band", "purchase_probability") + CUSTOMER_VALUE_COLUMNS
+
+
+def _null_score(column: str) -> F.Column:
+    """A null of the column's customer_scores type (the catalog's), named as the column."""
+    return F.lit(None).cast(C.CUSTOMER_SCORES.schema[column].dataType.simpleString()).alias(column)
+
+
+@dataclass
+class AudienceInputs:
+    """The tables an audience is built from, already read (None: the table does not exist)."""
+
+    recommendations: DataFrame                 # user_id, rank, item_id, score, source
+    segments: DataFrame | None = None          # user_id, segment_id
+    scores: DataFrame | None = None            # latest_scores: user_id, as_of, SCORE_COLUMNS (one as_of)
+    send_times: DataFrame | None = None        # user_id, hour_utc
+    activity: DataFrame | None = None          # user_id, last_active_ts
+    activity_reference: datetime | None = None  # "now" of active_within_days
+    notes: list[str] = field(default_factory=list)
+
+
+def latest_scores(customer_scores: DataFrame) -> DataFrame:
+    """The rows of the latest as_of: (user_id, as_of, *SCORE_COLUMNS); ineligible rows keep nulls, and a
+    column the table lacks (written before it existed) is null."""
+    latest = customer_scores.agg(F.max("as_of").alias("_latest"))
+    return (customer_scores.join(F.broadcast(latest), F.col("as_of") == F.col("_latest"))
+            .select("user_id", "as_of",
+                    *[c if c in customer_scores.columns else _null_score(c) for c in SCORE_COLUMNS]))
+
+
+def last_activity(events: DataFrame) -> DataFrame:
+    """(user_id, last_active_ts): a customer's latest event other than a delivered email."""
+    return (events.where(F.col("event_type") != "email_send")
+            .groupBy("user_id").agg(F.max("event_ts").alias("last_active_ts")))
+
+
+def product_lists(recommendations: DataFrame, products: int, strategy: str) -> DataFrame:
+    """(user_id, products): the top ``products`` of a user's ``strategy`` list as
+    array<struct<item_id, rank, score, source>>."""
+    ranked = F.array_sort(F.collect_list(F.struct("rank", "item_id", "score", "source")))
+    return (recommendations.where((F.col("rank") <= products) & (F.col("strategy") == strategy))
+            .groupBy("user_id")
+            .agg(F.transform(ranked, lambda p: F.struct(p["item_id"].alias("item_id"), p["rank"].alias("rank"),
+                                                        p["score"].alias("score"), p["source"].alias("source")))
+                 .alias("products")))
+
+
+def _joined(inputs: AudienceInputs, campaign: CampaignSettings) -> DataFrame:
+    people = product_lists(inputs.recommendations, campaign.products, campaign.strategy)
+    null_int = F.lit(None).cast("int")
+    if inputs.segments is not None:
+        people = people.join(inputs.segments.select("user_id", "segment_id"), "user_id", "left")
+    else:
+        people = people.withColumn("segment_id", null_int)
+    if inputs.scores is not None:
+        people = people.join(inputs.scores.select("user_id", F.col("as_of").alias("_scores_as_of"), *SCORE_COLUMNS),
+                             "user_id", "left")
+    else:
+        people = people.select("*", F.lit(None).cast("date").alias("_scores_as_of"), *map(_null_score, SCORE_COLUMNS))
+    if inputs.send_times is not None:
+        people = people.join(inputs.send_times.select("user_id", F.col("hour_utc").alias("_hour")), "user_id", "left")
+    else:
+        people = people.withColumn("_hour", null_int)
+    people = people.withColumn("send_hour_utc", F.coalesce(F.col("_hour"), F.lit(campaign.send_hour_utc)))
+    if campaign.active_within_days and inputs.activity is not None:
+        people = people.join(inputs.activity, "user_id", "left")
+    return people
+
+
+def eligible(inputs: AudienceInputs, campaign: CampaignSettings) -> tuple[DataFrame, list[str]]:
+    """Customers passing the campaign's filters (before suppressions, cap and split), and notes on
+    filters that could not be applied for want of a table."""
+    people, notes = _joined(inputs, campaign), []
+    if campaign.segments:
+        people = people.where(F.col("segment_id").isin(list(campaign.segments)))
+    score_filters = [key for key, on in (("churn_bands", bool(campaign.churn_bands)),
+                                         ("min_purchase_probability", campaign.min_purchase_probability > 0),
+                                         ("min_predicted_clv", campaign.min_predicted_clv > 0),
+                                         ("next_order_within_days", campaign.next_order_within_days > 0)) if on]
+    if score_filters and inputs.scores is None:
+        notes.append(f"{campaign.name}: no customer_scores, {' / '.join(score_filters)} not applied")
+    elif score_filters:
+        # A null never passes a comparison: unscored customers and null values are left out.
+        if campaign.churn_bands:
+            people = people.where(F.col("churn_band").isin(list(campaign.churn_bands)))
+        if campaign.min_purchase_probability > 0:
+            people = people.where(F.col("purchase_probability") >= campaign.min_purchase_probability)
+        if campaign.min_predicted_clv > 0:
+            people = people.where(F.col("predicted_clv") >= campaign.min_predicted_clv)
+        if campaign.next_order_within_days:
+            days_ahead = F.datediff("expected_next_order_date", "_scores_as_of")
+            people = people.where(days_ahead.between(0, campaign.next_order_within_days))
+    if campaign.active_within_days:
+        if inputs.activity is None or inputs.activity_reference is None:
+            notes.append(f"{campaign.name}: no events, active_within_days not applied")
+        else:
+            since = inputs.activity_reference - timedelta(days=campaign.active_within_days)
+            people = people.where(F.col("last_active_ts") >= F.lit(since))
+    return people, notes
+
+
+def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppressed: DataFrame, salt: str,
+                      control_share: float, run_id: str) -> tuple[DataFrame, list[str]]:
+    """The campaign_audience rows of one campaign (see the module docstring) and notes for the message.
+
+    ``suppressed``: a frame with user_id (every row suppresses its user)."""
+    people, notes = eligible(inputs, campaign)
+    blocked = suppressed.select("user_id").where(F.col("user_id").isNotNull()).distinct()
+    people = people.join(blocked, "user_id", "left_anti")
+    if campaign.max_audience:
+        people = (people.orderBy(F.col("purchase_probability").desc_nulls_last(), F.col("user_id"))
+                  .limit(campaign.max_audience))
+    return people.select(
+        F.lit(campaign.name).alias("campaign_id"),
+        "user_id",
+        assign_variant("user_id", campaign.name, salt, campaign.holdout_share, control_share).alias("variant"),
+        "segment_id", "products", "churn_band", "purchase_probability", "send_hour_utc", *CUSTOMER_VALUE_COLUMNS,
+        F.lit(run_id).alias("run_id"),
+    ), notes

@@ -1,0 +1,3 @@
+"""From raw exports to validated Delta tables: readers and source presets, the events ingest (quarantine,
+dedupe, reconciled counts) and the product catalog.
+"""

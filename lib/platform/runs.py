@@ -1,0 +1,37 @@
+"""Run bookkeeping: one ``pipeline_runs`` row per stage per run (``running`` until it ends)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pyspark.sql import DataFrame, SparkSession
+
+from lib.platform.catalog import PIPELINE_RUNS
+
+
+@dataclass
+class StageResult:
+    """What a stage reports: rows read, rows written, a short message and named counts."""
+
+    rows_in: int | None = None
+    rows_out: int | None = None
+    message: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def run_record(
+    spark: SparkSession,
+    run_id: str,
+    stage: str,
+    status: str,
+    started_at: datetime,
+    finished_at: datetime | None,
+    result: StageResult,
+) -> DataFrame:
+    """A one-row DataFrame for ``pipeline_runs``."""
+    row = (
+        run_id, stage, status, started_at, finished_at,
+        result.rows_in, result.rows_out, result.message[:4000],
+        {key: int(value) for key, value in result.counts.items()},
+    )
+    return spark.createDataFrame([row], PIPELINE_RUNS.schema)
