@@ -15,6 +15,7 @@ from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campa
                                    latest_scores)
 from lib.campaign.campaigns import check_segments, for_campaign, write_suppressed_users
 from lib.campaign.exports import discard_exports, export_directory, publish_exports, write_export
+from lib.features.interactions import latest_event_time
 from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.build_audience")
@@ -47,9 +48,7 @@ def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
     if need_activity and tables.exists(spark, C.EVENTS):
         events = tables.read(spark, C.EVENTS)
         inputs.activity = last_activity(events)
-        as_of = ctx.settings.scores.as_of_utc
-        latest = events.agg(F.max("event_ts")).first()[0]
-        inputs.activity_reference = as_of or (latest.replace(tzinfo=timezone.utc) if latest else None)
+        inputs.activity_reference = ctx.settings.scores.as_of_utc or latest_event_time(events)
     return inputs
 
 

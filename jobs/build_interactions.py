@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import logging
-from datetime import timezone
 
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
 from lib.platform import catalog as C
-from lib.features.interactions import grow_index, score_events, to_matrix_entries
+from lib.features.interactions import grow_index, resolve_as_of, score_events, to_matrix_entries
 from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.build_interactions")
@@ -21,13 +20,7 @@ def run(ctx: StageContext) -> StageResult:
     # One snapshot of events for the whole stage: a concurrent ingest must not change what is counted.
     events = tables.read(spark, C.EVENTS, tables.version(spark, C.EVENTS))
 
-    as_of = settings.as_of_utc
-    if as_of is None:
-        latest = events.agg(F.max("event_ts")).first()[0]
-        if latest is None:
-            raise ValueError(f"table {tables.location(C.EVENTS)} is empty: ingest kept no event "
-                             "(see events_quarantine and the ingest row of pipeline_runs)")
-        as_of = latest if latest.tzinfo else latest.replace(tzinfo=timezone.utc)
+    as_of = resolve_as_of(settings.as_of_utc, events, tables.location(C.EVENTS))
     log.info("scoring events as of %s, half-life %.1f days", as_of.isoformat(), settings.half_life_days)
 
     scored = score_events(events, settings.weights, settings.half_life_days, as_of).persist()

@@ -239,25 +239,30 @@ def main_for(name: str, argv: list[str] | None = None) -> StageResult:
     return run_stage(ctx, name)
 
 
+def local_root(ctx: StageContext) -> Path | None:
+    """output.root as a local directory (a plain path or file:), None for catalog tables or a remote root:
+    where reports and export files go when no directory is configured for them."""
+    tables = ctx.tables
+    if tables.uses_catalog or not tables.root or "://" in tables.root and not tables.root.startswith("file:"):
+        return None
+    return Path(tables.root.removeprefix("file:"))
+
+
 def report_directory(ctx: StageContext, configured: str, name: str) -> Path | None:
     """Where a stage's markdown report goes: the configured directory, else <output.root>/reports/<name>
     on a local root; None (no report) for catalog tables or a remote root without a configured one."""
     if configured:
         return Path(configured)
-    tables = ctx.tables
-    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
-        return None
-    return Path(tables.root.removeprefix("file:")) / "reports" / name
+    root = local_root(ctx)
+    return None if root is None else root / "reports" / name
 
 
 def exports_root(ctx: StageContext) -> str | None:
     """exports.dir, else <output.root>/exports on a local root; None for catalog tables without a dir."""
     if ctx.settings.exports.dir:
         return str(Path(ctx.settings.exports.dir.removeprefix("file:")).resolve())
-    tables = ctx.tables
-    if tables.uses_catalog or "://" in tables.root and not tables.root.startswith("file:"):
-        return None
-    return str(Path(tables.root.removeprefix("file:")) / "exports")
+    root = local_root(ctx)
+    return None if root is None else str(root / "exports")
 
 
 def models_root(ctx: StageContext) -> str:

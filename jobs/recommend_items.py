@@ -10,41 +10,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import timezone
-from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, models_root, read_matrix
-from lib.platform import catalog as C
-from lib.recommend.als import AlsParams, TuningResult, als_top_n, candidate_grid, fit_als
-from lib.recommend.topn import TopNBlocks
-from lib.recommend.buy_again import BuyAgainParams, fit_ranker, purchase_occasions
-from lib.recommend.metrics import write_strategy_report
+from jobs.common import StageContext, main_for, models_root, read_matrix, report_directory
+from lib.features.interactions import resolve_as_of
 from lib.ingest.products import excluded_items
-from lib.recommend.baselines import user_segment_of
-from lib.recommend.evaluation import EvaluationSettings, TrainingSideNmf, evaluate_offline
-from lib.recommend.lists import final_recommendations, strategy_lists
-from lib.recommend.pairs import excluded_pairs, to_indexed
+from lib.platform import catalog as C
 from lib.platform.runs import StageResult
-from lib.platform.settings import AlsSettings, RecommendSettings
+from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als
+from lib.recommend.baselines import user_segment_of
+from lib.recommend.buy_again import buy_again_params, fit_ranker, purchase_occasions
+from lib.recommend.evaluation import TrainingSideNmf, evaluate_offline, evaluation_settings
+from lib.recommend.lists import final_recommendations, strategy_lists
+from lib.recommend.metrics import write_strategy_report
+from lib.recommend.pairs import excluded_pairs, to_indexed
+from lib.recommend.topn import top_n_blocks
 
 log = logging.getLogger("jobs.recommend_items")
-
-
-def _candidates(als: AlsSettings, partitions: int) -> list[AlsParams]:
-    # Blocks default to the job's shuffle partitions: about one task per partition, as everywhere else.
-    return candidate_grid(list(als.ranks), list(als.reg_params), list(als.alphas), als.max_iter, als.seed,
-                          als.checkpoint_interval, als.search, als.max_candidates, als.num_blocks or partitions)
-
-
-def _top_n_blocks(als: AlsSettings) -> TopNBlocks:
-    return TopNBlocks(als.top_n_user_block_mb, als.top_n_item_block_mb, als.top_n_broadcast_mb)
-
-
-def _buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
-    return BuyAgainParams(settings.horizon_days, settings.buy_again_overdue_decay,
-                          settings.buy_again_min_gaps, settings.blend_prior_strength)
 
 
 def _model_path(ctx: StageContext) -> str:
@@ -57,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     events = tables.require(spark, C.EVENTS, "ingest")
     entries, user_index, item_index = read_matrix(ctx)
     partitions = ctx.settings.spark.shuffle_partitions
-    candidates = _candidates(settings.als, partitions)
+    als_candidates = candidates(settings.als, partitions)
     notes: list[str] = []
     counts: dict[str, int] = {}
 
@@ -76,30 +59,17 @@ def run(ctx: StageContext) -> StageResult:
         notes.append("user_segments absent: cold-start users get global popularity, no segment_popular baseline")
 
     if settings.evaluate:
-        interactions = ctx.settings.interactions
-        evaluation = EvaluationSettings(
-            weights=interactions.weights, half_life_days=interactions.half_life_days,
-            exclude_event_types=list(settings.exclude_event_types), k_values=list(settings.k_values),
-            tune_k=settings.tune_k, split=settings.split, holdout_fraction=settings.holdout_fraction,
-            holdout_cutoff=settings.holdout_cutoff_utc, validation_fraction=settings.validation_fraction,
-            strategies=tuple(settings.strategies), purchase_event_types=tuple(settings.purchase_event_types),
-            buy_again=_buy_again_params(settings), buy_again_model=settings.buy_again_model,
-            blend_ranks=settings.top_n,
-            top_n_blocks=_top_n_blocks(settings.als), eval_sample_users=settings.eval_sample_users,
-            sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
-            ship_min_group_users=settings.ship_min_group_users,
-            tune_sample_users=settings.tune_sample_users,
-        )
+        evaluation = evaluation_settings(settings, ctx.settings.interactions)
         # The segments stage's NMF, refitted on each training side: the nmf_score recommender where its
         # factors exist, the segments of the segment_popular baseline where its segments exist.
         has_nmf = tables.exists(spark, C.NMF_USER_FACTORS) and tables.exists(spark, C.NMF_ITEM_FACTORS)
-        training_nmf = TrainingSideNmf(ctx.settings.segments, _top_n_blocks(settings.als))
+        training_nmf = TrainingSideNmf(ctx.settings.segments, top_n_blocks(settings.als))
         notes.append(f"NMF-score recommender refitted on the training side (segments.k={ctx.settings.segments.k})"
                      if has_nmf else "nmf_user_factors / nmf_item_factors absent: NMF-score recommender skipped")
         log.info("%s", notes[-1])
 
         tuning: list[TuningResult] = []
-        report = evaluate_offline(events, evaluation, candidates, training_nmf.recommend if has_nmf else None,
+        report = evaluate_offline(events, evaluation, als_candidates, training_nmf.recommend if has_nmf else None,
                                   "nmf_score", tuning.append, exclude_ids,
                                   None if segments is None else training_nmf.segments)
         training_nmf.release()
@@ -122,15 +92,15 @@ def run(ctx: StageContext) -> StageResult:
         if counts["candidates_stopped_early"]:
             notes.append(f"{counts['candidates_stopped_early']} of {len(tuning)} ALS candidates stopped early "
                          f"(clearly worse on the first quarter of the validation users)")
-        if tables.uses_catalog or not tables.root or "://" in tables.root:
+        directory = report_directory(ctx, "", "recommendations")
+        if directory is None:
             log.info("strategy report skipped: tables are not under a local output.root")
         else:
-            path = write_strategy_report(Path(tables.root) / "reports" / "recommendations", run_id, report.metrics,
-                                         report.notes, report.segment_usefulness)
+            path = write_strategy_report(directory, run_id, report.metrics, report.notes, report.segment_usefulness)
             if path is not None:
                 log.info("strategy report: %s", path)
     else:
-        best = _candidates(replace(settings.als, search="grid"), partitions)[0]
+        best = candidates(replace(settings.als, search="grid"), partitions)[0]
         calibration = None
         shipped = {}
         notes.append("no blend calibration without evaluation: blended lists interleave by propensity")
@@ -151,22 +121,21 @@ def run(ctx: StageContext) -> StageResult:
     log.info("ALS model saved to %s", model_path)
 
     discover = final_recommendations(
-        lambda users, n, exclude_pairs: als_top_n(model, users, n, exclude_pairs, _top_n_blocks(settings.als)),
+        lambda users, n, exclude_pairs: als_top_n(model, users, n, exclude_pairs, top_n_blocks(settings.als)),
         entries, user_index, item_index, excluded, settings.top_n, settings.min_history, segments,
     )
     if "blended" in settings.strategies:  # read twice: as itself and inside the blend
         discover = discover.localCheckpoint(eager=True)
-    as_of = ctx.settings.interactions.as_of_utc or events.agg(F.max("event_ts")).first()[0].replace(
-        tzinfo=timezone.utc)
+    as_of = resolve_as_of(ctx.settings.interactions.as_of_utc, events, tables.location(C.EVENTS))
     occasions = purchase_occasions(events, settings.purchase_event_types).cache()
-    ranker = fit_ranker(occasions, as_of, _buy_again_params(settings), settings.buy_again_model, settings.als.seed)
+    ranker = fit_ranker(occasions, as_of, buy_again_params(settings), settings.buy_again_model, settings.als.seed)
     notes.append(f"lists: {ranker.note}")
     for strategy, chosen in shipped.items():
         baselines = {group: name for group, name in chosen.items() if name != strategy}
         if baselines:
             notes.append(f"{strategy}: a baseline won validation, so it ships as the list of " + ", ".join(
                 f"{group} customers ({name})" for group, name in sorted(baselines.items())))
-    recommendations = strategy_lists(discover, occasions, as_of, _buy_again_params(settings), settings.top_n,
+    recommendations = strategy_lists(discover, occasions, as_of, buy_again_params(settings), settings.top_n,
                                      settings.strategies, exclude_ids, calibration, ranker, shipped,
                                      None if segments is None else user_segment_of(segments)
                                      ).withColumn("run_id", F.lit(run_id))

@@ -12,7 +12,8 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, report_directory
 from lib.platform import catalog as C
-from lib.features.customers import resolve_as_of, segment_affinities
+from lib.features.customers import segment_affinities
+from lib.features.interactions import resolve_as_of
 from lib.platform.runs import StageResult
 from lib.scores.report import write_score_report
 from lib.scores.scoring import finalize_scores, score_customers, segment_outcomes
@@ -34,7 +35,7 @@ def run(ctx: StageContext) -> StageResult:
     settings = ctx.settings.scores
     spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
     events = tables.require(spark, C.EVENTS, "ingest")
-    as_of = resolve_as_of(settings.as_of_utc, events)
+    as_of = resolve_as_of(settings.as_of_utc, events, tables.location(C.EVENTS)).date()
     affinities, k = None, 0
     if tables.exists(spark, C.NMF_USER_FACTORS):
         factors = tables.read(spark, C.NMF_USER_FACTORS)

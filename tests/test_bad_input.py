@@ -15,7 +15,7 @@ TS = "2026-10-01T10:00:00Z"
 VALID = {  # event_id -> line
     "v1": f"v1,u1,i1,view,{TS},,",
     "v2": f'v2,"u2",i1,purchase,{TS},2,12.5',
-    "v3": f'v3,"\u00a0u3\u200b","item, with comma",click,2026-10-01 12:00:00+02:00,,',
+    "v3": 'v3,"\u00a0u3\u200b","item, with comma",click,2026-10-01 12:00:00+02:00,,',
     "v4": "v4,u4,i4,purchase,1759312800,1,9.99",
 }
 BAD = {  # expected reason -> line(s) that must get it

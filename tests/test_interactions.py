@@ -2,7 +2,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lib.features.interactions import extend_index, score_events, to_matrix_entries
+from lib.features.interactions import (extend_index, latest_event_time, resolve_as_of, score_events,
+                                       to_matrix_entries)
 
 AS_OF = datetime(2026, 10, 31, tzinfo=timezone.utc)
 WEIGHTS = {"view": 1.0, "purchase": 8.0, "email_send": 0.0}
@@ -75,3 +76,17 @@ def test_index_is_unique_when_the_input_order_varies_between_evaluations(spark):
         scored.unpersist()
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
+
+
+def test_as_of_is_the_configured_instant_else_the_latest_event(spark):
+    events = spark.createDataFrame([(datetime(2026, 1, 1, 5),), (datetime(2026, 1, 3, 7, 30),)], "event_ts timestamp")
+    latest = datetime(2026, 1, 3, 7, 30, tzinfo=timezone.utc)
+    assert latest_event_time(events) == latest and latest_event_time(events).tzinfo is not None
+    assert resolve_as_of(None, events) == latest
+    configured = datetime(2025, 12, 31, tzinfo=timezone.utc)
+    assert resolve_as_of(configured, events) == configured
+    empty = events.limit(0)
+    assert latest_event_time(empty) is None
+    assert resolve_as_of(configured, empty) == configured
+    with pytest.raises(ValueError, match="table /wh/events is empty"):
+        resolve_as_of(None, empty, "/wh/events")

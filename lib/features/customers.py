@@ -147,16 +147,6 @@ def segment_affinities(user_factors: DataFrame) -> DataFrame:
         .otherwise(F.transform("factors", lambda x: x * 0.0)).alias("affinities"))
 
 
-def resolve_as_of(configured: datetime | None, events: DataFrame) -> date:
-    """The date scored: ``scores.as_of`` when set, else the date of the latest event (one scalar)."""
-    if configured is not None:
-        return configured.date()
-    latest = events.agg(F.max("event_ts")).first()[0]
-    if latest is None:
-        raise ValueError("events is empty: nothing to score")
-    return latest.date()
-
-
 def purchase_history_names(windows: tuple[int, ...]) -> list[str]:
     """The model features of ``purchase_history`` (orders are distinct purchase days)."""
     return ["orders", "order_tenure_days", "mean_gap_days_or_cap", "last_gap_days_or_cap", "historic_revenue",

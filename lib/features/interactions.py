@@ -145,6 +145,26 @@ def to_matrix_entries(scored: DataFrame, user_index: DataFrame, item_index: Data
     )
 
 
+def latest_event_time(events: DataFrame) -> datetime | None:
+    """The time of the latest of ``events`` as a UTC instant (one scalar), None when there is none."""
+    latest = events.agg(F.max("event_ts")).first()[0]
+    if latest is None:
+        return None
+    return latest if latest.tzinfo else latest.replace(tzinfo=timezone.utc)
+
+
+def resolve_as_of(configured: datetime | None, events: DataFrame, where: str = "events") -> datetime:
+    """The instant a stage works as of: the configured one, else the latest event's time; an error naming
+    ``where`` (the events table) when there is no event to take it from."""
+    if configured is not None:
+        return configured
+    latest = latest_event_time(events)
+    if latest is None:
+        raise ValueError(f"table {where} is empty: ingest kept no event "
+                         "(see events_quarantine and the ingest row of pipeline_runs)")
+    return latest
+
+
 def write_matrix_tables(spark: SparkSession, tables: Tables, events: DataFrame, weights: dict[str, float],
                         half_life_days: float, partitions: int = 2) -> datetime:
     """Score ``events`` as of their latest event and overwrite user_index, item_index and interactions.
@@ -152,7 +172,7 @@ def write_matrix_tables(spark: SparkSession, tables: Tables, events: DataFrame, 
     A from-scratch matrix (fixtures, benchmarks, a rebuild): indices numbered afresh, without the
     incremental, conflict-safe growth of the build_interactions stage. Returns the as-of instant.
     """
-    as_of = events.agg(F.max("event_ts")).first()[0].replace(tzinfo=timezone.utc)
+    as_of = resolve_as_of(None, events)
     scored = score_events(events, weights, half_life_days, as_of).persist()
     for table, rows in zip((USER_INDEX, ITEM_INDEX), index_additions(scored, None, None, partitions)):
         tables.overwrite(rows, table)

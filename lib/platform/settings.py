@@ -442,16 +442,15 @@ class RecommendSettings:
 
     def __post_init__(self) -> None:
         require(len(self.k_values) > 0, "recommend.k_values", "must hold at least one K")
-        one_of(self.split, ("forward", "per_user"), "recommend.split")
-        one_of(self.buy_again_model, ("logistic_regression", "gbt", "heuristic"), "recommend.buy_again_model")
+        one_of(self.split, RECOMMEND_SPLITS, "recommend.split")
+        one_of(self.buy_again_model, BUY_AGAIN_MODELS, "recommend.buy_again_model")
         require(self.horizon_days > 0, "recommend.horizon_days", "must be > 0")
         require(0.0 < self.holdout_fraction < 1.0, "recommend.holdout_fraction", "must be in (0, 1)")
         require(0.0 < self.validation_fraction < 1.0, "recommend.validation_fraction", "must be in (0, 1)")
         parse_utc(self.holdout_cutoff, "recommend.holdout_cutoff")
-        strategies = ("discover", "buy_again", "blended")
-        unknown = sorted(set(self.strategies) - set(strategies))
+        unknown = sorted(set(self.strategies) - set(RECOMMEND_STRATEGIES))
         require(len(self.strategies) > 0 and not unknown, "recommend.strategies",
-                f"must name some of {', '.join(strategies)}; got {list(self.strategies)}")
+                f"must name some of {', '.join(RECOMMEND_STRATEGIES)}; got {list(self.strategies)}")
         require(len(self.purchase_event_types) > 0, "recommend.purchase_event_types", "must name an event type")
         require(self.buy_again_overdue_decay > 0, "recommend.buy_again_overdue_decay", "must be > 0")
         require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
@@ -491,6 +490,10 @@ class ProductsSettings:
                 require(bool(pattern), f"products.{key}", "must not hold an empty pattern")
 
 
+# The [recommend] choices, named once here and used by lib.recommend.
+RECOMMEND_SPLITS = ("forward", "per_user")
+RECOMMEND_STRATEGIES = ("discover", "buy_again", "blended")
+BUY_AGAIN_MODELS = ("logistic_regression", "gbt", "heuristic")
 # The interactions column the segments factorize: the time-decayed score, or an undecayed event count
 # (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
 SEGMENT_VALUE_COLUMNS = ("score", "n_events", "n_weighted_events")

@@ -20,6 +20,7 @@ from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from lib.platform.settings import AlsSettings
 from lib.recommend.topn import TopNBlocks, block_top_n, exclusion_tiers, rank_and_exclude
 
 log = logging.getLogger(__name__)
@@ -303,3 +304,10 @@ def tune_als(
         for stage_users, _ in stages:
             stage_users.unpersist()
     return best.params, results
+
+
+def candidates(als: AlsSettings, partitions: int) -> list[AlsParams]:
+    """The ALS candidates of the [recommend.als] settings; blocks default to ``partitions`` (the job's
+    shuffle partitions: about one task per partition, as everywhere else)."""
+    return candidate_grid(list(als.ranks), list(als.reg_params), list(als.alphas), als.max_iter, als.seed,
+                          als.checkpoint_interval, als.search, als.max_candidates, als.num_blocks or partitions)

@@ -45,6 +45,8 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from lib.platform.settings import BUY_AGAIN_MODELS, RecommendSettings
+
 log = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86_400.0
@@ -190,7 +192,6 @@ def most_recent_top_n(occasions: DataFrame, as_of: datetime | Column, n: int,
 # The learned buy-again ranker
 # ----------------------------------------------------------------------------------------------
 
-RANKER_MODELS = ("logistic_regression", "gbt", "heuristic")
 RANKER_FEATURES = ("log_occasions", "order_share", "occasions_30d", "occasions_90d", "log_days_since",
                    "log_due", "abs_log_due", "heuristic", "log_quantity", "item_repeat_rate", "log_item_buyers",
                    "log_user_orders", "log_user_days_since")
@@ -262,8 +263,8 @@ def fit_ranker(occasions: DataFrame, as_of: datetime, params: BuyAgainParams, ki
     Falls back to the heuristic (``model`` None, said in ``note``) when that window holds no repeat
     purchase or no pair that was not re-bought: there is nothing to learn from.
     """
-    if kind not in RANKER_MODELS:
-        raise ValueError(f"buy-again model must be one of {', '.join(RANKER_MODELS)}, got {kind!r}")
+    if kind not in BUY_AGAIN_MODELS:
+        raise ValueError(f"buy-again model must be one of {', '.join(BUY_AGAIN_MODELS)}, got {kind!r}")
     if kind == "heuristic":
         return BuyAgainRanker(kind, None, "buy-again lists ranked by the heuristic due-ness score")
     cutoff = as_of - timedelta(days=params.horizon_days)
@@ -451,3 +452,9 @@ def blend(buy_again: DataFrame, discover: DataFrame, propensity: DataFrame, n: i
     order = Window.partitionBy("user_id").orderBy(F.col("_score").desc(), F.col("_again").desc(), "item_id")
     return (deduped.withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= n)
             .select("user_id", "item_id", F.col("_score").alias("score"), "rank", "source"))
+
+
+def buy_again_params(settings: RecommendSettings) -> BuyAgainParams:
+    """The buy-again and blend parameters of the [recommend] settings."""
+    return BuyAgainParams(settings.horizon_days, settings.buy_again_overdue_decay,
+                          settings.buy_again_min_gaps, settings.blend_prior_strength)

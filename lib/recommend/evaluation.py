@@ -22,11 +22,11 @@ from lib.features.splits import (
     relevant_items,
     user_history_end,
 )
-from lib.platform.settings import SegmentsSettings
+from lib.platform.settings import InteractionsSettings, RecommendSettings, SegmentsSettings
 from lib.recommend.als import AlsParams, Estimate, TuningResult, als_top_n, fit_als, tune_als, user_hash_fraction
 from lib.recommend.baselines import popular_for, popular_top_n, purchase_popularity, segment_popular_for
 from lib.recommend.buy_again import (
-    RANKER_MODELS,
+    buy_again_params,
     BlendCalibration,
     BuyAgainParams,
     blend,
@@ -43,7 +43,6 @@ from lib.recommend.buy_again import (
     repeat_propensity,
     ship_what_wins,
 )
-from lib.recommend.lists import STRATEGIES
 from lib.recommend.metrics import (
     evaluate,
     group_ranking_metrics,
@@ -52,14 +51,13 @@ from lib.recommend.metrics import (
     segment_usefulness_summary,
 )
 from lib.recommend.pairs import excluded_pairs, to_ids, to_indexed
-from lib.recommend.topn import TopNBlocks, block_top_n
+from lib.recommend.topn import TopNBlocks, block_top_n, top_n_blocks
 from lib.segments.assign import assign_segments, component_mass
 from lib.segments.matrix import fit_segments, segment_matrix
 
 log = logging.getLogger(__name__)
 
 
-SPLITS = ("forward", "per_user")
 
 
 # The baselines a strategy's list must beat on a customer group's validation to ship there. A buy-again
@@ -82,7 +80,8 @@ TUNE_SEED_OFFSET = 2
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    """How the offline evaluation splits, scores and measures."""
+    """How the offline evaluation splits, scores and measures: ``evaluation_settings`` builds it from the
+    [recommend] and [interactions] settings, which check every value once (``lib.platform.settings``)."""
 
     weights: dict[str, float]
     half_life_days: float
@@ -99,7 +98,7 @@ class EvaluationSettings:
     strategies: tuple[str, ...] = ()
     purchase_event_types: tuple[str, ...] = ("purchase",)
     buy_again: BuyAgainParams = BuyAgainParams()
-    buy_again_model: str = "logistic_regression"   # lib.recommend.buy_again.RANKER_MODELS
+    buy_again_model: str = "logistic_regression"   # lib.platform.settings.BUY_AGAIN_MODELS
     blend_ranks: int = 0   # the blend is calibrated for ranks 1..max(k_values, blend_ranks) (the lists' length)
     top_n_blocks: TopNBlocks | None = None   # how ALS top-N lists are cut into blocks (None: the defaults)
     # Validation and offline metrics on a seeded sample of about this many users per evaluated set
@@ -113,21 +112,6 @@ class EvaluationSettings:
     tune_stop_z: float = 0.0   # > 0: tuning stops a clearly worse candidate early (lib.recommend.als.tune_als)
     # A customer group with fewer validation users keeps the strategy's own list: no baseline ships on noise.
     ship_min_group_users: int = 30
-
-    def __post_init__(self) -> None:
-        if not self.k_values or min(self.k_values) < 1 or self.tune_k < 1:
-            raise ValueError(f"evaluation K values must be >= 1, got {self.k_values} and tune_k={self.tune_k}")
-        unknown = sorted(set(self.strategies) - set(STRATEGIES))
-        if unknown:
-            raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
-        if self.split not in SPLITS or self.buy_again_model not in RANKER_MODELS:
-            raise ValueError(f"split must be one of {SPLITS} and buy_again_model one of {RANKER_MODELS}, got "
-                             f"{self.split!r} and {self.buy_again_model!r}")
-        if self.ship_min_group_users < 1:
-            raise ValueError(f"ship_min_group_users must be >= 1, got {self.ship_min_group_users}")
-        if min(self.eval_sample_users, self.tune_sample_users, self.tune_stop_z) < 0:
-            raise ValueError(f"eval_sample_users, tune_sample_users and tune_stop_z must be >= 0, got "
-                             f"{self.eval_sample_users}, {self.tune_sample_users}, {self.tune_stop_z}")
 
 
 def sample_users(rows: DataFrame, size: int, seed: int, user_col: str = "user_id",
@@ -552,3 +536,19 @@ def evaluate_strategies(
     report.notes.append(f"global repeat share of purchase occasions {share:.3f}")
     for df in (occasions, user_occasions, propensity, groups):
         df.unpersist()
+
+
+def evaluation_settings(settings: RecommendSettings, interactions: InteractionsSettings) -> EvaluationSettings:
+    """The offline evaluation's parameters from the [recommend] and [interactions] settings (validated there)."""
+    return EvaluationSettings(
+        weights=interactions.weights, half_life_days=interactions.half_life_days,
+        exclude_event_types=list(settings.exclude_event_types), k_values=list(settings.k_values),
+        tune_k=settings.tune_k, split=settings.split, holdout_fraction=settings.holdout_fraction,
+        holdout_cutoff=settings.holdout_cutoff_utc, validation_fraction=settings.validation_fraction,
+        strategies=tuple(settings.strategies), purchase_event_types=tuple(settings.purchase_event_types),
+        buy_again=buy_again_params(settings), buy_again_model=settings.buy_again_model,
+        blend_ranks=settings.top_n, top_n_blocks=top_n_blocks(settings.als),
+        eval_sample_users=settings.eval_sample_users, tune_sample_users=settings.tune_sample_users,
+        sample_seed=settings.als.seed, tune_stop_z=settings.tune_stop_z,
+        ship_min_group_users=settings.ship_min_group_users,
+    )

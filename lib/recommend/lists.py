@@ -23,9 +23,9 @@ from lib.recommend.buy_again import (
     repeat_propensity,
     ship_what_wins,
 )
+from lib.platform.settings import RECOMMEND_STRATEGIES
 from lib.recommend.pairs import to_ids
 
-STRATEGIES = ("discover", "buy_again", "blended")
 
 
 def final_recommendations(
@@ -89,9 +89,9 @@ def strategy_lists(
     ``segment_popular`` needs ``segments`` (user_id, segment_id).
     ``exclude_items`` (item_id) never appear in any list.
     """
-    unknown = sorted(set(strategies) - set(STRATEGIES))
+    unknown = sorted(set(strategies) - set(RECOMMEND_STRATEGIES))
     if unknown or not strategies:
-        raise ValueError(f"strategies must name some of {', '.join(STRATEGIES)}, got {list(strategies)}")
+        raise ValueError(f"strategies must name some of {', '.join(RECOMMEND_STRATEGIES)}, got {list(strategies)}")
     if exclude_items is not None:  # discover lists were built without these items; this is the safety net
         discover = discover.join(F.broadcast(exclude_items.select("item_id")), "item_id", "left_anti").withColumn(
             "rank", F.row_number().over(Window.partitionBy("user_id").orderBy("rank")))
