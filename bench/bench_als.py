@@ -48,10 +48,10 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 from pyspark.sql import DataFrame, SparkSession, Window  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from lib.recommend.als import AlsParams, als_top_n, fit_als, mllib_top_n
-from lib.recommend.topn import TopNBlocks
-from lib.recommend.metrics import ranking_metrics
 from lib.platform.session import local_session
+from lib.recommend.als import AlsParams, als_top_n, fit_als, mllib_top_n
+from lib.recommend.metrics import ranking_metrics
+from lib.recommend.topn import TopNBlocks
 
 log = logging.getLogger("bench_als")
 ITEMS_PER_USER = 20

@@ -31,11 +31,11 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per Spark task
 
-from lib.recommend.als import TuningResult, candidate_grid
-from lib.recommend.topn import TopNBlocks
-from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
-from lib.sample.planted import SampleSpec, generate_events
 from lib.platform.session import local_session
+from lib.recommend.als import TuningResult, candidate_grid
+from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.recommend.topn import TopNBlocks
+from lib.sample.planted import SampleSpec, generate_events
 
 log = logging.getLogger("bench_als_tuning")
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}

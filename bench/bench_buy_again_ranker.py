@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyspark.sql import functions as F  # noqa: E402
 
+from lib.platform.session import local_session
 from lib.recommend.buy_again import (BuyAgainParams, buy_again_top_n, fit_ranker, most_bought_top_n, most_recent_top_n,
                                      purchase_occasions, ranker_top_n)
 from lib.recommend.metrics import ranking_metrics
-from lib.platform.session import local_session
 
 log = logging.getLogger("bench_buy_again_ranker")
 

@@ -16,12 +16,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from lib.platform.session import local_session
 from lib.recommend.als import AlsParams
 from lib.recommend.buy_again import BuyAgainParams
-from lib.recommend.metrics import write_strategy_report
 from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.recommend.metrics import write_strategy_report
 from lib.sample.repeat import RepeatSpec, generate_repeat_purchases
-from lib.platform.session import local_session
 
 
 def main() -> None:

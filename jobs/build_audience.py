@@ -10,12 +10,12 @@ from functools import reduce
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, exports_root, main_for
-from lib.platform import catalog as C
 from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, last_activity,
                                    latest_scores)
 from lib.campaign.campaigns import check_segments, for_campaign, write_suppressed_users
 from lib.campaign.exports import discard_exports, export_directory, publish_exports, write_export
 from lib.features.interactions import latest_event_time
+from lib.platform import catalog as C
 from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.build_audience")

@@ -6,8 +6,8 @@ import logging
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
-from lib.platform import catalog as C
 from lib.features.interactions import grow_index, resolve_as_of, score_events, to_matrix_entries
+from lib.platform import catalog as C
 from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.build_interactions")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 from jobs.common import StageContext, main_for, report_directory
-from lib.platform import catalog as C
 from lib.campaign.lift import lift_results, outcome_rows, write_lift_report
+from lib.platform import catalog as C
 from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.campaign_report")

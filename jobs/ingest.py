@@ -13,9 +13,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, sample_root
-from lib.platform import catalog as C
 from lib.ingest import events as ingest
 from lib.ingest import readers
+from lib.platform import catalog as C
 from lib.platform.privacy import pseudonymize_events, stage_key
 from lib.platform.runs import StageResult
 from lib.platform.storage import is_delta_path

@@ -10,8 +10,8 @@ import logging
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
-from lib.platform import catalog as C
 from lib.ingest.products import infer_format, read_catalog, validate_products
+from lib.platform import catalog as C
 from lib.platform.runs import StageResult
 from lib.platform.storage import is_delta_path
 

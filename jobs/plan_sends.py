@@ -10,12 +10,12 @@ import logging
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for
-from lib.platform import catalog as C
 from lib.campaign.campaigns import without_suppressed, write_suppressed_users
-from lib.features.customers import resolve_as_of
 from lib.campaign.holdout import GLOBAL_KEY, holdout_assignments
-from lib.platform.runs import StageResult
 from lib.campaign.send_time import send_times
+from lib.features.customers import resolve_as_of
+from lib.platform import catalog as C
+from lib.platform.runs import StageResult
 
 log = logging.getLogger("jobs.plan_sends")
 

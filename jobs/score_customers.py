@@ -11,13 +11,13 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, report_directory
-from lib.platform import catalog as C
 from lib.features.customers import segment_affinities
 from lib.features.interactions import resolve_as_of
+from lib.platform import catalog as C
 from lib.platform.runs import StageResult
+from lib.platform.storage import Tables
 from lib.scores.report import write_score_report
 from lib.scores.scoring import finalize_scores, score_customers, segment_outcomes
-from lib.platform.storage import Tables
 
 log = logging.getLogger("jobs.score_customers")
 

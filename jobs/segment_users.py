@@ -9,13 +9,13 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, main_for, read_matrix, report_directory
 from lib.platform import catalog as C
-from lib.segments.report import write_segment_report
 from lib.platform.runs import StageResult
-from lib.segments.assign import assess_k, assign_fit, assign_segments, assignment_agreement, choose_k, component_mass
-from lib.segments.matrix import (capped_item_count, excluded_item_indices, factor_table, fit_segments,
+from lib.segments.assign import assess_k, assign_segments, choose_k, component_mass, seed_stability
+from lib.segments.matrix import (capped_item_count, excluded_item_indices, factor_table, fit_segments, k_sweep,
                                  score_transform_name, segment_matrix)
-from lib.segments.profiles import (distinctive_items, segment_item_lifts, segment_profiles, summarize_quality,
-                                   top_item_lifts)
+from lib.segments.profiles import (distinctive_items, report_profiles, segment_item_lifts, segment_profiles,
+                                   summarize_quality, top_item_lifts)
+from lib.segments.report import write_segment_report
 
 log = logging.getLogger("jobs.segment_users")
 
@@ -72,19 +72,9 @@ def run(ctx: StageContext) -> StageResult:
         if chosen is not None:
             stability = chosen.stability_ari  # the same two fits (same seeds and settings) as the trial's
         elif settings.stability_check:
-            # The same fit from another seed: do customers land together again?
-            other = fit_segments(entries, replace(settings, seed=settings.seed + 1), n_rows, n_cols)
-            stability = assignment_agreement(user_segments,
-                                             assign_fit(other, settings, settings.k, user_index, user_scales))
-            other.release()
-            log.info("stability: ARI %.4f between seeds %d and %d", stability, settings.seed, settings.seed + 1)
-
+            stability = seed_stability(entries, settings, user_segments, user_index, user_scales, n_rows, n_cols)
         if chosen is None:
-            for k in settings.sweep_ks:
-                trial = fit_segments(entries, settings, n_rows, n_cols, k=k, max_iter=settings.sweep_max_iter)
-                sweep.append({"k": k, "rel_error": trial.rel_error, "iterations": trial.iterations})
-                trial.release()
-                log.info("k sweep: k=%d relative error %.5f after %d iterations", k, trial.rel_error, trial.iterations)
+            sweep = k_sweep(entries, settings, n_rows, n_cols)
     finally:
         entries.unpersist()
 
@@ -106,14 +96,7 @@ def run(ctx: StageContext) -> StageResult:
     top_lifts = {(row["segment_id"], row["item_id"]): row["lift"]  # k x top_items rows
                  for row in top_item_lifts(lifts, profile_rows).collect()}
     lifts.unpersist()
-    profiles = [
-        {"segment_id": row["segment_id"], "size": row["size"], "share": row["share"], "label": row["label"],
-         "distinct": row["distinct"],
-         "top_items": [(item["item_id"], item["weight"]) for item in (row["top_items"] or [])],
-         "lifts": [top_lifts.get((row["segment_id"], item["item_id"]), 0.0) for item in (row["top_items"] or [])],
-         "distinctive": [(item["item_id"], item["lift"], item["support"]) for item in (row["distinctive_items"] or [])]}
-        for row in sorted(profile_rows.collect(), key=lambda r: r["segment_id"])  # k rows
-    ]
+    profiles = report_profiles(profile_rows.collect(), top_lifts)  # k rows
     matrix_users = interactions.where(F.col("score") > 0).select("user_idx").distinct().count()
     quality = summarize_quality(profiles, settings.k, matrix_users, stability, n_excluded,
                                 capped_item_count(interactions, settings.popular_share_cap))

@@ -8,9 +8,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from lib.recommend.als import AlsParams, Estimate, als_top_n, candidate_grid, fit_als, mllib_top_n, tune_als
-from lib.recommend.topn import TopNBlocks, block_top_n, exclusion_tiers
-from lib.recommend.metrics import ranking_metrics
 from lib.recommend.evaluation import EvaluationSettings, evaluate_offline
+from lib.recommend.metrics import ranking_metrics
+from lib.recommend.topn import TopNBlocks, block_top_n, exclusion_tiers
 from lib.sample.planted import SampleSpec, generate_events
 
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}

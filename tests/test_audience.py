@@ -14,12 +14,12 @@ from pyspark.sql import functions as F
 
 from jobs.build_audience import read_inputs
 from jobs.common import load_settings, run_stage
-from lib.platform import catalog as C
 from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, eligible, latest_scores
 from lib.campaign.campaigns import CampaignInputError
-from lib.platform.config import ConfigError
 from lib.campaign.exports import read_export
 from lib.campaign.holdout import GLOBAL_KEY, bucket_of
+from lib.platform import catalog as C
+from lib.platform.config import ConfigError
 from lib.platform.settings import CampaignSettings
 from service import settings as service_settings
 from service.app import create_app

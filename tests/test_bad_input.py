@@ -3,9 +3,9 @@ lost, the reconciliation holds from independent counts, and the tables are reada
 from pathlib import Path
 
 from jobs.common import run_stage
-from lib.platform import catalog as C
 from lib.ingest import events as ingest
 from lib.ingest import readers
+from lib.platform import catalog as C
 import pytest
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data

@@ -13,10 +13,10 @@ import pytest
 
 from jobs import build_audience, common
 from jobs.common import run_stage
-from lib.platform import catalog as C
 from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS
 from lib.campaign.exports import (MANIFEST, PAYLOAD_FIELDS, ExportError, discard_exports, publish_exports, read_export,
                                   write_export)
+from lib.platform import catalog as C
 
 STAMP = datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from jobs.common import load_settings, run_stage
-from lib.platform import catalog as C
 from lib.ingest import events as ingest
 from lib.ingest import readers
+from lib.platform import catalog as C
 from lib.platform.config import ConfigError
 
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "email_open", "email_click")

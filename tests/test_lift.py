@@ -11,8 +11,8 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs.common import run_stage
-from lib.platform import catalog as C
 from lib.campaign.lift import mean_diff_ci, proportion_diff_ci, relative_lift_ci
+from lib.platform import catalog as C
 from lib.sample.campaign import planted_campaign_events, sample_campaign_events
 
 SEND = datetime(2026, 10, 20, 9, tzinfo=timezone.utc)

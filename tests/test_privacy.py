@@ -13,12 +13,12 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs.common import load_settings, run_stage
-from lib.platform import catalog as C
-from lib.ingest import events as ingest
-from lib.platform import privacy
-from lib.ingest import readers
 from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS
 from lib.campaign.exports import ExportError, export_directory, read_export, write_export
+from lib.ingest import events as ingest
+from lib.ingest import readers
+from lib.platform import catalog as C
+from lib.platform import privacy
 from lib.platform.privacy import REDACTION, PrivacyError, load_key, pseudonym, pseudonymize_events
 from lib.platform.runs import StageResult, run_record
 

@@ -8,9 +8,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs import ingest_products, recommend_items
-from lib.platform import catalog as C
 from lib.features.interactions import write_matrix_tables
 from lib.ingest.products import CatalogError, excluded_items, read_catalog, recommendable_items, validate_products
+from lib.platform import catalog as C
 from lib.sample.repeat import POSTAGE_ID, RepeatSpec, generate_repeat_purchases
 
 CATALOG = """item_id,name,category,price,available,recommendable

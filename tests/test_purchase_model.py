@@ -9,11 +9,11 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs.common import BASE_CONFIG
-from lib.platform.config import parse_toml
 from lib.features.customers import purchase_history
+from lib.platform.config import parse_toml
+from lib.platform.settings import ScoresSettings
 from lib.scores.purchase_model import PurchaseModel, customer_value, fit_purchase_model
 from lib.scores.scoring import CutoffFrames, score_customers
-from lib.platform.settings import ScoresSettings
 
 AS_OF = date(2024, 6, 30)
 WINDOWS = (7, 30, 90)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pyspark.sql import functions as F
 
-from lib.recommend.topn import block_top_n
 from lib.recommend.baselines import popular_top_n, segment_popular_for, segment_popular_top_n
 from lib.recommend.evaluation import sample_users
 from lib.recommend.lists import final_recommendations
+from lib.recommend.topn import block_top_n
 
 
 def _entries(spark):

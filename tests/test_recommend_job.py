@@ -9,9 +9,9 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import functions as F
 
 from jobs import recommend_items
+from lib.features.interactions import index_additions, score_events, to_matrix_entries
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError
-from lib.features.interactions import index_additions, score_events, to_matrix_entries
 from lib.sample.planted import SampleSpec, generate_events
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data

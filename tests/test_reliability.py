@@ -10,8 +10,8 @@ from pyspark.sql import functions as F
 
 from jobs import build_interactions
 from jobs.common import run_stage
-from lib.platform import catalog as C
 from lib.ingest import events as ingest
+from lib.platform import catalog as C
 from lib.platform.quality import DataQualityError
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data

@@ -10,13 +10,13 @@ from pyspark.ml.evaluation import BinaryClassificationEvaluator
 from pyspark.sql import functions as F
 
 from jobs.common import BASE_CONFIG, load_settings, run_stage
+from lib.features.customers import customer_features, feature_names, labels
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError, parse_toml
-from lib.features.customers import customer_features, feature_names, labels
+from lib.platform.settings import ScoresSettings
 from lib.sample.planted import SampleSpec, generate_events, planted_users
 from lib.scores.report import write_score_report
 from lib.scores.scoring import finalize_scores, informative_features, score_customers, segment_outcomes
-from lib.platform.settings import ScoresSettings
 
 SPEC = SampleSpec(users=400, items=60, events=60_000, segments=3, seed=5, churn_fraction=0.3, email_campaigns=True)
 START = date.fromisoformat(SPEC.end_date) - timedelta(days=SPEC.days)

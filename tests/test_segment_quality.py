@@ -2,6 +2,7 @@
 settings' balance, stability and lift on realistic data (against the settings before issue 13)."""
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,14 +11,15 @@ from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
 from jobs.common import report_directory
+from lib.features.interactions import write_matrix_tables
 from lib.platform import catalog as C
 from lib.sample import planted as sample_data
 from lib.sample import realistic as R
-from lib.features.interactions import write_matrix_tables
-from lib.segments.assign import KTrial, adjusted_rand_index, assess_k, assign_segments, choose_k, size_balance
-from lib.segments.matrix import parse_score_transform, score_transform_name
-from lib.segments.profiles import (distinctive_items, segment_item_lifts, segment_profiles, summarize_quality,
-                                   top_item_lifts)
+from lib.segments.assign import (KTrial, adjusted_rand_index, assess_k, assign_fit, assign_segments, choose_k,
+                                 seed_stability, size_balance)
+from lib.segments.matrix import fit_segments, k_sweep, parse_score_transform, score_transform_name
+from lib.segments.profiles import (distinctive_items, report_profiles, segment_item_lifts, segment_profiles,
+                                   summarize_quality, top_item_lifts)
 
 SPEC = R.RealisticSpec(users=1000, items=200, events=60_000, segments=5, seed=3)
 # The settings before issue 13: no popularity damping, non-product lines factorized like products,
@@ -204,6 +206,31 @@ def test_assess_k_measures_sizes_and_stability_of_a_planted_matrix(spark, contex
     # Two segments for three groups: two groups share one segment, nobody is split from their group.
     assert two.largest_share == pytest.approx(2 / 3) and two.rel_error > three.rel_error
     assert choose_k([two, three])[0].k == 3
+
+    # The stage's stability check and k sweep on the same matrix: the planted groups come back from
+    # another seed, and a short fit at each swept k explains more of the matrix at k = 3 than at k = 2.
+    fit = fit_segments(entries, settings, 60, 31)
+    shipped = assign_fit(fit, settings, 3, user_index, scales)
+    assert seed_stability(entries, settings, shipped, user_index, scales, 60, 31) == pytest.approx(1.0)
+    fit.release()
+    sweep = k_sweep(entries, replace(settings, sweep_max_iter=5), 60, 31)
+    assert [row["k"] for row in sweep] == [2, 3] and all(1 <= row["iterations"] <= 5 for row in sweep)
+    assert sweep[0]["rel_error"] > sweep[1]["rel_error"]
+
+
+def test_report_profiles_read_the_written_rows_in_segment_order():
+    rows = [
+        {"segment_id": 1, "size": 4, "share": 0.4, "label": "B", "distinct": False,
+         "top_items": [{"item_id": "x", "weight": 0.7}], "distinctive_items": None},
+        {"segment_id": 0, "size": 6, "share": 0.6, "label": "A", "distinct": True,
+         "top_items": [{"item_id": "y", "weight": 0.9}, {"item_id": "z", "weight": 0.1}],
+         "distinctive_items": [{"item_id": "y", "lift": 3.0, "support": 0.5}]},
+    ]
+    got = report_profiles(rows, {(0, "y"): 3.0, (1, "x"): 1.1})
+    assert [p["segment_id"] for p in got] == [0, 1]
+    assert got[0] == {"segment_id": 0, "size": 6, "share": 0.6, "label": "A", "distinct": True,
+                      "top_items": [("y", 0.9), ("z", 0.1)], "lifts": [3.0, 0.0], "distinctive": [("y", 3.0, 0.5)]}
+    assert got[1]["lifts"] == [1.1] and got[1]["distinctive"] == []
 
 
 def test_score_transform_names_the_factorized_column():

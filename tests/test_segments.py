@@ -9,9 +9,9 @@ from sklearn.metrics import adjusted_rand_score
 
 from jobs import segment_users
 from jobs.common import report_directory
+from lib.features.interactions import write_matrix_tables
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError
-from lib.features.interactions import write_matrix_tables
 from lib.sample.planted import SampleSpec, generate_events, planted_user_segments
 from lib.segments.matrix import relative_error_from_tables
 

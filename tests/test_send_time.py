@@ -8,10 +8,10 @@ import pytest
 from pyspark.sql import functions as F
 
 from jobs.common import BASE_CONFIG
+from lib.campaign.send_time import epoch_hour, send_times
 from lib.platform.config import parse_toml
 from lib.platform.settings import SendTimeSettings
 from lib.sample.planted import SampleSpec, generate_events, planted_users
-from lib.campaign.send_time import epoch_hour, send_times
 
 SPEC = SampleSpec(users=400, items=60, events=60_000, segments=3, seed=13, email_campaigns=True)
 END = date.fromisoformat(SPEC.end_date) - timedelta(days=1)  # the last generated day

@@ -9,10 +9,10 @@ from typing import get_type_hints
 import pytest
 
 from jobs.common import BASE_CONFIG, load_settings, submit_options
-from lib.recommend.topn import TopNBlocks
 from lib.platform import catalog as C
 from lib.platform.config import OPEN_TABLES, ConfigError, parse_toml
 from lib.platform.settings import INT_RANGES, TOP_N_SCORES_CHUNK_MB, CampaignSettings, Settings, section_keys
+from lib.recommend.topn import TopNBlocks
 
 
 def _toml_keys(table: dict, prefix: str = "") -> set[str]:

@@ -8,11 +8,11 @@ import pytest
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from lib.recommend.buy_again import BuyAgainParams
+from lib.features.splits import holdout_latest, relevant_items
 from lib.recommend.baselines import item_popularity
+from lib.recommend.buy_again import BuyAgainParams
 from lib.recommend.evaluation import EvaluationSettings, training_side
 from lib.sample.planted import SampleSpec, generate_events
-from lib.features.splits import holdout_latest, relevant_items
 
 WEIGHTS = {"view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "email_open": 0.5, "email_click": 2.0}
 

@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from lib.platform import catalog as C
 from lib.campaign.holdout import assign_variant
+from lib.platform import catalog as C
 from lib.platform.settings import CampaignSettings
 
 

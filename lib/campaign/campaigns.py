@@ -17,11 +17,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
+from lib.ingest.readers import infer_format
+from lib.ingest.sources import clean, clean_id
 from lib.platform import catalog as C
 from lib.platform.privacy import as_stored, stage_key
-from lib.ingest.readers import infer_format
 from lib.platform.settings import CampaignSettings, Settings
-from lib.ingest.sources import clean, clean_id
 from lib.platform.storage import Tables, is_delta_path
 
 SUPPRESSION_SCHEMA = "user_id string, reason string, since timestamp, source string"

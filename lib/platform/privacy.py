@@ -30,10 +30,10 @@ from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import MapType
 
-from lib.platform import catalog as C
 from lib.campaign.exports import local_path
-from lib.platform.settings import PrivacySettings
 from lib.ingest.sources import clean_id
+from lib.platform import catalog as C
+from lib.platform.settings import PrivacySettings
 from lib.platform.storage import Tables, with_retries
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from typing import Callable
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from lib.platform.settings import RECOMMEND_STRATEGIES
 from lib.recommend.baselines import popular_top_n, segment_popular_for, segment_popular_top_n, user_segment_of
 from lib.recommend.buy_again import (
     BlendCalibration,
@@ -23,7 +24,6 @@ from lib.recommend.buy_again import (
     repeat_propensity,
     ship_what_wins,
 )
-from lib.platform.settings import RECOMMEND_STRATEGIES
 from lib.recommend.pairs import to_ids
 
 

@@ -30,11 +30,11 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from lib.scores.calibration import Calibrator, cross_fitted, probability_metrics, ranking_metrics
 from lib.features.customers import (customer_features, events_until, feature_names, labelled, labels, purchase_history,
                                     purchase_history_names)
-from lib.scores.purchase_model import PurchaseModel, customer_value, fit_purchase_model, p_alive, p_purchase
 from lib.platform.settings import ScoresSettings
+from lib.scores.calibration import Calibrator, cross_fitted, probability_metrics, ranking_metrics
+from lib.scores.purchase_model import PurchaseModel, customer_value, fit_purchase_model, p_alive, p_purchase
 
 log = logging.getLogger(__name__)
 TARGETS = ("churn", "purchase")

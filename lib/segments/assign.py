@@ -3,6 +3,7 @@ agreement between fits (ARI) and the choice of k.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -14,6 +15,8 @@ from pyspark.sql import functions as F
 from lib.platform.settings import SEGMENT_ASSIGNMENTS as ASSIGNMENTS
 from lib.platform.settings import SegmentsSettings
 from lib.segments.matrix import factor_table, fit_segments
+
+log = logging.getLogger(__name__)
 
 
 def _per_segment(frame: DataFrame, array_col: str, aggregate: Callable[[str], F.Column], k: int) -> list[float]:
@@ -171,6 +174,19 @@ def assign_fit(result, settings: SegmentsSettings, k: int, user_index: DataFrame
     fit, not written), by the stage's rule and merge; the caller releases the fit after using them."""
     users = factor_table(result.w, user_index, "user_idx", "user_id", user_scales, "row_scale", "", "")
     return assign_segments(users, component_mass(result.h, k), "", settings.assignment, settings.min_share(k))
+
+
+def seed_stability(entries: DataFrame, settings: SegmentsSettings, user_segments: DataFrame, user_index: DataFrame,
+                   user_scales: DataFrame, n_rows: int, n_cols: int) -> float:
+    """ARI between ``user_segments`` (the fit from ``settings.seed``) and the same fit from ``seed + 1``,
+    assigned by the same rule: do customers land together again?"""
+    other = fit_segments(entries, replace(settings, seed=settings.seed + 1), n_rows, n_cols)
+    try:
+        ari = assignment_agreement(user_segments, assign_fit(other, settings, settings.k, user_index, user_scales))
+    finally:
+        other.release()
+    log.info("stability: ARI %.4f between seeds %d and %d", ari, settings.seed, settings.seed + 1)
+    return ari
 
 
 def assess_k(entries: DataFrame, settings: SegmentsSettings, k: int, n_rows: int, n_cols: int,

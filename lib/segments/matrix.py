@@ -8,6 +8,7 @@ tables alone give X, and with it ||X - W H||_F / ||X||_F.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -19,6 +20,8 @@ from pyspark.sql import functions as F
 from lib.nmf import NMFParams, factorize
 from lib.platform.settings import SEGMENT_VALUE_COLUMNS as VALUE_COLUMNS
 from lib.platform.settings import SegmentsSettings
+
+log = logging.getLogger(__name__)
 
 TRANSFORMS = ("none", "log1p")
 
@@ -53,6 +56,18 @@ def fit_segments(entries: DataFrame, settings: SegmentsSettings, n_rows: int, n_
                  k: int | None = None, max_iter: int | None = None):
     """Factorize ``segment_matrix`` entries with the [segments] settings; the caller releases the result."""
     return factorize(entries, nmf_params(settings, k, max_iter), n_rows=n_rows, n_cols=n_cols)
+
+
+def k_sweep(entries: DataFrame, settings: SegmentsSettings, n_rows: int, n_cols: int) -> list[dict]:
+    """(k, rel_error, iterations) of a short fit (``segments.sweep_max_iter``) at each of ``segments.sweep_ks``:
+    how much of the matrix each rank explains, for the report's elbow."""
+    sweep = []
+    for k in settings.sweep_ks:
+        trial = fit_segments(entries, settings, n_rows, n_cols, k=k, max_iter=settings.sweep_max_iter)
+        sweep.append({"k": k, "rel_error": trial.rel_error, "iterations": trial.iterations})
+        trial.release()
+        log.info("k sweep: k=%d relative error %.5f after %d iterations", k, trial.rel_error, trial.iterations)
+    return sweep
 
 
 def transformed_score(score: F.Column, transform: str) -> F.Column:

@@ -145,6 +145,20 @@ def top_item_lifts(lifts: DataFrame, profiles: DataFrame) -> DataFrame:
         "segment_id", "item_id", F.coalesce("lift", F.lit(0.0)).alias("lift"))
 
 
+def report_profiles(profile_rows: list, top_lifts: dict[tuple[int, str], float]) -> list[dict]:
+    """The written ``segment_profiles`` rows (k of them) as the report and ``summarize_quality`` read them:
+    segment_id, size, share, label, distinct, top_items [(item, weight)], lifts (of the top items, from
+    ``top_lifts`` {(segment_id, item_id): lift}, 0 where absent), distinctive [(item, lift, support)]."""
+    return [
+        {"segment_id": row["segment_id"], "size": row["size"], "share": row["share"], "label": row["label"],
+         "distinct": row["distinct"],
+         "top_items": [(item["item_id"], item["weight"]) for item in (row["top_items"] or [])],
+         "lifts": [top_lifts.get((row["segment_id"], item["item_id"]), 0.0) for item in (row["top_items"] or [])],
+         "distinctive": [(item["item_id"], item["lift"], item["support"]) for item in (row["distinctive_items"] or [])]}
+        for row in sorted(profile_rows, key=lambda r: r["segment_id"])
+    ]
+
+
 @dataclass(frozen=True)
 class SegmentQuality:
     """How usable one run's segments are (one row of ``segment_quality``). Per-segment figures are NaN
