@@ -22,7 +22,7 @@ from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als
 from lib.recommend.baselines import user_segment_of
 from lib.recommend.buy_again import buy_again_params, fit_ranker, purchase_occasions
 from lib.recommend.evaluation import TrainingSideNmf, evaluate_offline, evaluation_settings
-from lib.recommend.lists import final_recommendations, strategy_lists
+from lib.recommend.lists import final_recommendations, list_counts, shipped_notes, strategy_lists
 from lib.recommend.metrics import write_strategy_report
 from lib.recommend.pairs import excluded_pairs, to_indexed
 from lib.recommend.topn import top_n_blocks
@@ -130,29 +130,15 @@ def run(ctx: StageContext) -> StageResult:
     occasions = purchase_occasions(events, settings.purchase_event_types).cache()
     ranker = fit_ranker(occasions, as_of, buy_again_params(settings), settings.buy_again_model, settings.als.seed)
     notes.append(f"lists: {ranker.note}")
-    for strategy, chosen in shipped.items():
-        baselines = {group: name for group, name in chosen.items() if name != strategy}
-        if baselines:
-            notes.append(f"{strategy}: a baseline won validation, so it ships as the list of " + ", ".join(
-                f"{group} customers ({name})" for group, name in sorted(baselines.items())))
+    notes.extend(shipped_notes(shipped))
     recommendations = strategy_lists(discover, occasions, as_of, buy_again_params(settings), settings.top_n,
                                      settings.strategies, exclude_ids, calibration, ranker, shipped,
                                      None if segments is None else user_segment_of(segments)
                                      ).withColumn("run_id", F.lit(run_id))
     tables.overwrite(recommendations, C.RECOMMENDATIONS)
 
-    written = tables.read(spark, C.RECOMMENDATIONS)
-    counts.update({f"users_{source}": 0 for source in ("als", "segment_popular", "popular")})
-    counts.update({f"rows_{strategy}": 0 for strategy in settings.strategies})
-    rows_out = 0
-    for row in written.groupBy("strategy", "source").agg(F.count(F.lit(1)).alias("rows"),
-                                                         F.countDistinct("user_id").alias("users")).collect():
-        if row["strategy"] == "discover":
-            counts[f"users_{row['source']}"] = int(row["users"])
-        else:  # which list each buy-again / blended customer got (a baseline where it won validation)
-            counts[f"users_{row['strategy']}_{row['source']}"] = int(row["users"])
-        counts[f"rows_{row['strategy']}"] += int(row["rows"])
-        rows_out += int(row["rows"])
+    written, rows_out = list_counts(tables.read(spark, C.RECOMMENDATIONS), settings.strategies)
+    counts.update(written)
     entries.unpersist()
     excluded.unpersist()
     exclude.unpersist()

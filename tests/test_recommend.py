@@ -5,7 +5,7 @@ from pyspark.sql import functions as F
 
 from lib.recommend.baselines import popular_top_n, segment_popular_for, segment_popular_top_n
 from lib.recommend.evaluation import sample_users
-from lib.recommend.lists import final_recommendations
+from lib.recommend.lists import final_recommendations, list_counts, shipped_notes
 from lib.recommend.topn import block_top_n
 
 
@@ -95,3 +95,21 @@ def test_evaluation_sample_is_seeded_sized_and_nested(spark):
     assert users(sample_users(rows, 300, 2)) != small          # another seed, another sample
     # A sampled user keeps every row.
     assert sample_users(rows, 300, 1).count() == 2 * len(small)
+
+
+def test_list_counts_say_which_list_each_customer_got_in_one_aggregation(spark):
+    rows = [("a", "discover", "als", 1), ("a", "discover", "als", 2), ("b", "discover", "popular", 1),
+            ("a", "blended", "segment_popular", 1), ("b", "blended", "als", 1), ("b", "blended", "als", 2)]
+    lists = spark.createDataFrame(rows, "user_id string, strategy string, source string, rank int")
+    counts, total = list_counts(lists, ("discover", "buy_again", "blended"))
+    assert total == 6
+    assert counts == {"users_als": 1, "users_segment_popular": 0, "users_popular": 1, "rows_discover": 3,
+                      "rows_buy_again": 0, "rows_blended": 3, "users_blended_segment_popular": 1,
+                      "users_blended_als": 1}
+
+
+def test_shipped_notes_name_only_the_groups_a_baseline_won():
+    shipped = {"buy_again": {"repeat": "buy_again", "one_order": "most_bought"},
+               "blended": {"repeat": "blended"}}
+    assert shipped_notes(shipped) == ["buy_again: a baseline won validation, so it ships as the list of "
+                                      "one_order customers (most_bought)"]

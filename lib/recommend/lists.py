@@ -134,3 +134,33 @@ def strategy_lists(
     for part in parts[1:]:
         union = union.unionByName(part)
     return union.select("user_id", "rank", "item_id", "score", "source", "strategy")
+
+
+def shipped_notes(shipped: dict[str, dict[str, str]]) -> list[str]:
+    """One line per strategy whose list a baseline replaces for some customer groups (validation's choice)."""
+    notes = []
+    for strategy, chosen in shipped.items():
+        baselines = {group: name for group, name in chosen.items() if name != strategy}
+        if baselines:
+            notes.append(f"{strategy}: a baseline won validation, so it ships as the list of " + ", ".join(
+                f"{group} customers ({name})" for group, name in sorted(baselines.items())))
+    return notes
+
+
+def list_counts(recommendations: DataFrame, strategies: tuple[str, ...] | list[str]) -> tuple[dict[str, int], int]:
+    """(counts, rows) of the written lists in one aggregation: ``users_<source>`` of the discover lists (als,
+    segment_popular, popular; 0 when absent), ``users_<strategy>_<source>`` of the other strategies (which
+    list each buy-again / blended customer got), ``rows_<strategy>``, and all rows."""
+    counts = {f"users_{source}": 0 for source in ("als", "segment_popular", "popular")}
+    counts.update({f"rows_{strategy}": 0 for strategy in strategies})
+    rows = 0
+    for row in recommendations.groupBy("strategy", "source").agg(
+            F.count(F.lit(1)).alias("rows"), F.countDistinct("user_id").alias("users")).collect():
+        if row["strategy"] == "discover":
+            counts[f"users_{row['source']}"] = int(row["users"])
+        else:
+            counts[f"users_{row['strategy']}_{row['source']}"] = int(row["users"])
+        counts[f"rows_{row['strategy']}"] += int(row["rows"])
+        rows += int(row["rows"])
+    return counts, rows
+
