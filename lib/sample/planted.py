@@ -159,6 +159,20 @@ def _draw(cdf: np.ndarray, uniform: np.ndarray) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, uniform, side="right"), len(cdf) - 1)
 
 
+def _days_and_hours(start_epoch: int, days: int, churn_day: np.ndarray, rng: np.random.Generator, count: int,
+                    weekday_weights: np.ndarray = WEEKDAY_WEIGHTS,
+                    hour_weights: np.ndarray = HOUR_WEIGHTS) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``count`` events' day (by ``weekday_weights``, Monday first; a churner's events fall on or
+    before their churn day, ``churn_day`` per event, -1 for none) and hour of the day (by ``hour_weights``)."""
+    start_weekday = datetime.fromtimestamp(start_epoch, timezone.utc).weekday()
+    day_weights = weekday_weights[(start_weekday + np.arange(days)) % 7]
+    day = _draw(np.cumsum(day_weights) / day_weights.sum(), rng.random(count))
+    after_churn = (churn_day >= 0) & (day > churn_day)
+    day[after_churn] = (rng.random(int(after_churn.sum())) * (churn_day[after_churn] + 1)).astype(np.int64)
+    hour = _draw(np.cumsum(hour_weights) / hour_weights.sum(), rng.random(count))
+    return day, hour
+
+
 def _pick_items(spec: SampleSpec, planted: _Planted, rng: np.random.Generator, segments: np.ndarray) -> np.ndarray:
     """One item per row: from the row's segment's own items (in_segment_share) or the general ones."""
     items = np.empty(len(segments), dtype=np.int64)
@@ -220,13 +234,7 @@ def _generate_block(spec: SampleSpec, planted: _Planted, block: int) -> pa.Recor
         email = send | reaction
         items[email] = _pick_items(spec, planted, email_rng, planted.user_segment[users[email]])
 
-    start_weekday = datetime.fromtimestamp(spec.start_epoch, timezone.utc).weekday()
-    day_weights = WEEKDAY_WEIGHTS[(start_weekday + np.arange(spec.days)) % 7]
-    day = _draw(np.cumsum(day_weights) / day_weights.sum(), rng.random(size))
-    churn_day = planted.churn_day[users]
-    after_churn = (churn_day >= 0) & (day > churn_day)
-    day[after_churn] = (rng.random(int(after_churn.sum())) * (churn_day[after_churn] + 1)).astype(np.int64)
-    hour = _draw(np.cumsum(HOUR_WEIGHTS) / HOUR_WEIGHTS.sum(), rng.random(size))
+    day, hour = _days_and_hours(spec.start_epoch, spec.days, planted.churn_day[users], rng, size)
     if spec.email_campaigns:
         _email_timing(spec, planted, email_rng, users, event_type, day, hour)
     seconds = spec.start_epoch + day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, size)

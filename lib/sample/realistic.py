@@ -24,7 +24,6 @@ Lines are generated in blocks of ``BLOCK_EVENTS`` by ``mapInArrow`` with numpy, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Iterator
 
 import numpy as np
@@ -32,7 +31,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lib.sample.planted import ClickstreamShape, _draw, _zipf_cdf, planted_segments_frame
+from lib.sample.planted import ClickstreamShape, _days_and_hours, _draw, _zipf_cdf, planted_segments_frame
 
 BLOCK_EVENTS = 100_000
 # Non-product invoice codes, as a retailer's log has them (named after the UCI Online Retail codes).
@@ -131,13 +130,8 @@ def _orders(spec: RealisticSpec, planted: _Planted, rng: np.random.Generator, co
     """``count`` orders: (user, product basket size, second since the start)."""
     users = _draw(planted.user_cdf, rng.random(count))
     basket = 1 + rng.poisson(MEAN_BASKET - 1, count)
-    start_weekday = datetime.fromtimestamp(spec.start_epoch, timezone.utc).weekday()
-    day_weights = WEEKDAY_WEIGHTS[(start_weekday + np.arange(spec.days)) % 7]
-    day = _draw(np.cumsum(day_weights) / day_weights.sum(), rng.random(count))
-    churn_day = planted.churn_day[users]
-    after = (churn_day >= 0) & (day > churn_day)
-    day[after] = (rng.random(int(after.sum())) * (churn_day[after] + 1)).astype(np.int64)
-    hour = _draw(np.cumsum(HOUR_WEIGHTS) / HOUR_WEIGHTS.sum(), rng.random(count))
+    day, hour = _days_and_hours(spec.start_epoch, spec.days, planted.churn_day[users], rng, count,
+                                WEEKDAY_WEIGHTS, HOUR_WEIGHTS)
     seconds = day * 86_400 + hour * 3_600 + rng.integers(0, 3_600, count)
     return users, basket, seconds
 
