@@ -75,8 +75,8 @@ def main() -> None:
     print(f"realistic sample: {args.users} customers, {args.items} products, {args.events} lines, "
           f"k = {args.segments}, seed {args.seed}")
     print("| settings | largest share | size entropy | stability ARI | top-item lift min / median | "
-          "ARI vs planted | non-product lines in top items | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "distinctive-item lift min | segments merged | ARI vs planted | non-product lines in top items | seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for number, (name, sets) in enumerate(chosen):
         run_id = f"v{number}"
         started = time.time()
@@ -89,7 +89,8 @@ def main() -> None:
         non_product = sum(item["item_id"] in R.NON_PRODUCT_ITEMS
                           for p in tables.read(spark, C.SEGMENT_PROFILES).collect() for item in p["top_items"])
         print(f"| {name} | {q['largest_share']:.1%} | {q['size_entropy']:.3f} | {q['stability_ari']:.3f} | "
-              f"{q['min_top_lift']:.2f} / {q['median_top_lift']:.2f} | {planted:.3f} | {non_product} | {seconds:.0f} |",
+              f"{q['min_top_lift']:.2f} / {q['median_top_lift']:.2f} | {q['min_distinct_lift']:.2f} | "
+              f"{q['empty_segments']} | {planted:.3f} | {non_product} | {seconds:.0f} |",
               flush=True)
         labels_text = " · ".join(f"{p['segment_id']}: {p['label']} ({p['share']:.0%})"
                                  for p in tables.read(spark, C.SEGMENT_PROFILES).orderBy("segment_id").collect())

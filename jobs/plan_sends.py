@@ -13,7 +13,7 @@ from jobs.common import StageContext, main_for
 from lib.campaign.campaigns import without_suppressed, write_suppressed_users
 from lib.campaign.holdout import GLOBAL_KEY, holdout_assignments
 from lib.campaign.send_time import send_times
-from lib.features.customers import resolve_as_of
+from lib.features.interactions import resolve_as_of
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
 
@@ -25,7 +25,7 @@ def run(ctx: StageContext) -> StageResult:
     suppressed, _ = write_suppressed_users(spark, tables, ctx.settings, run_id)
     events = tables.require(spark, C.EVENTS, "ingest").persist()
     try:
-        as_of = resolve_as_of(ctx.settings.scores.as_of_utc, events)
+        as_of = resolve_as_of(ctx.settings.scores.as_of_utc, events, tables.location(C.EVENTS)).date()
         segments = tables.read(spark, C.USER_SEGMENTS) if tables.exists(spark, C.USER_SEGMENTS) else None
         tables.overwrite(send_times(events, as_of, ctx.settings.send_time, run_id, segments), C.SEND_TIMES)
         users = events.select("user_id").distinct()

@@ -1,8 +1,9 @@
 """Recommend items per user with implicit ALS: tune and evaluate offline, then write top-N lists.
 
 Reads events, interactions, user_index, item_index (and user_segments / nmf_* / products when present);
-writes recommendations (one list per user and strategy: discover, buy_again, blended), rec_metrics,
-segment_usefulness (with user_segments), als_tuning and the ALS model under a versioned path. For each
+writes recommendations (one list per user and strategy: discover, buy_again, blended), item_similarities
+(similar items by co-occurrence), rec_metrics, segment_usefulness (with user_segments), als_tuning and the
+ALS model under a versioned path. For each
 customer group where a baseline won the validation of buy_again or blended, that group's list IS the
 baseline (its source names it).
 """
@@ -18,14 +19,14 @@ from lib.features.interactions import resolve_as_of
 from lib.ingest.products import excluded_items
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
-from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als
+from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als, top_n_blocks
 from lib.recommend.baselines import user_segment_of
 from lib.recommend.buy_again import buy_again_params, fit_ranker, purchase_occasions
 from lib.recommend.evaluation import TrainingSideNmf, evaluate_offline, evaluation_settings
 from lib.recommend.lists import final_recommendations, list_counts, shipped_notes, strategy_lists
 from lib.recommend.metrics import write_strategy_report
 from lib.recommend.pairs import excluded_pairs, to_indexed
-from lib.recommend.topn import top_n_blocks
+from lib.recommend.similar import item_similarities, similar_item_ids
 
 log = logging.getLogger("jobs.recommend_items")
 
@@ -139,6 +140,14 @@ def run(ctx: StageContext) -> StageResult:
 
     written, rows_out = list_counts(tables.read(spark, C.RECOMMENDATIONS), settings.strategies)
     counts.update(written)
+
+    if settings.similar_top_k:  # from the same matrix the lists learned from, excluded items out
+        similar = item_similarities(entries, settings.similar_top_k, settings.similarity,
+                                    settings.similar_min_customers, settings.similar_max_items)
+        tables.overwrite(similar_item_ids(similar, item_index).select(
+            F.lit(run_id).alias("run_id"), "*", F.lit(settings.similarity).alias("method")), C.ITEM_SIMILARITIES)
+        counts["similar_items"] = tables.read(spark, C.ITEM_SIMILARITIES).select("item_id").distinct().count()
+        notes.append(f"similar items ({settings.similarity}) for {counts['similar_items']} items")
     entries.unpersist()
     excluded.unpersist()
     exclude.unpersist()

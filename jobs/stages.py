@@ -71,9 +71,9 @@ SEGMENT_USERS = StageSpec(
     writes=(C.NMF_USER_FACTORS, C.NMF_ITEM_FACTORS, C.NMF_HISTORY, C.NMF_K_SWEEP, C.USER_SEGMENTS,
             C.SEGMENT_PROFILES, C.SEGMENT_QUALITY), package="lib.segments")
 RECOMMEND_ITEMS = StageSpec(
-    "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines",
+    "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines; similar items",
     reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS, C.PRODUCTS),
-    writes=(C.ALS_TUNING, C.REC_METRICS, C.SEGMENT_USEFULNESS, C.RECOMMENDATIONS), package="lib.recommend")
+    writes=(C.ALS_TUNING, C.REC_METRICS, C.SEGMENT_USEFULNESS, C.RECOMMENDATIONS, C.ITEM_SIMILARITIES), package="lib.recommend")
 SCORE_CUSTOMERS = StageSpec(
     "score_customers", "churn and purchase probability, expected revenue, email engagement per customer",
     reads=(C.EVENTS, C.NMF_USER_FACTORS, C.USER_SEGMENTS),

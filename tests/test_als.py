@@ -145,7 +145,7 @@ def test_blockwise_top_n_equals_brute_force_numpy(spark, caplog):
     small = TopNBlocks(user_block_mb=7000 / 2**20, item_block_mb=rank * 4 * 25 / 2**20, chunk_elements=200)
     for blocks, user_blocks in ((TopNBlocks(), 1), (small, small.user_blocks(n_users, rank, len(pairs), longest))):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="lib.recommend"):
+        with caplog.at_level(logging.INFO, logger="lib.recommend.topn"):
             got = sorted((r["user_idx"], r["item_idx"], r["score"], r["rank"])
                          for r in block_top_n(users, items, users.select("user_idx"), n, exclude, blocks).collect())
         assert got == sorted(expected), blocks

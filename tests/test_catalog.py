@@ -60,6 +60,7 @@ def test_each_table_leads_to_its_job_and_lib_package():
     """The README's table list names each table's stage and package: the job must call that package,
     and every lib package says in its docstring what it owns."""
     for stage in ALL_STAGES:
+        assert callable(stage.run), stage.name  # the job module imports (its lib names exist)
         source = (REPO_ROOT / "jobs" / f"{stage.name}.py").read_text()
         assert f"from {stage.package}" in source, f"jobs/{stage.name}.py does not use {stage.package}"
     packages = sorted(path.parent for path in (REPO_ROOT / "lib").glob("*/__init__.py"))

@@ -1,11 +1,13 @@
 """Final recommendation lists: cold-start routing, exclusions, ranks; factor-score top-N."""
 from __future__ import annotations
 
+import pytest
 from pyspark.sql import functions as F
 
 from lib.recommend.baselines import popular_top_n, segment_popular_for, segment_popular_top_n
 from lib.recommend.evaluation import sample_users
 from lib.recommend.lists import final_recommendations, list_counts, shipped_notes
+from lib.recommend.similar import item_similarities
 from lib.recommend.topn import block_top_n
 
 
@@ -113,3 +115,31 @@ def test_shipped_notes_name_only_the_groups_a_baseline_won():
                "blended": {"repeat": "blended"}}
     assert shipped_notes(shipped) == ["buy_again: a baseline won validation, so it ships as the list of "
                                       "one_order customers (most_bought)"]
+
+
+def test_similar_items_on_hand_made_baskets(spark):
+    # u1 {a, b, c}, u2 {a, b}, u3 {a, c}, u4 {b, d}: a is held by 3, b by 3, c by 2, d by 1 of 4 customers;
+    # together: ab 2, ac 2, bc 1, bd 1.
+    a, b, c, d = 0, 1, 2, 3
+    baskets = {1: (a, b, c), 2: (a, b), 3: (a, c), 4: (b, d)}
+    history = spark.createDataFrame([(user, item, 1.0) for user, items in baskets.items() for item in items]
+                                    + [(5, d, 0.0)],  # a zero score is no history
+                                    "user_idx int, item_idx int, score double")
+    jaccard = {(r["item_idx"], r["similar_item_idx"]): (r["score"], r["customers"], r["rank"])
+               for r in item_similarities(history, top_k=2, min_customers=1).collect()}
+    assert jaccard == {(a, c): (pytest.approx(2 / 3), 2, 1), (a, b): (pytest.approx(2 / 4), 2, 2),
+                       (b, a): (pytest.approx(2 / 4), 2, 1), (b, d): (pytest.approx(1 / 3), 1, 2),
+                       (c, a): (pytest.approx(2 / 3), 2, 1), (c, b): (pytest.approx(1 / 4), 1, 2),
+                       (d, b): (pytest.approx(1 / 3), 1, 1)}
+    lift = {(r["item_idx"], r["similar_item_idx"]): r["score"]
+            for r in item_similarities(history, top_k=5, similarity="lift", min_customers=2).collect()}
+    assert lift == {(a, b): pytest.approx(2 * 4 / 9), (b, a): pytest.approx(2 * 4 / 9),
+                    (a, c): pytest.approx(2 * 4 / 6), (c, a): pytest.approx(2 * 4 / 6)}
+    # A customer counts with their max_items highest-scored items only: u1's weakest item (c) drops out.
+    weighted = history.withColumn("score", F.when((F.col("user_idx") == 1) & (F.col("item_idx") == c), 0.5)
+                                  .otherwise(F.col("score")))
+    capped = {(r["item_idx"], r["similar_item_idx"]): r["customers"]
+              for r in item_similarities(weighted, top_k=5, min_customers=1, max_items=2).collect()}
+    assert capped[(a, c)] == 1 and (b, c) not in capped and capped[(a, b)] == 2
+    with pytest.raises(ValueError, match="similarity must be one of jaccard, lift"):
+        item_similarities(history, 2, similarity="cosine")

@@ -12,7 +12,7 @@ from jobs import recommend_items
 from lib.features.interactions import index_additions, score_events, to_matrix_entries
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError
-from lib.sample.planted import SampleSpec, generate_events
+from lib.sample.planted import SampleSpec, generate_events, planted_segment_items
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
 
@@ -25,7 +25,8 @@ SETS = ("spark.shuffle_partitions=2", "recommend.top_n=5", "recommend.k_values=5
 def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, context):
     ctx = context(f"output.root={tmp_path / 'wh'}", *SETS)
     tables = ctx.tables
-    events = generate_events(spark, SampleSpec(users=120, items=40, events=4000, segments=3, seed=2), partitions=2)
+    spec = SampleSpec(users=120, items=40, events=4000, segments=3, seed=2)
+    events = generate_events(spark, spec, partitions=2)
     tables.overwrite(events.withColumn("event_date", F.to_date("event_ts")).withColumn("ingest_run_id", F.lit("x")),
                      C.EVENTS)
     events = tables.read(spark, C.EVENTS)
@@ -89,6 +90,20 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
     tuning = tables.read(spark, C.ALS_TUNING).collect()
     assert len(tuning) == 1 and tuning[0]["chosen"] and tuning[0]["run_id"] == "run-1"
     assert "NMF-score recommender skipped" in result.message
+
+    # Similar items recover the planted structure: an item of a segment's own is most similar to another of
+    # the same segment's (three segments: a third by chance).
+    similar = tables.read(spark, C.ITEM_SIMILARITIES).cache()
+    assert similar.groupBy("item_id").agg(F.max("rank").alias("n")).where("n > 10").count() == 0
+    assert {r["method"] for r in similar.select("method").distinct().collect()} == {"jaccard"}
+    assert similar.where("customers < 2 or score <= 0 or score > 1").count() == 0
+    own = planted_segment_items(spark, spec).select("item_id", "segment_id")
+    top = (similar.where("rank = 1").join(own, "item_id")
+           .join(own.toDF("similar_item_id", "similar_segment"), "similar_item_id"))
+    same = top.where(F.col("segment_id") == F.col("similar_segment")).count()
+    assert top.count() >= 10 and same / top.count() >= 0.8, (same, top.count())
+    assert result.counts["similar_items"] == similar.select("item_id").distinct().count()
+    similar.unpersist()
 
     model = ALSModel.load(str(tmp_path / "wh" / "models" / "als" / "run-1"))
     assert model.rank == 6

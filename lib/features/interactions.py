@@ -1,4 +1,5 @@
-"""Interactions: weighted, time-decayed (user, item) scores and dense, stable integer indices."""
+"""Interactions: weighted, time-decayed (user, item) scores, dense and stable integer indices, and the as-of
+instant a stage works at (configured, else the latest event)."""
 from __future__ import annotations
 
 import logging

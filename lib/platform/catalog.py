@@ -185,6 +185,12 @@ RECOMMENDATIONS = TableSpec(
     "buy_again, or most_bought / most_recent / segment_popular where that baseline won the customer group's "
     "validation)",
 )
+ITEM_SIMILARITIES = TableSpec(
+    "item_similarities",
+    "run_id string, item_id string, rank int, similar_item_id string, score double, customers long, method string",
+    "per item, its most similar items by co-occurrence in customers' histories (method: jaccard or lift; "
+    "customers: how many hold both), for \"customers who bought this also bought\" emails",
+)
 SEGMENT_OUTCOMES = TableSpec(
     "segment_outcomes",
     "run_id string, as_of date, segment_id int, customers long, eligible long, churn_probability double, "
@@ -298,7 +304,7 @@ ERASURE_REQUESTS = TableSpec(
 
 ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
-    USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, REC_METRICS,
+    USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, ITEM_SIMILARITIES, REC_METRICS,
     SEGMENT_USEFULNESS, ALS_TUNING, CUSTOMER_SCORES, MODEL_METRICS, SEGMENT_OUTCOMES, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
     CAMPAIGN_RESULTS,
     PIPELINE_RUNS,

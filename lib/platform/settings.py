@@ -175,6 +175,9 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "recommend.eval_sample_users": (0, INT32_MAX),
     "recommend.ship_min_group_users": (1, INT32_MAX),
     "recommend.tune_sample_users": (0, INT32_MAX),
+    "recommend.similar_top_k": (0, 1000),
+    "recommend.similar_min_customers": (1, INT32_MAX),
+    "recommend.similar_max_items": (2, 100_000),          # a customer adds up to max_items^2 pairs
     "recommend.als.ranks": (1, 1000),
     "recommend.als.max_candidates": (1, 1000),
     "recommend.als.max_iter": (1, 10_000),
@@ -438,6 +441,10 @@ class RecommendSettings:
     tune_sample_users: int
     tune_stop_z: float
     ship_min_group_users: int
+    similar_top_k: int
+    similarity: str
+    similar_min_customers: int
+    similar_max_items: int
     als: AlsSettings
 
     def __post_init__(self) -> None:
@@ -455,6 +462,7 @@ class RecommendSettings:
         require(self.buy_again_overdue_decay > 0, "recommend.buy_again_overdue_decay", "must be > 0")
         require(self.blend_prior_strength >= 0, "recommend.blend_prior_strength", "must be >= 0")
         require(self.tune_stop_z >= 0, "recommend.tune_stop_z", "must be >= 0 (0: never stop a candidate early)")
+        one_of(self.similarity, ITEM_SIMILARITIES, "recommend.similarity")
 
     @property
     def holdout_cutoff_utc(self) -> datetime | None:
@@ -494,6 +502,7 @@ class ProductsSettings:
 RECOMMEND_SPLITS = ("forward", "per_user")
 RECOMMEND_STRATEGIES = ("discover", "buy_again", "blended")
 BUY_AGAIN_MODELS = ("logistic_regression", "gbt", "heuristic")
+ITEM_SIMILARITIES = ("jaccard", "lift")
 # The interactions column the segments factorize: the time-decayed score, or an undecayed event count
 # (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
 SEGMENT_VALUE_COLUMNS = ("score", "n_events", "n_weighted_events")

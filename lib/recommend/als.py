@@ -311,3 +311,8 @@ def candidates(als: AlsSettings, partitions: int) -> list[AlsParams]:
     shuffle partitions: about one task per partition, as everywhere else)."""
     return candidate_grid(list(als.ranks), list(als.reg_params), list(als.alphas), als.max_iter, als.seed,
                           als.checkpoint_interval, als.search, als.max_candidates, als.num_blocks or partitions)
+
+
+def top_n_blocks(als: AlsSettings) -> TopNBlocks:
+    """The top-N block sizes of the [recommend.als] settings."""
+    return TopNBlocks(als.top_n_user_block_mb, als.top_n_item_block_mb, als.top_n_broadcast_mb)

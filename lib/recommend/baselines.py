@@ -6,9 +6,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from lib.recommend.buy_again import (
-    top_n,
-)
+from lib.recommend.buy_again import top_n
 from lib.recommend.topn import exclusion_tiers, rank_and_exclude
 
 

@@ -13,51 +13,25 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from lib.features.interactions import index_additions, score_events, to_matrix_entries
-from lib.features.splits import (
-    Split,
-    forward_split_fits,
-    holdout_forward,
-    holdout_latest,
-    purchase_truth,
-    relevant_items,
-    user_history_end,
-)
-from lib.platform.settings import InteractionsSettings, RecommendSettings, SegmentsSettings
-from lib.recommend.als import AlsParams, Estimate, TuningResult, als_top_n, fit_als, tune_als, user_hash_fraction
+from lib.features.splits import (Split, forward_split_fits, holdout_forward, holdout_latest, purchase_truth,
+                                 relevant_items, user_history_end)
+from lib.platform.settings import (BUY_AGAIN_MODELS, RECOMMEND_SPLITS, RECOMMEND_STRATEGIES, InteractionsSettings,
+                                   RecommendSettings, SegmentsSettings)
+from lib.recommend.als import (AlsParams, Estimate, TuningResult, als_top_n, fit_als, top_n_blocks, tune_als,
+                               user_hash_fraction)
 from lib.recommend.baselines import popular_for, popular_top_n, purchase_popularity, segment_popular_for
-from lib.recommend.buy_again import (
-    buy_again_params,
-    BlendCalibration,
-    BuyAgainParams,
-    blend,
-    buy_again_top_n,
-    choose_per_group,
-    customer_groups,
-    fit_ranker,
-    global_repeat_share,
-    hit_curve,
-    most_bought_top_n,
-    most_recent_top_n,
-    purchase_occasions,
-    ranker_top_n,
-    repeat_propensity,
-    ship_what_wins,
-)
-from lib.recommend.metrics import (
-    evaluate,
-    group_ranking_metrics,
-    ranking_metrics,
-    segment_usefulness,
-    segment_usefulness_summary,
-)
+from lib.recommend.buy_again import (BlendCalibration, BuyAgainParams, blend, buy_again_params, buy_again_top_n,
+                                     choose_per_group, customer_groups, fit_ranker, global_repeat_share, hit_curve,
+                                     most_bought_top_n, most_recent_top_n, purchase_occasions, ranker_top_n,
+                                     repeat_propensity, ship_what_wins)
+from lib.recommend.metrics import (evaluate, group_ranking_metrics, ranking_metrics, segment_usefulness,
+                                   segment_usefulness_summary)
 from lib.recommend.pairs import excluded_pairs, to_ids, to_indexed
-from lib.recommend.topn import TopNBlocks, block_top_n, top_n_blocks
+from lib.recommend.topn import TopNBlocks, block_top_n
 from lib.segments.assign import assign_segments, component_mass
 from lib.segments.matrix import fit_segments, segment_matrix
 
 log = logging.getLogger(__name__)
-
-
 
 
 # The baselines a strategy's list must beat on a customer group's validation to ship there. A buy-again
@@ -112,6 +86,15 @@ class EvaluationSettings:
     tune_stop_z: float = 0.0   # > 0: tuning stops a clearly worse candidate early (lib.recommend.als.tune_als)
     # A customer group with fewer validation users keeps the strategy's own list: no baseline ships on noise.
     ship_min_group_users: int = 30
+
+    def __post_init__(self) -> None:
+        # The [recommend] settings check every value; a frame built by hand (tests, benchmarks) must not run a
+        # misspelt split or strategy as another one.
+        unknown = sorted(set(self.strategies) - set(RECOMMEND_STRATEGIES))
+        if self.split not in RECOMMEND_SPLITS or self.buy_again_model not in BUY_AGAIN_MODELS or unknown:
+            raise ValueError(f"split must be one of {RECOMMEND_SPLITS}, buy_again_model one of {BUY_AGAIN_MODELS} "
+                             f"and strategies among {RECOMMEND_STRATEGIES}; got {self.split!r}, "
+                             f"{self.buy_again_model!r}, unknown strategies {unknown}")
 
 
 def sample_users(rows: DataFrame, size: int, seed: int, user_col: str = "user_id",

@@ -11,21 +11,10 @@ from pyspark.sql import functions as F
 
 from lib.platform.settings import RECOMMEND_STRATEGIES
 from lib.recommend.baselines import popular_top_n, segment_popular_for, segment_popular_top_n, user_segment_of
-from lib.recommend.buy_again import (
-    BlendCalibration,
-    BuyAgainParams,
-    BuyAgainRanker,
-    blend,
-    customer_groups,
-    global_repeat_share,
-    most_bought_top_n,
-    most_recent_top_n,
-    ranker_top_n,
-    repeat_propensity,
-    ship_what_wins,
-)
+from lib.recommend.buy_again import (BlendCalibration, BuyAgainParams, BuyAgainRanker, blend, customer_groups,
+                                     global_repeat_share, most_bought_top_n, most_recent_top_n, ranker_top_n,
+                                     repeat_propensity, ship_what_wins)
 from lib.recommend.pairs import to_ids
-
 
 
 def final_recommendations(

@@ -11,7 +11,6 @@ from typing import Callable
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from lib.platform.settings import AlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +269,3 @@ def block_top_n(
     if n_item_blocks == 1:
         return scored
     return rank_and_exclude(scored.drop("rank"), n)
-
-
-def top_n_blocks(als: AlsSettings) -> TopNBlocks:
-    """The block sizes of the [recommend.als] settings."""
-    return TopNBlocks(als.top_n_user_block_mb, als.top_n_item_block_mb, als.top_n_broadcast_mb)
