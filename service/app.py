@@ -2,6 +2,7 @@
 
     GET /v1/users/{user_id}/recommendations?n=10[&strategy=blended]
     GET /v1/users/{user_id}/profile
+    GET /v1/items/{item_id}/similar?n=10   (customers who bought this also bought: item_similarities)
     GET /healthz                       (no auth: table versions, load state; no user data)
 
 Errors are JSON ``{"error": ..., "detail": ...}``: 401 without a valid bearer token, 400 for a bad
@@ -29,8 +30,8 @@ from fastapi.responses import JSONResponse
 
 from service import settings as settings_mod
 from service.settings import Settings
-from service.store import (CUSTOMER_SCORES, PROFILE_SOURCES, RECOMMENDATIONS, SEGMENT_PROFILES, SEND_TIMES,
-                           USER_SEGMENTS, Snapshot, Store)
+from service.store import (CUSTOMER_SCORES, ITEM_SIMILARITIES, PROFILE_SOURCES, RECOMMENDATIONS, SEGMENT_PROFILES,
+                           SEND_TIMES, USER_SEGMENTS, Snapshot, Store)
 
 log = logging.getLogger("service")
 
@@ -195,6 +196,29 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             "table_versions": {t: snap.versions.get(t) for t in PROFILE_SOURCES},
         }
         return JSONResponse(body, headers=NO_STORE)
+
+    @app.get("/v1/items/{item_id:path}/similar", dependencies=[Depends(authorize)])
+    async def similar_items(
+        item_id: str = Path(description="the item id, URL-encoded"),
+        n: int | None = Query(None, description="list length, 1 .. RECS_MAX_N (default RECS_DEFAULT_N)"),
+    ):
+        if n is None:
+            n = settings.default_n
+        if not 1 <= n <= settings.max_n:
+            return _error(400, "bad_n", f"n must be between 1 and {settings.max_n}")
+        snap: Snapshot = store.current
+        similar = snap.parts.get(ITEM_SIMILARITIES)
+        items = similar.items_json(item_id, n) if similar is not None else None
+        body = {"item_id": item_id, "method": similar.method if similar else None,
+                "run_id": similar.run_id if similar else None, "table_version": similar.version if similar else None}
+        if items:
+            return JSONResponse({**body, "fallback": False, "fallback_reason": None, "items": items})
+        # No similar items known: the popular list without the item itself, flagged, as for an unknown user.
+        popular = [entry for entry in snap.popular.items_json(n + 1) if entry["item_id"] != item_id][:n]
+        reason = "similarities_missing" if similar is None else "unknown_item"
+        return JSONResponse({**body, "fallback": True, "fallback_reason": reason,
+                             "fallback_basis": snap.popular.basis,
+                             "items": [{**entry, "rank": rank} for rank, entry in enumerate(popular, start=1)]})
 
     @app.get("/healthz")
     async def healthz():

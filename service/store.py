@@ -11,6 +11,9 @@ version, turned into a compact layout and dropped:
   highest affinity / the latest ``as_of``), kept as Arrow arrays addressed through a user dict;
   ``customer_scores`` always has the customer-value columns (null ones when the table predates them).
 * ``segment_profiles``: a small dict segment_id -> label, size, share.
+* ``item_similarities``: rows sorted by (item, rank) into flat numpy columns like ``recommendations``
+  (similar item code int32, score float32, customers int64); an item's list is ``offsets[i] ..
+  offsets[i + 1]``.
 * ``suppressed_users``: the set of ids of the global suppression list (no personal content for them).
 * ``user_identities``: only whether it exists (the warehouse then holds pseudonyms); never read.
 * the popular fallback: the items used by the most distinct users in ``interactions`` (the same
@@ -60,14 +63,15 @@ ITEM_INDEX = "item_index"
 PIPELINE_RUNS = "pipeline_runs"
 SUPPRESSED_USERS = "suppressed_users"
 USER_IDENTITIES = "user_identities"
+ITEM_SIMILARITIES = "item_similarities"
 TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX,
-          SUPPRESSED_USERS)
+          SUPPRESSED_USERS, ITEM_SIMILARITIES)
 # The stage that writes (and on failure restores) each served table, as jobs/stages.py registers it
 # (tests/test_service.py holds the two equal): the tables of one stage switch together. None: served at
 # its latest version whichever stage wrote it (a suppression applies as soon as it is written).
 PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", SEGMENT_PROFILES: "segment_users",
             CUSTOMER_SCORES: "score_customers", SEND_TIMES: "plan_sends", INTERACTIONS: "build_interactions",
-            ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None}
+            ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None, ITEM_SIMILARITIES: "recommend_items"}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 
 # customer_scores' customer-value columns (lib.campaign.audience.CUSTOMER_VALUE_COLUMNS, tests/test_service.py holds them
@@ -290,6 +294,58 @@ def load_recommendations(dt: DeltaTable, version: int) -> Recommendations:
 
 
 @dataclass(frozen=True)
+class Similarities:
+    """Each item's similar items, best first (``item_similarities`` of the latest run)."""
+
+    version: int
+    items: dict[str, int]                # item_id -> row of offsets
+    offsets: np.ndarray                  # (n_items + 1,) int64
+    ranks: np.ndarray                    # int32
+    similar_codes: np.ndarray            # int32 into similar
+    similar: list[str]
+    scores: np.ndarray                   # float32
+    customers: np.ndarray                # int64
+    method: str | None
+    run_id: str | None
+
+    def items_json(self, item_id: str, n: int) -> list[dict] | None:
+        i = self.items.get(item_id)
+        if i is None:
+            return None
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        end = min(end, start + n)
+        return [{"rank": int(r), "item_id": self.similar[c], "score": _short_float(s), "customers": int(k)}
+                for r, c, s, k in zip(self.ranks[start:end].tolist(), self.similar_codes[start:end].tolist(),
+                                      self.scores[start:end], self.customers[start:end].tolist())]
+
+
+def load_item_similarities(dt: DeltaTable, version: int) -> Similarities:
+    table = _read(dt, ("run_id", "item_id", "rank", "similar_item_id", "score", "customers", "method"),
+                  ("item_id", "rank", "similar_item_id"), ITEM_SIMILARITIES)
+    table = table.filter(pc.and_(pc.is_valid(table.column("item_id")), pc.is_valid(table.column("similar_item_id"))))
+    table = _latest_run(table)
+    n = table.num_rows
+    item_codes, items = _encode(table.column("item_id"))
+    ranks = table.column("rank").combine_chunks().fill_null(np.iinfo(np.int32).max).to_numpy(zero_copy_only=False)
+    order = np.lexsort((ranks, item_codes)) if n else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(items) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(item_codes, minlength=len(items))) if n else 0
+    similar_codes, similar = _encode(table.column("similar_item_id"))
+
+    def numbers(name: str, kind, missing) -> np.ndarray:
+        if name not in table.column_names:
+            return np.full(n, missing, dtype=kind)
+        return table.column(name).combine_chunks().cast(pa.from_numpy_dtype(kind)).fill_null(missing) \
+            .to_numpy(zero_copy_only=False)
+
+    first = (lambda name: table.column(name)[0].as_py() if name in table.column_names and n else None)
+    return Similarities(version, {item: i for i, item in enumerate(items)}, offsets, ranks[order].astype(np.int32),
+                        similar_codes[order].astype(np.int32), similar,
+                        numbers("score", np.float32, np.nan)[order], numbers("customers", np.int64, 0)[order],
+                        first("method"), first("run_id"))
+
+
+@dataclass(frozen=True)
 class Keyed:
     """One row per user: Arrow arrays addressed through ``users`` (user_id -> row)."""
 
@@ -423,6 +479,7 @@ LOADERS = {
     CUSTOMER_SCORES: load_customer_scores,
     SEND_TIMES: load_send_times,
     SUPPRESSED_USERS: load_suppressed_users,
+    ITEM_SIMILARITIES: load_item_similarities,
 }
 
 

@@ -103,6 +103,30 @@ def warehouse(tmp_path: Path) -> Path:
     return wh
 
 
+def test_similar_items_of_an_item_best_first_else_the_flagged_popular_list(warehouse):
+    with serve(warehouse) as (url, _), httpx.Client(base_url=url, headers=AUTH) as http:
+        missing = http.get("/v1/items/i7/similar?n=2").json()  # no item_similarities yet: popular, not i7 itself
+        assert missing["fallback"] is True and missing["fallback_reason"] == "similarities_missing"
+        assert [i["item_id"] for i in missing["items"]] == ["i5", "i6"] and missing["items"][0]["rank"] == 1
+    write(warehouse, "item_similarities", {
+        "run_id": ["run-1"] * 4, "item_id": ["i5", "i5", "i5", "x/y"], "rank": pa.array([2, 1, 3, 1], pa.int32()),
+        "similar_item_id": ["i7", "i6", "i8", "i5"], "score": [0.5, 0.75, 0.25, 1.0],
+        "customers": pa.array([2, 3, 1, 2], pa.int64()), "method": ["jaccard"] * 4})
+    with serve(warehouse, RECS_MAX_N="3", RECS_DEFAULT_N="3") as (url, _), \
+            httpx.Client(base_url=url, headers=AUTH) as http:
+        body = http.get("/v1/items/i5/similar?n=2").json()
+        assert body["fallback"] is False and body["method"] == "jaccard" and body["run_id"] == "run-1"
+        assert [(i["rank"], i["item_id"], i["score"], i["customers"]) for i in body["items"]] == [
+            (1, "i6", 0.75, 3), (2, "i7", 0.5, 2)]
+        assert [i["item_id"] for i in http.get("/v1/items/x%2Fy/similar").json()["items"]] == ["i5"]
+        unknown = http.get("/v1/items/nope/similar?n=3").json()
+        assert unknown["fallback_reason"] == "unknown_item" and [i["item_id"] for i in unknown["items"]] == [
+            "i7", "i5", "i6"]
+        assert http.get("/v1/items/i5/similar?n=4").json()["error"] == "bad_n"
+        assert http.get("/v1/items/i5/similar", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/healthz").json()["table_versions"]["item_similarities"] == 0
+
+
 def test_auth_is_refused_without_or_with_a_wrong_token(warehouse):
     with serve(warehouse) as (url, _), httpx.Client(base_url=url) as http:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
