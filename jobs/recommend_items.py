@@ -148,6 +148,9 @@ def run(ctx: StageContext) -> StageResult:
             F.lit(run_id).alias("run_id"), "*", F.lit(settings.similarity).alias("method")), C.ITEM_SIMILARITIES)
         counts["similar_items"] = tables.read(spark, C.ITEM_SIMILARITIES).select("item_id").distinct().count()
         notes.append(f"similar items ({settings.similarity}) for {counts['similar_items']} items")
+    elif tables.exists(spark, C.ITEM_SIMILARITIES):  # an older run's lists must not outlive the switch-off
+        tables.overwrite(C.ITEM_SIMILARITIES.empty(spark), C.ITEM_SIMILARITIES)
+        notes.append("similar items off (recommend.similar_top_k = 0): item_similarities emptied")
     entries.unpersist()
     excluded.unpersist()
     exclude.unpersist()

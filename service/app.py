@@ -206,6 +206,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             n = settings.default_n
         if not 1 <= n <= settings.max_n:
             return _error(400, "bad_n", f"n must be between 1 and {settings.max_n}")
+        if not item_id:
+            return _error(400, "bad_item_id", "item_id must not be empty")
         snap: Snapshot = store.current
         similar = snap.parts.get(ITEM_SIMILARITIES)
         items = similar.items_json(item_id, n) if similar is not None else None
@@ -218,7 +220,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         reason = "similarities_missing" if similar is None else "unknown_item"
         return JSONResponse({**body, "fallback": True, "fallback_reason": reason,
                              "fallback_basis": snap.popular.basis,
-                             "items": [{**entry, "rank": rank} for rank, entry in enumerate(popular, start=1)]})
+                             "items": [{**entry, "rank": rank, "customers": None}
+                                       for rank, entry in enumerate(popular, start=1)]})
 
     @app.get("/healthz")
     async def healthz():

@@ -73,6 +73,14 @@ PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", 
             CUSTOMER_SCORES: "score_customers", SEND_TIMES: "plan_sends", INTERACTIONS: "build_interactions",
             ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None, ITEM_SIMILARITIES: "recommend_items"}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
+# Tables that switch on their own although their stage writes others too: a problem with an optional
+# table (gone, unreadable) must not hold its stage's lists back.
+SWITCH_ALONE = frozenset({ITEM_SIMILARITIES})
+
+
+def switch_group(table: str) -> str | None:
+    """The key of the tables that switch with ``table``: its producing stage, or itself (SWITCH_ALONE)."""
+    return table if table in SWITCH_ALONE else PRODUCER[table]
 
 # customer_scores' customer-value columns (lib.campaign.audience.CUSTOMER_VALUE_COLUMNS, tests/test_service.py holds them
 # equal) with their Arrow types: always in a profile's scores, null when the table was written before they existed.
@@ -304,7 +312,7 @@ class Similarities:
     similar_codes: np.ndarray            # int32 into similar
     similar: list[str]
     scores: np.ndarray                   # float32
-    customers: np.ndarray                # int64
+    customers: np.ndarray                # int64 (-1: unknown)
     method: str | None
     run_id: str | None
 
@@ -314,7 +322,8 @@ class Similarities:
             return None
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         end = min(end, start + n)
-        return [{"rank": int(r), "item_id": self.similar[c], "score": _short_float(s), "customers": int(k)}
+        return [{"rank": int(r), "item_id": self.similar[c], "score": _short_float(s),
+                 "customers": int(k) if k >= 0 else None, "source": "similar"}
                 for r, c, s, k in zip(self.ranks[start:end].tolist(), self.similar_codes[start:end].tolist(),
                                       self.scores[start:end], self.customers[start:end].tolist())]
 
@@ -341,7 +350,7 @@ def load_item_similarities(dt: DeltaTable, version: int) -> Similarities:
     first = (lambda name: table.column(name)[0].as_py() if name in table.column_names and n else None)
     return Similarities(version, {item: i for i, item in enumerate(items)}, offsets, ranks[order].astype(np.int32),
                         similar_codes[order].astype(np.int32), similar,
-                        numbers("score", np.float32, np.nan)[order], numbers("customers", np.int64, 0)[order],
+                        numbers("score", np.float32, np.nan)[order], numbers("customers", np.int64, -1)[order],
                         first("method"), first("run_id"))
 
 
@@ -420,7 +429,7 @@ def load_suppressed_users(dt: DeltaTable, version: int) -> Suppressed:
 
 @dataclass(frozen=True)
 class Popular:
-    """The fallback list for users without recommendations, best first (at most max_n items)."""
+    """The fallback list for users without recommendations, best first (at most max_n + 1 items)."""
 
     basis: str  # "interactions" | "recommendations" | "none"
     items: list[str]
@@ -656,8 +665,9 @@ class Store:
 
             parts = dict(old.parts)
             served = dict(old.versions)
-            for stage in dict.fromkeys(PRODUCER[t] for t in LOADERS):
-                group = [t for t in LOADERS if PRODUCER[t] == stage]
+            for key in dict.fromkeys(switch_group(t) for t in LOADERS):
+                group = [t for t in LOADERS if switch_group(t) == key]
+                stage = PRODUCER[group[0]]
                 changed = {}
                 for table in group:
                     dt = handles[table]
@@ -741,7 +751,7 @@ class Store:
                 errors[table] = message
                 self._failed[table] = (version, message)
                 log.error("cannot serve %s %s; %s keeps serving versions %s", table, message, stage,
-                          {t: served.get(t) for t in LOADERS if PRODUCER[t] == stage})
+                          {t: served.get(t) for t in changed})
                 return
             log.info("loaded %s version %s (stage %s) in %.2f s", table, version, stage,
                      time.perf_counter() - started)
@@ -751,7 +761,7 @@ class Store:
             self._failed.pop(table, None)
 
     def _popular(self, old: Snapshot, parts: dict, handles: dict, served: dict, errors: dict) -> Popular:
-        n = self.settings.max_n
+        n = self.settings.max_n + 1  # one spare: the similar-items fallback leaves out the item asked about
         inter, index = handles[INTERACTIONS], handles[ITEM_INDEX]
         if inter is not None and index is not None:
             key = ("interactions", served[INTERACTIONS], served[ITEM_INDEX])

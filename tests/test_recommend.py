@@ -138,8 +138,14 @@ def test_similar_items_on_hand_made_baskets(spark):
     # A customer counts with their max_items highest-scored items only: u1's weakest item (c) drops out.
     weighted = history.withColumn("score", F.when((F.col("user_idx") == 1) & (F.col("item_idx") == c), 0.5)
                                   .otherwise(F.col("score")))
-    capped = {(r["item_idx"], r["similar_item_idx"]): r["customers"]
+    capped = {(r["item_idx"], r["similar_item_idx"]): (r["customers"], r["score"])
               for r in item_similarities(weighted, top_k=5, min_customers=1, max_items=2).collect()}
-    assert capped[(a, c)] == 1 and (b, c) not in capped and capped[(a, b)] == 2
+    # c is then held by u3 alone, in the item counts as in the pairs: Jaccard(a, c) = 1 / (3 + 1 - 1).
+    assert capped[(a, c)] == (1, pytest.approx(1 / 3)) and (b, c) not in capped and capped[(a, b)][0] == 2
+    # Ties in score and co-occurrence go to the smaller item index.
+    twins = spark.createDataFrame([(user, item, 1.0) for user in (1, 2) for item in (a, b, c)],
+                                  "user_idx int, item_idx int, score double")
+    assert [(r["similar_item_idx"], r["rank"]) for r in item_similarities(twins, top_k=2).where(
+        f"item_idx = {a}").orderBy("rank").collect()] == [(b, 1), (c, 2)]
     with pytest.raises(ValueError, match="similarity must be one of jaccard, lift"):
         item_similarities(history, 2, similarity="cosine")

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,19 +113,32 @@ def test_similar_items_of_an_item_best_first_else_the_flagged_popular_list(wareh
         "run_id": ["run-1"] * 4, "item_id": ["i5", "i5", "i5", "x/y"], "rank": pa.array([2, 1, 3, 1], pa.int32()),
         "similar_item_id": ["i7", "i6", "i8", "i5"], "score": [0.5, 0.75, 0.25, 1.0],
         "customers": pa.array([2, 3, 1, 2], pa.int64()), "method": ["jaccard"] * 4})
-    with serve(warehouse, RECS_MAX_N="3", RECS_DEFAULT_N="3") as (url, _), \
+    with serve(warehouse, RECS_MAX_N="3", RECS_DEFAULT_N="3") as (url, store), \
             httpx.Client(base_url=url, headers=AUTH) as http:
         body = http.get("/v1/items/i5/similar?n=2").json()
         assert body["fallback"] is False and body["method"] == "jaccard" and body["run_id"] == "run-1"
         assert [(i["rank"], i["item_id"], i["score"], i["customers"]) for i in body["items"]] == [
             (1, "i6", 0.75, 3), (2, "i7", 0.5, 2)]
         assert [i["item_id"] for i in http.get("/v1/items/x%2Fy/similar").json()["items"]] == ["i5"]
+        assert body["items"][0]["source"] == "similar"
         unknown = http.get("/v1/items/nope/similar?n=3").json()
         assert unknown["fallback_reason"] == "unknown_item" and [i["item_id"] for i in unknown["items"]] == [
             "i7", "i5", "i6"]
+        # The same fields as a similar list; n = RECS_MAX_N items even when the item itself is left out.
+        assert unknown["items"][0] == {"rank": 1, "item_id": "i7", "score": 3.0, "source": "popular",
+                                       "customers": None}
+        assert [i["item_id"] for i in http.get("/v1/items/i7/similar?n=3").json()["items"]] == ["i5", "i6", "i8"]
         assert http.get("/v1/items/i5/similar?n=4").json()["error"] == "bad_n"
         assert http.get("/v1/items/i5/similar", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert http.get("/healthz").json()["table_versions"]["item_similarities"] == 0
+
+        # A similarities table that vanishes keeps its last version and never holds the lists back.
+        shutil.rmtree(warehouse / "item_similarities")
+        write(warehouse, "recommendations", recs_columns([("u1", 1, "i8", 0.6, "als")]))
+        store.poll()
+        assert [i["item_id"] for i in http.get("/v1/users/u1/recommendations").json()["items"]] == ["i8"]
+        assert http.get("/v1/items/i5/similar?n=1").json()["items"][0]["item_id"] == "i6"
+        assert "item_similarities" in http.get("/healthz").json()["errors"]
 
 
 def test_auth_is_refused_without_or_with_a_wrong_token(warehouse):

@@ -25,11 +25,14 @@ def capped_history(history: DataFrame, max_items: int) -> DataFrame:
 
 def co_occurrences(baskets: DataFrame) -> DataFrame:
     """(item_idx, similar_item_idx, customers): how many customers of ``baskets`` (user_idx, item_idx) hold
-    both items, for every ordered pair of different items held together at least once."""
+    both items, for every ordered pair of different items held together at least once. Each unordered
+    pair is counted once (the self-join keeps a < b, half the rows to shuffle) and then mirrored."""
     first = baskets.select("user_idx", "item_idx")
     second = baskets.select("user_idx", F.col("item_idx").alias("similar_item_idx"))
-    return (first.join(second, "user_idx").where(F.col("item_idx") != F.col("similar_item_idx"))
-            .groupBy("item_idx", "similar_item_idx").agg(F.count(F.lit(1)).alias("customers")))
+    pairs = (first.join(second, "user_idx").where(F.col("item_idx") < F.col("similar_item_idx"))
+             .groupBy("item_idx", "similar_item_idx").agg(F.count(F.lit(1)).alias("customers")))
+    return pairs.unionByName(pairs.select(F.col("similar_item_idx").alias("item_idx"),
+                                          F.col("item_idx").alias("similar_item_idx"), "customers"))
 
 
 def item_similarities(history: DataFrame, top_k: int, similarity: str = "jaccard", min_customers: int = 2,
