@@ -3,9 +3,8 @@
 Reads events, interactions, user_index, item_index (and user_segments / nmf_* / products when present);
 writes recommendations (one list per user and strategy: discover, buy_again, blended), item_similarities
 (similar items by co-occurrence), rec_metrics, segment_usefulness (with user_segments), als_tuning and the
-ALS model under a versioned path. For each
-customer group where a baseline won the validation of buy_again or blended, that group's list IS the
-baseline (its source names it).
+ALS model under a versioned path. For each customer group where a baseline won the validation of
+buy_again or blended, that group's list IS the baseline (its source names it).
 """
 from __future__ import annotations
 
