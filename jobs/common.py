@@ -100,12 +100,8 @@ def new_run_id() -> str:
 
 def apply_runtime_settings(spark: SparkSession, settings: Settings) -> None:
     """The ``[spark]`` section's runtime SQL settings (a job's, and a benchmark's that builds its own session)."""
-    spark.conf.set("spark.sql.shuffle.partitions", str(settings.spark.shuffle_partitions))
-    spark.conf.set("spark.sql.session.timeZone", "UTC")
-    if settings.spark.delta_snapshot_partitions:
-        spark.conf.set("spark.databricks.delta.snapshotPartitions", str(settings.spark.delta_snapshot_partitions))
-    for key, value in settings.spark.conf.items():
-        spark.conf.set(key, str(value))
+    for key, value in settings.spark.runtime_conf().items():
+        spark.conf.set(key, value)
 
 
 def get_session(app_name: str, settings: Settings) -> SparkSession:

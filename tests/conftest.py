@@ -23,8 +23,8 @@ def spark():
         "email-personalization-tests",
         master="local[2]",
         conf={
+            **load_settings([], []).spark.runtime_conf(),  # what a job's session gets from conf/base.toml
             "spark.sql.shuffle.partitions": "2",
-            "spark.databricks.delta.snapshotPartitions": str(load_settings([], []).spark.delta_snapshot_partitions),
             "spark.default.parallelism": "2",
             "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{REPO_ROOT}/conf/log4j2.properties",
             "spark.sql.warehouse.dir": str(REPO_ROOT / "build" / "spark-warehouse"),

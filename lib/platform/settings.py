@@ -223,6 +223,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "campaign_report.conversion_window_days": (1, 365),
     "spark.shuffle_partitions": (1, 100_000),
     "spark.delta_snapshot_partitions": (0, 100_000),
+    "spark.file_listing_parallelism": (0, 100_000),
 }
 
 
@@ -802,6 +803,7 @@ def memory_mb(value: str, key: str) -> float:
 class SparkSettings:
     shuffle_partitions: int
     delta_snapshot_partitions: int
+    file_listing_parallelism: int
     driver_memory: str
     executor_memory: str
     conf: dict[str, str] = field(default_factory=dict)
@@ -812,6 +814,15 @@ class SparkSettings:
             if value:  # empty: the cluster's (or Spark's) own setting
                 require(memory_mb(value, f"spark.{key}") >= MIN_JVM_MEMORY_MB, f"spark.{key}",
                         f"must be at least {MIN_JVM_MEMORY_MB}m, got {value!r}")
+
+    def runtime_conf(self) -> dict[str, str]:
+        """The runtime Spark SQL settings of this section (0 leaves Spark's or Delta's own default)."""
+        conf = {"spark.sql.shuffle.partitions": str(self.shuffle_partitions), "spark.sql.session.timeZone": "UTC"}
+        if self.delta_snapshot_partitions:
+            conf["spark.databricks.delta.snapshotPartitions"] = str(self.delta_snapshot_partitions)
+        if self.file_listing_parallelism:
+            conf["spark.sql.sources.parallelPartitionDiscovery.parallelism"] = str(self.file_listing_parallelism)
+        return {**conf, **{key: str(value) for key, value in self.conf.items()}}
 
     def submit_options(self) -> list[str]:
         """The spark-submit options these settings ask for (the heap sizes must reach the JVM before it starts)."""
