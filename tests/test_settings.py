@@ -98,6 +98,17 @@ def test_heap_sizes_reach_spark_submit_from_the_jobs_own_config():
     assert submit_options(["--set", "spark.driver_memory=lots"]) == []       # the job itself then fails naming it
 
 
+def test_runtime_spark_settings_leave_zero_to_spark_and_let_spark_conf_win():
+    listing = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+    conf = load_settings([], []).spark.runtime_conf()
+    assert conf == {"spark.sql.shuffle.partitions": "8", "spark.sql.session.timeZone": "UTC",
+                    "spark.databricks.delta.snapshotPartitions": "2", listing: "8"}
+    cluster = load_settings(["conf/databricks.toml"], []).spark
+    assert cluster.runtime_conf() == {"spark.sql.shuffle.partitions": "200", "spark.sql.session.timeZone": "UTC"}
+    overridden = dataclasses.replace(cluster, conf={listing: "64"})
+    assert overridden.runtime_conf()[listing] == "64"
+
+
 def test_the_user_block_floor_is_the_scores_chunk_of_top_n():
     assert TOP_N_SCORES_CHUNK_MB == 4 * TopNBlocks().chunk_elements / 2**20
 
