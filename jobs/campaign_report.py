@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.common import StageContext, main_for, report_directory
+from jobs.common import StageContext, main_for, report_directories
 from lib.campaign.lift import lift_results, outcome_rows, write_lift_report
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
@@ -35,7 +35,7 @@ def run(ctx: StageContext) -> StageResult:
                          f"({r['conversions']}/{r['recipients']} treated)")
         elif r["variant"] == "treatment":
             notes.append(f"{r['campaign_id']}: no holdout, no lift")
-    directory = report_directory(ctx, ctx.settings.campaign_report.report_dir, "campaigns")
+    directory = report_directories(ctx)["campaigns"]
     if directory is not None:
         path = write_lift_report(directory, run_id, results, window, notes)
         log.info("campaign report written to %s", path)

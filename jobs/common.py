@@ -253,6 +253,15 @@ def report_directory(ctx: StageContext, configured: str, name: str) -> Path | No
     return None if root is None else root / "reports" / name
 
 
+def report_directories(ctx: StageContext) -> dict[str, Path | None]:
+    """Each stage report's directory by report name (``report_directory``): where the stages write them,
+    the run report finds their plots and an erasure looks for customers."""
+    settings = ctx.settings
+    configured = {"segments": settings.segments.report_dir, "recommendations": "",
+                  "scores": settings.scores.report_dir, "campaigns": settings.campaign_report.report_dir}
+    return {name: report_directory(ctx, directory, name) for name, directory in configured.items()}
+
+
 def exports_root(ctx: StageContext) -> str | None:
     """exports.dir, else <output.root>/exports on a local root; None for catalog tables without a dir."""
     if ctx.settings.exports.dir:

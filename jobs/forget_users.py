@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.common import StageContext, exports_root, main_for, models_root, report_directory
+from jobs.common import StageContext, exports_root, main_for, models_root, report_directories, report_directory
 from lib.platform.privacy import ErasureTargets, forget, load_key, read_erasure_request
 from lib.platform.runs import StageResult
 
 
 def report_roots(ctx: StageContext) -> tuple[str, ...]:
     """The directories the stages write their markdown reports to (local ones that exist)."""
-    settings = ctx.settings
     found: set[Path] = set()
-    for configured, name in ((settings.segments.report_dir, "segments"), (settings.scores.report_dir, "scores"),
-                             (settings.campaign_report.report_dir, "campaigns"), ("", "")):
-        directory = report_directory(ctx, configured, name)  # ("", ""): <output.root>/reports itself
+    # ("", ""): <output.root>/reports itself, where the run reports are
+    for directory in (*report_directories(ctx).values(), report_directory(ctx, "", "")):
         if directory is not None and directory.is_dir():
             found.add(directory.resolve())
     return tuple(sorted(str(d) for d in found if not any(other in d.parents for other in found)))

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, models_root, read_matrix, report_directory
+from jobs.common import StageContext, main_for, models_root, read_matrix, report_directories
 from lib.features.interactions import resolve_as_of
 from lib.ingest.products import excluded_items
 from lib.platform import catalog as C
@@ -92,7 +92,7 @@ def run(ctx: StageContext) -> StageResult:
         if counts["candidates_stopped_early"]:
             notes.append(f"{counts['candidates_stopped_early']} of {len(tuning)} ALS candidates stopped early "
                          f"(clearly worse on the first quarter of the validation users)")
-        directory = report_directory(ctx, "", "recommendations")
+        directory = report_directories(ctx)["recommendations"]
         if directory is None:
             log.info("strategy report skipped: tables are not under a local output.root")
         else:

@@ -10,7 +10,7 @@ from datetime import date
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, report_directory
+from jobs.common import StageContext, main_for, report_directories
 from lib.features.customers import segment_affinities
 from lib.features.interactions import resolve_as_of
 from lib.platform import catalog as C
@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> StageResult:
     tables.append(spark.createDataFrame(
         [(run_id, as_of, t, m, metric, b, float(v)) for t, m, metric, b, v in outcome.metrics],
         C.MODEL_METRICS.schema), C.MODEL_METRICS)
-    directory = report_directory(ctx, ctx.settings.scores.report_dir, "scores")
+    directory = report_directories(ctx)["scores"]
     message = (f"as_of={as_of} " + (" ".join(f"{t}={m}" for t, m in sorted(outcome.chosen.items())) if outcome.eligible
                                      else f"not scored: {outcome.reason} ({outcome.counts})"))
     if directory is not None:

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, read_matrix, report_directory
+from jobs.common import StageContext, main_for, read_matrix, report_directories
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
 from lib.segments.assign import assess_k, assign_segments, choose_k, component_mass, seed_stability
@@ -107,7 +107,7 @@ def run(ctx: StageContext) -> StageResult:
              quality.largest_share, quality.size_entropy, quality.stability_ari, quality.min_top_lift,
              quality.median_top_lift, quality.min_distinct_lift, 100 * quality.distinct_share, quality.empty_segments)
 
-    directory = report_directory(ctx, ctx.settings.segments.report_dir, "segments")
+    directory = report_directories(ctx)["segments"]
     if directory is None:
         log.info("segment report skipped: catalog tables and no segments.report_dir configured")
     else:

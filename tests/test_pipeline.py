@@ -1,4 +1,6 @@
-"""End to end: the pipeline on a tiny generated sample, read back from Delta."""
+"""End to end: the pipeline on a tiny generated sample, read back from Delta, and its run report."""
+import base64
+from html.parser import HTMLParser
 from pathlib import Path
 
 from pyspark.sql import functions as F
@@ -8,6 +10,7 @@ import pytest
 from jobs import run_pipeline
 from jobs.common import run_stage
 from jobs.stages import BUILD_INTERACTIONS, INGEST, PIPELINE
+from lib.platform.run_report import SECTIONS
 
 
 # Written only when configured: segments.sweep_ks, input.items, privacy.pseudonymize.
@@ -60,6 +63,36 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     recommended = read("recommendations").where("run_id = 'run-a'")
     assert recommended.select("user_id").distinct().count() == n_users
 
+    # One page of the whole run, every section from this run's tables; drift needs a previous run.
+    page = PageSections()
+    page.feed((root / "reports" / "run_run-a.html").read_text())
+    assert list(page.sections) == [section.title for section in SECTIONS]
+    drift = page.sections.pop("Drift against the previous run")
+    assert drift["rows"] == [] and "Not produced in this run." in drift["text"]
+    assert all(section["rows"] for section in page.sections.values()), page.sections
+    stages_rows = page.sections["Stages and timings"]
+    assert [row[0] for row in stages_rows["rows"]] == ["generate_events", *stages]
+    assert {row[1] for row in stages_rows["rows"]} == {"success"}
+    assert all(len(row) == 5 for row in stages_rows["rows"])
+    lists = page.sections["Lists beside their baselines (held-out NDCG, recall, precision, coverage)"]["rows"]
+    assert len(lists) == read("rec_metrics").select("model", "k").distinct().count()
+    audiences = page.sections["Audiences"]
+    assert sum(int(row[2]) for row in audiences["rows"]) == read("campaign_audience").count()
+    assert len(page.sections["Segments"]["rows"]) == read("segment_profiles").count()
+    lift = page.sections["Campaign lift"]["rows"]
+    assert sorted((row[0], row[1], int(row[2])) for row in lift) == sorted(
+        (r["campaign_id"], r["variant"], r["recipients"]) for r in read("campaign_results").collect())
+    # Plots inside the page: the stage timings, the send hours, and the PNGs each stage report wrote.
+    assert {title: sorted(section["alts"]) for title, section in page.sections.items() if section["alts"]} == {
+        "Stages and timings": ["seconds per stage"],
+        "Segments": ["convergence", "segment_quality", "segment_sizes"],
+        "Lists beside their baselines (held-out NDCG, recall, precision, coverage)": ["strategies"],
+        "Scores (validation)": ["lift", "reliability"],
+        "Send times (UTC hour of each customer's send)": ["customers per send hour"],
+        "Campaign lift": ["lift"]}
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for section in page.sections.values()
+               for image in section["images"])
+
     # A second run of the first stages over the same input: nothing new is ingested, indices keep
     # their numbers (the later stages only read these tables).
     ctx = context(*[a for a in args if "=" in a], conf=("conf/local.toml",), run_id="run-b")
@@ -77,3 +110,42 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     interactions_history = spark.sql(f"DESCRIBE HISTORY delta.`{root / 'interactions'}`").count()
     assert interactions_history == 2  # one overwrite per run; version 0 stays readable
     assert spark.read.format("delta").option("versionAsOf", 0).load(str(root / "interactions")).count() > 0
+
+
+class PageSections(HTMLParser):
+    """The run report's sections: title -> {rows: table cells per body row, images: base64 PNGs, alts: their
+    alt texts, text}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, dict] = {}
+        self._current: dict | None = None
+        self._in: str | None = None
+        self._body = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "h2":
+            self._in = "h2"
+        elif tag == "tbody":
+            self._body = True
+        elif self._current is not None and tag == "tr" and self._body:
+            self._current["rows"].append([])
+        elif self._current is not None and tag == "td":
+            self._in = "td"
+            self._current["rows"][-1].append("")
+        elif self._current is not None and tag == "img":
+            self._current["images"].append(attrs["src"].removeprefix("data:image/png;base64,"))
+            self._current["alts"].append(attrs["alt"])
+
+    def handle_endtag(self, tag):
+        self._in = None if tag in ("h2", "td") else self._in
+        self._body = self._body and tag != "tbody"
+
+    def handle_data(self, data):
+        if self._in == "h2":
+            self._current = self.sections.setdefault(data, {"rows": [], "images": [], "alts": [], "text": ""})
+        elif self._current is not None:
+            self._current["text"] += data
+            if self._in == "td":
+                self._current["rows"][-1][-1] += data
