@@ -123,7 +123,8 @@ def _cell(value) -> str:
 
 def _table(columns: list[str], rows: list[tuple]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f'<td class="n">{_cell(v)}</td>' if isinstance(v, (int, float)) else
+                                     f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -173,7 +174,7 @@ def render(run_id: str, sections: dict[str, tuple[list[str], list[tuple]]],
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>Run {html.escape(run_id)}</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
-            "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#eef}"
+            "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}td.n{text-align:right}th{background:#eef}"
             "img{display:block;max-width:100%;margin:.5em 0}.empty{color:#888}"
             f"</style></head><body><h1>Pipeline run {html.escape(run_id)}</h1><p>Written {written}.</p>"
             + "".join(parts) + "</body></html>")
