@@ -35,7 +35,6 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lib.platform.run_report import SECTIONS
 
-
     with tempfile.TemporaryDirectory() as profile:
         probed = Path(profile) / "probed.html"
         probed.write_text(args.report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"),
