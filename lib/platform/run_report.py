@@ -66,18 +66,29 @@ def _audiences(df: DataFrame) -> DataFrame:
 
 
 @dataclass(frozen=True)
+class Chart:
+    """A bar chart of a section's rows: one bar per ``label`` column value, its length the ``value`` column."""
+
+    label: str
+    value: str
+    alt: str
+
+
+@dataclass(frozen=True)
 class Section:
-    """A part of the page: the rows ``rows(table rows of this run)`` of ``table`` and the PNGs of the
-    stage report ``plots`` (a key of the report directories given to ``write_run_report``)."""
+    """A part of the page: the rows ``rows(table rows of this run)`` of ``table``, an optional chart of
+    them, and the PNGs of the stage report ``plots`` (a key of the report directories given to
+    ``write_run_report``)."""
 
     title: str
     table: C.TableSpec
     rows: Callable[[DataFrame], DataFrame]
     plots: str = ""
+    chart: Chart | None = None
 
 
 SECTIONS = (
-    Section("Stages and timings", C.PIPELINE_RUNS, _stages),
+    Section("Stages and timings", C.PIPELINE_RUNS, _stages, chart=Chart("stage", "seconds", "seconds per stage")),
     Section("Data quality", C.DATA_QUALITY,
             lambda df: df.orderBy("stage", "gate").select("stage", "gate", "value", "threshold", "passed")),
     Section("Drift against the previous run", C.DRIFT,
@@ -90,7 +101,8 @@ SECTIONS = (
     Section("Lists beside their baselines (held-out NDCG, recall, precision, coverage)", C.REC_METRICS, _lists,
             plots="recommendations"),
     Section("Scores (validation)", C.MODEL_METRICS, _scores, plots="scores"),
-    Section("Send times (UTC hour of each customer's send)", C.SEND_TIMES, _send_times),
+    Section("Send times (UTC hour of each customer's send)", C.SEND_TIMES, _send_times,
+            chart=Chart("hour_utc", "customers", "customers per send hour")),
     Section("Audiences", C.CAMPAIGN_AUDIENCE, _audiences),
     Section("Campaign lift", C.CAMPAIGN_RESULTS,
             lambda df: df.orderBy("campaign_id", "variant").select(
@@ -132,10 +144,13 @@ def _image(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _bar_chart(labels: list[str], values: list[float], xlabel: str) -> bytes:
+def _bar_chart(chart: Chart, columns: list[str], rows: list[tuple]) -> bytes:
+    labels = [str(row[columns.index(chart.label)]) for row in rows]
+    values = [float(row[columns.index(chart.value)] or 0.0) for row in rows]
     fig, ax = plt.subplots(figsize=(7, max(2.0, 0.3 * len(labels) + 0.8)))
     ax.barh(labels[::-1], values[::-1], color="#4477aa")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(chart.value)
+    ax.set_ylabel(chart.label)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=90)
@@ -162,12 +177,8 @@ def render(run_id: str, sections: dict[str, tuple[list[str], list[tuple]]],
             parts.append('<p class="empty">Not produced in this run.</p>')
             continue
         parts.append(_table(columns, rows))
-        if section.table is C.PIPELINE_RUNS:
-            parts.append(_image(_bar_chart([str(r[0]) for r in rows], [float(r[2] or 0.0) for r in rows],
-                                           "seconds"), "seconds per stage"))
-        if section.table is C.SEND_TIMES:
-            parts.append(_image(_bar_chart([f"{r[0]:02d}:00" for r in rows], [float(r[1]) for r in rows],
-                                           "customers"), "customers per send hour"))
+        if section.chart is not None:
+            parts.append(_image(_bar_chart(section.chart, columns, rows), section.chart.alt))
         for png in _plots(plot_dirs.get(section.plots) if section.plots else None, since_epoch):
             parts.append(_image(png.read_bytes(), png.stem))
     written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
