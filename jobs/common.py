@@ -15,9 +15,10 @@ from pyspark.sql import DataFrame, SparkSession
 from jobs.stages import BY_NAME, StageSpec
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError, parse_toml, resolve
-from lib.platform.quality import (GateInput, check_gates, drift_rows, measure_drift, quality_rows, raise_on_drift,
-                                  raise_on_failure)
-from lib.platform.runs import StageResult, run_record
+from lib.platform.promotion import check_promotion, losing_summary
+from lib.platform.quality import (GateInput, Measurement, check_gates, drift_rows, measure_drift, quality_rows,
+                                  raise_on_drift, raise_on_failure)
+from lib.platform.runs import NOT_PROMOTED, StageResult, run_record
 from lib.platform.settings import OutputSettings, Settings
 from lib.platform.storage import COMMIT_METADATA_CONF, Tables
 
@@ -124,7 +125,8 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     ``failed`` with the error, the stage's ``discard`` removes what it wrote outside Delta, and the
     error is re-raised. After the ``success`` row is written, the stage's ``publish`` makes its files
     outside Delta (exports) readable: a run that fails or is killed before that never has a readable
-    export.
+    export. A stage whose model loses to a baseline (``lib.platform.promotion``) ends ``not_promoted``
+    with its shipped tables restored (``promote``); later stages then read the previous run's.
     """
     stage = BY_NAME[name]
     spark, tables = ctx.spark, ctx.tables
@@ -139,12 +141,16 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
         gate_input = GateInput(spark, tables, ctx.settings, result, versions_before, ctx.run_id)
         measurements = check_gates(name, gate_input)
         drifts = measure_drift(name, gate_input)
-        if measurements:
-            tables.append(quality_rows(spark, ctx.run_id, name, measurements), C.DATA_QUALITY)
+        checks = check_promotion(name, gate_input)
+        if measurements or checks:
+            tables.append(quality_rows(spark, ctx.run_id, name, measurements + checks), C.DATA_QUALITY)
         if drifts:
             tables.append(drift_rows(spark, ctx.run_id, name, drifts), C.DRIFT)
         raise_on_failure(name, measurements)
         raise_on_drift(name, drifts)
+        spark.conf.unset(COMMIT_METADATA_CONF)
+        status, note = promote(ctx, stage, checks, versions_before, tag)
+        result.message = note + result.message
     except Exception as err:
         finished = datetime.now(timezone.utc)
         message = f"{type(err).__name__}: {err}"
@@ -167,12 +173,34 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     finally:
         spark.conf.unset(COMMIT_METADATA_CONF)
     finished = datetime.now(timezone.utc)
-    _finish(ctx, name, "success", started, finished, result)
+    _finish(ctx, name, status, started, finished, result)
     if stage.publish is not None:
         stage.publish(ctx)
-    log.info("stage %s: done in %.1f s, rows_in=%s rows_out=%s %s %s", name,
+    log.info("stage %s: %s in %.1f s, rows_in=%s rows_out=%s %s %s", name, status,
              (finished - started).total_seconds(), result.rows_in, result.rows_out, result.counts, result.message)
     return result
+
+
+def promote(ctx: StageContext, stage: StageSpec, checks: list[Measurement], versions_before: dict[str, int | None],
+            tag: str) -> tuple[str, str]:
+    """(status, note for the run's message) after the stage's promotion checks: ``success`` when none
+    failed; else, with ``promotion.action = keep_previous`` and a previous model to keep, the stage's
+    shipped tables are restored and the status is ``not_promoted``; otherwise the new model ships
+    with a warning."""
+    losing = losing_summary(checks)
+    if not losing:
+        return "success", ""
+    if ctx.settings.promotion.action == "warn":
+        log.warning("stage %s: shipped although it loses to a baseline (promotion.action = warn): %s",
+                    stage.name, losing)
+        return "success", f"shipped although it loses to a baseline (promotion.action = warn): {losing}; "
+    if versions_before[stage.ships[0].name] is None:
+        log.warning("stage %s: shipped although it loses to a baseline, no previous %s to keep: %s",
+                    stage.name, stage.ships[0].name, losing)
+        return "success", f"shipped although it loses to a baseline, no previous model to keep: {losing}; "
+    restored = rollback(ctx, stage, versions_before, tag, stage.ships)
+    log.warning("stage %s: not promoted, the previous outputs stay: %s", stage.name, losing)
+    return NOT_PROMOTED, f"not promoted, {restored.removeprefix('; ')} to the previous run's: {losing}; "
 
 
 def _finish(ctx: StageContext, name: str, status: str, started: datetime, finished: datetime,
@@ -186,10 +214,12 @@ def _finish(ctx: StageContext, name: str, status: str, started: datetime, finish
                       "AND target.started_at = source.started_at AND target.status = 'running'")
 
 
-def rollback(ctx: StageContext, stage: StageSpec, versions_before: dict[str, int | None], tag: str) -> str:
-    """Restore the stage's tables to ``versions_before``; returns a note for the run's message."""
+def rollback(ctx: StageContext, stage: StageSpec, versions_before: dict[str, int | None], tag: str,
+             tables: tuple[C.TableSpec, ...] | None = None) -> str:
+    """Restore the stage's tables (``tables``, default every one it writes) to ``versions_before``;
+    returns a note for the run's message."""
     restored, kept = [], []
-    for table in stage.writes:
+    for table in stage.writes if tables is None else tables:
         commits = ctx.tables.commits_since(ctx.spark, table, versions_before[table.name])
         if not commits:
             continue
@@ -199,9 +229,9 @@ def rollback(ctx: StageContext, stage: StageSpec, versions_before: dict[str, int
         else:  # another run committed too: restoring would undo its work
             kept.append(table.name)
     if restored:
-        log.warning("stage %s failed: restored %s to their previous versions", stage.name, ", ".join(restored))
+        log.warning("stage %s: restored %s to their previous versions", stage.name, ", ".join(restored))
     if kept:
-        log.warning("stage %s failed: %s also hold another run's commits and were NOT restored",
+        log.warning("stage %s: %s also hold another run's commits and were NOT restored",
                     stage.name, ", ".join(kept))
     return ((f"; restored {', '.join(restored)}" if restored else "")
             + (f"; not restored (concurrent commits): {', '.join(kept)}" if kept else ""))

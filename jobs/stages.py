@@ -19,7 +19,9 @@ class StageSpec:
     the ``lib`` package its transforms come from (a newcomer's second hop from a table to its code).
 
     ``keeps``: tables the stage appends a record of its work to; a failure does not restore them,
-    so the record of a failed attempt survives for the rerun."""
+    so the record of a failed attempt survives for the rerun. ``ships``: of ``writes``, the model's
+    outputs later stages and the API use; a model that fails its promotion gates
+    (``lib.platform.promotion``) has them restored, its evidence (metrics) stays."""
 
     name: str
     summary: str
@@ -27,6 +29,7 @@ class StageSpec:
     writes: tuple[C.TableSpec, ...]
     package: str
     keeps: tuple[C.TableSpec, ...] = ()
+    ships: tuple[C.TableSpec, ...] = ()
 
     @property
     def module(self) -> str:
@@ -69,15 +72,18 @@ SEGMENT_USERS = StageSpec(
     "segment_users", "customer segments from a blockwise NMF",
     reads=(C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.PRODUCTS),
     writes=(C.NMF_USER_FACTORS, C.NMF_ITEM_FACTORS, C.NMF_HISTORY, C.NMF_K_SWEEP, C.USER_SEGMENTS,
-            C.SEGMENT_PROFILES, C.SEGMENT_QUALITY), package="lib.segments")
+            C.SEGMENT_PROFILES, C.SEGMENT_QUALITY), package="lib.segments",
+    ships=(C.NMF_USER_FACTORS, C.NMF_ITEM_FACTORS, C.USER_SEGMENTS, C.SEGMENT_PROFILES))
 RECOMMEND_ITEMS = StageSpec(
     "recommend_items", "ALS top-N lists, tuned and evaluated offline against baselines; similar items",
     reads=(C.EVENTS, C.INTERACTIONS, C.USER_INDEX, C.ITEM_INDEX, C.USER_SEGMENTS, C.PRODUCTS),
-    writes=(C.ALS_TUNING, C.REC_METRICS, C.SEGMENT_USEFULNESS, C.RECOMMENDATIONS, C.ITEM_SIMILARITIES), package="lib.recommend")
+    writes=(C.ALS_TUNING, C.REC_METRICS, C.SEGMENT_USEFULNESS, C.RECOMMENDATIONS, C.ITEM_SIMILARITIES), package="lib.recommend",
+    ships=(C.RECOMMENDATIONS, C.ITEM_SIMILARITIES))
 SCORE_CUSTOMERS = StageSpec(
     "score_customers", "churn and purchase probability, expected revenue, email engagement per customer",
     reads=(C.EVENTS, C.NMF_USER_FACTORS, C.USER_SEGMENTS),
-    writes=(C.CUSTOMER_SCORES, C.MODEL_METRICS, C.SEGMENT_OUTCOMES), package="lib.scores")
+    writes=(C.CUSTOMER_SCORES, C.MODEL_METRICS, C.SEGMENT_OUTCOMES), package="lib.scores",
+    ships=(C.CUSTOMER_SCORES, C.SEGMENT_OUTCOMES))
 PLAN_SENDS = StageSpec(
     "plan_sends", "best send hour per customer and the global control / campaign holdout assignments",
     reads=(C.EVENTS, C.USER_SEGMENTS, C.USER_IDENTITIES),

@@ -63,6 +63,25 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     recommended = read("recommendations").where("run_id = 'run-a'")
     assert recommended.select("user_id").distinct().count() == n_users
 
+    # Promotion gates: each shipped model against its best baseline, from this run's own metrics.
+    promoted = {r["gate"]: (r["value"], r["threshold"], r["passed"]) for r in
+                read("data_quality").where("run_id = 'run-a' AND gate LIKE 'promote_%'").collect()}
+    top_k = read("rec_metrics").agg(F.max("k")).first()[0]
+    ndcg = {r["model"]: r["value"] for r in read("rec_metrics").where(f"metric = 'ndcg' AND k = {top_k}").collect()}
+    auc = {(r["target"], r["model"]): r["value"] for r in read("model_metrics").where("metric = 'roc_auc'").collect()}
+    assert set(promoted) == {"promote_discover", "promote_shipped_buy_again", "promote_shipped_blended",
+                             "promote_churn_score", "promote_purchase_score"}
+    assert promoted["promote_discover"] == (ndcg["discover"], ndcg["popular_new"], True)
+    assert promoted["promote_shipped_blended"][:2] == (
+        ndcg["shipped_blended"], max(ndcg[m] for m in ("most_bought", "most_recent", "segment_popular", "popular_all")))
+    churn_baselines = [v for (target, model), v in auc.items() if target == "churn" and model.endswith("_baseline")]
+    assert promoted["promote_churn_score"][1] == max(churn_baselines)
+    # A first run has no previous model to keep: a loser on this tiny sample ships, and its stage says so.
+    losers = {r["stage"] for r in read("data_quality").where(
+        "run_id = 'run-a' AND gate LIKE 'promote_%' AND NOT passed").collect()}
+    for run in runs.collect():
+        assert ("no previous model to keep" in run["message"]) == (run["stage"] in losers), run["stage"]
+
     # One page of the whole run, every section from this run's tables; drift needs a previous run.
     page = PageSections()
     page.feed((root / "reports" / "run_run-a.html").read_text())

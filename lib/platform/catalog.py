@@ -258,7 +258,8 @@ USER_IDENTITIES = TableSpec(
 DATA_QUALITY = TableSpec(
     "data_quality",
     "run_id string, stage string, gate string, value double, threshold double, passed boolean, detail string",
-    "every data-quality gate measured after a stage: value, threshold, passed (appended)",
+    "every data-quality gate measured after a stage: value, threshold, passed; and every promotion gate "
+    "(promote_*: the model's measure as value, its best baseline's or the floor as threshold) (appended)",
 )
 DRIFT = TableSpec(
     "drift",
@@ -292,7 +293,8 @@ PIPELINE_RUNS = TableSpec(
     "pipeline_runs",
     "run_id string, stage string, status string, started_at timestamp, finished_at timestamp, rows_in long, "
     "rows_out long, message string, counts map<string, bigint>",
-    "one row per stage per run: status, timings, row counts, a message",
+    "one row per stage per run: status (running, success, failed, or not_promoted: its model lost to a "
+    "baseline and its outputs were restored to the previous run's), timings, row counts, a message",
 )
 ERASURE_REQUESTS = TableSpec(
     "erasure_requests",

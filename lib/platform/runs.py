@@ -8,6 +8,10 @@ from pyspark.sql import DataFrame, SparkSession
 
 from lib.platform.catalog import PIPELINE_RUNS
 
+# A stage's outcome besides running / success / failed: it ran, its model lost to a baseline, and its
+# shipped tables were restored to the previous run's (lib.platform.promotion).
+NOT_PROMOTED = "not_promoted"
+
 
 @dataclass
 class StageResult:

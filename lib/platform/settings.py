@@ -785,6 +785,20 @@ class DriftSettings:
         one_of(self.action, DRIFT_ACTIONS, "drift.action")
 
 
+PROMOTION_ACTIONS = ("keep_previous", "warn")
+
+
+@dataclass(frozen=True)
+class PromotionSettings:
+    action: str
+    min_segment_stability: float
+
+    def __post_init__(self) -> None:
+        one_of(self.action, PROMOTION_ACTIONS, "promotion.action")
+        require(0.0 <= self.min_segment_stability <= 1.0, "promotion.min_segment_stability",
+                f"must be in [0, 1], got {self.min_segment_stability}")
+
+
 # A JVM heap size as spark-submit takes it: digits and a unit (k, m, g, t), e.g. "2g" or "1536m".
 MEMORY_SIZE = re.compile(r"(\d+)([kmgt])", re.IGNORECASE)
 MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -851,6 +865,7 @@ class Settings:
     holdout: HoldoutSettings
     quality: QualitySettings
     drift: DriftSettings
+    promotion: PromotionSettings
     campaigns: dict[str, CampaignSettings]
     exports: ExportsSettings
     campaign_report: CampaignReportSettings
