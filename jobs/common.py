@@ -21,6 +21,7 @@ from lib.platform.quality import (GateInput, Measurement, check_gates, drift_row
 from lib.platform.runs import NOT_PROMOTED, StageResult, run_record
 from lib.platform.settings import OutputSettings, Settings
 from lib.platform.storage import COMMIT_METADATA_CONF, Tables
+from lib.platform.tracking import track_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "conf" / "base.toml"
@@ -176,6 +177,11 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     _finish(ctx, name, status, started, finished, result)
     if stage.publish is not None:
         stage.publish(ctx)
+    try:
+        track_stage(spark, ctx.settings, tables, ctx.run_id, name, status, started, finished, result.counts,
+                    (*stage.reads, *stage.writes), report_directories(ctx))
+    except Exception:  # the stage is done and recorded: tracking is a copy of what its tables hold
+        log.warning("stage %s: not tracked in MLflow", name, exc_info=True)
     log.info("stage %s: %s in %.1f s, rows_in=%s rows_out=%s %s %s", name, status,
              (finished - started).total_seconds(), result.rows_in, result.rows_out, result.counts, result.message)
     return result

@@ -13,13 +13,16 @@ from pathlib import Path
 from jobs.common import StageContext, exports_root, main_for, models_root, report_directories, report_directory
 from lib.platform.privacy import ErasureTargets, forget, load_key, read_erasure_request
 from lib.platform.runs import StageResult
+from lib.platform.tracking import local_artifact_root
 
 
 def report_roots(ctx: StageContext) -> tuple[str, ...]:
-    """The directories the stages write their markdown reports to (local ones that exist)."""
+    """The directories the stages write their markdown reports to, and MLflow's copies of them (local
+    ones that exist)."""
     found: set[Path] = set()
     # ("", ""): <output.root>/reports itself, where the run reports are
-    for directory in (*report_directories(ctx).values(), report_directory(ctx, "", "")):
+    for directory in (*report_directories(ctx).values(), report_directory(ctx, "", ""),
+                      local_artifact_root(ctx.tables)):
         if directory is not None and directory.is_dir():
             found.add(directory.resolve())
     return tuple(sorted(str(d) for d in found if not any(other in d.parents for other in found)))

@@ -7,7 +7,7 @@ _stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$_stamp" ]; then
   echo "bootstrapping $VENV (first use or pyproject.toml changed)" >&2
   [ -x "$VENV/bin/python" ] || "$_python" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[spark,dev,service,airflow]" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[spark,dev,service,airflow,tracking]" >&2
   rm -f "$VENV"/.installed-*
   touch "$_stamp"
 fi

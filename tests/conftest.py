@@ -64,7 +64,8 @@ def context(spark):
     from jobs.common import StageContext, load_settings
 
     def make(*sets: str, conf: tuple[str, ...] = (), run_id: str = "run-1") -> StageContext:
-        return StageContext(spark, load_settings(list(conf), list(sets)), run_id)
+        # MLflow tracking off unless a test turns it on: test_pipeline checks it on a whole run.
+        return StageContext(spark, load_settings(list(conf), ["tracking.enabled=false", *sets]), run_id)
 
     return make
 

@@ -3,6 +3,7 @@ import base64
 from html.parser import HTMLParser
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 
 import pytest
@@ -11,6 +12,7 @@ from jobs import run_pipeline
 from jobs.common import run_stage
 from jobs.stages import BUILD_INTERACTIONS, INGEST, PIPELINE
 from lib.platform.run_report import SECTIONS
+from lib.platform.tracking import metric_name
 
 
 # Written only when configured: segments.sweep_ks, input.items, privacy.pseudonymize.
@@ -81,6 +83,34 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
         "run_id = 'run-a' AND gate LIKE 'promote_%' AND NOT passed").collect()}
     for run in runs.collect():
         assert ("no previous model to keep" in run["message"]) == (run["stage"] in losers), run["stage"]
+
+    # MLflow: one run for the pipeline run, a nested run per model stage holding what its tables hold.
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("email-personalization")
+    tracked = client.search_runs([experiment.experiment_id], "tags.pipeline_run_id = 'run-a'")
+    (parent,) = [run for run in tracked if "mlflow.parentRunId" not in run.data.tags]
+    children = {run.data.tags["stage"]: run for run in tracked if run.data.tags.get("mlflow.parentRunId") ==
+                parent.info.run_id}
+    assert len(tracked) == 1 + len(children)                # every stage run nested under the pipeline's
+    assert set(children) == {"segment_users", "recommend_items", "score_customers"}
+    assert all(run.info.status == "FINISHED" and run.data.tags["status"] == "success" for run in children.values())
+    recommend = children["recommend_items"].data
+    assert {key: value for key, value in recommend.metrics.items() if key.count(".") == 2
+            and not key.startswith(("als_tuning", "promotion", "count"))} == {
+        metric_name(r["model"], r["metric"], f"at_{r['k']}"): r["value"]
+        for r in read("rec_metrics").collect() if r["value"] == r["value"]}       # NaN (no SE) is not logged
+    assert {key: value for key, value in recommend.metrics.items() if key.startswith("promotion.")} == {
+        f"promotion.{gate}": value for gate, (value, _, _) in promoted.items() if gate in (
+            "promote_discover", "promote_shipped_buy_again", "promote_shipped_blended")}
+    assert recommend.params["recommend.top_n"] == str(context().settings.recommend.top_n)
+    assert recommend.tags["delta_version.recommendations"] == str(
+        spark.sql(f"DESCRIBE HISTORY delta.`{root / 'recommendations'}` LIMIT 1").first()["version"])
+    scores = children["score_customers"].data.metrics
+    assert scores.items() >= {metric_name(r["target"], r["model"], r["metric"]): r["value"]
+                              for r in read("model_metrics").collect() if r["bin"] is None and r["value"] == r["value"]
+                              }.items()
+    assert {a.path for a in client.list_artifacts(children["recommend_items"].info.run_id)} >= {
+        "recommendations.md", "strategies.png"}
 
     # One page of the whole run, every section from this run's tables; drift needs a previous run.
     page = PageSections()

@@ -52,11 +52,15 @@ def list_checks(metrics: Iterable[tuple[str, int, str, float]]) -> list[Measurem
         measured = {name: ndcg[(name, k)] for name in baselines if (name, k) in ndcg}
         if not measured:
             continue
-        best = max(measured, key=measured.get)
-        value = ndcg[(model, k)]
-        checks.append(Measurement(f"promote_{model}", value, measured[best], value >= measured[best],
-                                  f"{model} NDCG@{k} against its best baseline {best}"))
+        checks.append(_against_best(f"promote_{model}", ndcg[(model, k)], measured, f"{model} NDCG@{k}"))
     return checks
+
+
+def _against_best(gate: str, value: float, baselines: dict[str, float], what: str) -> Measurement:
+    """``value`` held to the best of ``baselines`` (name -> value); a tie ships the model."""
+    best = max(baselines, key=baselines.get)
+    return Measurement(gate, value, baselines[best], value >= baselines[best],
+                       f"{what} against its best baseline {best}")
 
 
 def score_checks(metrics: Iterable[tuple[str, str, str, float]], chosen: dict[str, str]) -> list[Measurement]:
@@ -69,10 +73,8 @@ def score_checks(metrics: Iterable[tuple[str, str, str, float]], chosen: dict[st
         baselines = {m: v for (t, m), v in auc.items() if t == target and m.endswith(BASELINE_SUFFIX)}
         if model is None or (target, model) not in auc or not baselines:
             continue
-        best = max(baselines, key=baselines.get)
-        value = auc[(target, model)]
-        checks.append(Measurement(f"promote_{target}_score", value, baselines[best], value >= baselines[best],
-                                  f"{target}: {model} validation ROC-AUC against its best baseline {best}"))
+        checks.append(_against_best(f"promote_{target}_score", auc[(target, model)], baselines,
+                                    f"{target}: {model} validation ROC-AUC"))
     return checks
 
 

@@ -799,6 +799,16 @@ class PromotionSettings:
                 f"must be in [0, 1], got {self.min_segment_stability}")
 
 
+@dataclass(frozen=True)
+class TrackingSettings:
+    enabled: bool
+    tracking_uri: str
+    experiment: str
+
+    def __post_init__(self) -> None:
+        require(bool(self.experiment.strip()), "tracking.experiment", "must name an MLflow experiment")
+
+
 # A JVM heap size as spark-submit takes it: digits and a unit (k, m, g, t), e.g. "2g" or "1536m".
 MEMORY_SIZE = re.compile(r"(\d+)([kmgt])", re.IGNORECASE)
 MEMORY_UNIT_MB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -866,6 +876,7 @@ class Settings:
     quality: QualitySettings
     drift: DriftSettings
     promotion: PromotionSettings
+    tracking: TrackingSettings
     campaigns: dict[str, CampaignSettings]
     exports: ExportsSettings
     campaign_report: CampaignReportSettings

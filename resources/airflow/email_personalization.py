@@ -50,7 +50,10 @@ SPARK_CONF = {                                           # lib.platform.session.
 }
 # Airflow's run ids hold ':' and '+', which Hadoop paths (the run's saved model) refuse.
 RUN_ID = "airflow-{{ run_id | replace(':', '') | replace('+', '_') }}"
-DEFAULTS = {"owner": "data-engineering", "retries": 1, "retry_delay": timedelta(minutes=5)}
+# Both DAGs: the schedule, one run at a time, paused until a team enables the one it uses.
+DAG_ARGS = {"schedule": SCHEDULE, "start_date": datetime(2026, 1, 1), "catchup": False, "max_active_runs": 1,
+            "is_paused_upon_creation": True, "tags": ["email-personalization"],
+            "default_args": {"owner": "data-engineering", "retries": 1, "retry_delay": timedelta(minutes=5)}}
 
 
 def _chain(tasks: dict) -> None:
@@ -62,8 +65,7 @@ def _chain(tasks: dict) -> None:
 with DAG(
     dag_id="email_personalization_spark",
     description="email personalization: every stage as a spark-submit on a cluster",
-    schedule=SCHEDULE, start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
-    is_paused_upon_creation=True, default_args=DEFAULTS, tags=["email-personalization"],
+    **DAG_ARGS,
     params={
         "project_dir": Param("/opt/email-personalization", type="string",
                              description="this repository on the Airflow worker (jobs/, lib/, conf/)"),
@@ -99,8 +101,7 @@ with DAG(
 with DAG(
     dag_id="email_personalization_databricks",
     description="email personalization: the Asset Bundle's job, run and awaited",
-    schedule=SCHEDULE, start_date=datetime(2026, 1, 1), catchup=False, max_active_runs=1,
-    is_paused_upon_creation=True, default_args=DEFAULTS, tags=["email-personalization"],
+    **DAG_ARGS,
     params={
         "catalog": Param("main", type="string"),
         "schema": Param("email_personalization", type="string"),

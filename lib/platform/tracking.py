@@ -1,0 +1,194 @@
+"""MLflow tracking: one MLflow run per pipeline run, a nested run per model stage with its settings, the
+metrics it measured, its promotion outcome, the Delta versions it read and wrote, and its reports.
+
+Only what the stage already wrote to its evidence tables for this run is logged (``STAGE_METRICS``),
+so MLflow and Delta agree by construction. Tracking never fails a stage: ``jobs.common.run_stage`` logs
+a warning when it cannot track. It needs ``mlflow`` (the lean ``mlflow-skinny`` of the ``tracking``
+extra; Databricks runtimes bring their own) and ``[tracking]``: ``tracking_uri`` empty means a SQLite
+store at ``<output.root>/mlflow.db`` on a local root and no tracking elsewhere; on Databricks set
+``tracking_uri = "databricks"`` and an ``experiment`` path of the workspace.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from lib.platform import catalog as C
+from lib.platform.settings import Settings
+from lib.platform.storage import Tables
+
+log = logging.getLogger("lib.platform.tracking")
+
+# MLflow refuses other characters in metric and parameter names (e.g. the '+' of "gbt+isotonic").
+_NAME = re.compile(r"[^\w\-. /:]")
+PARAM_LIMIT = 500  # characters of a parameter value kept (MLflow's own limit is larger)
+
+
+def metric_name(*parts: Any) -> str:
+    """``parts`` joined by dots, every character MLflow refuses replaced by '_'."""
+    return _NAME.sub("_", ".".join(str(part) for part in parts))
+
+
+def flat_params(section: Any, prefix: str = "") -> dict[str, str]:
+    """A settings section (a dataclass, nested ones included) as dotted parameter names -> text."""
+    params = {}
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        name = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            params.update(flat_params(value, name + "."))
+        else:
+            params[name] = str(value)[:PARAM_LIMIT]
+    return params
+
+
+def _rows(spark: SparkSession, tables: Tables, table: C.TableSpec, run_id: str, *columns: str) -> list[tuple]:
+    """This run's rows of an evidence table (a few hundred at most)."""
+    if not tables.exists(spark, table):
+        return []
+    return [tuple(row) for row in tables.read(spark, table).where(F.col("run_id") == F.lit(run_id))
+            .select(*columns).collect()]
+
+
+def recommend_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[str, float]:
+    """rec_metrics as ``<model>.<metric>.at_<k>``, and the chosen ALS candidate's validation metric."""
+    metrics = {metric_name(model, metric, f"at_{k}"): value
+               for model, k, metric, value in _rows(spark, tables, C.REC_METRICS, run_id, "model", "k", "metric", "value")}
+    for candidate, metric, k, value, chosen in _rows(spark, tables, C.ALS_TUNING, run_id, "candidate", "metric", "k",
+                                                     "value", "chosen"):
+        metrics[metric_name("als_tuning", f"candidate_{candidate}", metric, f"at_{k}")] = value
+        if chosen:
+            metrics[metric_name("als_tuning", "chosen", metric, f"at_{k}")] = value
+    return metrics
+
+
+def score_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[str, float]:
+    """model_metrics' single values (not the binned reliability and lift tables) as ``<target>.<model>.<metric>``."""
+    return {metric_name(target, model, metric): value
+            for target, model, metric, bin_, value in _rows(spark, tables, C.MODEL_METRICS, run_id, "target", "model",
+                                                            "metric", "bin", "value") if bin_ is None}
+
+
+SEGMENT_QUALITY_NUMBERS = ("k", "users", "assigned_share", "largest_share", "size_entropy", "stability_ari",
+                           "min_top_lift", "median_top_lift", "excluded_items", "capped_items", "min_distinct_lift",
+                           "distinct_share", "empty_segments")
+
+
+def segment_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[str, float]:
+    """segment_quality's numbers as ``segment_quality.<column>``."""
+    rows = _rows(spark, tables, C.SEGMENT_QUALITY, run_id, *SEGMENT_QUALITY_NUMBERS)
+    return {} if not rows else {metric_name("segment_quality", name): value
+                                for name, value in zip(SEGMENT_QUALITY_NUMBERS, rows[-1])}
+
+
+# The stages tracked: the settings section of their model, what they measured, their report's name
+# (jobs.common.report_directories).
+STAGE_METRICS: dict[str, tuple[str, Callable[[SparkSession, Tables, str], dict[str, float]], str]] = {
+    "segment_users": ("segments", segment_metrics, "segments"),
+    "recommend_items": ("recommend", recommend_metrics, "recommendations"),
+    "score_customers": ("scores", score_metrics, "scores"),
+}
+
+
+def _local_root(tables: Tables) -> Path | None:
+    root = tables.root
+    if tables.uses_catalog or not root or "://" in root and not root.startswith("file:"):
+        return None
+    return Path(root.removeprefix("file:")).resolve()
+
+
+def local_artifact_root(tables: Tables) -> Path | None:
+    """Where the experiment created under a local output.root keeps its artifacts (the stage reports'
+    copies; an erasure checks them like the reports)."""
+    root = _local_root(tables)
+    return None if root is None else root / "mlflow-artifacts"
+
+
+def tracking_uri(settings: Settings, tables: Tables) -> str | None:
+    """``tracking.tracking_uri``, else a SQLite store under a local output.root, else None (no tracking)."""
+    if settings.tracking.tracking_uri:
+        return settings.tracking.tracking_uri
+    root = _local_root(tables)
+    return None if root is None else f"sqlite:///{root}/mlflow.db"
+
+
+def _experiment_id(client, settings: Settings, tables: Tables) -> str:
+    """The experiment's id, created on first use; with the default store its artifacts go to
+    <output.root>/mlflow-artifacts (MLflow's own default is ./mlruns of whatever directory the job ran in)."""
+    experiment = client.get_experiment_by_name(settings.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None if settings.tracking.tracking_uri else local_artifact_root(tables)  # a server has its own
+    return client.create_experiment(settings.tracking.experiment,
+                                    artifact_location=None if artifacts is None else artifacts.as_uri())
+
+
+def _pipeline_run(client, experiment_id: str, run_id: str) -> str:
+    """The MLflow run of pipeline run ``run_id`` (created by its first tracked stage)."""
+    found = client.search_runs([experiment_id], max_results=1,
+                               filter_string=f"tags.pipeline_run_id = '{run_id}' AND tags.kind = 'pipeline_run'")
+    if found:
+        return found[0].info.run_id
+    return client.create_run(experiment_id, run_name=run_id,
+                             tags={"pipeline_run_id": run_id, "kind": "pipeline_run"}).info.run_id
+
+
+def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id: str, stage: str, status: str,
+                started: datetime, finished: datetime, counts: dict[str, int],
+                touched: tuple[C.TableSpec, ...], report_dirs: dict[str, Path | None]) -> str | None:
+    """Log ``stage`` of pipeline run ``run_id`` as a nested MLflow run (with the Delta versions of the
+    ``touched`` tables, those it read and wrote, and the files of its report written since it started);
+    returns the MLflow run id, or None when the stage is not tracked (not a model stage, tracking off,
+    or no store for this output)."""
+    uri = tracking_uri(settings, tables)
+    if stage not in STAGE_METRICS or not settings.tracking.enabled or uri is None:
+        return None
+    try:
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        log.warning("stage %s not tracked: tracking.enabled, but mlflow is not installed (pip install "
+                    "'.[tracking]', or tracking.enabled = false)", stage)
+        return None
+
+    section, measured, report = STAGE_METRICS[stage]
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment_id(client, settings, tables)
+    parent = _pipeline_run(client, experiment_id, run_id)
+    run = client.create_run(experiment_id, run_name=stage, start_time=int(started.timestamp() * 1000), tags={
+        "mlflow.parentRunId": parent, "pipeline_run_id": run_id, "kind": "stage", "stage": stage, "status": status})
+    at = int(finished.timestamp() * 1000)
+    values = {**measured(spark, tables, run_id),
+              "seconds": (finished - started).total_seconds(),
+              **{metric_name("count", key): float(value) for key, value in counts.items()},
+              **{metric_name("promotion", gate): value for gate, value, threshold in
+                 _rows(spark, tables, C.DATA_QUALITY, run_id, "gate", "value", "threshold")
+                 if gate.startswith("promote_")}}
+    metrics = [Metric(key, float(value), at, 0) for key, value in sorted(values.items())
+               if value is not None and not math.isnan(float(value))]
+    params = [Param(key, value) for key, value in sorted(flat_params(getattr(settings, section), section + ".").items())]
+    versions = {table.name: tables.version(spark, table) for table in touched}
+    tags = [RunTag(metric_name("delta_version", name), str(version)) for name, version in sorted(versions.items())
+            if version is not None]
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limits: 1000 metrics, 100 params or tags
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + 1000])
+    for start in range(0, max(len(params), len(tags)), 100):
+        client.log_batch(run.info.run_id, params=params[start:start + 100], tags=tags[start:start + 100])
+    report_dir = report_dirs.get(report)
+    if report_dir is not None and report_dir.is_dir():
+        for path in sorted(report_dir.iterdir()):
+            if path.is_file() and path.stat().st_mtime >= started.timestamp() - 1:
+                client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=at)
+    client.set_terminated(parent, "FINISHED", end_time=at)
+    log.info("stage %s tracked in MLflow: run %s (%d metrics, %d params) at %s", stage, run.info.run_id,
+             len(metrics), len(params), uri)
+    return run.info.run_id

@@ -1,0 +1,26 @@
+"""MLflow tracking's names and store (the logged run itself: tests/test_pipeline.py)."""
+from __future__ import annotations
+
+from jobs.common import load_settings
+from lib.platform.storage import Tables
+from lib.platform.tracking import flat_params, metric_name, tracking_uri
+
+
+def test_names_are_ones_mlflow_accepts():
+    assert metric_name("churn", "gbt+isotonic", "roc_auc") == "churn.gbt_isotonic.roc_auc"
+    assert metric_name("shipped_blended", "ndcg", "at_10") == "shipped_blended.ndcg.at_10"
+
+
+def test_a_settings_section_becomes_dotted_parameters():
+    params = flat_params(load_settings([], ["recommend.top_n=7"]).recommend, "recommend.")
+    assert params["recommend.top_n"] == "7"
+    assert params["recommend.als.ranks"] == str(load_settings([], []).recommend.als.ranks)   # nested section
+    assert all(len(value) <= 500 for value in params.values())
+
+
+def test_the_store_is_sqlite_under_a_local_root_and_none_for_catalog_tables(tmp_path):
+    settings = load_settings([], [])
+    assert tracking_uri(settings, Tables(root=str(tmp_path))) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri(settings, Tables(root="", catalog="main", schema="ep")) is None
+    assert tracking_uri(settings, Tables(root="s3a://bucket/ep")) is None
+    assert tracking_uri(load_settings([], ["tracking.tracking_uri=databricks"]), Tables(root="s3a://b/ep")) == "databricks"
