@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable
 
-from pyspark.sql import functions as F
 
 from lib.platform import catalog as C
 from lib.platform.quality import GateInput, Measurement
@@ -87,27 +86,19 @@ def segment_checks(stability_ari: float | None, minimum: float) -> list[Measurem
                         "segments: ARI between the assignments of two seeds against promotion.min_segment_stability")]
 
 
-def _this_run(ctx: GateInput, table: C.TableSpec, *columns: str) -> list[tuple]:
-    """This run's rows of an evidence table (metrics: a few hundred rows at most)."""
-    if not ctx.tables.exists(ctx.spark, table):
-        return []
-    rows = ctx.tables.read(ctx.spark, table).where(F.col("run_id") == F.lit(ctx.run_id)).select(*columns)
-    return [tuple(row) for row in rows.collect()]
-
-
 def recommend_items_checks(ctx: GateInput) -> list[Measurement]:
-    return list_checks(_this_run(ctx, C.REC_METRICS, "model", "k", "metric", "value"))
+    return list_checks(ctx.tables.run_rows(ctx.spark, C.REC_METRICS, ctx.run_id, "model", "k", "metric", "value"))
 
 
 def score_customers_checks(ctx: GateInput) -> list[Measurement]:
-    rows = _this_run(ctx, C.MODEL_METRICS, "target", "model", "metric", "value")
+    rows = ctx.tables.run_rows(ctx.spark, C.MODEL_METRICS, ctx.run_id, "target", "model", "metric", "value")
     # The shipped model of each target is the one the stage judged against the baselines.
     chosen = {target: model for target, model, metric, _ in rows if metric == "beats_baseline"}
     return score_checks(rows, chosen)
 
 
 def segment_users_checks(ctx: GateInput) -> list[Measurement]:
-    rows = _this_run(ctx, C.SEGMENT_QUALITY, "stability_ari")
+    rows = ctx.tables.run_rows(ctx.spark, C.SEGMENT_QUALITY, ctx.run_id, "stability_ari")
     return segment_checks(rows[-1][0] if rows else None, ctx.settings.promotion.min_segment_stability)
 
 

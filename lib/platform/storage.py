@@ -21,6 +21,7 @@ from typing import Callable, TypeVar
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import DateType, NumericType, StringType, TimestampNTZType, TimestampType
 
 from lib.platform.catalog import TableSpec
@@ -109,6 +110,14 @@ class Tables:
         if self.uses_catalog:
             return reader.table(self.location(table))
         return reader.format("delta").load(self.location(table))
+
+    def run_rows(self, spark: SparkSession, table: TableSpec, run_id: str, *columns: str) -> list[tuple]:
+        """``columns`` of one run's rows of a small table (a stage's metrics), collected; none when the
+        table does not exist."""
+        if not self.exists(spark, table):
+            return []
+        rows = self.read(spark, table).where(F.col("run_id") == F.lit(run_id)).select(*columns)
+        return [tuple(row) for row in rows.collect()]
 
     def require(self, spark: SparkSession, table: TableSpec, producer: str) -> DataFrame:
         """Read a stage's input table, or fail naming the table and the stage that writes it."""

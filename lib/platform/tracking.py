@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from lib.platform import catalog as C
 from lib.platform.settings import Settings
@@ -50,20 +49,12 @@ def flat_params(section: Any, prefix: str = "") -> dict[str, str]:
     return params
 
 
-def _rows(spark: SparkSession, tables: Tables, table: C.TableSpec, run_id: str, *columns: str) -> list[tuple]:
-    """This run's rows of an evidence table (a few hundred at most)."""
-    if not tables.exists(spark, table):
-        return []
-    return [tuple(row) for row in tables.read(spark, table).where(F.col("run_id") == F.lit(run_id))
-            .select(*columns).collect()]
-
-
 def recommend_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[str, float]:
     """rec_metrics as ``<model>.<metric>.at_<k>``, and the chosen ALS candidate's validation metric."""
-    metrics = {metric_name(model, metric, f"at_{k}"): value
-               for model, k, metric, value in _rows(spark, tables, C.REC_METRICS, run_id, "model", "k", "metric", "value")}
-    for candidate, metric, k, value, chosen in _rows(spark, tables, C.ALS_TUNING, run_id, "candidate", "metric", "k",
-                                                     "value", "chosen"):
+    rows = tables.run_rows(spark, C.REC_METRICS, run_id, "model", "k", "metric", "value")
+    metrics = {metric_name(model, metric, f"at_{k}"): value for model, k, metric, value in rows}
+    tuning = tables.run_rows(spark, C.ALS_TUNING, run_id, "candidate", "metric", "k", "value", "chosen")
+    for candidate, metric, k, value, chosen in tuning:
         metrics[metric_name("als_tuning", f"candidate_{candidate}", metric, f"at_{k}")] = value
         if chosen:
             metrics[metric_name("als_tuning", "chosen", metric, f"at_{k}")] = value
@@ -72,9 +63,8 @@ def recommend_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[
 
 def score_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[str, float]:
     """model_metrics' single values (not the binned reliability and lift tables) as ``<target>.<model>.<metric>``."""
-    return {metric_name(target, model, metric): value
-            for target, model, metric, bin_, value in _rows(spark, tables, C.MODEL_METRICS, run_id, "target", "model",
-                                                            "metric", "bin", "value") if bin_ is None}
+    rows = tables.run_rows(spark, C.MODEL_METRICS, run_id, "target", "model", "metric", "bin", "value")
+    return {metric_name(target, model, metric): value for target, model, metric, bin_, value in rows if bin_ is None}
 
 
 SEGMENT_QUALITY_NUMBERS = ("k", "users", "assigned_share", "largest_share", "size_entropy", "stability_ari",
@@ -84,7 +74,7 @@ SEGMENT_QUALITY_NUMBERS = ("k", "users", "assigned_share", "largest_share", "siz
 
 def segment_metrics(spark: SparkSession, tables: Tables, run_id: str) -> dict[str, float]:
     """segment_quality's numbers as ``segment_quality.<column>``."""
-    rows = _rows(spark, tables, C.SEGMENT_QUALITY, run_id, *SEGMENT_QUALITY_NUMBERS)
+    rows = tables.run_rows(spark, C.SEGMENT_QUALITY, run_id, *SEGMENT_QUALITY_NUMBERS)
     return {} if not rows else {metric_name("segment_quality", name): value
                                 for name, value in zip(SEGMENT_QUALITY_NUMBERS, rows[-1])}
 
@@ -142,10 +132,11 @@ def _pipeline_run(client, experiment_id: str, run_id: str) -> str:
 
 
 def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id: str, stage: str, status: str,
-                started: datetime, finished: datetime, counts: dict[str, int],
+                started: datetime, finished: datetime, counts: dict[str, int], promotion: dict[str, float],
                 touched: tuple[C.TableSpec, ...], report_dirs: dict[str, Path | None]) -> str | None:
-    """Log ``stage`` of pipeline run ``run_id`` as a nested MLflow run (with the Delta versions of the
-    ``touched`` tables, those it read and wrote, and the files of its report written since it started);
+    """Log ``stage`` of pipeline run ``run_id`` as a nested MLflow run (with its promotion gates' values
+    by gate, the Delta versions of the ``touched`` tables, those it read and wrote, and the files of its
+    report written since it started);
     returns the MLflow run id, or None when the stage is not tracked (not a model stage, tracking off,
     or no store for this output)."""
     uri = tracking_uri(settings, tables)
@@ -169,12 +160,11 @@ def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id:
     values = {**measured(spark, tables, run_id),
               "seconds": (finished - started).total_seconds(),
               **{metric_name("count", key): float(value) for key, value in counts.items()},
-              **{metric_name("promotion", gate): value for gate, value, threshold in
-                 _rows(spark, tables, C.DATA_QUALITY, run_id, "gate", "value", "threshold")
-                 if gate.startswith("promote_")}}
+              **{metric_name("promotion", gate): value for gate, value in promotion.items()}}
     metrics = [Metric(key, float(value), at, 0) for key, value in sorted(values.items())
                if value is not None and not math.isnan(float(value))]
-    params = [Param(key, value) for key, value in sorted(flat_params(getattr(settings, section), section + ".").items())]
+    params = [Param(key, value)
+              for key, value in sorted(flat_params(getattr(settings, section), section + ".").items())]
     versions = {table.name: tables.version(spark, table) for table in touched}
     tags = [RunTag(metric_name("delta_version", name), str(version)) for name, version in sorted(versions.items())
             if version is not None]
