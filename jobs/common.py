@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import posixpath
 import sys
 import traceback
 import uuid
@@ -179,7 +180,8 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
         stage.publish(ctx)
     try:
         track_stage(spark, ctx.settings, tables, ctx.run_id, name, status, started, finished, result.counts,
-                    {m.gate: m.value for m in checks}, (*stage.reads, *stage.writes), report_directories(ctx))
+                    {m.gate: m.value for m in checks}, (*stage.reads, *stage.writes), report_directories(ctx),
+                    result.models, champion=bool(checks) and all(m.passed for m in checks) and status == "success")
     except Exception:  # the stage is done and recorded: tracking is a copy of what its tables hold
         log.warning("stage %s: not tracked in MLflow", name, exc_info=True)
     log.info("stage %s: %s in %.1f s, rows_in=%s rows_out=%s %s %s", name, status,
@@ -309,6 +311,12 @@ def exports_root(ctx: StageContext) -> str | None:
 def models_root(ctx: StageContext) -> str:
     """Where recommend_items saves each run's ALS model (<models_root>/<run_id>)."""
     return (ctx.settings.recommend.model_dir or f"{ctx.tables.root.rstrip('/')}/models/als").rstrip("/")
+
+
+def score_models_root(ctx: StageContext) -> str:
+    """Where score_customers saves each run's chosen models: ``scores`` beside the ALS models' directory
+    (<root>/models/scores/<run_id>/<target>/{classifier,calibrator})."""
+    return f"{posixpath.dirname(models_root(ctx))}/scores"
 
 
 def read_matrix(ctx: StageContext) -> tuple[DataFrame, DataFrame, DataFrame]:

@@ -156,7 +156,8 @@ def run(ctx: StageContext) -> StageResult:
     occasions.unpersist()
     message = (f"ALS rank={best.rank} reg_param={best.reg_param} alpha={best.alpha}; model {model_path}; "
                f"strategies {', '.join(settings.strategies)}; " + "; ".join(notes))
-    return StageResult(rows_in=events.count(), rows_out=rows_out, message=message, counts=counts)
+    return StageResult(rows_in=events.count(), rows_out=rows_out, message=message, counts=counts,
+                       models={"als": model_path})
 
 
 if __name__ == "__main__":

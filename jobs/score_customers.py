@@ -1,7 +1,9 @@
 """Customer scores: churn and purchase probability in the next horizon, expected revenue, customer value
 (CLV, p_alive, next order date) and email engagement per user into customer_scores (one row per user per
 as_of; a re-run replaces its as_of), validation metrics beside their baselines into model_metrics, the
-segments' mean scores into segment_outcomes (when user_segments exists), and a markdown report."""
+segments' mean scores into segment_outcomes (when user_segments exists), a markdown report, and each
+target's chosen Spark model with its calibrator under <root>/models/scores/<run_id>/<target> (registered in
+MLflow by lib.platform.tracking)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +12,7 @@ from datetime import date
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, report_directories
+from jobs.common import StageContext, main_for, report_directories, score_models_root
 from lib.features.customers import segment_affinities
 from lib.features.interactions import resolve_as_of
 from lib.platform import catalog as C
@@ -62,6 +64,12 @@ def run(ctx: StageContext) -> StageResult:
                        ).first()
     rows.unpersist()
     outcome.scores.unpersist()
+    saved = {}
+    for target, (model, calibrator) in sorted(outcome.models.items()):
+        saved[target] = f"{score_models_root(ctx)}/{run_id}/{target}"
+        model.write().overwrite().save(f"{saved[target]}/classifier")
+        calibrator.write().overwrite().save(f"{saved[target]}/calibrator")
+        log.info("%s model saved to %s", target, saved[target])
 
     # Appended even when empty (an ineligible run): the table then exists for readers and exports.
     tables.append(spark.createDataFrame(
@@ -83,7 +91,7 @@ def run(ctx: StageContext) -> StageResult:
               **{f"band.{b}": summary[b] or 0 for b in ("low", "medium", "high")}}
     if not outcome.eligible:
         counts[f"reason.{outcome.reason}"] = summary["users"]
-    return StageResult(rows_in=None, rows_out=summary["users"], message=message, counts=counts)
+    return StageResult(rows_in=None, rows_out=summary["users"], message=message, counts=counts, models=saved)
 
 
 if __name__ == "__main__":

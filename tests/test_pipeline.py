@@ -4,6 +4,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import functions as F
 
 import pytest
@@ -111,6 +112,26 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
                               }.items()
     assert {a.path for a in client.list_artifacts(children["recommend_items"].info.run_id)} >= {
         "recommendations.md", "strategies.png"}
+    # Models: the ALS registered where it was saved (its user factors stay where an erasure rewrites them),
+    # each chosen scoring model copied as a spark-flavor MLflow model (BG/NBD's own probability is none);
+    # a stage that lost a gate on this tiny sample registers a version that is not the champion.
+    chosen = {r["target"]: r["model"] for r in read("model_metrics").where("metric = 'brier'").collect()}
+    expected = {"als": "recommend_items", **{target: "score_customers" for target, model in chosen.items()
+                                             if not model.startswith("bgnbd")}}
+    models = {m.name.removeprefix("email_personalization."): m for m in client.search_registered_models()}
+    assert set(models) == set(expected)
+    for name, stage in expected.items():
+        (version,) = client.search_model_versions(f"name = 'email_personalization.{name}'")
+        assert (version.run_id, version.tags["promoted"]) == (children[stage].info.run_id, str(stage not in losers).lower())
+        assert models[name].aliases == ({"champion": version.version} if stage not in losers else {})
+        assert children[stage].data.tags[f"model_version.{name}"] == str(version.version)
+    copied = {a.path for a in client.list_artifacts(children["score_customers"].info.run_id, "models")}
+    assert copied == {f"models/{name}" for name in expected if name != "als"}
+    assert "models" not in {a.path for a in client.list_artifacts(children["recommend_items"].info.run_id)}
+    als_source = client.get_model_version("email_personalization.als", "1").source
+    assert als_source == (root / "models" / "als" / "run-a").resolve().as_uri()
+    assert (root / "models" / "als" / "run-a" / "MLmodel").is_file()
+    assert ALSModel.load(str(root / "models" / "als" / "run-a")).rank == 8   # recommend.als.ranks above
 
     # One page of the whole run, every section from this run's tables; drift needs a previous run.
     page = PageSections()

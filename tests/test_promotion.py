@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import math
 from datetime import date
+from pathlib import Path
 
 import pytest
+import yaml
+from mlflow.artifacts import download_artifacts
+from mlflow.tracking import MlflowClient
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import LogisticRegression
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.regression import IsotonicRegression, IsotonicRegressionModel
 
 from jobs import recommend_items, score_customers
-from jobs.common import run_stage
+from jobs.common import run_stage, score_models_root
 from lib.platform import catalog as C
 from lib.platform.promotion import list_checks, losing_summary, score_checks, segment_checks
 from lib.platform.quality import Measurement
@@ -115,8 +123,17 @@ def test_a_first_model_that_loses_ships_with_a_warning(spark, tmp_path, context,
 
 
 def test_scores_that_lose_to_recency_keep_the_previous_scores(spark, tmp_path, context, monkeypatch):
+    """... and the MLflow registry's champion stays the winning run's model."""
+    rows = spark.createDataFrame([(0.0, 0.0), (1.0, 0.0), (2.0, 1.0), (3.0, 1.0)], "recency double, churn double")
+    classifier = Pipeline(stages=[VectorAssembler(inputCols=["recency"], outputCol="_fvec"),
+                                  LogisticRegression(featuresCol="_fvec", labelCol="churn")]).fit(rows)
+    calibrator = IsotonicRegression(featuresCol="recency", labelCol="churn").fit(rows)
+
     def plant(as_of: date, model_auc: float) -> None:
         def run(ctx):
+            saved = f"{score_models_root(ctx)}/{ctx.run_id}/churn"
+            classifier.write().overwrite().save(f"{saved}/classifier")
+            calibrator.write().overwrite().save(f"{saved}/calibrator")
             empty = {name: None for name in C.CUSTOMER_SCORES.columns}
             rows = [{**empty, "user_id": f"u{i}", "as_of": as_of, "churn_probability": i / 4, "eligible": True,
                      "run_id": ctx.run_id} for i in range(4)]
@@ -125,10 +142,11 @@ def test_scores_that_lose_to_recency_keep_the_previous_scores(spark, tmp_path, c
                        (ctx.run_id, as_of, "churn", "gbt+isotonic", "beats_baseline", None, float(model_auc >= 0.7)),
                        (ctx.run_id, as_of, "churn", "recency_baseline", "roc_auc", None, 0.7)]
             ctx.tables.append(spark.createDataFrame(metrics, C.MODEL_METRICS.schema), C.MODEL_METRICS)
-            return StageResult(rows_out=len(rows))
+            return StageResult(rows_out=len(rows), models={"churn": saved})
         monkeypatch.setattr(score_customers, "run", run)
 
-    sets = (f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2", "drift.enabled=false")
+    sets = (f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2", "drift.enabled=false",
+            "tracking.enabled=true")
     plant(date(2026, 10, 8), 0.8)
     run_stage(context(*sets, run_id="run-1"), "score_customers")
     plant(date(2026, 10, 15), 0.6)
@@ -143,3 +161,17 @@ def test_scores_that_lose_to_recency_keep_the_previous_scores(spark, tmp_path, c
     assert scored == {(date(2026, 10, 8), "run-1")}     # tonight's as_of is not there: the last scores stay
     assert math.isclose(ctx.tables.read(spark, C.MODEL_METRICS).where(
         "run_id = 'run-2' AND metric = 'roc_auc' AND model = 'gbt+isotonic'").first()["value"], 0.6)
+
+    # Both models are registered, the loser unpromoted; the champion alias stays on the winner, and what
+    # it points at is an MLflow model of the spark flavor that loads and scores like the fitted one.
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'wh').resolve()}/mlflow.db")
+    versions = {v.tags["pipeline_run_id"]: v for v in client.search_model_versions("name = 'email_personalization.churn'")}
+    assert {run: v.tags["promoted"] for run, v in versions.items()} == {"run-1": "true", "run-2": "false"}
+    champion = client.get_model_version_by_alias("email_personalization.churn", "champion")
+    assert champion.version == versions["run-1"].version
+    local = Path(download_artifacts(champion.source, tracking_uri=client.tracking_uri))
+    assert yaml.safe_load((local / "MLmodel").read_text())["flavors"]["spark"]["model_data"] == "sparkml"
+    loaded = PipelineModel.load(str(local / "sparkml"))
+    assert [r["probability"][1] for r in loaded.transform(rows).collect()] == \
+        [r["probability"][1] for r in classifier.transform(rows).collect()]
+    assert IsotonicRegressionModel.load(str(local / "calibrator")).boundaries == calibrator.boundaries

@@ -1,7 +1,10 @@
 """MLflow tracking's names and store (the logged run itself: tests/test_pipeline.py)."""
 from __future__ import annotations
 
+import pytest
+
 from jobs.common import load_settings
+from lib.platform.config import ConfigError
 from lib.platform.storage import Tables
 from lib.platform.tracking import flat_params, metric_name, tracking_uri
 
@@ -24,3 +27,9 @@ def test_the_store_is_sqlite_under_a_local_root_and_none_for_catalog_tables(tmp_
     assert tracking_uri(settings, Tables(root="", catalog="main", schema="ep")) is None
     assert tracking_uri(settings, Tables(root="s3a://bucket/ep")) is None
     assert tracking_uri(load_settings([], ["tracking.tracking_uri=databricks"]), Tables(root="s3a://b/ep")) == "databricks"
+
+
+@pytest.mark.parametrize("prefix", ["", "email personalization", "main..ep"])
+def test_a_registry_prefix_mlflow_would_refuse_is_named(prefix):
+    with pytest.raises(ConfigError, match="tracking.registry_prefix"):
+        load_settings([], [f'tracking.registry_prefix="{prefix}"'])

@@ -21,6 +21,7 @@ class StageResult:
     rows_out: int | None = None
     message: str = ""
     counts: dict[str, int] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)  # model name -> the directory Spark saved it to
 
 
 def run_record(

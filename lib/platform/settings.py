@@ -804,9 +804,14 @@ class TrackingSettings:
     enabled: bool
     tracking_uri: str
     experiment: str
+    registry_uri: str
+    registry_prefix: str
 
     def __post_init__(self) -> None:
         require(bool(self.experiment.strip()), "tracking.experiment", "must name an MLflow experiment")
+        require(bool(re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", self.registry_prefix)),
+                "tracking.registry_prefix", "must be dot-separated names (letters, digits, '_' or '-'), "
+                f"e.g. \"email_personalization\" or \"main.email_personalization\", got {self.registry_prefix!r}")
 
 
 # A JVM heap size as spark-submit takes it: digits and a unit (k, m, g, t), e.g. "2g" or "1536m".

@@ -131,12 +131,85 @@ def _pipeline_run(client, experiment_id: str, run_id: str) -> str:
                              tags={"pipeline_run_id": run_id, "kind": "pipeline_run"}).info.run_id
 
 
+# Models whose files hold customers (ALS user factors): registered where the stage saved them, one copy,
+# the one an erasure rewrites (lib.platform.privacy), never copied into the artifact store.
+PERSONAL_MODELS = frozenset({"als"})
+CHAMPION = "champion"
+
+
+def _local_dir(location: str) -> Path | None:
+    path = Path(location.removeprefix("file:"))
+    return path if "://" not in location.removeprefix("file://") and path.is_dir() else None
+
+
+def _mlmodel(run_id: str, artifact_path: str | None, flavor: str, model_data: str, model_class: str,
+             **metadata: str) -> "Model":
+    from mlflow.models import Model
+    import pyspark
+    model = Model(artifact_path=artifact_path, run_id=run_id, metadata=metadata or None)
+    model.add_flavor(flavor, pyspark_version=pyspark.__version__, model_data=model_data, model_class=model_class)
+    return model
+
+
+def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, models: dict[str, str],
+               champion: bool) -> dict[str, str]:
+    """Log each saved Spark model of a stage as an MLflow model and register it as a new version of
+    ``<tracking.registry_prefix>.<name>``, aliased ``champion`` when ``champion`` (its stage passed every
+    promotion gate); returns name -> version.
+
+    A scoring model (no customer in it) is copied into the stage run's artifacts at ``models/<name>``:
+    the ``spark`` flavor (``sparkml/``: the chosen classifier's PipelineModel, loadable with
+    ``mlflow.spark.load_model`` or ``PipelineModel.load``) and its calibrator (``calibrator/``).
+    A model in PERSONAL_MODELS gets its MLmodel file (flavor ``spark_als``: ``ALSModel.load`` of the
+    directory) written beside its files and is registered at the directory it was saved to."""
+    import tempfile
+    import shutil
+    from mlflow.exceptions import MlflowException
+
+    versions = {}
+    artifact_uri = client.get_run(stage_run).info.artifact_uri
+    for name, location in sorted(models.items()):
+        directory = _local_dir(location)
+        if name in PERSONAL_MODELS:
+            if directory is not None:
+                _mlmodel(stage_run, None, "spark_als", ".", "pyspark.ml.recommendation.ALSModel"
+                         ).save(str(directory / "MLmodel"))
+            source = directory.resolve().as_uri() if directory is not None else location
+        elif directory is None:
+            log.warning("model %s not logged to MLflow: %s is not a local directory", name, location)
+            continue
+        else:
+            with tempfile.TemporaryDirectory() as staging:
+                shutil.copytree(directory / "classifier", Path(staging) / "sparkml")
+                shutil.copytree(directory / "calibrator", Path(staging) / "calibrator")
+                _mlmodel(stage_run, f"models/{name}", "spark", "sparkml", "pyspark.ml.pipeline.PipelineModel",
+                         calibrator="calibrator", calibrator_input="the classifier's probability of class 1"
+                         ).save(str(Path(staging) / "MLmodel"))
+                client.log_artifacts(stage_run, staging, f"models/{name}")
+            source = f"{artifact_uri}/models/{name}"
+        registered = f"{settings.tracking.registry_prefix}.{name}"
+        try:
+            client.create_registered_model(registered)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(registered, source, run_id=stage_run, tags={
+            "pipeline_run_id": pipeline_run, "promoted": str(champion).lower()}).version
+        if champion:
+            client.set_registered_model_alias(registered, CHAMPION, version)
+        versions[name] = str(version)
+        log.info("model %s registered as %s version %s%s", name, registered, version,
+                 f", alias {CHAMPION}" if champion else f" (not {CHAMPION}: it did not pass its promotion gates)")
+    return versions
+
+
 def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id: str, stage: str, status: str,
                 started: datetime, finished: datetime, counts: dict[str, int], promotion: dict[str, float],
-                touched: tuple[C.TableSpec, ...], report_dirs: dict[str, Path | None]) -> str | None:
+                touched: tuple[C.TableSpec, ...], report_dirs: dict[str, Path | None],
+                models: dict[str, str] | None = None, champion: bool = False) -> str | None:
     """Log ``stage`` of pipeline run ``run_id`` as a nested MLflow run (with its promotion gates' values
-    by gate, the Delta versions of the ``touched`` tables, those it read and wrote, and the files of its
-    report written since it started);
+    by gate, the Delta versions of the ``touched`` tables, those it read and wrote, the files of its
+    report written since it started, and its saved ``models`` registered by ``log_models``);
     returns the MLflow run id, or None when the stage is not tracked (not a model stage, tracking off,
     or no store for this output)."""
     uri = tracking_uri(settings, tables)
@@ -151,7 +224,7 @@ def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id:
         return None
 
     section, measured, report = STAGE_METRICS[stage]
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=settings.tracking.registry_uri or None)
     experiment_id = _experiment_id(client, settings, tables)
     parent = _pipeline_run(client, experiment_id, run_id)
     run = client.create_run(experiment_id, run_name=stage, start_time=int(started.timestamp() * 1000), tags={
@@ -177,8 +250,11 @@ def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id:
         for path in sorted(report_dir.iterdir()):
             if path.is_file() and path.stat().st_mtime >= started.timestamp() - 1:
                 client.log_artifact(run.info.run_id, str(path))
+    versions = log_models(client, settings, run.info.run_id, run_id, models or {}, champion)
+    for name, version in versions.items():
+        client.set_tag(run.info.run_id, metric_name("model_version", name), version)
     client.set_terminated(run.info.run_id, "FINISHED", end_time=at)
     client.set_terminated(parent, "FINISHED", end_time=at)
-    log.info("stage %s tracked in MLflow: run %s (%d metrics, %d params) at %s", stage, run.info.run_id,
-             len(metrics), len(params), uri)
+    log.info("stage %s tracked in MLflow: run %s (%d metrics, %d params, models %s) at %s", stage,
+             run.info.run_id, len(metrics), len(params), versions or "none", uri)
     return run.info.run_id

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Callable
 
-from pyspark.ml import Pipeline
+from pyspark.ml import Model, Pipeline, PipelineModel
 from pyspark.ml.classification import GBTClassifier, LogisticRegression
 from pyspark.ml.feature import StandardScaler, VectorAssembler
 from pyspark.ml.functions import vector_to_array
@@ -55,6 +55,7 @@ class ScoreOutcome:
     scores: DataFrame                      # user_id + the customer_scores columns but as_of / run_id
     metrics: list[tuple[str, str, str, int | None, float]] = field(default_factory=list)  # target, model, metric, bin, value
     chosen: dict[str, str] = field(default_factory=dict)
+    models: dict[str, tuple[PipelineModel, Model]] = field(default_factory=dict)  # target: (chosen, calibrator)
     eligible: bool = False
     reason: str = ""
     counts: dict[str, int] = field(default_factory=dict)
@@ -122,12 +123,14 @@ def informative_features(train: DataFrame, names: list[str]) -> list[str]:
             if (stats[c]["sd"] or 0.0) > CONSTANT_TOLERANCE * max(1.0, abs(stats[c]["mean"] or 0.0))]
 
 
-def _candidate(name: str, train: DataFrame, names: list[str], target: str, settings: ScoresSettings) -> Scorer:
-    """A fitted candidate: a function adding ``_score`` (higher: more likely ``target``)."""
+def _candidate(name: str, train: DataFrame, names: list[str], target: str,
+               settings: ScoresSettings) -> tuple[Scorer, PipelineModel | None]:
+    """A fitted candidate: a function adding ``_score`` (higher: more likely ``target``) and its Spark
+    model (None for the purchase model's own probability)."""
     if name == "bgnbd":   # the purchase model needs no training on labels: it was fitted at each cutoff
-        return lambda df: df.withColumn("_score", F.col(BGNBD_COLUMN))
+        return (lambda df: df.withColumn("_score", F.col(BGNBD_COLUMN))), None
     model = _estimator(name, names, target, settings).fit(train)
-    return lambda df: _raw_score(model, df)
+    return (lambda df: _raw_score(model, df)), model
 
 
 def baseline_scores(target: str, settings: ScoresSettings, windows: tuple[int, ...]) -> dict[str, F.Column]:
@@ -157,16 +160,16 @@ def fit_target(target: str, train: DataFrame, valid: DataFrame, scoring: DataFra
     names = informative_features(train, names)
     if not names:
         raise ValueError(f"{target}: every feature is constant on the training window; nothing to learn from")
-    best, best_pr, best_scorer = "", -1.0, None
+    best, best_pr, best_scorer, best_model = "", -1.0, None, None
     for name in settings.models:
-        scorer = _candidate(name, weighted, names, target, settings)
+        scorer, model = _candidate(name, weighted, names, target, settings)
         scored = scorer(valid).persist()
         metrics = ranking_metrics(scored, "_score", target)
         scored.unpersist()
         _record(outcome, target, name, {m: v for m, v in metrics.items() if not m.startswith("decile_lift_")})
         log.info("%s %s: validation ROC-AUC %.4f PR-AUC %.4f", target, name, metrics["roc_auc"], metrics["pr_auc"])
         if metrics["pr_auc"] > best_pr:
-            best, best_pr, best_scorer = name, metrics["pr_auc"], scorer
+            best, best_pr, best_scorer, best_model = name, metrics["pr_auc"], scorer, model
     outcome.chosen[target] = best
 
     valid_scored = best_scorer(valid).persist()
@@ -201,6 +204,8 @@ def fit_target(target: str, train: DataFrame, valid: DataFrame, scoring: DataFra
         log.warning("%s: %s does not beat %s on validation (ROC-AUC %.4f vs %.4f)", target, model_name,
                     best_baseline, chosen["roc_auc"], baselines[best_baseline]["roc_auc"])
     calibrator = Calibrator(settings.calibration).fit(valid_scored, "_score", target)
+    if best_model is not None:
+        outcome.models[target] = (best_model, calibrator.model)
     result = calibrator.transform(best_scorer(scoring), "_score", f"{target}_probability")
     valid_scored.unpersist()
     return result.drop("_score")
