@@ -14,15 +14,21 @@ import dataclasses
 import logging
 import math
 import re
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import pyspark
 from pyspark.sql import SparkSession
 
 from lib.platform import catalog as C
 from lib.platform.settings import Settings
 from lib.platform.storage import Tables
+
+if TYPE_CHECKING:
+    from mlflow.models import Model
 
 log = logging.getLogger("lib.platform.tracking")
 
@@ -145,7 +151,6 @@ def _local_dir(location: str) -> Path | None:
 def _mlmodel(run_id: str, artifact_path: str | None, flavor: str, model_data: str, model_class: str,
              **metadata: str) -> "Model":
     from mlflow.models import Model
-    import pyspark
     model = Model(artifact_path=artifact_path, run_id=run_id, metadata=metadata or None)
     model.add_flavor(flavor, pyspark_version=pyspark.__version__, model_data=model_data, model_class=model_class)
     return model
@@ -162,8 +167,6 @@ def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, mo
     ``mlflow.spark.load_model`` or ``PipelineModel.load``) and its calibrator (``calibrator/``).
     A model in PERSONAL_MODELS gets its MLmodel file (flavor ``spark_als``: ``ALSModel.load`` of the
     directory) written beside its files and is registered at the directory it was saved to."""
-    import tempfile
-    import shutil
     from mlflow.exceptions import MlflowException
 
     versions = {}
