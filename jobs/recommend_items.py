@@ -17,7 +17,7 @@ from jobs.common import StageContext, main_for, models_root, read_matrix, report
 from lib.features.interactions import resolve_as_of
 from lib.ingest.products import excluded_items
 from lib.platform import catalog as C
-from lib.platform.runs import StageResult
+from lib.platform.runs import SavedModel, StageResult
 from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als, top_n_blocks
 from lib.recommend.baselines import user_segment_of
 from lib.recommend.buy_again import buy_again_params, fit_ranker, purchase_occasions
@@ -157,7 +157,7 @@ def run(ctx: StageContext) -> StageResult:
     message = (f"ALS rank={best.rank} reg_param={best.reg_param} alpha={best.alpha}; model {model_path}; "
                f"strategies {', '.join(settings.strategies)}; " + "; ".join(notes))
     return StageResult(rows_in=events.count(), rows_out=rows_out, message=message, counts=counts,
-                       models={"als": model_path})
+                       models={"als": SavedModel(model_path, ("user_idx", "item_idx"))})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from jobs.common import StageContext, main_for, report_directories, score_models
 from lib.features.customers import segment_affinities
 from lib.features.interactions import resolve_as_of
 from lib.platform import catalog as C
-from lib.platform.runs import StageResult
+from lib.platform.runs import SavedModel, StageResult
 from lib.platform.storage import Tables
 from lib.scores.report import write_score_report
 from lib.scores.scoring import finalize_scores, score_customers, segment_outcomes
@@ -66,10 +66,11 @@ def run(ctx: StageContext) -> StageResult:
     outcome.scores.unpersist()
     saved = {}
     for target, (model, calibrator) in sorted(outcome.models.items()):
-        saved[target] = f"{score_models_root(ctx)}/{run_id}/{target}"
-        model.write().overwrite().save(f"{saved[target]}/classifier")
-        calibrator.write().overwrite().save(f"{saved[target]}/calibrator")
-        log.info("%s model saved to %s", target, saved[target])
+        path = f"{score_models_root(ctx)}/{run_id}/{target}"
+        model.write().overwrite().save(f"{path}/classifier")
+        calibrator.write().overwrite().save(f"{path}/calibrator")
+        saved[target] = SavedModel(path, tuple(model.stages[0].getInputCols()))  # its VectorAssembler's
+        log.info("%s model saved to %s", target, path)
 
     # Appended even when empty (an ineligible run): the table then exists for readers and exports.
     tables.append(spark.createDataFrame(

@@ -1,5 +1,6 @@
 """End to end: the pipeline on a tiny generated sample, read back from Delta, and its run report."""
 import base64
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import functions as F
 
 import pytest
+import yaml
 
 from jobs import run_pipeline
 from jobs.common import run_stage
@@ -130,7 +132,8 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     assert "models" not in {a.path for a in client.list_artifacts(children["recommend_items"].info.run_id)}
     als_source = client.get_model_version("email_personalization.als", "1").source
     assert als_source == (root / "models" / "als" / "run-a").resolve().as_uri()
-    assert (root / "models" / "als" / "run-a" / "MLmodel").is_file()
+    als_mlmodel = yaml.safe_load((root / "models" / "als" / "run-a" / "MLmodel").read_text())
+    assert [column["name"] for column in json.loads(als_mlmodel["signature"]["inputs"])] == ["user_idx", "item_idx"]
     assert ALSModel.load(str(root / "models" / "als" / "run-a")).rank == 8   # recommend.als.ranks above
 
     # One page of the whole run, every section from this run's tables; drift needs a previous run.

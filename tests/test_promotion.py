@@ -3,6 +3,7 @@ when a planted run's model loses to its baseline (the stage's own work is replac
 outputs and metrics, as it writes them)."""
 from __future__ import annotations
 
+import json
 import math
 from datetime import date
 from pathlib import Path
@@ -21,7 +22,7 @@ from jobs.common import run_stage, score_models_root
 from lib.platform import catalog as C
 from lib.platform.promotion import list_checks, losing_summary, score_checks, segment_checks
 from lib.platform.quality import Measurement
-from lib.platform.runs import StageResult
+from lib.platform.runs import SavedModel, StageResult
 from lib.platform.config import ConfigError
 
 
@@ -142,7 +143,7 @@ def test_scores_that_lose_to_recency_keep_the_previous_scores(spark, tmp_path, c
                        (ctx.run_id, as_of, "churn", "gbt+isotonic", "beats_baseline", None, float(model_auc >= 0.7)),
                        (ctx.run_id, as_of, "churn", "recency_baseline", "roc_auc", None, 0.7)]
             ctx.tables.append(spark.createDataFrame(metrics, C.MODEL_METRICS.schema), C.MODEL_METRICS)
-            return StageResult(rows_out=len(rows), models={"churn": saved})
+            return StageResult(rows_out=len(rows), models={"churn": SavedModel(saved, ("recency",))})
         monkeypatch.setattr(score_customers, "run", run)
 
     sets = (f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2", "drift.enabled=false",
@@ -170,7 +171,9 @@ def test_scores_that_lose_to_recency_keep_the_previous_scores(spark, tmp_path, c
     champion = client.get_model_version_by_alias("email_personalization.churn", "champion")
     assert champion.version == versions["run-1"].version
     local = Path(download_artifacts(champion.source, tracking_uri=client.tracking_uri))
-    assert yaml.safe_load((local / "MLmodel").read_text())["flavors"]["spark"]["model_data"] == "sparkml"
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["spark"]["model_data"] == "sparkml"
+    assert [column["name"] for column in json.loads(mlmodel["signature"]["inputs"])] == ["recency"]
     loaded = PipelineModel.load(str(local / "sparkml"))
     assert [r["probability"][1] for r in loaded.transform(rows).collect()] == \
         [r["probability"][1] for r in classifier.transform(rows).collect()]

@@ -13,6 +13,15 @@ from lib.platform.catalog import PIPELINE_RUNS
 NOT_PROMOTED = "not_promoted"
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """A model a stage fitted and saved with Spark's writer: its directory and the columns it reads
+    (the signature MLflow's registry shows)."""
+
+    path: str
+    inputs: tuple[str, ...]
+
+
 @dataclass
 class StageResult:
     """What a stage reports: rows read, rows written, a short message and named counts."""
@@ -21,7 +30,7 @@ class StageResult:
     rows_out: int | None = None
     message: str = ""
     counts: dict[str, int] = field(default_factory=dict)
-    models: dict[str, str] = field(default_factory=dict)  # model name -> the directory Spark saved it to
+    models: dict[str, "SavedModel"] = field(default_factory=dict)  # by model name (lib.platform.tracking)
 
 
 def run_record(

@@ -24,6 +24,7 @@ import pyspark
 from pyspark.sql import SparkSession
 
 from lib.platform import catalog as C
+from lib.platform.runs import SavedModel
 from lib.platform.settings import Settings
 from lib.platform.storage import Tables
 
@@ -149,14 +150,19 @@ def _local_dir(location: str) -> Path | None:
 
 
 def _mlmodel(run_id: str, artifact_path: str | None, flavor: str, model_data: str, model_class: str,
-             **metadata: str) -> "Model":
-    from mlflow.models import Model
-    model = Model(artifact_path=artifact_path, run_id=run_id, metadata=metadata or None)
+             inputs: tuple[tuple[str, str], ...], output: tuple[str, str], **metadata: str) -> "Model":
+    """MLmodel metadata of a Spark model, with its signature: the ``inputs`` and one ``output`` column,
+    each (name, MLflow type)."""
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+    signature = ModelSignature(inputs=Schema([ColSpec(kind, name) for name, kind in inputs]),
+                               outputs=Schema([ColSpec(output[1], output[0])]))
+    model = Model(artifact_path=artifact_path, run_id=run_id, signature=signature, metadata=metadata or None)
     model.add_flavor(flavor, pyspark_version=pyspark.__version__, model_data=model_data, model_class=model_class)
     return model
 
 
-def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, models: dict[str, str],
+def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, models: dict[str, SavedModel],
                champion: bool) -> dict[str, str]:
     """Log each saved Spark model of a stage as an MLflow model and register it as a new version of
     ``<tracking.registry_prefix>.<name>``, aliased ``champion`` when ``champion`` (its stage passed every
@@ -171,12 +177,14 @@ def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, mo
 
     versions = {}
     artifact_uri = client.get_run(stage_run).info.artifact_uri
-    for name, location in sorted(models.items()):
+    for name, saved in sorted(models.items()):
+        location = saved.path
         directory = _local_dir(location)
         if name in PERSONAL_MODELS:
             if directory is not None:
-                _mlmodel(stage_run, None, "spark_als", ".", "pyspark.ml.recommendation.ALSModel"
-                         ).save(str(directory / "MLmodel"))
+                _mlmodel(stage_run, None, "spark_als", ".", "pyspark.ml.recommendation.ALSModel",
+                         tuple((column, "integer") for column in saved.inputs),
+                         ("prediction", "float")).save(str(directory / "MLmodel"))
             source = directory.resolve().as_uri() if directory is not None else location
         elif directory is None:
             log.warning("model %s not logged to MLflow: %s is not a local directory", name, location)
@@ -186,7 +194,9 @@ def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, mo
                 shutil.copytree(directory / "classifier", Path(staging) / "sparkml")
                 shutil.copytree(directory / "calibrator", Path(staging) / "calibrator")
                 _mlmodel(stage_run, f"models/{name}", "spark", "sparkml", "pyspark.ml.pipeline.PipelineModel",
-                         calibrator="calibrator", calibrator_input="the classifier's probability of class 1"
+                         tuple((column, "double") for column in saved.inputs), ("probability", "double"),
+                         calibrator="calibrator",
+                         calibrator_input="the classifier's probability of class 1"
                          ).save(str(Path(staging) / "MLmodel"))
                 client.log_artifacts(stage_run, staging, f"models/{name}")
             source = f"{artifact_uri}/models/{name}"
@@ -209,7 +219,7 @@ def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, mo
 def track_stage(spark: SparkSession, settings: Settings, tables: Tables, run_id: str, stage: str, status: str,
                 started: datetime, finished: datetime, counts: dict[str, int], promotion: dict[str, float],
                 touched: tuple[C.TableSpec, ...], report_dirs: dict[str, Path | None],
-                models: dict[str, str] | None = None, champion: bool = False) -> str | None:
+                models: dict[str, SavedModel] | None = None, champion: bool = False) -> str | None:
     """Log ``stage`` of pipeline run ``run_id`` as a nested MLflow run (with its promotion gates' values
     by gate, the Delta versions of the ``touched`` tables, those it read and wrote, the files of its
     report written since it started, and its saved ``models`` registered by ``log_models``);
