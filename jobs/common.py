@@ -181,7 +181,7 @@ def run_stage(ctx: StageContext, name: str) -> StageResult:
     try:
         track_stage(spark, ctx.settings, tables, ctx.run_id, name, status, started, finished, result.counts,
                     {m.gate: m.value for m in checks}, (*stage.reads, *stage.writes), report_directories(ctx),
-                    result.models, champion=bool(checks) and all(m.passed for m in checks) and status == "success")
+                    result.models, champion=bool(checks) and all(m.passed for m in checks))
     except Exception:  # the stage is done and recorded: tracking is a copy of what its tables hold
         log.warning("stage %s: not tracked in MLflow", name, exc_info=True)
     log.info("stage %s: %s in %.1f s, rows_in=%s rows_out=%s %s %s", name, status,
