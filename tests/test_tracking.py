@@ -6,7 +6,7 @@ import pytest
 from jobs.common import load_settings
 from lib.platform.config import ConfigError
 from lib.platform.storage import Tables
-from lib.platform.tracking import flat_params, metric_name, tracking_uri
+from lib.platform.tracking import flat_params, local_dir, metric_name, tracking_uri
 
 
 def test_names_are_ones_mlflow_accepts():
@@ -33,3 +33,9 @@ def test_the_store_is_sqlite_under_a_local_root_and_none_for_catalog_tables(tmp_
 def test_a_registry_prefix_mlflow_would_refuse_is_named(prefix):
     with pytest.raises(ConfigError, match="tracking.registry_prefix"):
         load_settings([], [f'tracking.registry_prefix="{prefix}"'])
+
+
+def test_a_saved_model_is_local_only_where_its_directory_is_on_this_machine(tmp_path):
+    assert local_dir(str(tmp_path)) == local_dir(tmp_path.as_uri()) == local_dir(f"file:{tmp_path}") == tmp_path
+    assert local_dir(str(tmp_path / "absent")) is None
+    assert local_dir("s3a://bucket/models/als/run-1") is None

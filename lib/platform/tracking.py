@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyspark
 from pyspark.sql import SparkSession
 
+from lib.campaign.exports import local_path
 from lib.platform import catalog as C
 from lib.platform.runs import SavedModel
 from lib.platform.settings import Settings
@@ -144,9 +145,12 @@ PERSONAL_MODELS = frozenset({"als"})
 CHAMPION = "champion"
 
 
-def _local_dir(location: str) -> Path | None:
-    path = Path(location.removeprefix("file:"))
-    return path if "://" not in location.removeprefix("file://") and path.is_dir() else None
+def local_dir(location: str) -> Path | None:
+    """The directory ``location`` names on this machine, or None (a remote URI, or no directory there)."""
+    if "://" in location and not location.startswith("file:"):
+        return None
+    path = local_path(location)
+    return path if path.is_dir() else None
 
 
 def _mlmodel(run_id: str, artifact_path: str | None, flavor: str, model_data: str, model_class: str,
@@ -179,7 +183,7 @@ def log_models(client, settings: Settings, stage_run: str, pipeline_run: str, mo
     artifact_uri = client.get_run(stage_run).info.artifact_uri
     for name, saved in sorted(models.items()):
         location = saved.path
-        directory = _local_dir(location)
+        directory = local_dir(location)
         if name in PERSONAL_MODELS:
             if directory is not None:
                 _mlmodel(stage_run, None, "spark_als", ".", "pyspark.ml.recommendation.ALSModel",
