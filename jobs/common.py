@@ -8,12 +8,14 @@ import sys
 import traceback
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pyspark.sql import DataFrame, SparkSession
 
 from jobs.stages import BY_NAME, StageSpec
+from lib.ingest import readers
+from lib.ingest.events import Rules
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError, parse_toml, resolve
 from lib.platform.promotion import check_promotion, losing_summary
@@ -21,7 +23,7 @@ from lib.platform.quality import (GateInput, Measurement, check_gates, drift_row
                                   raise_on_drift, raise_on_failure)
 from lib.platform.runs import NOT_PROMOTED, StageResult, run_record
 from lib.platform.settings import OutputSettings, Settings
-from lib.platform.storage import COMMIT_METADATA_CONF, Tables
+from lib.platform.storage import COMMIT_METADATA_CONF, Tables, is_delta_path
 from lib.platform.tracking import track_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -335,3 +337,28 @@ def sample_root(settings: Settings) -> str:
         raise ConfigError("config key 'sample.path' must be set: the sample needs a directory when tables "
                           "live in a catalog")
     return f"{tables.root}/sample"
+
+
+def read_events_input(ctx: StageContext) -> tuple[DataFrame, str, str]:
+    """(raw records, location, format) of the raw clickstream as the strict readers give it (with every
+    column the source mapping names); the generated sample when input.events is empty."""
+    source, settings = ctx.settings.input, ctx.settings.ingest
+    if source.events:
+        location = source.events
+        fmt = source.format or readers.infer_format(location, has_delta_log=is_delta_path(ctx.spark, location))
+    else:
+        location, fmt = f"{sample_root(ctx.settings)}/events", "parquet"
+    columns = {*source.source_names.values(), *source.revenue_product, *source.item_columns}
+    raw = readers.read_raw(ctx.spark, location, fmt, csv_delimiter=settings.csv_delimiter,
+                           csv_multiline=settings.csv_multiline, encoding=settings.encoding,
+                           json_columns=sorted(columns))
+    return raw, location, fmt
+
+
+def ingest_rules(settings: Settings) -> Rules:
+    """The ingest checks' parameters from [ingest] and [input] (the plausible event-time window is
+    anchored at ingest.now, else now)."""
+    ingest = settings.ingest
+    now = ingest.now_utc or datetime.now(timezone.utc)
+    return Rules(event_types=ingest.event_types, latest=now + timedelta(minutes=ingest.future_skew_minutes),
+                 earliest=ingest.earliest_utc, timestamp_unit=settings.input.timestamp_unit)

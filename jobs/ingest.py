@@ -7,29 +7,17 @@ counts every outcome and checks them against the reader's record count and
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from jobs.common import StageContext, main_for, sample_root
+from jobs.common import StageContext, ingest_rules, main_for, read_events_input
 from lib.ingest import events as ingest
-from lib.ingest import readers
 from lib.platform import catalog as C
 from lib.platform.privacy import pseudonymize_events, stage_key
 from lib.platform.runs import StageResult
-from lib.platform.storage import is_delta_path
 
 log = logging.getLogger("jobs.ingest")
-
-
-def input_location(ctx: StageContext) -> tuple[str, str]:
-    """(location, format) of the raw clickstream; the generated sample when input.events is empty."""
-    source = ctx.settings.input
-    if not source.events:
-        return f"{sample_root(ctx.settings)}/events", "parquet"
-    fmt = source.format or readers.infer_format(source.events, has_delta_log=is_delta_path(ctx.spark, source.events))
-    return source.events, fmt
 
 
 def without_own_inserts(ctx: StageContext, batch_new: DataFrame) -> DataFrame:
@@ -46,16 +34,10 @@ def run(ctx: StageContext) -> StageResult:
     spark, tables = ctx.spark, ctx.tables
     # Fails before reading anything when pseudonymisation is on and the key is missing.
     key = stage_key(ctx.settings.privacy)
-    location, fmt = input_location(ctx)
-    now = settings.now_utc or datetime.now(timezone.utc)
-    rules = ingest.Rules(event_types=settings.event_types, latest=now + timedelta(minutes=settings.future_skew_minutes),
-                         earliest=settings.earliest_utc, timestamp_unit=source.timestamp_unit)
+    raw, location, fmt = read_events_input(ctx)
+    rules = ingest_rules(ctx.settings)
     log.info("ingesting %s (%s); event times outside %s .. %s are quarantined", location, fmt,
              rules.earliest, rules.latest.isoformat())
-
-    raw = readers.read_raw(spark, location, fmt, csv_delimiter=settings.csv_delimiter,
-                           csv_multiline=settings.csv_multiline, encoding=settings.encoding,
-                           json_columns=sorted({*source.source_names.values(), *source.revenue_product}))
     rows_in = raw.count()  # the reader's own record count, independent of the sorting below
     stored = tables.read(spark, C.EVENTS) if tables.exists(spark, C.EVENTS) else None
     classified = ingest.classify(ingest.normalize(raw, source), rules)

@@ -9,7 +9,8 @@ from pyspark.sql import functions as F
 
 from jobs import ingest_products, recommend_items
 from lib.features.interactions import write_matrix_tables
-from lib.ingest.products import CatalogError, excluded_items, read_catalog, recommendable_items, validate_products
+from lib.ingest.products import (CatalogError, catalog_from_events, excluded_items, merge_catalogs, read_catalog,
+                                 recommendable_items, validate_products)
 from lib.platform import catalog as C
 from lib.sample.repeat import POSTAGE_ID, RepeatSpec, generate_repeat_purchases
 
@@ -103,11 +104,39 @@ def test_exclusions_from_flags_and_patterns(spark):
     assert excluded_items(None, items, []).count() == 0
 
 
+def test_a_catalog_from_events_takes_each_items_latest_given_value_and_counts_conflicts(spark):
+    """Only valid events describe an item; per attribute the latest event that gives a value wins."""
+    events = spark.createDataFrame([
+        ("A", "2024-01-01 10:00:00", "Mug", "4.50", None, "f1"),
+        ("A", "2024-01-02 10:00:00", "Mug large", None, None, "f1"),  # newest name; gives no price
+        ("A", "2024-01-03 10:00:00", "Mug XL", "9.99", "negative_quantity", "f1"),  # quarantined: ignored
+        ("B", "2024-01-01 10:00:00", "  ", "3", None, "f2"),
+        ("B", "2024-01-01 11:00:00", None, "3", None, "f2"),
+        (None, "2024-01-01 10:00:00", "Orphan", "1", None, "f1"),
+    ], "item_id string, event_ts string, name string, price string, reason string, source_file string") \
+        .withColumn("event_ts", F.to_timestamp("event_ts"))
+    rows = {r["item_id"]: r.asDict() for r in catalog_from_events(events, ["name", "price"]).collect()}
+    assert rows == {
+        "A": {"item_id": "A", "_source_file": "f1", "name": "Mug large", "price": "4.50",
+              "_conflicts_name": True, "_conflicts_price": False},
+        "B": {"item_id": "B", "_source_file": "f2", "name": None, "price": "3",
+              "_conflicts_name": False, "_conflicts_price": False},
+    }
+
+
+def test_a_catalog_files_row_wins_over_the_derived_one(spark):
+    columns = "item_id string, name string"
+    preferred = spark.createDataFrame([("A", "Mug (catalog)")], columns)
+    fallback = spark.createDataFrame([("A", "MUG"), ("B", "BOWL")], columns)
+    assert sorted(map(tuple, merge_catalogs(preferred, fallback).collect())) == [("A", "Mug (catalog)"),
+                                                                                  ("B", "BOWL")]
+
+
 @pytest.mark.slow  # a whole stage or model fit: over 9 s
 def test_stage_without_catalog_writes_nothing_and_says_so(spark, tmp_path: Path, context):
     ctx = context(f"output.root={tmp_path / 'wh'}")
     result = ingest_products.run(ctx)
-    assert "input.items is empty" in result.message and result.rows_out == 0
+    assert "input.items and input.item_columns are empty" in result.message and result.rows_out == 0
     assert not ctx.tables.exists(spark, C.PRODUCTS)
 
     ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, CATALOG)}")

@@ -70,6 +70,7 @@ def test_defaults_and_shipped_environments_build():
     ("spark.executor_memory=2gb", "'spark.executor_memory' must be a size such as"),
     ("spark.driver_memory=256m", "'spark.driver_memory' must be at least 512m, got '256m'"),
     ("products.columns.product_id=sku", "'products.columns' maps to sku, not catalog columns"),
+    ("input.item_columns.Description=title", "'input.item_columns' maps to title, not product attribute columns"),
     ("drift.psi_warn=0", "'drift.psi_warn' must be > 0, got 0.0"),
     ("drift.psi_fail=0.05", "'drift.psi_fail' must be >= drift.psi_warn \\(0.1\\), got 0.05"),
     ("drift.action=stop", "'drift.action' must be one of warn, fail; got 'stop'"),

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from jobs.common import BASE_CONFIG, load_settings, run_stage
+from jobs import ingest_products
 from lib.platform import catalog as C
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
@@ -90,6 +91,48 @@ def test_invoice_lines(spark, tmp_path, context):
     assert events["13047/84879/purchase"]["revenue"] == pytest.approx(32 * 1.69)
     assert sorted(reasons.values()) == ["missing_user_id", "negative_quantity"]
     assert reasons["C536379,D,Discount,-1,12/1/2010 9:41,27.5,14527.0,United Kingdom"] == "negative_quantity"
+
+
+NEXT_DAY_INVOICES = """InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country
+536401,85123A,WHITE HANGING HEART T-LIGHT HOLDER,2,12/2/2010 10:05,2.95,17850.0,United Kingdom
+536400,85123A,CREAM HANGING HEART T-LIGHT HOLDER,6,12/2/2010 9:00,2.55,13047.0,United Kingdom
+536402,21730,GLASS STAR FROSTED T-LIGHT HOLDER,6,12/2/2010 10:10,abc,13047.0,United Kingdom
+536403,22752,,2,12/2/2010 11:00,7.65,13047.0,United Kingdom
+"""
+
+
+def test_invoice_lines_describe_their_products(spark, tmp_path, context):
+    """The preset's Description and UnitPrice become products: names and prices of the valid lines only,
+    each item's latest value, differing values counted; the next day's file updates the items it holds
+    and keeps the others."""
+    def products(name: str, text: str):
+        path = tmp_path / name
+        path.write_text(text)
+        ctx = context(f"input.events={path}", f"output.root={tmp_path / 'wh'}", "spark.shuffle_partitions=2",
+                      "ingest.now=2026-11-01T00:00:00+00:00", conf=(str(SOURCES / "invoice_lines.toml"),))
+        result = ingest_products.run(ctx)
+        rows = {r["item_id"]: (r["name"], r["price"], r["available"], r["recommendable"])
+                for r in ctx.tables.read(spark, C.PRODUCTS).collect()}
+        return result, rows, ctx.tables.read(spark, C.PRODUCTS_QUARANTINE).collect()
+
+    result, rows, quarantine = products("online_retail.csv", INVOICES)
+    # 22633 (no customer) and D (a cancellation) are quarantined events: they describe nothing.
+    assert rows == {"85123A": ("WHITE HANGING HEART T-LIGHT HOLDER", 2.55, True, True),
+                    "71053": ("WHITE METAL LANTERN, LARGE", 3.39, True, True),
+                    "84879": ("ASSORTED COLOUR BIRD ORNAMENT", 1.69, True, True)}
+    assert (result.rows_in, result.rows_out, result.counts["items_from_events"]) == (3, 3, 3)
+    assert result.counts["attribute_conflicts.name"] == result.counts["attribute_conflicts.price"] == 0
+    assert quarantine == []
+
+    result, rows, quarantine = products("online_retail_next_day.csv", NEXT_DAY_INVOICES)
+    # 21730's price "abc" makes its revenue unparseable: a quarantined event, so it describes nothing.
+    assert rows == {"85123A": ("WHITE HANGING HEART T-LIGHT HOLDER", 2.95, True, True),  # the 10:05 line's
+                    "22752": (None, 7.65, True, True),
+                    "71053": ("WHITE METAL LANTERN, LARGE", 3.39, True, True),
+                    "84879": ("ASSORTED COLOUR BIRD ORNAMENT", 1.69, True, True)}
+    assert result.counts["items_kept_from_earlier_runs"] == 2 and result.rows_out == 4
+    assert (result.counts["attribute_conflicts.name"], result.counts["attribute_conflicts.price"]) == (1, 1)
+    assert quarantine == []
 
 
 COMPLETE_JOURNEY = """household_id,store_id,basket_id,product_id,quantity,sales_value,retail_disc,coupon_disc,coupon_match_disc,week,transaction_timestamp

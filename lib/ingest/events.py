@@ -70,20 +70,23 @@ class Rules:
         return (self.earliest.timestamp() if self.earliest else -math.inf), self.latest.timestamp()
 
 
-def normalize(raw: DataFrame, source: InputSettings) -> DataFrame:
+def normalize(raw: DataFrame, source: InputSettings, keep: dict[str, str] | None = None) -> DataFrame:
     """Contract columns, cleaned and typed, beside the raw record and what the checks need.
 
     A value that does not parse becomes null next to its text (``*_text``), so ``classify`` can tell
     missing from unparseable; ``*_given`` tells an id that held only whitespace from an absent one.
+    ``keep`` (input column -> name) carries further input columns along as text, e.g. the product
+    attributes of ``input.item_columns``.
     """
-    names = source.source_names
+    names, keep = source.source_names, keep or {}
     needed = [c for c in REQUIRED_COLUMNS if not (c == "event_type" and source.event_type)]
     lacking = [names[c] for c in needed if names[c] not in raw.columns]
-    lacking += [name for name in source.revenue_product if name not in raw.columns]
+    lacking += [name for name in [*source.revenue_product, *keep] if name not in raw.columns]
     if lacking:
         found = ", ".join(c for c in raw.columns if c not in META_COLUMNS) or "none"
         raise InputContractError(f"input lacks required column(s) {', '.join(lacking)}; found {found} "
-                                 "(input.columns maps input names to contract names)")
+                                 "(input.columns maps input names to contract names; input.item_columns "
+                                 "names product attribute columns)")
     event_type, event_type_text = sources.event_type_of(raw, source)
     seconds, number, ts_text = sources.event_seconds(raw, source)
     quantity_text = sources.clean(sources.column_of(raw, names["quantity"]))
@@ -103,6 +106,7 @@ def normalize(raw: DataFrame, source: InputSettings) -> DataFrame:
         revenue_text.try_cast("double").alias("revenue"), revenue_text.alias("revenue_text"),
         sources.clean(sources.column_of(raw, names["campaign_id"])).alias("campaign_id"),
         sources.clean(sources.column_of(raw, names["channel"])).alias("channel"),
+        *[F.col(f"`{column}`").cast("string").alias(name) for column, name in keep.items()],
     )
 
 

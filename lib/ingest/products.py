@@ -19,7 +19,14 @@ into a list:
   only when every copy agrees.
 
 So every usable item_id has exactly one ``products`` row, and every row with a problem is in
-``products_quarantine`` with its reason. A missing item_id column stops the stage naming the
+``products_quarantine`` with its reason.
+
+A catalog from the events (``catalog_from_events``): when the event file carries product attributes
+on every line (``input.item_columns``: invoice lines' description and unit price, a clickstream's
+category code and price), each item of the valid events gets one raw catalog row holding, per
+attribute, its value on the item's latest event that gives one; items whose events give differing
+values are counted per attribute. That row goes through the same validation; ``merge_catalogs``
+lets a catalog file's row win over the derived one, and keeps items a nightly file no longer holds. A missing item_id column stops the stage naming the
 column and the file.
 
 Which items may be recommended (``excluded_items`` / ``recommendable_items``): an item is excluded
@@ -162,6 +169,26 @@ def validate_products(raw: DataFrame, location: str, run_id: str) -> tuple[DataF
         F.bool_and("available").alias("available"), F.bool_and("recommendable").alias("recommendable"),
     ).withColumn("run_id", F.lit(run_id))
     return products, quarantine
+
+
+def catalog_from_events(events: DataFrame, attributes: Sequence[str]) -> DataFrame:
+    """A raw catalog (item_id, one text column per attribute, ``_source_file``) from classified events
+    (``lib.ingest.events.classify`` with the attribute columns kept): one row per item of the valid
+    events, each attribute's value from the item's latest event that gives one (ties: the greatest
+    value), and ``_conflicts_<attribute>`` true when the item's events give more than one value."""
+    valid = events.where(F.col("reason").isNull() & F.col("item_id").isNotNull())
+    aggregates = [F.min("source_file").alias("_source_file")]
+    for name in attributes:
+        value = _text(F.col(name))
+        latest = F.max(F.when(value.isNotNull(), F.struct(F.col("event_ts").alias("ts"), value.alias("value"))))
+        aggregates += [latest.getField("value").alias(name),
+                       (F.count_distinct(value) > 1).alias(f"_conflicts_{name}")]
+    return valid.groupBy("item_id").agg(*aggregates)
+
+
+def merge_catalogs(preferred: DataFrame, fallback: DataFrame) -> DataFrame:
+    """``preferred``'s rows, and ``fallback``'s rows for the item_ids ``preferred`` lacks (same columns)."""
+    return preferred.unionByName(fallback.join(preferred.select("item_id"), "item_id", "left_anti"))
 
 
 def _by_id():

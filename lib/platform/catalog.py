@@ -169,8 +169,8 @@ PRODUCTS = TableSpec(
     "products",
     "item_id string, name string, category string, price double, available boolean, recommendable boolean, "
     "run_id string",
-    "the optional product catalog (input.items), one row per item_id; unavailable or unrecommendable items "
-    "are in no list",
+    "the optional product catalog (input.items, or derived from the events' input.item_columns), one row per "
+    "item_id; unavailable or unrecommendable items are in no list",
 )
 PRODUCTS_QUARANTINE = TableSpec(
     "products_quarantine",

@@ -14,7 +14,7 @@ import tomllib
 from typing import Any
 
 # Open tables whose values are strings whatever their siblings (their base table is empty).
-STRING_TABLES = ("input.columns", "input.event_type_map", "products.columns")
+STRING_TABLES = ("input.columns", "input.event_type_map", "input.item_columns", "products.columns")
 # Open tables of tables, e.g. ``[campaigns.<name>]``: a new entry is a table whose keys and types are
 # those of its siblings (the base's entries); lib.platform.settings types and validates each entry.
 TABLES_OF_TABLES = ("campaigns",)

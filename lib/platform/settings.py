@@ -261,6 +261,8 @@ CATALOG_COLUMNS = ("item_id", "name", "category", "price", "available", "recomme
 # The input contract's columns: what ``input.columns`` may map a source column to.
 CONTRACT_COLUMNS = ("event_id", "user_id", "item_id", "event_type", "event_ts", "quantity", "revenue",
                     "campaign_id", "channel")
+# The product attributes an event file may carry on every line: what ``input.item_columns`` may map to.
+ITEM_ATTRIBUTE_COLUMNS = ("name", "category", "price")
 
 
 @dataclass(frozen=True)
@@ -276,9 +278,12 @@ class InputSettings:
     event_type_map: dict[str, str]
     suppressions: str
     items: str
+    item_columns: dict[str, str]
 
     def __post_init__(self) -> None:
         one_of(self.format, ("", "csv", "json", "parquet", "delta", "table"), "input.format")
+        column_map_targets(self.item_columns, ITEM_ATTRIBUTE_COLUMNS, "input.item_columns", "product attribute",
+                           "input")
         one_of(self.timestamp_unit, ("s", "ms", "us"), "input.timestamp_unit")
         targets = column_map_targets(self.columns, CONTRACT_COLUMNS, "input.columns", "contract", "input")
         require(not (self.event_type and "event_type" in targets), "input.event_type",
