@@ -18,14 +18,14 @@ from lib.features.interactions import resolve_as_of
 from lib.ingest.products import excluded_items
 from lib.platform import catalog as C
 from lib.platform.runs import SavedModel, StageResult
-from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als, top_n_blocks
+from lib.recommend.als import TuningResult, als_top_n, candidates, fit_als, item_factors, top_n_blocks
 from lib.recommend.baselines import user_segment_of
 from lib.recommend.buy_again import buy_again_params, fit_ranker, purchase_occasions
 from lib.recommend.evaluation import TrainingSideNmf, evaluate_offline, evaluation_settings
 from lib.recommend.lists import final_recommendations, list_counts, shipped_notes, strategy_lists
 from lib.recommend.metrics import write_strategy_report
 from lib.recommend.pairs import excluded_pairs, to_indexed
-from lib.recommend.similar import item_similarities, similar_item_ids
+from lib.recommend.similar import factor_similarities, item_similarities, similar_item_ids
 
 log = logging.getLogger("jobs.recommend_items")
 
@@ -141,8 +141,11 @@ def run(ctx: StageContext) -> StageResult:
     counts.update(written)
 
     if settings.similar_top_k:  # from the same matrix the lists learned from, excluded items out
-        similar = item_similarities(entries, settings.similar_top_k, settings.similarity,
-                                    settings.similar_min_customers, settings.similar_max_items)
+        if settings.similarity == "als_cosine":
+            similar = factor_similarities(item_factors(model), settings.similar_top_k, top_n_blocks(settings.als))
+        else:
+            similar = item_similarities(entries, settings.similar_top_k, settings.similarity,
+                                        settings.similar_min_customers, settings.similar_max_items)
         tables.overwrite(similar_item_ids(similar, item_index).select(
             F.lit(run_id).alias("run_id"), "*", F.lit(settings.similarity).alias("method")), C.ITEM_SIMILARITIES)
         counts["similar_items"] = tables.read(spark, C.ITEM_SIMILARITIES).select("item_id").distinct().count()

@@ -161,7 +161,9 @@ def test_excluded_items_never_appear_in_any_list(spark, tmp_path: Path, context)
            .orderBy(F.desc("count"), "item_id").limit(4).collect()]
     catalog = "item_id,available,recommendable\n" + "\n".join(
         [f"{top[0]},false,true", f"{top[1]},true,false", f"{top[2]},no,yes", f"{top[3]},true,true"]) + "\n"
-    ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, catalog)}", *SETS)
+    # Similar items by ALS factors here (co-occurrence elsewhere): they must honour the exclusions too.
+    ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, catalog)}", *SETS,
+                  "recommend.similarity=als_cosine")
     tables = ctx.tables
     tables.overwrite(events.withColumn("event_date", F.to_date("event_ts")).withColumn("ingest_run_id", F.lit("x")),
                      C.EVENTS)
@@ -183,3 +185,8 @@ def test_excluded_items_never_appear_in_any_list(spark, tmp_path: Path, context)
     metrics = tables.read(spark, C.REC_METRICS)
     assert metrics.where(F.col("model") == "buy_again").count() > 0
     recs.unpersist()
+    similar = tables.read(spark, C.ITEM_SIMILARITIES)
+    assert {tuple(r) for r in similar.select("method").distinct().collect()} == {("als_cosine",)}
+    assert similar.where(F.col("item_id").isin(*forbidden) | F.col("similar_item_id").isin(*forbidden)).count() == 0
+    assert similar.where("item_id = similar_item_id or customers is not null or score > 1.000001").count() == 0
+    assert similar.select("item_id").distinct().count() == result.counts["similar_items"] >= 70

@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 from lib.recommend.baselines import popular_top_n, segment_popular_for, segment_popular_top_n
 from lib.recommend.evaluation import sample_users
 from lib.recommend.lists import final_recommendations, list_counts, shipped_notes
-from lib.recommend.similar import item_similarities
+from lib.recommend.similar import factor_similarities, item_similarities
 from lib.recommend.topn import block_top_n
 
 
@@ -149,3 +149,16 @@ def test_similar_items_on_hand_made_baskets(spark):
         f"item_idx = {a}").orderBy("rank").collect()] == [(b, 1), (c, 2)]
     with pytest.raises(ValueError, match="similarity must be one of jaccard, lift"):
         item_similarities(history, 2, similarity="cosine")
+
+
+def test_similar_items_by_the_cosine_of_item_factors(spark):
+    # 0 and 1 point the same way, 2 halfway to 3; 4 has no direction and is in no list.
+    factors = spark.createDataFrame([(0, [1.0, 0.0]), (1, [2.0, 0.0]), (2, [1.0, 1.0]), (3, [0.0, 3.0]),
+                                     (4, [0.0, 0.0])], "item_idx int, factors array<float>")
+    rows = {(r["item_idx"], r["rank"]): (r["similar_item_idx"], r["score"], r["customers"])
+            for r in factor_similarities(factors, top_k=2).collect()}
+    half = pytest.approx(0.5 ** 0.5, abs=1e-6)
+    assert rows == {(0, 1): (1, pytest.approx(1.0, abs=1e-6), None), (0, 2): (2, half, None),
+                    (1, 1): (0, pytest.approx(1.0, abs=1e-6), None), (1, 2): (2, half, None),
+                    (2, 1): (0, half, None), (2, 2): (1, half, None),  # a three-way tie: the smaller indexes
+                    (3, 1): (2, half, None), (3, 2): (0, pytest.approx(0.0, abs=1e-6), None)}

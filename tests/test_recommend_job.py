@@ -12,6 +12,8 @@ from jobs import recommend_items
 from lib.features.interactions import index_additions, score_events, to_matrix_entries
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError
+from lib.recommend.als import item_factors
+from lib.recommend.similar import factor_similarities, similar_item_ids
 from lib.sample.planted import SampleSpec, generate_events, planted_segment_items
 
 pytestmark = pytest.mark.slow  # runs whole stages on generated data
@@ -108,7 +110,15 @@ def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, cont
     assert f"similar items (jaccard) for {result.counts['similar_items']} items" in result.message
     similar.unpersist()
 
+    # The cosine of the run's ALS item factors recovers the same structure (recommend.similarity = als_cosine).
     model = ALSModel.load(str(tmp_path / "wh" / "models" / "als" / "run-1"))
+    by_factors = similar_item_ids(factor_similarities(item_factors(model), top_k=10),
+                                  tables.read(spark, C.ITEM_INDEX))
+    top = (by_factors.where("rank = 1").join(own, "item_id")
+           .join(own.toDF("similar_item_id", "similar_segment"), "similar_item_id"))
+    same = top.where(F.col("segment_id") == F.col("similar_segment")).count()
+    assert top.count() >= 10 and same / top.count() >= 0.8, (same, top.count())
+
     assert model.rank == 6
     recs.unpersist()
 

@@ -508,7 +508,7 @@ class ProductsSettings:
 RECOMMEND_SPLITS = ("forward", "per_user")
 RECOMMEND_STRATEGIES = ("discover", "buy_again", "blended")
 BUY_AGAIN_MODELS = ("logistic_regression", "gbt", "heuristic")
-ITEM_SIMILARITIES = ("jaccard", "lift")
+ITEM_SIMILARITIES = ("jaccard", "lift", "als_cosine")
 # The interactions column the segments factorize: the time-decayed score, or an undecayed event count
 # (a year of baskets with a 30-day half-life is mostly its last two months: docs/segments.md, findings).
 SEGMENT_VALUE_COLUMNS = ("score", "n_events", "n_weighted_events")

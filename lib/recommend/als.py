@@ -136,6 +136,11 @@ def fit_als(
     return als.fit(ratings.select(user_col, F.col(item_col), F.col(rating_col).cast("float").alias(rating_col)))
 
 
+def item_factors(model: ALSModel) -> DataFrame:
+    """(item_idx, factors): the model's item factors under the top-N engine's column names."""
+    return model.itemFactors.select(F.col("id").alias("item_idx"), F.col("features").alias("factors"))
+
+
 def als_top_n(
     model: ALSModel,
     users: DataFrame,
@@ -150,7 +155,7 @@ def als_top_n(
     """
     return block_top_n(
         model.userFactors.select(F.col("id").alias("user_idx"), F.col("features").alias("factors")),
-        model.itemFactors.select(F.col("id").alias("item_idx"), F.col("features").alias("factors")),
+        item_factors(model),
         users.select(F.col(model.getUserCol()).alias("user_idx")), n,
         None if exclude is None else exclude.select(F.col(model.getUserCol()).alias("user_idx"),
                                                     F.col(model.getItemCol()).alias("item_idx")),

@@ -1,6 +1,7 @@
 """Similar items ("customers who bought this also bought"): item-to-item similarity from co-occurrence
 in customers' histories, as SAR computes it (Jaccard or lift of the co-occurrence counts), with joins
-and one window: never an item x item matrix on the driver.
+and one window; or from a factor model's item factors (cosine, by the blockwise top-N engine). Never
+an item x item matrix on the driver.
 
 The history is the interaction matrix (user_idx, item_idx, score): every item a customer engaged with
 counts once. Each customer contributes their ``max_items`` highest-scored items, which bounds the pairs
@@ -11,7 +12,10 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from lib.platform.settings import ITEM_SIMILARITIES
+from lib.recommend.topn import TopNBlocks, block_top_n
+
+# recommend.similarity's co-occurrence measures; its other choice, als_cosine, comes from factors.
+CO_OCCURRENCE_SIMILARITIES = ("jaccard", "lift")
 
 
 def capped_history(history: DataFrame, max_items: int) -> DataFrame:
@@ -45,8 +49,8 @@ def item_similarities(history: DataFrame, top_k: int, similarity: str = "jaccard
     fewer than ``min_customers`` customers are left out (one shared basket is noise, and lift favours
     rare items). Rank by score, then co-occurrence, then the smaller similar_item_idx.
     """
-    if similarity not in ITEM_SIMILARITIES:
-        raise ValueError(f"similarity must be one of {', '.join(ITEM_SIMILARITIES)}, got {similarity!r}")
+    if similarity not in CO_OCCURRENCE_SIMILARITIES:
+        raise ValueError(f"similarity must be one of {', '.join(CO_OCCURRENCE_SIMILARITIES)}, got {similarity!r}")
     if top_k < 1 or min_customers < 1 or max_items < 2:
         raise ValueError(f"need top_k >= 1, min_customers >= 1 and max_items >= 2, got {top_k}, {min_customers}, "
                          f"{max_items}")
@@ -67,6 +71,32 @@ def item_similarities(history: DataFrame, top_k: int, similarity: str = "jaccard
     return (pairs.withColumn("score", score.cast("double"))
             .withColumn("rank", F.row_number().over(order)).where(F.col("rank") <= top_k)
             .select("item_idx", "similar_item_idx", "score", "customers", "rank"))
+
+
+def unit_factors(factors: DataFrame) -> DataFrame:
+    """(item_idx, factors) scaled to length 1; items whose factors are all zero are left out (no direction)."""
+    norm = F.sqrt(F.aggregate(F.transform("factors", lambda x: x * x), F.lit(0.0), lambda acc, x: acc + x))
+    return (factors.select("item_idx", "factors", norm.alias("_norm")).where(F.col("_norm") > 0)
+            .select("item_idx", F.transform("factors", lambda x: x / F.col("_norm")).alias("factors")))
+
+
+def factor_similarities(item_factors: DataFrame, top_k: int, blocks: TopNBlocks | None = None) -> DataFrame:
+    """(item_idx, similar_item_idx, score, customers, rank): each item's ``top_k`` nearest items by the
+    cosine of their factors (``item_factors``: item_idx, factors, e.g. an ALS model's item factors).
+
+    Items in the same customers' histories get similar ALS factors, so the cosine ranks co-bought items
+    while smoothing over pairs few customers share. The item side is scored like a user side by the
+    blockwise top-N, each item excluded from its own list; ``customers`` is null (not counted).
+    Ties go to the smaller similar_item_idx.
+    """
+    if top_k < 1:
+        raise ValueError(f"need top_k >= 1, got {top_k}")
+    unit = unit_factors(item_factors.select(F.col("item_idx").cast("int"), "factors"))
+    anchors = unit.withColumnRenamed("item_idx", "user_idx")
+    itself = unit.select(F.col("item_idx").alias("user_idx"), "item_idx")
+    top = block_top_n(anchors, unit, anchors.select("user_idx"), top_k, exclude=itself, blocks=blocks)
+    return top.select(F.col("user_idx").alias("item_idx"), F.col("item_idx").alias("similar_item_idx"), "score",
+                      F.lit(None).cast("long").alias("customers"), "rank")
 
 
 def similar_item_ids(similar: DataFrame, item_index: DataFrame) -> DataFrame:
