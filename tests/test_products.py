@@ -161,9 +161,8 @@ def test_excluded_items_never_appear_in_any_list(spark, tmp_path: Path, context)
            .orderBy(F.desc("count"), "item_id").limit(4).collect()]
     catalog = "item_id,available,recommendable\n" + "\n".join(
         [f"{top[0]},false,true", f"{top[1]},true,false", f"{top[2]},no,yes", f"{top[3]},true,true"]) + "\n"
-    # Similar items by ALS factors here (co-occurrence elsewhere): they must honour the exclusions too.
-    ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, catalog)}", *SETS,
-                  "recommend.similarity=als_cosine")
+    # Similar items (by ALS factors, the default) must honour the exclusions too.
+    ctx = context(f"output.root={tmp_path / 'wh'}", f"input.items={_write(tmp_path, catalog)}", *SETS)
     tables = ctx.tables
     tables.overwrite(events.withColumn("event_date", F.to_date("event_ts")).withColumn("ingest_run_id", F.lit("x")),
                      C.EVENTS)

@@ -25,7 +25,8 @@ SETS = ("spark.shuffle_partitions=2", "recommend.top_n=5", "recommend.k_values=5
 
 
 def test_stage_writes_lists_metrics_tuning_and_model(spark, tmp_path: Path, context):
-    ctx = context(f"output.root={tmp_path / 'wh'}", *SETS)
+    # Co-occurrence similarities here; the default (ALS factors) is checked below from the saved model.
+    ctx = context(f"output.root={tmp_path / 'wh'}", *SETS, "recommend.similarity=jaccard")
     tables = ctx.tables
     spec = SampleSpec(users=120, items=40, events=4000, segments=3, seed=2)
     events = generate_events(spark, spec, partitions=2)

@@ -188,8 +188,9 @@ RECOMMENDATIONS = TableSpec(
 ITEM_SIMILARITIES = TableSpec(
     "item_similarities",
     "run_id string, item_id string, rank int, similar_item_id string, score double, customers long, method string",
-    "per item, its most similar items by co-occurrence in customers' histories (method: jaccard or lift; "
-    "customers: how many hold both), for \"customers who bought this also bought\" emails",
+    "per item, its most similar items (method: als_cosine, the cosine of the ALS item factors; or jaccard / lift "
+    "of co-occurrence in customers' histories, with customers: how many hold both), for \"customers who bought "
+    "this also bought\" emails",
 )
 SEGMENT_OUTCOMES = TableSpec(
     "segment_outcomes",
