@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from service import settings as settings_mod
 from service.settings import Settings
 from service.store import (CUSTOMER_SCORES, ITEM_SIMILARITIES, PROFILE_SOURCES, RECOMMENDATIONS, SEGMENT_PROFILES,
-                           SEND_TIMES, USER_SEGMENTS, Snapshot, Store)
+                           SEND_TIMES, USER_SEGMENTS, Snapshot, Store, describe)
 
 log = logging.getLogger("service")
 
@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         if span is not None:
             start, end = span
             body.update(fallback=False, fallback_reason=None,
-                        items=recs.items_json(start, min(end, start + n)),
+                        items=describe(snap.catalog, recs.items_json(start, end), n),
                         run_id=recs.run_ids.get(served_strategy), table_version=recs.version)
             return JSONResponse(body, headers=NO_STORE)
         reason = ("suppressed" if suppressed else "recommendations_missing" if recs is None
@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             return _error(404, "unknown_user", f"no recommendations for this user ({reason})")
         popular = snap.popular
         body.update(fallback=True, fallback_reason=reason, fallback_basis=popular.basis,
-                    items=popular.items_json(n), run_id=None,
+                    items=describe(snap.catalog, popular.items_json(), n), run_id=None,
                     table_version=recs.version if recs is not None else None)
         return JSONResponse(body, headers=NO_STORE)
 
@@ -210,18 +210,17 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             return _error(400, "bad_item_id", "item_id must not be empty")
         snap: Snapshot = store.current
         similar = snap.parts.get(ITEM_SIMILARITIES)
-        items = similar.items_json(item_id, n) if similar is not None else None
+        items = describe(snap.catalog, (similar.items_json(item_id) if similar is not None else None) or [], n)
         body = {"item_id": item_id, "method": similar.method if similar else None,
                 "run_id": similar.run_id if similar else None, "table_version": similar.version if similar else None}
         if items:
             return JSONResponse({**body, "fallback": False, "fallback_reason": None, "items": items})
         # No similar items known: the popular list without the item itself, flagged, as for an unknown user.
-        popular = [entry for entry in snap.popular.items_json(n + 1) if entry["item_id"] != item_id][:n]
+        popular = [{**entry, "customers": None} for entry in snap.popular.items_json()
+                   if entry["item_id"] != item_id]
         reason = "similarities_missing" if similar is None else "unknown_item"
         return JSONResponse({**body, "fallback": True, "fallback_reason": reason,
-                             "fallback_basis": snap.popular.basis,
-                             "items": [{**entry, "rank": rank, "customers": None}
-                                       for rank, entry in enumerate(popular, start=1)]})
+                             "fallback_basis": snap.popular.basis, "items": describe(snap.catalog, popular, n)})
 
     @app.get("/healthz")
     async def healthz():

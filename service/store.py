@@ -14,6 +14,8 @@ version, turned into a compact layout and dropped:
 * ``item_similarities``: rows sorted by (item, rank) into flat numpy columns like ``recommendations``
   (similar item code int32, score float32, customers int64); an item's list is ``offsets[i] ..
   offsets[i + 1]``.
+* ``products``: per item its name, category and price for the lists' items, and the items the catalog
+  marks unavailable or not recommendable (left out of every list served, the next item moving up).
 * ``suppressed_users``: the set of ids of the global suppression list (no personal content for them).
 * ``user_identities``: only whether it exists (the warehouse then holds pseudonyms); never read.
 * the popular fallback: the items used by the most distinct users in ``interactions`` (the same
@@ -64,18 +66,20 @@ PIPELINE_RUNS = "pipeline_runs"
 SUPPRESSED_USERS = "suppressed_users"
 USER_IDENTITIES = "user_identities"
 ITEM_SIMILARITIES = "item_similarities"
+PRODUCTS = "products"
 TABLES = (RECOMMENDATIONS, USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES, INTERACTIONS, ITEM_INDEX,
-          SUPPRESSED_USERS, ITEM_SIMILARITIES)
+          SUPPRESSED_USERS, ITEM_SIMILARITIES, PRODUCTS)
 # The stage that writes (and on failure restores) each served table, as jobs/stages.py registers it
 # (tests/test_service.py holds the two equal): the tables of one stage switch together. None: served at
 # its latest version whichever stage wrote it (a suppression applies as soon as it is written).
 PRODUCER = {RECOMMENDATIONS: "recommend_items", USER_SEGMENTS: "segment_users", SEGMENT_PROFILES: "segment_users",
             CUSTOMER_SCORES: "score_customers", SEND_TIMES: "plan_sends", INTERACTIONS: "build_interactions",
-            ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None, ITEM_SIMILARITIES: "recommend_items"}
+            ITEM_INDEX: "build_interactions", SUPPRESSED_USERS: None, ITEM_SIMILARITIES: "recommend_items",
+            PRODUCTS: "ingest_products"}
 PROFILE_SOURCES = (USER_SEGMENTS, SEGMENT_PROFILES, CUSTOMER_SCORES, SEND_TIMES)
 # Tables that switch on their own although their stage writes others too: a problem with an optional
 # table (gone, unreadable) must not hold its stage's lists back.
-SWITCH_ALONE = frozenset({ITEM_SIMILARITIES})
+SWITCH_ALONE = frozenset({ITEM_SIMILARITIES, PRODUCTS})
 
 
 def switch_group(table: str) -> str | None:
@@ -316,12 +320,12 @@ class Similarities:
     method: str | None
     run_id: str | None
 
-    def items_json(self, item_id: str, n: int) -> list[dict] | None:
+    def items_json(self, item_id: str) -> list[dict] | None:
+        """The item's whole list (``similar_top_k`` long at most), best first; None for an unknown item."""
         i = self.items.get(item_id)
         if i is None:
             return None
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        end = min(end, start + n)
         return [{"rank": int(r), "item_id": self.similar[c], "score": _short_float(s),
                  "customers": int(k) if k >= 0 else None, "source": "similar"}
                 for r, c, s, k in zip(self.ranks[start:end].tolist(), self.similar_codes[start:end].tolist(),
@@ -413,6 +417,45 @@ def load_segment_profiles(dt: DeltaTable, version: int) -> SegmentProfiles:
     return SegmentProfiles(version, by_segment)
 
 
+# The product details every served list item carries (null without a catalog or for an item it lacks).
+ITEM_DETAILS = ("name", "category", "price")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Product details of the catalog (``products``) and the items it says never to show."""
+
+    version: int
+    details: dict[str, dict[str, Any]]   # item_id -> name, category, price
+    hidden: frozenset[str]               # available = false or recommendable = false
+
+
+def describe(catalog: Catalog | None, entries: list[dict], n: int) -> list[dict]:
+    """The first ``n`` of ``entries`` (list items, best first) that the catalog does not hide, ranked
+    1..n again (a hidden item's successor moves up), each with ``ITEM_DETAILS`` (null where unknown)."""
+    blank = dict.fromkeys(ITEM_DETAILS)
+    if catalog is not None:
+        entries = [entry for entry in entries if entry["item_id"] not in catalog.hidden]
+    details = catalog.details if catalog is not None else {}
+    return [{**entry, "rank": rank, **details.get(entry["item_id"], blank)}
+            for rank, entry in enumerate(entries[:n], start=1)]
+
+
+def load_products(dt: DeltaTable, version: int) -> Catalog:
+    table = _read(dt, ("item_id", *ITEM_DETAILS, "available", "recommendable"), ("item_id",), PRODUCTS)
+    table = table.filter(pc.is_valid(table.column("item_id")))
+    shown = [table.column(flag).combine_chunks().fill_null(True) if flag in table.column_names
+             else pa.array([True] * table.num_rows) for flag in ("available", "recommendable")]
+    hidden = table.filter(pc.invert(pc.and_(*shown))).column("item_id").to_pylist()
+    columns = {name: (table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows)
+               for name in ITEM_DETAILS}
+    nan_free = {name: [None if isinstance(v, float) and v != v else v for v in values]
+                for name, values in columns.items()}
+    details = {item: {name: nan_free[name][i] for name in ITEM_DETAILS}
+               for i, item in enumerate(table.column("item_id").to_pylist())}
+    return Catalog(version, details, frozenset(hidden))
+
+
 @dataclass(frozen=True)
 class Suppressed:
     version: int
@@ -436,9 +479,9 @@ class Popular:
     scores: list[float]
     versions: tuple
 
-    def items_json(self, n: int) -> list[dict]:
+    def items_json(self) -> list[dict]:
         return [{"rank": i + 1, "item_id": item, "score": score, "source": "popular"}
-                for i, (item, score) in enumerate(zip(self.items[:n], self.scores[:n]))]
+                for i, (item, score) in enumerate(zip(self.items, self.scores))]
 
 
 def _top(items: list[str], counts: np.ndarray, n: int) -> tuple[list[str], list[float]]:
@@ -489,6 +532,7 @@ LOADERS = {
     SEND_TIMES: load_send_times,
     SUPPRESSED_USERS: load_suppressed_users,
     ITEM_SIMILARITIES: load_item_similarities,
+    PRODUCTS: load_products,
 }
 
 
@@ -593,6 +637,10 @@ class Snapshot:
     @property
     def recommendations(self) -> Recommendations | None:
         return self.parts.get(RECOMMENDATIONS)
+
+    @property
+    def catalog(self) -> Catalog | None:
+        return self.parts.get(PRODUCTS)
 
     def suppressed(self, user_id: str) -> bool:
         part = self.parts.get(SUPPRESSED_USERS)

@@ -126,7 +126,7 @@ def test_similar_items_of_an_item_best_first_else_the_flagged_popular_list(wareh
             "i7", "i5", "i6"]
         # The same fields as a similar list; n = RECS_MAX_N items even when the item itself is left out.
         assert unknown["items"][0] == {"rank": 1, "item_id": "i7", "score": 3.0, "source": "popular",
-                                       "customers": None}
+                                       "customers": None, "name": None, "category": None, "price": None}
         assert [i["item_id"] for i in http.get("/v1/items/i7/similar?n=3").json()["items"]] == ["i5", "i6", "i8"]
         assert http.get("/v1/items/i5/similar?n=4").json()["error"] == "bad_n"
         assert http.get("/v1/items/i5/similar", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -139,6 +139,32 @@ def test_similar_items_of_an_item_best_first_else_the_flagged_popular_list(wareh
         assert [i["item_id"] for i in http.get("/v1/users/u1/recommendations").json()["items"]] == ["i8"]
         assert http.get("/v1/items/i5/similar?n=1").json()["items"][0]["item_id"] == "i6"
         assert "item_similarities" in http.get("/healthz").json()["errors"]
+
+
+def test_list_items_carry_the_catalogs_details_and_hidden_items_give_way(warehouse):
+    """With products, every list (a customer's, the popular fallback, similar items) shows each item's
+    name, category and price, and an item the catalog now marks unavailable or not recommendable is
+    left out, the next one moving up: the catalog changes daily, the lists nightly."""
+    with serve(warehouse) as (url, store), httpx.Client(base_url=url, headers=AUTH) as http:
+        before = http.get("/v1/users/u1/recommendations?n=3").json()["items"]
+        assert [(i["item_id"], i["name"], i["price"]) for i in before] == [("i1", None, None), ("i2", None, None),
+                                                                          ("i3", None, None)]
+        write(warehouse, "products", {
+            "item_id": ["i1", "i2", "i3", "i7", "i5"], "name": ["Mug", "Plate", None, "Vase", "Lamp"],
+            "category": ["kitchen", "kitchen", "kitchen", "home", "home"],
+            "price": [4.5, 3.0, float("nan"), 12.0, 20.0],
+            "available": [True, False, True, True, True], "recommendable": [True, True, True, None, False],
+            "run_id": ["run-1"] * 5})
+        store.poll()
+        items = http.get("/v1/users/u1/recommendations?n=3").json()["items"]
+        assert items == [
+            {"rank": 1, "item_id": "i1", "score": 0.9, "source": "als", "name": "Mug", "category": "kitchen", "price": 4.5},
+            {"rank": 2, "item_id": "i3", "score": 0.5, "source": "als", "name": None, "category": "kitchen", "price": None},
+            {"rank": 3, "item_id": "i4", "score": 0.25, "source": "als", "name": None, "category": None, "price": None}]
+        popular = http.get("/v1/users/nobody/recommendations?n=3").json()["items"]  # i7, i5, i6, i8 less i5
+        assert [(i["rank"], i["item_id"], i["name"]) for i in popular] == [(1, "i7", "Vase"), (2, "i6", None),
+                                                                          (3, "i8", None)]
+        assert http.get("/healthz").json()["table_versions"]["products"] == 0
 
 
 def test_auth_is_refused_without_or_with_a_wrong_token(warehouse):
