@@ -75,18 +75,20 @@ def run(ctx: StageContext) -> StageResult:
     for more_products, more_quarantine in parts[1:]:
         products = merge_catalogs(products, more_products)
         quarantine = quarantine.unionByName(more_quarantine)
-    if not source.items and tables.exists(spark, C.PRODUCTS):
-        kept = tables.read(spark, C.PRODUCTS).join(products.select("item_id"), "item_id", "left_anti")
-        kept = kept.localCheckpoint(eager=True)
-        counts["items_kept_from_earlier_runs"] = kept.count()
-        products = products.unionByName(kept)
+    products = products.withColumn("_kept", F.lit(False))
+    if not source.items and tables.exists(spark, C.PRODUCTS):  # a nightly file forgets no item
+        products = merge_catalogs(products, tables.read(spark, C.PRODUCTS).withColumn("_kept", F.lit(True)))
     products = products.localCheckpoint(eager=True)
     quarantine = quarantine.localCheckpoint(eager=True)
     counts.update({f"quarantined_{row['reason']}": int(row["n"])
                    for row in quarantine.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()})
     flags = products.agg(F.count(F.lit(1)).alias("items"),
                          F.sum((~F.col("available")).cast("long")).alias("unavailable"),
-                         F.sum((~F.col("recommendable")).cast("long")).alias("not_recommendable")).first()
+                         F.sum((~F.col("recommendable")).cast("long")).alias("not_recommendable"),
+                         F.sum(F.col("_kept").cast("long")).alias("kept")).first()
+    if not source.items:
+        counts["items_kept_from_earlier_runs"] = int(flags["kept"] or 0)
+    products = products.drop("_kept")
     tables.overwrite(products, C.PRODUCTS)
     tables.overwrite(quarantine, C.PRODUCTS_QUARANTINE)
     counts.update({"items": int(flags["items"]), "unavailable": int(flags["unavailable"] or 0),

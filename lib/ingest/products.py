@@ -19,15 +19,15 @@ into a list:
   only when every copy agrees.
 
 So every usable item_id has exactly one ``products`` row, and every row with a problem is in
-``products_quarantine`` with its reason.
+``products_quarantine`` with its reason. A missing item_id column stops the stage naming the
+column and the file.
 
 A catalog from the events (``catalog_from_events``): when the event file carries product attributes
 on every line (``input.item_columns``: invoice lines' description and unit price, a clickstream's
 category code and price), each item of the valid events gets one raw catalog row holding, per
 attribute, its value on the item's latest event that gives one; items whose events give differing
 values are counted per attribute. That row goes through the same validation; ``merge_catalogs``
-lets a catalog file's row win over the derived one, and keeps items a nightly file no longer holds. A missing item_id column stops the stage naming the
-column and the file.
+lets a catalog file's row win over the derived one, and keeps items a nightly file no longer holds.
 
 Which items may be recommended (``excluded_items`` / ``recommendable_items``): an item is excluded
 when its catalog row says available = false or recommendable = false, or when its item_id matches
