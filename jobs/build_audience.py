@@ -11,9 +11,9 @@ from pyspark.sql import functions as F
 
 from jobs.common import StageContext, exports_root, main_for
 from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, last_activity,
-                                   latest_scores)
+                                   latest_scores, products_passed_over)
 from lib.campaign.campaigns import check_segments, for_campaign, write_suppressed_users
-from lib.campaign.exports import discard_exports, export_directory, publish_exports, write_export
+from lib.campaign.exports import ProductContent, discard_exports, export_directory, publish_exports, write_export
 from lib.features.interactions import latest_event_time
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
@@ -28,6 +28,8 @@ def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
         raise ValueError(f"{tables.location(C.RECOMMENDATIONS)} lacks column strategy (written before strategies "
                          "existed): re-run recommend_items")
     optional = ((C.USER_SEGMENTS, "segment_users", "no segment ids"),
+                (C.SEGMENT_PROFILES, "segment_users", "no segment labels"),
+                (C.PRODUCTS, "ingest_products", "products carry no name, category or price; none is passed over"),
                 (C.CUSTOMER_SCORES, "score_customers", "no churn_band / purchase_probability, no score filters"),
                 (C.SEND_TIMES, "plan_sends", "every send_hour_utc is the campaign's send_hour_utc"))
     found = {}
@@ -37,6 +39,8 @@ def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
         else:
             inputs.notes.append(f"{table.name} missing (run {producer}): {consequence}")
     inputs.segments = found.get(C.USER_SEGMENTS.name)
+    inputs.segment_labels = found.get(C.SEGMENT_PROFILES.name)
+    inputs.products = found.get(C.PRODUCTS.name)
     if C.CUSTOMER_SCORES.name in found:
         scores = found[C.CUSTOMER_SCORES.name]
         lacking = [c for c in CUSTOMER_VALUE_COLUMNS if c not in scores.columns]
@@ -84,15 +88,20 @@ def run(ctx: StageContext) -> StageResult:
         counts["suppressions.blank_user_id"] = blank
         notes.append(f"suppression lists: {blank} row(s) without a user_id suppress nobody")
 
+    dropped = {name: products_passed_over(inputs, campaign, audience) for name, campaign in campaigns.items()}
+    counts.update({f"{name}.products_dropped.{reason}": n for name, by_reason in dropped.items()
+                   for reason, n in by_reason.items()})
     root = exports_root(ctx)
     if root is None:
         notes.append("exports skipped: catalog tables and no exports.dir")
     else:
+        content = ProductContent(settings.exports.currency, settings.exports.image_url_template,
+                                 settings.exports.link_template)
         for name in campaigns:
             directory = export_directory(root, name, run_id)
             manifest = write_export(spark, audience.where(F.col("campaign_id") == name), directory,
                                     settings.exports.formats, settings.exports.max_rows_per_file, name, run_id,
-                                    started, publish=False)
+                                    started, publish=False, content=content, products_dropped=dropped[name])
             counts[f"{name}.exported"] = manifest["rows"]
             log.info("export of %s: %d rows, %s", name, manifest["rows"], directory)
     summary = ", ".join(f"{c}: " + "/".join(str(sizes.get((c, v), 0)) for v in ("treatment", "holdout", "global_control"))

@@ -14,7 +14,8 @@ from pyspark.sql import functions as F
 
 from jobs.build_audience import read_inputs
 from jobs.common import load_settings, run_stage
-from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, eligible, latest_scores
+from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, dropped_products,
+                                   eligible, latest_scores, products_passed_over)
 from lib.campaign.campaigns import CampaignInputError
 from lib.campaign.exports import read_export
 from lib.campaign.holdout import GLOBAL_KEY, bucket_of
@@ -167,6 +168,32 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     assert rerun.keys() == rows.keys()
     assert all(strip(rerun[k]) == strip(rows[k]) for k in rows)
     assert {r["run_id"] for r in rerun.values()} == {"run-2"}
+
+    # With a catalog and segment labels: the exports are email-ready, and i006, now unavailable, gives way.
+    write(ctx, C.PRODUCTS, [{"item_id": f"{prefix}{n:03d}", "name": f"{prefix.upper()} product {n}", "price": n + 0.5,
+                             "available": f"{prefix}{n:03d}" != "i006", "recommendable": True}
+                            for prefix in "id" for n in range(50)])
+    write(ctx, C.SEGMENT_PROFILES, [{"segment_id": s, "label": f"segment {s}", "run_id": "r0"} for s in range(4)])
+    content = ("exports.currency=GBP", "exports.link_template=https://shop.example/p/{item_id}")
+    catalogued = context(*sets, *content, run_id="run-3")
+    result = run_stage(catalogued, "build_audience")
+    rows = audience_rows(catalogued)
+    sample = rows[("weekly_newsletter", "u0004")]  # its list: i005, i006, i007, i008, i009
+    assert [(p["rank"], p["item_id"], p["name"], p["price"]) for p in sample["products"]] == [
+        (1, "i005", "I product 5", 5.5), (2, "i007", "I product 7", 7.5), (3, "i008", "I product 8", 8.5)]
+    assert sample["segment_label"] == "segment 0"
+    # i006 is in the first three of the users i with i % 50 in (3, 4, 5): passed over once for each treated one.
+    treated = [u for (c, u), r in rows.items() if c == "weekly_newsletter" and r["variant"] == "treatment"]
+    passed = sum(1 for u in treated if index[u] % 50 in (3, 4, 5))
+    assert passed > 0 and result.counts["weekly_newsletter.products_dropped.unavailable"] == passed
+    export = read_export(tmp_path / "wh" / "exports" / "weekly_newsletter" / "run-3")
+    assert export.manifest["products_dropped"] == {"unavailable": passed}
+    user = next(u for u in sorted(treated) if index[u] % 50 == 4)  # u0004's list: i005, i006, i007, ...
+    record = next(r for r in export.records("json") if r["external_id"] == user)["payload"]
+    assert record["products"][1] == {"item_id": "i007", "rank": 2, "score": pytest.approx(1 / 3), "source": "als",
+                                     "name": "I product 7", "category": None, "price": 7.5, "currency": "GBP",
+                                     "image_url": None, "link": "https://shop.example/p/i007"}
+    assert record["segment_label"] == f"segment {index[user] % 4}"
 
 
 @pytest.mark.slow  # build_audience and plan_sends runs, then the API
@@ -330,6 +357,39 @@ def test_the_audience_carries_the_latest_customer_value_or_nulls(spark):
                    "f": (40.0, None, None, 0.8, 2.5, 12.5, date(2026, 11, 2)),
                    "h": (None,) * 7}  # scored only at the older as_of
     assert rows.columns == C.CAMPAIGN_AUDIENCE.columns
+
+
+def test_products_the_catalog_lacks_or_hides_give_way_and_carry_its_details(spark):
+    """a's list: i1 unavailable, i2 not in the catalog, i3 and i4 shown; b's list: only hidden items."""
+    recommendations = spark.createDataFrame(
+        [("a", rank, item, 1.0 / rank, "als", "blended") for rank, item in enumerate(["i1", "i2", "i3", "i4", "i5"], 1)]
+        + [("b", 1, "i1", 1.0, "als", "blended"), ("a", 1, "i9", 1.0, "als", "discover")],
+        "user_id string, rank int, item_id string, score double, source string, strategy string")
+    catalog = spark.createDataFrame(
+        [("i1", "Mug", "kitchen", 4.5, False, True), ("i3", "Bowl", None, 2.0, True, True),
+         ("i4", "Vase", "home", None, True, True), ("i5", "Lamp", "home", 20.0, True, False)],
+        "item_id string, name string, category string, price double, available boolean, recommendable boolean")
+    segments = spark.createDataFrame([("a", 2)], "user_id string, segment_id int")
+    labels = spark.createDataFrame([(2, "home & kitchen")], "segment_id int, label string")
+    inputs = AudienceInputs(recommendations=recommendations, segments=segments, segment_labels=labels,
+                            products=catalog)
+    campaign = CampaignSettings(name="vip", products=3, strategy="blended", holdout_share=0.0)
+    rows, _ = campaign_audience(inputs, campaign, spark.createDataFrame([], "user_id string"), SALT, 0.0, "r9")
+    got = {r["user_id"]: r for r in rows.collect()}
+    # The manifest's count: a's two passed-over products (b, with nothing to show, is in no audience).
+    assert products_passed_over(inputs, campaign, rows) == {"unavailable": 1, "missing_from_catalog": 1}
+    assert set(got) == {"a"}  # nothing of b's list may be shown
+    assert [tuple(p) for p in got["a"]["products"]] == [("i3", 1, 1 / 3, "als", "Bowl", None, 2.0),
+                                                        ("i4", 2, 0.25, "als", "Vase", "home", None)]
+    assert (got["a"]["segment_id"], got["a"]["segment_label"]) == (2, "home & kitchen")
+    passed = {tuple(r) for r in dropped_products(recommendations, 3, "blended", catalog).collect()}
+    assert passed == {("a", "i1", "unavailable"), ("a", "i2", "missing_from_catalog"), ("b", "i1", "unavailable")}
+    # Without a catalog nothing gives way and the details are null.
+    rows, _ = campaign_audience(replace(inputs, products=None, segment_labels=None), campaign,
+                                spark.createDataFrame([], "user_id string"), SALT, 0.0, "r9")
+    lists = {r["user_id"]: [(p["item_id"], p["rank"], p["name"]) for p in r["products"]] for r in rows.collect()}
+    assert lists == {"a": [("i1", 1, None), ("i2", 2, None), ("i3", 3, None)], "b": [("i1", 1, None)]}
+    assert rows.where("segment_label is not null").count() == 0
 
 
 def test_an_older_customer_scores_reads_as_nulls_and_its_next_write_adds_the_columns(tmp_path: Path, context):

@@ -14,8 +14,8 @@ import pytest
 from jobs import build_audience, common
 from jobs.common import run_stage
 from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS
-from lib.campaign.exports import (MANIFEST, PAYLOAD_FIELDS, ExportError, discard_exports, publish_exports, read_export,
-                                  write_export)
+from lib.campaign.exports import (MANIFEST, PAYLOAD_FIELDS, ExportError, ProductContent, discard_exports,
+                                  publish_exports, read_export, write_export)
 from lib.platform import catalog as C
 
 STAMP = datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc)
@@ -33,7 +33,9 @@ def customer_value(i: int) -> dict:
 def audience(spark, n=230):
     variants = ("treatment", "treatment", "treatment", "holdout", "global_control")
     rows = [{"campaign_id": "spring", "user_id": f"u{i:04d}", "variant": variants[i % 5], "segment_id": i % 3,
-             "products": [{"item_id": f'i"{i}",x', "rank": 1, "score": 0.5, "source": "als"},
+             "segment_label": f"segment {i % 3}",
+             "products": [{"item_id": f'i"{i}",x', "rank": 1, "score": 0.5, "source": "als", "name": "Mug",
+                           "category": "kitchen", "price": 4.5},
                           {"item_id": "i\\002", "rank": 2, "score": 0.25, "source": "popular"}],
              "churn_band": None if i % 7 == 0 else "low", "purchase_probability": i / n, "send_hour_utc": i % 24,
              "run_id": "r1", **customer_value(i)} for i in range(n)]
@@ -43,9 +45,12 @@ def audience(spark, n=230):
 def test_export_matches_the_table_and_its_manifest(spark, tmp_path: Path):
     frame = audience(spark)
     directory = str(tmp_path / "spring" / "r1")
-    manifest = write_export(spark, frame, directory, ("csv", "json"), 40, "spring", "r1", STAMP)
+    content = ProductContent("EUR", "https://img.example/{item_id}.jpg", "")
+    manifest = write_export(spark, frame, directory, ("csv", "json"), 40, "spring", "r1", STAMP, content=content,
+                            products_dropped={"unavailable": 3})
     treated = sorted(r["user_id"] for r in frame.where("variant = 'treatment'").collect())
     assert manifest["rows"] == len(treated) == 138
+    assert (manifest["schema_version"], manifest["products_dropped"]) == (2, {"unavailable": 3})
 
     export = read_export(directory)
     assert export.manifest == json.loads((tmp_path / "spring" / "r1" / MANIFEST).read_text())
@@ -61,9 +66,15 @@ def test_export_matches_the_table_and_its_manifest(spark, tmp_path: Path):
         assert one["updated_at"] == "2026-11-01T06:30:00Z"
         payload = one["payload"]
         assert payload["campaign_id"] == "spring" and payload["churn_band"] is None  # nulls kept, not dropped
-        assert payload["products"][0] == {"item_id": 'i"7",x', "rank": 1, "score": 0.5, "source": "als"}
-        assert payload["products"][1]["item_id"] == "i\\002"
-        assert payload["send_hour_utc"] == 7 and payload["segment_id"] == 1
+        # Email-ready: the catalog's details, the currency, an image URL from the template with the id
+        # URL-encoded; no link template, so no link; a product the catalog lacks has null details.
+        assert payload["products"][0] == {"item_id": 'i"7",x', "rank": 1, "score": 0.5, "source": "als",
+                                          "name": "Mug", "category": "kitchen", "price": 4.5, "currency": "EUR",
+                                          "image_url": "https://img.example/i%227%22%2Cx.jpg", "link": None}
+        assert payload["products"][1] == {"item_id": "i\\002", "rank": 2, "score": 0.25, "source": "popular",
+                                          "name": None, "category": None, "price": None, "currency": "EUR",
+                                          "image_url": "https://img.example/i%5C002.jpg", "link": None}
+        assert payload["send_hour_utc"] == 7 and payload["segment_id"] == 1 and payload["segment_label"] == "segment 1"
         assert set(payload) == set(PAYLOAD_FIELDS)
         assert all(payload[c] is None for c in CUSTOMER_VALUE_COLUMNS)  # unscored: null, never dropped
         scored = next(r for r in records if r["external_id"] == "u0006")["payload"]

@@ -71,6 +71,8 @@ def test_defaults_and_shipped_environments_build():
     ("spark.driver_memory=256m", "'spark.driver_memory' must be at least 512m, got '256m'"),
     ("products.columns.product_id=sku", "'products.columns' maps to sku, not catalog columns"),
     ("input.item_columns.Description=title", "'input.item_columns' maps to title, not product attribute columns"),
+    ("exports.currency=euro", "'exports.currency' must be an ISO 4217 code such as EUR or USD, or empty"),
+    ("exports.link_template=https://shop.example/p", "'exports.link_template' must hold \\{item_id\\}"),
     ("drift.psi_warn=0", "'drift.psi_warn' must be > 0, got 0.0"),
     ("drift.psi_fail=0.05", "'drift.psi_fail' must be >= drift.psi_warn \\(0.1\\), got 0.05"),
     ("drift.action=stop", "'drift.action' must be one of warn, fail; got 'stop'"),

@@ -8,6 +8,11 @@ user id, so the cut is deterministic); then split by ``lib.campaign.holdout.assi
 salt and the user id) into treatment, holdout and global_control. The same inputs give the same
 rows and variants on every run.
 
+Products: the first ``products`` items of the campaign's strategy list, each with the catalog's name,
+category and price. With a catalog (``products``), an item it does not list or marks unavailable /
+not recommendable is never shown: the next item of the list moves up (``dropped_products`` says which
+were passed over, for the manifest). The segment's label comes from ``segment_profiles``.
+
 A missing optional input (no customer_scores, send_times, user_segments yet) leaves its columns
 null and its filters unapplied; ``AudienceInputs.notes`` says which, for the stage's message. A score
 filter never passes a customer whose value is null (unscored, ineligible, or a customer_scores table
@@ -43,6 +48,8 @@ class AudienceInputs:
 
     recommendations: DataFrame                 # user_id, rank, item_id, score, source
     segments: DataFrame | None = None          # user_id, segment_id
+    segment_labels: DataFrame | None = None    # segment_id, label
+    products: DataFrame | None = None          # the catalog: item_id, name, category, price, available, recommendable
     scores: DataFrame | None = None            # latest_scores: user_id, as_of, SCORE_COLUMNS (one as_of)
     send_times: DataFrame | None = None        # user_id, hour_utc
     activity: DataFrame | None = None          # user_id, last_active_ts
@@ -65,24 +72,67 @@ def last_activity(events: DataFrame) -> DataFrame:
             .groupBy("user_id").agg(F.max("event_ts").alias("last_active_ts")))
 
 
-def product_lists(recommendations: DataFrame, products: int, strategy: str) -> DataFrame:
-    """(user_id, products): the top ``products`` of a user's ``strategy`` list as
-    array<struct<item_id, rank, score, source>>."""
-    ranked = F.array_sort(F.collect_list(F.struct("rank", "item_id", "score", "source")))
-    return (recommendations.where((F.col("rank") <= products) & (F.col("strategy") == strategy))
-            .groupBy("user_id")
-            .agg(F.transform(ranked, lambda p: F.struct(p["item_id"].alias("item_id"), p["rank"].alias("rank"),
-                                                        p["score"].alias("score"), p["source"].alias("source")))
-                 .alias("products")))
+def _listed(recommendations: DataFrame, strategy: str, catalog: DataFrame | None) -> DataFrame:
+    """The rows of the ``strategy`` lists with the catalog's name, category and price, and ``_dropped``:
+    why the item cannot be shown (missing_from_catalog / unavailable), null when it can."""
+    rows = recommendations.where(F.col("strategy") == strategy).select("user_id", "rank", "item_id", "score", "source")
+    if catalog is None:
+        return rows.select("*", F.lit(None).cast("string").alias("name"), F.lit(None).cast("string").alias("category"),
+                           F.lit(None).cast("double").alias("price"), F.lit(None).cast("string").alias("_dropped"))
+    details = catalog.select("item_id", "name", "category", "price",
+                             (F.col("available") & F.col("recommendable")).alias("_shown"))
+    why = F.when(F.col("_shown").isNull(), F.lit("missing_from_catalog")).when(~F.col("_shown"), F.lit("unavailable"))
+    return rows.join(details, "item_id", "left").withColumn("_dropped", why).drop("_shown")
+
+
+def product_lists(recommendations: DataFrame, products: int, strategy: str,
+                  catalog: DataFrame | None = None) -> DataFrame:
+    """(user_id, products): the first ``products`` items of a user's ``strategy`` list that can be shown,
+    ranked 1.. again, as array<struct<item_id, rank, score, source, name, category, price>>. Users
+    with no item to show have no row."""
+    rows = _listed(recommendations, strategy, catalog)
+    if catalog is None:  # nothing gives way: the first ``products`` ranks are the list
+        rows = rows.where(F.col("rank") <= products)
+    ranked = F.array_sort(F.collect_list(F.struct("rank", "item_id", "score", "source", "name", "category", "price")))
+    shown = F.slice(ranked, 1, products)
+    return (rows.where(F.col("_dropped").isNull()).groupBy("user_id")
+            .agg(F.transform(shown, lambda p, i: F.struct(
+                p["item_id"].alias("item_id"), (i + 1).cast("int").alias("rank"), p["score"].alias("score"),
+                p["source"].alias("source"), p["name"].alias("name"), p["category"].alias("category"),
+                p["price"].alias("price"))).alias("products")))
+
+
+def dropped_products(recommendations: DataFrame, products: int, strategy: str, catalog: DataFrame) -> DataFrame:
+    """(user_id, item_id, reason): items within the first ``products`` of a user's ``strategy`` list that the
+    catalog does not let through (missing_from_catalog, unavailable): the ones the next items replaced."""
+    return (_listed(recommendations, strategy, catalog)
+            .where((F.col("rank") <= products) & F.col("_dropped").isNotNull())
+            .select("user_id", "item_id", F.col("_dropped").alias("reason")))
+
+
+def products_passed_over(inputs: AudienceInputs, campaign: CampaignSettings, audience: DataFrame) -> dict[str, int]:
+    """Reason -> how many products the catalog kept out of the campaign's treatment lists
+    (``dropped_products`` of the treatment customers of ``audience``); empty without a catalog."""
+    if inputs.products is None:
+        return {}
+    treated = audience.where((F.col("campaign_id") == campaign.name) & (F.col("variant") == "treatment"))
+    passed = dropped_products(inputs.recommendations, campaign.products, campaign.strategy, inputs.products)
+    counted = passed.join(treated.select("user_id"), "user_id", "left_semi").groupBy("reason").count()
+    return {r["reason"]: int(r["count"]) for r in counted.collect()}  # at most two rows
 
 
 def _joined(inputs: AudienceInputs, campaign: CampaignSettings) -> DataFrame:
-    people = product_lists(inputs.recommendations, campaign.products, campaign.strategy)
+    people = product_lists(inputs.recommendations, campaign.products, campaign.strategy, inputs.products)
     null_int = F.lit(None).cast("int")
     if inputs.segments is not None:
         people = people.join(inputs.segments.select("user_id", "segment_id"), "user_id", "left")
     else:
         people = people.withColumn("segment_id", null_int)
+    if inputs.segment_labels is not None:
+        labels = inputs.segment_labels.select("segment_id", F.col("label").alias("segment_label"))
+        people = people.join(F.broadcast(labels), "segment_id", "left")
+    else:
+        people = people.withColumn("segment_label", F.lit(None).cast("string"))
     if inputs.scores is not None:
         people = people.join(inputs.scores.select("user_id", F.col("as_of").alias("_scores_as_of"), *SCORE_COLUMNS),
                              "user_id", "left")
@@ -145,6 +195,6 @@ def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppre
         F.lit(campaign.name).alias("campaign_id"),
         "user_id",
         assign_variant("user_id", campaign.name, salt, campaign.holdout_share, control_share).alias("variant"),
-        "segment_id", "products", "churn_band", "purchase_probability", "send_hour_utc", *CUSTOMER_VALUE_COLUMNS,
+        "segment_id", "segment_label", "products", "churn_band", "purchase_probability", "send_hour_utc", *CUSTOMER_VALUE_COLUMNS,
         F.lit(run_id).alias("run_id"),
     ), notes

@@ -7,7 +7,12 @@ Layout of one export (one campaign, one run)::
         json/part-*.json   JSON lines: {"external_id", "updated_at", "payload": {...}}
                            payload: PAYLOAD_FIELDS, nulls written as null (the customer-value fields
                            are null for customers without a score; dates as "yyyy-MM-dd")
-        manifest.json      schema version, columns, every file with its rows, bytes and SHA-256
+        manifest.json      schema version, columns, every file with its rows, bytes and SHA-256, and the
+                           products passed over (not in the catalog / unavailable) by reason
+
+Each exported product carries what a template shows: item_id, rank, score, source, the catalog's
+name, category and price, the configured currency, and an image URL and a link made from the
+configured templates (``{item_id}`` replaced by the URL-encoded id); null where not configured.
 
 Only treatment rows are exported: a holdout or global-control customer is never in a file. Files
 hold at most ``max_rows_per_file`` rows (Spark's maxRecordsPerFile). The manifest is removed before
@@ -36,18 +41,45 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS
 
-SCHEMA_VERSION = 1
+# 2: segment_label, and each product's name, category, price, currency, image_url and link (1 had ids only);
+# the manifest's products_dropped. A version-1 export reads as before.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PENDING = "manifest.pending.json"  # the manifest of an export whose run has not recorded its success
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 COLUMNS = ("external_id", "updated_at", "payload")
-PAYLOAD_FIELDS = ("campaign_id", "run_id", "segment_id", "churn_band", "purchase_probability", "send_hour_utc",
-                  "products") + CUSTOMER_VALUE_COLUMNS
+PAYLOAD_FIELDS = ("campaign_id", "run_id", "segment_id", "segment_label", "churn_band", "purchase_probability",
+                  "send_hour_utc", "products") + CUSTOMER_VALUE_COLUMNS
+ITEM_ID_PLACEHOLDER = "{item_id}"
+
+
+@dataclass(frozen=True)
+class ProductContent:
+    """What each exported product carries beside the catalog's details (exports.currency, the URL templates)."""
+
+    currency: str = ""
+    image_url_template: str = ""
+    link_template: str = ""
+
+    def products(self, products: Column) -> Column:
+        """``products`` (campaign_audience's array) with currency, image_url and link added to each item."""
+        def text(value: str) -> Column:
+            return F.lit(value or None).cast("string")
+
+        def from_template(template: str, item_id: Column) -> Column:
+            if not template:
+                return text("")
+            return F.replace(F.lit(template), F.lit(ITEM_ID_PLACEHOLDER), F.url_encode(item_id))
+
+        return F.transform(products, lambda p: p.withField("currency", text(self.currency))
+                           .withField("image_url", from_template(self.image_url_template, p["item_id"]))
+                           .withField("link", from_template(self.link_template, p["item_id"])))
 
 
 class ExportError(ValueError):
@@ -62,13 +94,15 @@ def export_directory(root: str, campaign_id: str, run_id: str) -> str:
     return f"{root.rstrip('/')}/{campaign_id}/{run_id}"
 
 
-def export_rows(audience: DataFrame, updated_at: datetime) -> DataFrame:
+def export_rows(audience: DataFrame, updated_at: datetime, content: ProductContent = ProductContent()) -> DataFrame:
     """(external_id, updated_at, payload struct) of the treatment rows of ``audience`` (campaign_audience rows)."""
     stamp = updated_at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    fields = [content.products(F.col(name)).alias(name) if name == "products" else F.col(name)
+              for name in PAYLOAD_FIELDS]
     return audience.where(F.col("variant") == "treatment").select(
         F.col("user_id").alias("external_id"),
         F.lit(stamp).alias("updated_at"),
-        F.struct(*[F.col(name) for name in PAYLOAD_FIELDS]).alias("payload"),
+        F.struct(*fields).alias("payload"),
     )
 
 
@@ -95,16 +129,18 @@ def _empty_files(base: Path, fmt: str) -> list[dict[str, Any]]:
 
 def write_export(spark: SparkSession, audience: DataFrame, directory: str, formats: tuple[str, ...],
                  max_rows_per_file: int, campaign_id: str, run_id: str, updated_at: datetime,
-                 publish: bool = True) -> dict[str, Any]:
+                 publish: bool = True, content: ProductContent = ProductContent(),
+                 products_dropped: dict[str, int] | None = None) -> dict[str, Any]:
     """Write one campaign's export into ``directory`` (see the module docstring); return the manifest.
 
     ``audience``: that campaign's campaign_audience rows (all variants; only treatment is written).
-    ``publish=False`` leaves the manifest pending, for ``publish_exports`` once the run has succeeded."""
+    ``publish=False`` leaves the manifest pending, for ``publish_exports`` once the run has succeeded.
+    ``products_dropped``: reason -> products passed over in the exported lists (the manifest's count)."""
     base = local_path(directory)
     base.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, PENDING):  # from here on the directory reads as incomplete
         (base / name).unlink(missing_ok=True)
-    rows = export_rows(audience, updated_at).orderBy("external_id")
+    rows = export_rows(audience, updated_at, content).orderBy("external_id")
     expected = rows.count()
     for fmt in formats:
         writer = None
@@ -136,6 +172,7 @@ def write_export(spark: SparkSession, audience: DataFrame, directory: str, forma
         "payload_schema": rows.schema["payload"].dataType.simpleString(),
         "max_rows_per_file": max_rows_per_file,
         "rows": expected,
+        "products_dropped": dict(sorted((products_dropped or {}).items())),
         "formats": {fmt: {"rows": sum(f["rows"] for f in files), "files": files} for fmt, files in listing.items()},
     }
     temporary = base / f".{MANIFEST}.tmp"
@@ -224,8 +261,9 @@ def read_export(directory: str | Path) -> Export:
         total = int(manifest["rows"])
     except (ValueError, KeyError, TypeError) as err:
         raise ExportError(f"{path}: not a valid manifest ({type(err).__name__}: {err})") from None
-    if version != SCHEMA_VERSION:
-        raise ExportError(f"{path}: schema_version {version!r}, this reader knows {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ExportError(f"{path}: schema_version {version!r}, this reader knows "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     for fmt, entry in formats.items():
         listed = {f["path"] for f in entry["files"]}
         present = {f"{fmt}/{p.name}" for p in (base / fmt).glob("part-*")}

@@ -273,13 +273,15 @@ DRIFT = TableSpec(
 )
 CAMPAIGN_AUDIENCE = TableSpec(
     "campaign_audience",
-    "campaign_id string, user_id string, variant string, segment_id int, "
-    "products array<struct<item_id: string, rank: int, score: double, source: string>>, churn_band string, "
+    "campaign_id string, user_id string, variant string, segment_id int, segment_label string, "
+    "products array<struct<item_id: string, rank: int, score: double, source: string, name: string, "
+    "category: string, price: double>>, churn_band string, "
     "purchase_probability double, send_hour_utc int, historic_clv double, predicted_clv double, total_clv double, "
     "p_alive double, expected_orders double, avg_days_between_orders double, expected_next_order_date date, "
     "run_id string",
     "per enabled campaign its audience: variant (treatment / holdout / global_control by a hash of the user id), "
-    "the products to show and the attributes exported; suppressed customers never appear",
+    "the products to show (with the catalog's name, category and price; an item the catalog lacks or hides gives "
+    "way to the next) and the attributes exported; suppressed customers never appear",
 )
 CAMPAIGN_RESULTS = TableSpec(
     "campaign_results",

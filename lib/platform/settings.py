@@ -728,9 +728,20 @@ class ExportsSettings:
     dir: str
     max_rows_per_file: int
     formats: tuple[str, ...]
+    currency: str
+    image_url_template: str
+    link_template: str
 
     def __post_init__(self) -> None:
+        import re
+
         require(len(self.formats) > 0, "exports.formats", "must name at least one format")
+        require(not self.currency or re.fullmatch(r"[A-Z]{3}", self.currency) is not None, "exports.currency",
+                f"must be an ISO 4217 code such as EUR or USD, or empty; got {self.currency!r}")
+        for key in ("image_url_template", "link_template"):
+            template = getattr(self, key)
+            require(not template or "{item_id}" in template, f"exports.{key}",
+                    f"must hold {{item_id}} (replaced by each product's id), or be empty; got {template!r}")
         for fmt in self.formats:
             one_of(fmt, EXPORT_FORMATS, "exports.formats")
         require("://" not in self.dir or self.dir.startswith("file:"), "exports.dir",
