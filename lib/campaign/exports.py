@@ -69,12 +69,12 @@ class ProductContent:
 
     def products(self, products: Column) -> Column:
         """``products`` (campaign_audience's array) with currency, image_url and link added to each item."""
-        def text(value: str) -> Column:
+        def text(value: str) -> Column:  # an unconfigured value is null, never ""
             return F.lit(value or None).cast("string")
 
         def from_template(template: str, item_id: Column) -> Column:
             if not template:
-                return text("")
+                return text(template)
             return F.replace(F.lit(template), F.lit(ITEM_ID_PLACEHOLDER), F.url_encode(item_id))
 
         return F.transform(products, lambda p: p.withField("currency", text(self.currency))
