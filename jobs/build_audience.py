@@ -1,18 +1,20 @@
-"""Campaign audiences into campaign_audience, and per campaign an email-platform export (CSV and JSON
+"""Campaign audiences into campaign_audience under the contact policy (who was kept out, and why, into
+capped_customers; the day's planned sends into campaign_sends), and per campaign an email-platform export (CSV and JSON
 lines of the treatment rows, a manifest written last) under exports.dir/<campaign_id>/<run_id>/,
 published (readable) only once the run's success is recorded, removed when the run fails."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
-from functools import reduce
+from datetime import date, datetime, timezone
 
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, exports_root, main_for
-from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, last_activity,
-                                   latest_scores, products_passed_over)
-from lib.campaign.campaigns import check_segments, for_campaign, write_suppressed_users
+from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, last_activity, latest_scores,
+                                   products_passed_over, programme_audience)
+from lib.campaign.campaigns import check_segments, write_suppressed_users
+from lib.campaign.contact_policy import caps_apply, over_policy, send_history
 from lib.campaign.exports import ProductContent, discard_exports, export_directory, publish_exports, write_export
 from lib.features.interactions import latest_event_time
 from lib.platform import catalog as C
@@ -21,7 +23,8 @@ from lib.platform.runs import StageResult
 log = logging.getLogger("jobs.build_audience")
 
 
-def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
+def read_inputs(ctx: StageContext) -> tuple[AudienceInputs, DataFrame | None]:
+    """The audience's inputs, and the events (None: no events table) for the contact policy."""
     spark, tables = ctx.spark, ctx.tables
     inputs = AudienceInputs(recommendations=tables.require(spark, C.RECOMMENDATIONS, "recommend_items"))
     if "strategy" not in inputs.recommendations.columns:
@@ -49,11 +52,17 @@ def read_inputs(ctx: StageContext, need_activity: bool) -> AudienceInputs:
                                 "score_customers): null in the audience and exports, their filters pass nobody")
         inputs.scores = latest_scores(scores)
     inputs.send_times = found.get(C.SEND_TIMES.name)
-    if need_activity and tables.exists(spark, C.EVENTS):
-        events = tables.read(spark, C.EVENTS)
+    events = tables.read(spark, C.EVENTS) if tables.exists(spark, C.EVENTS) else None
+    if events is not None:
         inputs.activity = last_activity(events)
         inputs.activity_reference = ctx.settings.scores.as_of_utc or latest_event_time(events)
-    return inputs
+    return inputs, events
+
+
+def send_day(inputs: AudienceInputs) -> date:
+    """The run's day, of its planned sends and of the caps: scores.as_of when set, else the latest event's
+    day (what active_within_days measures from); today's date without events."""
+    return (inputs.activity_reference or datetime.now(timezone.utc)).astimezone(timezone.utc).date()
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -61,29 +70,41 @@ def run(ctx: StageContext) -> StageResult:
     spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
     campaigns = settings.enabled_campaigns
     started = datetime.now(timezone.utc)
-    inputs = read_inputs(ctx, any(c.active_within_days for c in campaigns.values()))
+    inputs, events = read_inputs(ctx)
+    today, policy = send_day(inputs), settings.contact_policy
     known = None
     if inputs.segments is not None:
         known = {r[0] for r in inputs.segments.select("segment_id").distinct().collect()}  # k rows
     check_segments(campaigns, known)
     suppressed, blank = write_suppressed_users(spark, tables, settings, run_id)
 
-    notes = list(inputs.notes)
-    frames = []
-    for name, campaign in campaigns.items():
-        frame, campaign_notes = campaign_audience(inputs, campaign, for_campaign(suppressed, name),
-                                                  settings.holdout.salt, settings.holdout.control_share, run_id)
-        frames.append(frame)
-        notes += campaign_notes
-    if not frames:
+    if not campaigns:
         tables.overwrite(C.CAMPAIGN_AUDIENCE.empty(spark), C.CAMPAIGN_AUDIENCE)
+        tables.overwrite(C.CAPPED_CUSTOMERS.empty(spark), C.CAPPED_CUSTOMERS)
         return StageResult(rows_out=0, message="no enabled campaigns ([campaigns.<name>] with enabled = true)")
-    tables.overwrite(reduce(lambda a, b: a.unionByName(b), frames), C.CAMPAIGN_AUDIENCE)
-
+    over, notes = None, list(inputs.notes)
+    if caps_apply(policy):
+        planned = tables.read(spark, C.CAMPAIGN_SENDS) if tables.exists(spark, C.CAMPAIGN_SENDS) else None
+        if events is None and planned is None:
+            notes.append("contact_policy: no events and no campaign_sends yet, no send to cap by")
+        else:
+            over = over_policy(send_history(events, planned, today), policy, today)
+    frame, capped, campaign_notes = programme_audience(inputs, campaigns, suppressed, settings.holdout.salt,
+                                                       settings.holdout.control_share, run_id, policy, over)
+    notes += campaign_notes
+    tables.overwrite(frame, C.CAMPAIGN_AUDIENCE)
+    tables.overwrite(capped, C.CAPPED_CUSTOMERS)
     audience = tables.read(spark, C.CAMPAIGN_AUDIENCE)
+    # A re-run of the day replaces its plan: the caps count each day's sends once.
+    tables.replace_where(audience.select(F.lit(today).alias("send_date"), "campaign_id", "user_id", "variant",
+                                         "run_id"), C.CAMPAIGN_SENDS, f"send_date = DATE'{today.isoformat()}'")
+
     sizes = {(r["campaign_id"], r["variant"]): r["count"]
              for r in audience.groupBy("campaign_id", "variant").count().collect()}  # campaigns x 3 rows
+    kept_out = {(r["campaign_id"], r["rule"]): r["count"]
+                for r in tables.read(spark, C.CAPPED_CUSTOMERS).groupBy("campaign_id", "rule").count().collect()}
     counts = {f"{c}.{v}": n for (c, v), n in sorted(sizes.items())}
+    counts.update({f"{c}.capped.{rule}": n for (c, rule), n in sorted(kept_out.items())})
     if blank:
         counts["suppressions.blank_user_id"] = blank
         notes.append(f"suppression lists: {blank} row(s) without a user_id suppress nobody")
@@ -101,7 +122,8 @@ def run(ctx: StageContext) -> StageResult:
             directory = export_directory(root, name, run_id)
             manifest = write_export(spark, audience.where(F.col("campaign_id") == name), directory,
                                     settings.exports.formats, settings.exports.max_rows_per_file, name, run_id,
-                                    started, publish=False, content=content, products_dropped=dropped[name])
+                                    started, publish=False, content=content, products_dropped=dropped[name],
+                                    capped={rule: n for (c, rule), n in kept_out.items() if c == name})
             counts[f"{name}.exported"] = manifest["rows"]
             log.info("export of %s: %d rows, %s", name, manifest["rows"], directory)
     summary = ", ".join(f"{c}: " + "/".join(str(sizes.get((c, v), 0)) for v in ("treatment", "holdout", "global_control"))

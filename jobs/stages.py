@@ -91,8 +91,9 @@ PLAN_SENDS = StageSpec(
 BUILD_AUDIENCE = StageSpec(
     "build_audience", "campaign audiences (filters, suppressions, cap, treatment / holdout / control) and "
                       "email-platform exports with a manifest",
-    reads=(C.RECOMMENDATIONS, C.USER_SEGMENTS, C.CUSTOMER_SCORES, C.SEND_TIMES, C.EVENTS, C.USER_IDENTITIES),
-    writes=(C.SUPPRESSED_USERS, C.CAMPAIGN_AUDIENCE), package="lib.campaign")
+    reads=(C.RECOMMENDATIONS, C.USER_SEGMENTS, C.SEGMENT_PROFILES, C.PRODUCTS, C.CUSTOMER_SCORES, C.SEND_TIMES,
+           C.EVENTS, C.USER_IDENTITIES),  # and its own campaign_sends of earlier runs
+    writes=(C.SUPPRESSED_USERS, C.CAMPAIGN_AUDIENCE, C.CAMPAIGN_SENDS, C.CAPPED_CUSTOMERS), package="lib.campaign")
 CAMPAIGN_REPORT = StageSpec(
     "campaign_report", "lift of each campaign's treatment over its holdout after the send, with 95% intervals",
     reads=(C.EVENTS, C.CAMPAIGN_AUDIENCE),

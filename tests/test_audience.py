@@ -134,7 +134,10 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     index = {u: i for i, u in enumerate(USERS)}
 
     newsletter = {u for c, u in rows if c == "weekly_newsletter"}
-    assert newsletter == set(USERS)  # no filter: everyone with recommendations
+    taken = {u for c, u in rows if c != "weekly_newsletter"}
+    # No filter, lowest priority: everyone with recommendations whom winback (10) and capped (0, id first) left.
+    assert newsletter == set(USERS) - taken and len(taken) > 50
+    assert len(rows) == len(USERS)  # one campaign each
     sample = rows[("weekly_newsletter", "u0004")]
     assert [p["rank"] for p in sample["products"]] == [1, 2, 3]
     assert [p["item_id"] for p in sample["products"]] == ["i005", "i006", "i007"]
@@ -148,9 +151,16 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     assert winback
 
     capped = [rows[k] for k in rows if k[0] == "capped"]
-    active = [u for u, i in index.items() if i % 4 == 0]
+    active = [u for u, i in index.items() if i % 4 == 0 and u not in winback]  # winback took the others first
     assert len(capped) == 50
     top = sorted(active, key=lambda u: -index[u])[:50]  # purchase_probability rises with the index
+    # Those winback took are recorded against capped with the rule and the campaign that has them.
+    kept_out = {(r["campaign_id"], r["user_id"]): (r["rule"], r["detail"])
+                for r in ctx.tables.read(ctx.spark, C.CAPPED_CUSTOMERS).collect()}
+    assert {u for (c, u), why in kept_out.items() if c == "capped"} == {
+        u for u, i in index.items() if i % 4 == 0 and u in winback}
+    assert {why for why in kept_out.values()} == {("arbitration", "winback"), ("arbitration", "capped")}
+    assert {u for (c, u) in kept_out if c == "weekly_newsletter"} == taken
     assert {r["user_id"] for r in capped} == set(top)
     assert all(p["item_id"].startswith("d") for r in capped for p in r["products"])  # the discover list
 
@@ -194,6 +204,23 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
                                      "name": "I product 7", "category": None, "price": 7.5, "currency": "GBP",
                                      "image_url": None, "link": "https://shop.example/p/i007"}
     assert record["segment_label"] == f"segment {index[user] % 4}"
+    assert export.manifest["capped"] == {"arbitration": len(taken)}
+
+    # One day later under a cap of 2 sends a week: the seeded email_send events of 10-30 reach everyone and
+    # hold run-3's treatment sends (not counted twice); its holdout and control rows stand in for a send
+    # more, so exactly those customers reach the cap.
+    planned = {(r["user_id"], r["variant"]) for r in ctx.tables.read(ctx.spark, C.CAMPAIGN_SENDS).collect()}
+    assert {u for u, _ in planned} == set(USERS) and len(planned) == len(USERS)  # run-3 replaced runs 1-2's day
+    next_day = context(*sets, *content, "scores.as_of=2026-10-31T12:00:00", "contact_policy.max_sends=2",
+                       run_id="run-4")
+    result = run_stage(next_day, "build_audience")
+    unmailed = {u for u, variant in planned if variant != "treatment"}
+    assert unmailed and {u for (_, u) in audience_rows(next_day)} == set(USERS) - unmailed
+    capped_now = [(r["user_id"], r["rule"], r["detail"]) for r in  # a row per campaign that wanted the customer
+                  next_day.tables.read(next_day.spark, C.CAPPED_CUSTOMERS).where("rule != 'arbitration'").collect()]
+    assert {u for u, _, _ in capped_now} == unmailed
+    assert {(rule, detail) for _, rule, detail in capped_now} == {("max_sends", "2 sends in the 7 days to 2026-10-31")}
+    assert sum(n for key, n in result.counts.items() if key.endswith(".capped.max_sends")) == len(capped_now)
 
 
 @pytest.mark.slow  # build_audience and plan_sends runs, then the API
@@ -206,7 +233,8 @@ def test_suppressed_users_are_in_no_audience_no_control_group_and_no_export(tmp_
     monkeypatch.setenv("EP_TEST_PSEUDONYM_KEY", KEY)
     base = [f"output.root={root}", "holdout.control_share=0.2", "campaigns.winback.churn_bands=[]",
             "campaigns.winback.holdout_share=0.3", f"privacy.pseudonymize={str(pseudonymize).lower()}",
-            "privacy.key_env=EP_TEST_PSEUDONYM_KEY"]
+            "privacy.key_env=EP_TEST_PSEUDONYM_KEY",
+            "contact_policy.arbitration=none"]  # both campaigns want everyone: a winback opt-out stays in the other
     stored = {u: hmac.new(KEY.encode(), u.encode(), hashlib.sha256).hexdigest() if pseudonymize else u for u in USERS}
     raw_of = {s: u for u, s in stored.items()}
     ctx = context(*base, run_id="open")
@@ -278,7 +306,7 @@ def test_missing_scores_are_named_in_the_message(tmp_path: Path, context):
     seed_tables(ctx, USERS[:40], scores=False)
     result = run_stage(ctx, "build_audience")
     assert "customer_scores missing" in result.message
-    assert "winback: no customer_scores, churn_bands not applied" in result.message
+    assert "winback: no customer_scores, churn_bands passes nobody" in result.message
     rows = ctx.tables.read(ctx.spark, C.CAMPAIGN_AUDIENCE)
     assert rows.where(F.col("purchase_probability").isNotNull()).count() == 0
     assert rows.where("campaign_id = 'weekly_newsletter'").count() == 40
@@ -343,8 +371,8 @@ def test_value_filters_pass_exact_customers_and_never_a_null(spark):
 
     no_scores = replace(inputs, scores=None)
     people, notes = eligible(no_scores, CampaignSettings(name="vip", churn_bands=("low",), next_order_within_days=7))
-    assert people.count() == 8
-    assert notes == ["vip: no customer_scores, churn_bands / next_order_within_days not applied"]
+    assert people.count() == 0  # nobody is scored, so nobody passes (a winback must not mail everyone)
+    assert notes == ["vip: no customer_scores, churn_bands / next_order_within_days passes nobody"]
 
 
 def test_the_audience_carries_the_latest_customer_value_or_nulls(spark):
@@ -405,7 +433,7 @@ def test_an_older_customer_scores_reads_as_nulls_and_its_next_write_adds_the_col
     write(ctx, older, [{"user_id": "a", "as_of": OLDER, "churn_band": "low", "eligible": True}])
     write(ctx, C.RECOMMENDATIONS, [{"user_id": "a", "rank": 1, "item_id": "i1", "strategy": "blended"}])
 
-    inputs = read_inputs(ctx, need_activity=False)
+    inputs, _ = read_inputs(ctx)
     assert any(n.startswith("customer_scores lacks historic_clv, predicted_clv") for n in inputs.notes), inputs.notes
     assert [tuple(r) for r in inputs.scores.select(*CUSTOMER_VALUE_COLUMNS).collect()] == [(None,) * 7]
     people, _ = eligible(inputs, CampaignSettings(name="vip", min_predicted_clv=1.0))
@@ -418,4 +446,4 @@ def test_an_older_customer_scores_reads_as_nulls_and_its_next_write_adds_the_col
     assert {(r["as_of"], r["predicted_clv"]) for r in table.collect()} == {(OLDER, None), (AS_OF, 150.0)}
     arrow = DeltaTable(ctx.tables.location(C.CUSTOMER_SCORES)).to_pyarrow_table(columns=["as_of", "predicted_clv"])
     assert sorted(zip(*arrow.to_pydict().values())) == [(OLDER, None), (AS_OF, 150.0)]  # what the API reads
-    assert not any(n.startswith("customer_scores lacks") for n in read_inputs(ctx, need_activity=False).notes)
+    assert not any(n.startswith("customer_scores lacks") for n in read_inputs(ctx)[0].notes)

@@ -43,7 +43,9 @@ def test_planted_lift_is_recovered_within_its_interval(spark, tmp_path: Path, co
     users = spark.range(6000).select(F.format_string("u%05d", "id").alias("user_id"))
     ctx = context(f"output.root={tmp_path / 'wh'}", "holdout.control_share=0.05",
                   "campaigns.weekly_newsletter.holdout_share=0.3", "campaign_report.conversion_window_days=7",
-                  f"campaign_report.report_dir={tmp_path / 'report'}", run_id="lift")
+                  f"campaign_report.report_dir={tmp_path / 'report'}",
+                  # winback wants everyone too (unscored here) and sends nothing: named in the message
+                  "campaigns.winback.churn_bands=[]", "contact_policy.arbitration=none", run_id="lift")
     planted = planted_campaign_events(users, "weekly_newsletter", salt=ctx.settings.holdout.salt, control_share=0.05,
                                       holdout_share=0.3, send_ts=SEND, base_rate=0.05, lift=0.10, window_days=7)
     # Purchases outside the window (before the send, after it closes) must not count.

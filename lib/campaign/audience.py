@@ -3,9 +3,11 @@
 For each campaign: everyone with a recommendation list, joined to their segment, latest scores (with
 the customer-value columns), send hour and last activity; the campaign's filters (segments, churn
 bands, minimum purchase probability, minimum predicted CLV, next order expected soon, activity);
-minus every suppressed user; cut to ``max_audience`` (highest purchase_probability first, ties by
-user id, so the cut is deterministic); then split by ``lib.campaign.holdout.assign_variant`` (a hash of the
-salt and the user id) into treatment, holdout and global_control. The same inputs give the same
+minus every suppressed user; minus customers the contact policy keeps out (over a cap, or taken by a
+campaign of higher priority: ``lib.campaign.contact_policy``, ``programme_audience``); cut to
+``max_audience`` (highest purchase_probability first, ties by user id, so the cut is deterministic);
+then split by ``lib.campaign.holdout.assign_variant`` (a hash of the salt and the user id) into
+treatment, holdout and global_control. The same inputs give the same
 rows and variants on every run.
 
 Products: the first ``products`` items of the campaign's strategy list, each with the catalog's name,
@@ -14,21 +16,24 @@ not recommendable is never shown: the next item of the list moves up (``dropped_
 were passed over, for the manifest). The segment's label comes from ``segment_profiles``.
 
 A missing optional input (no customer_scores, send_times, user_segments yet) leaves its columns
-null and its filters unapplied; ``AudienceInputs.notes`` says which, for the stage's message. A score
-filter never passes a customer whose value is null (unscored, ineligible, or a customer_scores table
-written before the column existed).
+null; ``AudienceInputs.notes`` says which, for the stage's message. A score filter never passes a
+customer whose value is null (unscored, ineligible, or a customer_scores table written before the
+column existed), so without customer_scores a campaign with a score filter is empty, as one with an
+activity filter is without events.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import reduce
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from lib.campaign.contact_policy import CAPPED_COLUMNS, capped_rows, priority_order, taken_rows
 from lib.campaign.holdout import assign_variant
 from lib.platform import catalog as C
-from lib.platform.settings import CampaignSettings
+from lib.platform.settings import CampaignSettings, ContactPolicySettings
 
 
 # customer_scores' customer-value columns: carried into campaign_audience and its exports as the scores hold them.
@@ -159,7 +164,9 @@ def eligible(inputs: AudienceInputs, campaign: CampaignSettings) -> tuple[DataFr
                                          ("min_predicted_clv", campaign.min_predicted_clv > 0),
                                          ("next_order_within_days", campaign.next_order_within_days > 0)) if on]
     if score_filters and inputs.scores is None:
-        notes.append(f"{campaign.name}: no customer_scores, {' / '.join(score_filters)} not applied")
+        # Nobody is scored, so nobody passes: a winback must not mail everyone before scoring has run.
+        notes.append(f"{campaign.name}: no customer_scores, {' / '.join(score_filters)} passes nobody")
+        people = people.where(F.lit(False))
     elif score_filters:
         # A null never passes a comparison: unscored customers and null values are left out.
         if campaign.churn_bands:
@@ -173,21 +180,18 @@ def eligible(inputs: AudienceInputs, campaign: CampaignSettings) -> tuple[DataFr
             people = people.where(days_ahead.between(0, campaign.next_order_within_days))
     if campaign.active_within_days:
         if inputs.activity is None or inputs.activity_reference is None:
-            notes.append(f"{campaign.name}: no events, active_within_days not applied")
+            notes.append(f"{campaign.name}: no events, active_within_days passes nobody")
+            people = people.where(F.lit(False))
         else:
             since = inputs.activity_reference - timedelta(days=campaign.active_within_days)
             people = people.where(F.col("last_active_ts") >= F.lit(since))
     return people, notes
 
 
-def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppressed: DataFrame, salt: str,
-                      control_share: float, run_id: str) -> tuple[DataFrame, list[str]]:
-    """The campaign_audience rows of one campaign (see the module docstring) and notes for the message.
-
-    ``suppressed``: a frame with user_id (every row suppresses its user)."""
-    people, notes = eligible(inputs, campaign)
-    blocked = suppressed.select("user_id").where(F.col("user_id").isNotNull()).distinct()
-    people = people.join(blocked, "user_id", "left_anti")
+def _cut_and_split(people: DataFrame, campaign: CampaignSettings, salt: str, control_share: float,
+                   run_id: str) -> DataFrame:
+    """The campaign_audience rows of a campaign's remaining ``people``: cut to ``max_audience`` (highest
+    purchase_probability first, ties by user id), each with its variant."""
     if campaign.max_audience:
         people = (people.orderBy(F.col("purchase_probability").desc_nulls_last(), F.col("user_id"))
                   .limit(campaign.max_audience))
@@ -197,4 +201,58 @@ def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppre
         assign_variant("user_id", campaign.name, salt, campaign.holdout_share, control_share).alias("variant"),
         "segment_id", "segment_label", "products", "churn_band", "purchase_probability", "send_hour_utc", *CUSTOMER_VALUE_COLUMNS,
         F.lit(run_id).alias("run_id"),
-    ), notes
+    )
+
+
+def for_campaign(suppressed: DataFrame, campaign_id: str) -> DataFrame:
+    """The rows of ``suppressed_users`` that suppress ``campaign_id``: the global list's and its own."""
+    return suppressed.where(F.col("campaign_id").isNull() | (F.col("campaign_id") == campaign_id))
+
+
+def _unblocked(people: DataFrame, suppressed: DataFrame) -> DataFrame:
+    blocked = suppressed.select("user_id").where(F.col("user_id").isNotNull()).distinct()
+    return people.join(blocked, "user_id", "left_anti")
+
+
+def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppressed: DataFrame, salt: str,
+                      control_share: float, run_id: str) -> tuple[DataFrame, list[str]]:
+    """The campaign_audience rows of one campaign on its own (see the module docstring; no contact policy)
+    and notes for the message. ``suppressed``: a frame with user_id (every row suppresses its user)."""
+    people, notes = eligible(inputs, campaign)
+    return _cut_and_split(_unblocked(people, suppressed), campaign, salt, control_share, run_id), notes
+
+
+def programme_audience(inputs: AudienceInputs, campaigns: dict[str, CampaignSettings], suppressed: DataFrame,
+                       salt: str, control_share: float, run_id: str, policy: ContactPolicySettings,
+                       over: DataFrame | None = None) -> tuple[DataFrame, DataFrame, list[str]]:
+    """Every campaign's campaign_audience rows under the contact policy (lib.campaign.contact_policy),
+    the capped_customers rows (CAPPED_COLUMNS and run_id) and notes for the message.
+
+    ``suppressed``: suppressed_users (campaign_id null: every campaign). ``over``: ``over_policy`` of the
+    send history (user_id, rule, detail), None when no cap applies."""
+    arbitrate = policy.arbitration == "priority"
+    names = priority_order(campaigns) if arbitrate else list(campaigns)
+    audiences, capped, notes = [], [], []
+    taken = None  # user_id, taken_by: customers an earlier campaign has
+    for position, name in enumerate(names):
+        campaign = campaigns[name]
+        people, campaign_notes = eligible(inputs, campaign)
+        notes += campaign_notes
+        people = _unblocked(people, for_campaign(suppressed, name))
+        if over is not None:
+            capped.append(capped_rows(people, over, name))
+            people = people.join(over.select("user_id"), "user_id", "left_anti")
+        if taken is not None:
+            capped.append(taken_rows(people, taken, name))
+            people = people.join(taken.select("user_id"), "user_id", "left_anti")
+        rows = _cut_and_split(people, campaign, salt, control_share, run_id)
+        if arbitrate and position < len(names) - 1:
+            rows = rows.localCheckpoint()  # later campaigns read it: computed once, not once per campaign
+            took = rows.select("user_id", F.lit(name).alias("taken_by"))
+            taken = took if taken is None else taken.unionByName(took)
+        audiences.append(rows)
+    audience = reduce(DataFrame.unionByName, audiences)
+    spark = audience.sparkSession
+    none = spark.createDataFrame([], ", ".join(f"{c} string" for c in CAPPED_COLUMNS))
+    kept_out = reduce(DataFrame.unionByName, capped, none).withColumn("run_id", F.lit(run_id))
+    return audience, kept_out, notes

@@ -88,11 +88,6 @@ def suppressed_users(rows: DataFrame, key: bytes | None, identities: DataFrame |
     return as_stored(listed, key, identities).withColumn("run_id", F.lit(run_id)).distinct()
 
 
-def for_campaign(suppressed: DataFrame, campaign_id: str) -> DataFrame:
-    """The rows of ``suppressed_users`` that suppress ``campaign_id``: the global list's and its own."""
-    return suppressed.where(F.col("campaign_id").isNull() | (F.col("campaign_id") == campaign_id))
-
-
 def without_suppressed(rows: DataFrame, suppressed: DataFrame) -> DataFrame:
     """``rows`` (with user_id and campaign_id) less those whose user the campaign must not reach."""
     everywhere = suppressed.where(F.col("campaign_id").isNull()).select("user_id").distinct()

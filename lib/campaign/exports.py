@@ -8,7 +8,8 @@ Layout of one export (one campaign, one run)::
                            payload: PAYLOAD_FIELDS, nulls written as null (the customer-value fields
                            are null for customers without a score; dates as "yyyy-MM-dd")
         manifest.json      schema version, columns, every file with its rows, bytes and SHA-256, and the
-                           products passed over (not in the catalog / unavailable) by reason
+                           products passed over (not in the catalog / unavailable) by reason, and the
+                           customers the contact policy kept out by rule (capped)
 
 Each exported product carries what a template shows: item_id, rank, score, source, the catalog's
 name, category and price, the configured currency, and an image URL and a link made from the
@@ -130,12 +131,14 @@ def _empty_files(base: Path, fmt: str) -> list[dict[str, Any]]:
 def write_export(spark: SparkSession, audience: DataFrame, directory: str, formats: tuple[str, ...],
                  max_rows_per_file: int, campaign_id: str, run_id: str, updated_at: datetime,
                  publish: bool = True, content: ProductContent = ProductContent(),
-                 products_dropped: dict[str, int] | None = None) -> dict[str, Any]:
+                 products_dropped: dict[str, int] | None = None,
+                 capped: dict[str, int] | None = None) -> dict[str, Any]:
     """Write one campaign's export into ``directory`` (see the module docstring); return the manifest.
 
     ``audience``: that campaign's campaign_audience rows (all variants; only treatment is written).
     ``publish=False`` leaves the manifest pending, for ``publish_exports`` once the run has succeeded.
-    ``products_dropped``: reason -> products passed over in the exported lists (the manifest's count)."""
+    ``products_dropped``: reason -> products passed over in the exported lists (the manifest's count).
+    ``capped``: contact-policy rule -> customers the campaign's filters passed that it kept out."""
     base = local_path(directory)
     base.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, PENDING):  # from here on the directory reads as incomplete
@@ -173,6 +176,7 @@ def write_export(spark: SparkSession, audience: DataFrame, directory: str, forma
         "max_rows_per_file": max_rows_per_file,
         "rows": expected,
         "products_dropped": dict(sorted((products_dropped or {}).items())),
+        "capped": dict(sorted((capped or {}).items())),
         "formats": {fmt: {"rows": sum(f["rows"] for f in files), "files": files} for fmt, files in listing.items()},
     }
     temporary = base / f".{MANIFEST}.tmp"

@@ -283,6 +283,19 @@ CAMPAIGN_AUDIENCE = TableSpec(
     "the products to show (with the catalog's name, category and price; an item the catalog lacks or hides gives "
     "way to the next) and the attributes exported; suppressed customers never appear",
 )
+CAMPAIGN_SENDS = TableSpec(
+    "campaign_sends",
+    "send_date date, campaign_id string, user_id string, variant string, run_id string",
+    "every send build_audience planned, by day: treatment rows are exported; holdout and global_control rows are "
+    "the sends they stand in for, counted by the contact policy so every arm is capped alike (a re-run of a day "
+    "replaces that day's rows; appended otherwise)",
+)
+CAPPED_CUSTOMERS = TableSpec(
+    "capped_customers",
+    "campaign_id string, user_id string, rule string, detail string, run_id string",
+    "per run, customers a campaign's filters passed that the contact policy kept out: rule max_sends / cooldown "
+    "(detail: the sends or last send that bind) or arbitration (detail: the campaign that won the customer)",
+)
 CAMPAIGN_RESULTS = TableSpec(
     "campaign_results",
     "campaign_id string, variant string, recipients long, sent long, conversions long, conversion_rate double, "
@@ -311,7 +324,7 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
     USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, ITEM_SIMILARITIES, REC_METRICS,
     SEGMENT_USEFULNESS, ALS_TUNING, CUSTOMER_SCORES, MODEL_METRICS, SEGMENT_OUTCOMES, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
-    CAMPAIGN_RESULTS,
+    CAMPAIGN_SENDS, CAPPED_CUSTOMERS, CAMPAIGN_RESULTS,
     PIPELINE_RUNS,
     DATA_QUALITY, DRIFT, USER_IDENTITIES, ERASURE_REQUESTS,
 )

@@ -104,6 +104,9 @@ SECTIONS = (
     Section("Send times (UTC hour of each customer's send)", C.SEND_TIMES, _send_times,
             chart=Chart("hour_utc", "customers", "customers per send hour")),
     Section("Audiences", C.CAMPAIGN_AUDIENCE, _audiences),
+    Section("Kept out by the contact policy", C.CAPPED_CUSTOMERS,
+            lambda df: df.groupBy("campaign_id", "rule").agg(F.count(F.lit(1)).alias("customers"))
+            .orderBy("campaign_id", "rule")),
     Section("Campaign lift", C.CAMPAIGN_RESULTS,
             lambda df: df.orderBy("campaign_id", "variant").select(
                 "campaign_id", "variant", "recipients", "conversions", "conversion_rate", "lift", "ci_low",

@@ -219,6 +219,10 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "campaigns.*.products": (1, 1000),
     "campaigns.*.max_audience": (0, INT32_MAX),
     "campaigns.*.send_hour_utc": (0, 23),
+    "campaigns.*.priority": (-1000, 1000),
+    "contact_policy.max_sends": (0, 1000),              # 0: no cap
+    "contact_policy.per_days": (1, 365),
+    "contact_policy.cooldown_days": (0, 365),           # 0: no cooldown
     "exports.max_rows_per_file": (1, INT32_MAX),
     "campaign_report.conversion_window_days": (1, 365),
     "spark.shuffle_partitions": (1, 100_000),
@@ -685,6 +689,22 @@ class HoldoutSettings:
         require(0.0 <= self.control_share < 1.0, "holdout.control_share", f"must be in [0, 1), got {self.control_share}")
 
 
+ARBITRATIONS = ("priority", "none")
+
+
+@dataclass(frozen=True)
+class ContactPolicySettings:
+    """How often a customer may be mailed, across campaigns (lib.campaign.contact_policy)."""
+
+    max_sends: int       # 0: no cap; else at most this many sends in any per_days days, today's included
+    per_days: int
+    cooldown_days: int   # 0: none; else no send within this many days after the last one
+    arbitration: str     # "priority": one campaign per customer and run; "none": every campaign it qualifies for
+
+    def __post_init__(self) -> None:
+        one_of(self.arbitration, ARBITRATIONS, "contact_policy.arbitration")
+
+
 CHURN_BANDS = ("low", "medium", "high")
 EXPORT_FORMATS = ("csv", "json")
 
@@ -708,6 +728,7 @@ class CampaignSettings:
     max_audience: int = 0                      # 0: no cap; else the highest purchase_probability first
     suppressions: str = ""                     # extra suppression list (path or table) on top of input.suppressions
     send_hour_utc: int = 9                     # hour for customers without a send_times row
+    priority: int = 0                          # contact_policy.arbitration = "priority": the highest wins a customer
 
     def __post_init__(self) -> None:
         key = f"campaigns.{self.name}"
@@ -899,6 +920,7 @@ class Settings:
     promotion: PromotionSettings
     tracking: TrackingSettings
     campaigns: dict[str, CampaignSettings]
+    contact_policy: ContactPolicySettings
     exports: ExportsSettings
     campaign_report: CampaignReportSettings
     privacy: PrivacySettings
