@@ -11,6 +11,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from jobs.common import StageContext, exports_root, main_for
+from lib.campaign.ab_test import minimum_detectable_effect
 from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, last_activity, latest_scores,
                                    products_passed_over, programme_audience)
 from lib.campaign.campaigns import check_segments, write_suppressed_users
@@ -65,6 +66,34 @@ def send_day(inputs: AudienceInputs) -> date:
     return (inputs.activity_reference or datetime.now(timezone.utc)).astimezone(timezone.utc).date()
 
 
+def planned_tests(audience: DataFrame, tests: dict[str, tuple]) -> dict[str, dict]:
+    """Campaign id -> its A/B/n test before the send: each variant's recipients and content_key, the
+    baseline (the treatment's mean purchase_probability, a proxy of its conversion rate) and the minimum
+    detectable effect (``lib.campaign.ab_test.minimum_detectable_effect``, the smallest arm's size)."""
+    if not tests:
+        return {}
+    per_variant = (audience.where(F.col("test_variant").isNotNull())
+                   .groupBy("campaign_id", "test_variant")
+                   .agg(F.count(F.lit(1)).alias("recipients"), F.sum("purchase_probability").alias("_p"),
+                        F.count("purchase_probability").alias("_scored"))
+                   .collect())  # campaigns x variants rows
+    planned = {}
+    for name, variants in tests.items():
+        rows = {r["test_variant"]: r for r in per_variant if r["campaign_id"] == name}
+        if not rows:
+            continue
+        scored = sum(r["_scored"] for r in rows.values())
+        baseline = sum(r["_p"] or 0.0 for r in rows.values()) / scored if scored else None
+        smallest = min(r["recipients"] for r in rows.values())
+        effect = (minimum_detectable_effect(smallest, baseline, len(variants))
+                  if baseline is not None and 0 < baseline < 1 and len(variants) >= 2 else None)
+        planned[name] = {"control": variants[0].name, "baseline": baseline, "minimum_detectable_effect": effect,
+                         "variants": {v.name: {"share": v.share, "content_key": v.content_key or None,
+                                               "recipients": rows[v.name]["recipients"] if v.name in rows else 0}
+                                      for v in variants}}
+    return planned
+
+
 def run(ctx: StageContext) -> StageResult:
     settings = ctx.settings
     spark, tables, run_id = ctx.spark, ctx.tables, ctx.run_id
@@ -90,7 +119,8 @@ def run(ctx: StageContext) -> StageResult:
         else:
             over = over_policy(send_history(events, planned, today), policy, today)
     frame, capped, campaign_notes = programme_audience(inputs, campaigns, suppressed, settings.holdout.salt,
-                                                       settings.holdout.control_share, run_id, policy, over)
+                                                       settings.holdout.control_share, run_id, policy, over,
+                                                       settings.ab_tests)
     notes += campaign_notes
     tables.overwrite(frame, C.CAMPAIGN_AUDIENCE)
     tables.overwrite(capped, C.CAPPED_CUSTOMERS)
@@ -105,6 +135,14 @@ def run(ctx: StageContext) -> StageResult:
                 for r in tables.read(spark, C.CAPPED_CUSTOMERS).groupBy("campaign_id", "rule").count().collect()}
     counts = {f"{c}.{v}": n for (c, v), n in sorted(sizes.items())}
     counts.update({f"{c}.capped.{rule}": n for (c, rule), n in sorted(kept_out.items())})
+    tests = planned_tests(audience, settings.ab_tests)
+    for name, test in tests.items():
+        counts.update({f"{name}.test.{variant}": v["recipients"] for variant, v in test["variants"].items()})
+        effect = test["minimum_detectable_effect"]
+        arms = " / ".join(f"{variant}: {arm['recipients']}" for variant, arm in test["variants"].items())
+        notes.append(f"{name} test: {arms}"
+                     + (f", baseline {test['baseline']:.4f}: smallest difference found with 80% power "
+                        f"{effect:+.4f}" if effect is not None else ", no purchase_probability: no detectable effect"))
     if blank:
         counts["suppressions.blank_user_id"] = blank
         notes.append(f"suppression lists: {blank} row(s) without a user_id suppress nobody")
@@ -123,7 +161,8 @@ def run(ctx: StageContext) -> StageResult:
             manifest = write_export(spark, audience.where(F.col("campaign_id") == name), directory,
                                     settings.exports.formats, settings.exports.max_rows_per_file, name, run_id,
                                     started, publish=False, content=content, products_dropped=dropped[name],
-                                    capped={rule: n for (c, rule), n in kept_out.items() if c == name})
+                                    capped={rule: n for (c, rule), n in kept_out.items() if c == name},
+                                    ab_test=tests.get(name))
             counts[f"{name}.exported"] = manifest["rows"]
             log.info("export of %s: %d rows, %s", name, manifest["rows"], directory)
     summary = ", ".join(f"{c}: " + "/".join(str(sizes.get((c, v), 0)) for v in ("treatment", "holdout", "global_control"))

@@ -95,9 +95,10 @@ BUILD_AUDIENCE = StageSpec(
            C.EVENTS, C.USER_IDENTITIES),  # and its own campaign_sends of earlier runs
     writes=(C.SUPPRESSED_USERS, C.CAMPAIGN_AUDIENCE, C.CAMPAIGN_SENDS, C.CAPPED_CUSTOMERS), package="lib.campaign")
 CAMPAIGN_REPORT = StageSpec(
-    "campaign_report", "lift of each campaign's treatment over its holdout after the send, with 95% intervals",
+    "campaign_report", "lift of each campaign's treatment over its holdout after the send, with 95% intervals, "
+                       "and each A/B/n test's variants against its control",
     reads=(C.EVENTS, C.CAMPAIGN_AUDIENCE),
-    writes=(C.CAMPAIGN_RESULTS,), package="lib.campaign")
+    writes=(C.CAMPAIGN_RESULTS, C.CAMPAIGN_TESTS), package="lib.campaign")
 
 FORGET_USERS = StageSpec(
     "forget_users", "erase customers listed in privacy.erasure_request from every table, export and saved "

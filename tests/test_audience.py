@@ -18,10 +18,10 @@ from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campa
                                    eligible, latest_scores, products_passed_over)
 from lib.campaign.campaigns import CampaignInputError
 from lib.campaign.exports import read_export
-from lib.campaign.holdout import GLOBAL_KEY, bucket_of
+from lib.campaign.holdout import GLOBAL_KEY, ab_key, bucket_of
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError
-from lib.platform.settings import CampaignSettings
+from lib.platform.settings import AbVariantSettings, CampaignSettings
 from service import settings as service_settings
 from service.app import create_app
 
@@ -354,6 +354,32 @@ def value_scores(spark):
 def one_list_each(spark, users):
     return spark.createDataFrame([(u, 1, "i1", 1.0, "als", "blended") for u in users], "user_id string, rank int, "
                                  "item_id string, score double, source string, strategy string")
+
+
+def test_an_ab_test_splits_the_treatment_and_shows_each_variant_its_own_list(spark):
+    users = [f"u{i:03d}" for i in range(300)]
+    lists = [(u, r, f"{prefix}{r}", 1.0 / r, "als", strategy) for i, u in enumerate(users) for r in (1, 2, 3)
+             for prefix, strategy in (("i", "blended"), ("d", "discover")) if strategy == "blended" or i >= 10]
+    recommendations = spark.createDataFrame(lists, "user_id string, rank int, item_id string, score double, "
+                                                   "source string, strategy string")
+    campaign = CampaignSettings(name="spring", products=2, holdout_share=0.2)
+    variants = (AbVariantSettings(name="a", campaign="spring", share=0.5, control=True, content_key="subject_a"),
+                AbVariantSettings(name="b", campaign="spring", share=0.5, strategy="discover", products=3,
+                                  content_key="subject_b"))
+    rows, _ = campaign_audience(AudienceInputs(recommendations=recommendations), campaign,
+                                spark.createDataFrame([], "user_id string"), SALT, 0.0, "r1", variants)
+    seen = set()
+    for row in rows.collect():
+        items = [p["item_id"] for p in row["products"]]
+        if row["variant"] != "treatment":  # the holdout is in no test variant and sees the campaign's list
+            assert (row["test_variant"], row["content_key"], items) == (None, None, ["i1", "i2"])
+            continue
+        arm = "a" if bucket_of(row["user_id"], ab_key("spring"), SALT) < 5000 else "b"
+        has_discover = int(row["user_id"][1:]) >= 10
+        expected = ["d1", "d2", "d3"] if arm == "b" and has_discover else ["i1", "i2"]  # else the campaign's list
+        assert (row["test_variant"], row["content_key"], items) == (arm, f"subject_{arm}", expected), row["user_id"]
+        seen.add((arm, has_discover))
+    assert {("a", True), ("b", True), ("b", False)} <= seen
 
 
 def test_value_filters_pass_exact_customers_and_never_a_null(spark):

@@ -50,7 +50,7 @@ def test_export_matches_the_table_and_its_manifest(spark, tmp_path: Path):
                             products_dropped={"unavailable": 3})
     treated = sorted(r["user_id"] for r in frame.where("variant = 'treatment'").collect())
     assert manifest["rows"] == len(treated) == 138
-    assert (manifest["schema_version"], manifest["products_dropped"]) == (2, {"unavailable": 3})
+    assert (manifest["schema_version"], manifest["products_dropped"]) == (3, {"unavailable": 3})
 
     export = read_export(directory)
     assert export.manifest == json.loads((tmp_path / "spring" / "r1" / MANIFEST).read_text())

@@ -8,7 +8,8 @@ import pytest
 from pyspark.sql import functions as F
 from scipy.stats import chi2_contingency
 
-from lib.campaign.holdout import GLOBAL_KEY, assign_variant, bucket_col, bucket_of, holdout_assignments
+from lib.campaign.holdout import (GLOBAL_KEY, ab_key, assign_test_variant, assign_variant, bucket_col, bucket_of,
+                                  holdout_assignments)
 
 SALT = "test-salt"
 N = 20_000
@@ -92,3 +93,20 @@ def test_without_campaigns_every_user_has_one_global_row(spark):
     for r in rows:
         control = bucket_of(r["user_id"], GLOBAL_KEY, SALT) < 2000
         assert r["variant"] == ("global_control" if control else "treatment"), r
+
+
+def test_an_ab_split_is_stable_recomputable_and_independent_of_the_holdout(users):
+    shares = [("a", 0.5), ("b", 0.3), ("c", 0.2)]
+    rows = users.select("user_id", assign_variant("user_id", "spring", SALT, 0.3, 0.0).alias("variant"),
+                        assign_test_variant("user_id", "spring", SALT, shares).alias("arm")).collect()
+    cut = lambda bucket: "a" if bucket < 5000 else "b" if bucket < 8000 else "c"  # noqa: E731
+    assert all(r["arm"] == cut(bucket_of(r["user_id"], ab_key("spring"), SALT)) for r in rows)  # outside Spark too
+    for arm, share in shares:
+        assert _within(sum(r["arm"] == arm for r in rows), N, share), arm
+    table = [[sum(r["variant"] == v and r["arm"] == arm for r in rows) for arm, _ in shares]
+             for v in ("treatment", "holdout")]
+    assert chi2_contingency(table)[1] > 0.001  # the arm says nothing of the holdout split
+    # The check can fail: an arm cut from the holdout's own buckets is fully dependent on it.
+    dependent = [[sum(r["variant"] == v and (bucket_of(r["user_id"], "spring", SALT) < 3000) == flag for r in rows)
+                  for flag in (True, False)] for v in ("treatment", "holdout")]
+    assert chi2_contingency(dependent)[1] < 1e-6

@@ -142,6 +142,8 @@ def test_pipeline_end_to_end_twice(spark, tmp_path: Path, context):
     assert list(page.sections) == [section.title for section in SECTIONS]
     drift = page.sections.pop("Drift against the previous run")
     assert drift["rows"] == [] and "Not produced in this run." in drift["text"]
+    tests = page.sections.pop("A/B/n tests")  # the Quick start declares no A/B/n test
+    assert tests["rows"] == [] and "Not produced in this run." in tests["text"]
     assert all(section["rows"] for section in page.sections.values()), page.sections
     stages_rows = page.sections["Stages and timings"]
     assert [row[0] for row in stages_rows["rows"]] == ["generate_events", *stages]

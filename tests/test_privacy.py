@@ -223,7 +223,7 @@ def _plant_traces(spark, ctx, root: Path, stored: dict[str, str]) -> None:
                                      StageResult(message=f"ValueError: refused row of {quoted} (line 3)")),
                           C.PIPELINE_RUNS)
     audience = spark.createDataFrame(
-        [(campaign, stored[raw], "treatment", 1, "sports", [("sku-1", 1, 0.5, "als", "Ball", "sports", 9.5)], "high",
+        [(campaign, stored[raw], "treatment", None, None, 1, "sports", [("sku-1", 1, 0.5, "als", "Ball", "sports", 9.5)], "high",
           0.3, 10, *[None] * len(CUSTOMER_VALUE_COLUMNS), "run-1")
          for campaign, raw in (("winback", ERASED), ("winback", KEPT), ("welcome", KEPT))], C.CAMPAIGN_AUDIENCE.schema)
     for campaign in ("winback", "welcome"):

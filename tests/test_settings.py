@@ -11,7 +11,8 @@ import pytest
 from jobs.common import BASE_CONFIG, load_settings, submit_options
 from lib.platform import catalog as C
 from lib.platform.config import OPEN_TABLES, ConfigError, parse_toml
-from lib.platform.settings import INT_RANGES, TOP_N_SCORES_CHUNK_MB, CampaignSettings, Settings, section_keys
+from lib.platform.settings import (INT_RANGES, TOP_N_SCORES_CHUNK_MB, AbVariantSettings, CampaignSettings, Settings,
+                                   section_keys)
 from lib.recommend.topn import TopNBlocks
 
 
@@ -133,7 +134,8 @@ def _integer_keys(cls: type = Settings, prefix: str = "") -> set[str]:
 
 
 def test_every_integer_key_has_a_range_and_the_ranges_name_no_other_key():
-    assert set(INT_RANGES) == _integer_keys() | _integer_keys(CampaignSettings, "campaigns.*.")
+    assert set(INT_RANGES) == (_integer_keys() | _integer_keys(CampaignSettings, "campaigns.*.")
+                               | _integer_keys(AbVariantSettings, "ab_variants.*."))
     assert all(low <= high for low, high in INT_RANGES.values())
 
 

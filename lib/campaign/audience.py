@@ -7,8 +7,9 @@ minus every suppressed user; minus customers the contact policy keeps out (over 
 campaign of higher priority: ``lib.campaign.contact_policy``, ``programme_audience``); cut to
 ``max_audience`` (highest purchase_probability first, ties by user id, so the cut is deterministic);
 then split by ``lib.campaign.holdout.assign_variant`` (a hash of the salt and the user id) into
-treatment, holdout and global_control. The same inputs give the same
-rows and variants on every run.
+treatment, holdout and global_control; a campaign with an A/B/n test splits its treatment into the
+test's variants by a hash of its own (``with_test_variants``). The same inputs give the same rows and
+variants on every run.
 
 Products: the first ``products`` items of the campaign's strategy list, each with the catalog's name,
 category and price. With a catalog (``products``), an item it does not list or marks unavailable /
@@ -31,9 +32,9 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from lib.campaign.contact_policy import CAPPED_COLUMNS, capped_rows, priority_order, taken_rows
-from lib.campaign.holdout import assign_variant
+from lib.campaign.holdout import assign_test_variant, assign_variant
 from lib.platform import catalog as C
-from lib.platform.settings import CampaignSettings, ContactPolicySettings
+from lib.platform.settings import AbVariantSettings, CampaignSettings, ContactPolicySettings
 
 
 # customer_scores' customer-value columns: carried into campaign_audience and its exports as the scores hold them.
@@ -199,6 +200,7 @@ def _cut_and_split(people: DataFrame, campaign: CampaignSettings, salt: str, con
         F.lit(campaign.name).alias("campaign_id"),
         "user_id",
         assign_variant("user_id", campaign.name, salt, campaign.holdout_share, control_share).alias("variant"),
+        F.lit(None).cast("string").alias("test_variant"), F.lit(None).cast("string").alias("content_key"),
         "segment_id", "segment_label", "products", "churn_band", "purchase_probability", "send_hour_utc", *CUSTOMER_VALUE_COLUMNS,
         F.lit(run_id).alias("run_id"),
     )
@@ -209,27 +211,61 @@ def for_campaign(suppressed: DataFrame, campaign_id: str) -> DataFrame:
     return suppressed.where(F.col("campaign_id").isNull() | (F.col("campaign_id") == campaign_id))
 
 
+def with_test_variants(rows: DataFrame, inputs: AudienceInputs, campaign: CampaignSettings,
+                       variants: tuple[AbVariantSettings, ...], salt: str) -> DataFrame:
+    """``rows`` (a campaign's audience) with each treatment customer's A/B/n ``test_variant``
+    (``lib.campaign.holdout.assign_test_variant``) and its ``content_key``; a variant with its own
+    strategy or number of products shows its own list, or the campaign's when the customer has none of
+    that strategy (the test compares "this list where there is one"). Holdout and control rows: null."""
+    if not variants:
+        return rows
+    treated = F.col("variant") == "treatment"
+    arm = assign_test_variant("user_id", campaign.name, salt, [(v.name, v.share) for v in variants])
+    rows = rows.withColumn("test_variant", F.when(treated, arm))
+    content = F.lit(None).cast("string")
+    for variant in variants:
+        content = F.when(F.col("test_variant") == variant.name,
+                         F.lit(variant.content_key or None).cast("string")).otherwise(content)
+    rows = rows.withColumn("content_key", content)
+    for variant in variants:
+        strategy, products = variant.strategy or campaign.strategy, variant.products or campaign.products
+        if (strategy, products) == (campaign.strategy, campaign.products):
+            continue
+        own = product_lists(inputs.recommendations, products, strategy, inputs.products)
+        rows = (rows.join(own.select("user_id", F.col("products").alias("_own")), "user_id", "left")
+                .withColumn("products", F.when((F.col("test_variant") == variant.name) & F.col("_own").isNotNull(),
+                                               F.col("_own")).otherwise(F.col("products")))
+                .drop("_own"))
+    return rows
+
+
 def _unblocked(people: DataFrame, suppressed: DataFrame) -> DataFrame:
     blocked = suppressed.select("user_id").where(F.col("user_id").isNotNull()).distinct()
     return people.join(blocked, "user_id", "left_anti")
 
 
 def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppressed: DataFrame, salt: str,
-                      control_share: float, run_id: str) -> tuple[DataFrame, list[str]]:
+                      control_share: float, run_id: str,
+                      variants: tuple[AbVariantSettings, ...] = ()) -> tuple[DataFrame, list[str]]:
     """The campaign_audience rows of one campaign on its own (see the module docstring; no contact policy)
-    and notes for the message. ``suppressed``: a frame with user_id (every row suppresses its user)."""
+    and notes for the message. ``suppressed``: a frame with user_id (every row suppresses its user);
+    ``variants``: its A/B/n test, the control first."""
     people, notes = eligible(inputs, campaign)
-    return _cut_and_split(_unblocked(people, suppressed), campaign, salt, control_share, run_id), notes
+    rows = _cut_and_split(_unblocked(people, suppressed), campaign, salt, control_share, run_id)
+    return with_test_variants(rows, inputs, campaign, variants, salt), notes
 
 
 def programme_audience(inputs: AudienceInputs, campaigns: dict[str, CampaignSettings], suppressed: DataFrame,
                        salt: str, control_share: float, run_id: str, policy: ContactPolicySettings,
-                       over: DataFrame | None = None) -> tuple[DataFrame, DataFrame, list[str]]:
+                       over: DataFrame | None = None,
+                       tests: dict[str, tuple[AbVariantSettings, ...]] | None = None,
+                       ) -> tuple[DataFrame, DataFrame, list[str]]:
     """Every campaign's campaign_audience rows under the contact policy (lib.campaign.contact_policy),
     the capped_customers rows (CAPPED_COLUMNS and run_id) and notes for the message.
 
     ``suppressed``: suppressed_users (campaign_id null: every campaign). ``over``: ``over_policy`` of the
-    send history (user_id, rule, detail), None when no cap applies."""
+    send history (user_id, rule, detail), None when no cap applies. ``tests``: campaign id -> its A/B/n
+    variants (``Settings.ab_tests``)."""
     arbitrate = policy.arbitration == "priority"
     names = priority_order(campaigns) if arbitrate else list(campaigns)
     audiences, capped, notes = [], [], []
@@ -245,7 +281,8 @@ def programme_audience(inputs: AudienceInputs, campaigns: dict[str, CampaignSett
         if taken is not None:
             capped.append(taken_rows(people, taken, name))
             people = people.join(taken.select("user_id"), "user_id", "left_anti")
-        rows = _cut_and_split(people, campaign, salt, control_share, run_id)
+        rows = with_test_variants(_cut_and_split(people, campaign, salt, control_share, run_id), inputs, campaign,
+                                  (tests or {}).get(name, ()), salt)
         if arbitrate and position < len(names) - 1:
             rows = rows.localCheckpoint()  # later campaigns read it: computed once, not once per campaign
             took = rows.select("user_id", F.lit(name).alias("taken_by"))

@@ -8,8 +8,9 @@ Layout of one export (one campaign, one run)::
                            payload: PAYLOAD_FIELDS, nulls written as null (the customer-value fields
                            are null for customers without a score; dates as "yyyy-MM-dd")
         manifest.json      schema version, columns, every file with its rows, bytes and SHA-256, and the
-                           products passed over (not in the catalog / unavailable) by reason, and the
-                           customers the contact policy kept out by rule (capped)
+                           products passed over (not in the catalog / unavailable) by reason, the
+                           customers the contact policy kept out by rule (capped), and the A/B/n test's
+                           variants with its minimum detectable effect (ab_test; null without a test)
 
 Each exported product carries what a template shows: item_id, rank, score, source, the catalog's
 name, category and price, the configured currency, and an image URL and a link made from the
@@ -48,15 +49,16 @@ from pyspark.sql import functions as F
 from lib.campaign.audience import CUSTOMER_VALUE_COLUMNS
 
 # 2: segment_label, and each product's name, category, price, currency, image_url and link (1 had ids only);
-# the manifest's products_dropped. A version-1 export reads as before.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# the manifest's products_dropped. 3: test_variant and content_key (A/B/n tests); the manifest's capped and
+# ab_test. Earlier versions read as before.
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 PENDING = "manifest.pending.json"  # the manifest of an export whose run has not recorded its success
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 COLUMNS = ("external_id", "updated_at", "payload")
-PAYLOAD_FIELDS = ("campaign_id", "run_id", "segment_id", "segment_label", "churn_band", "purchase_probability",
-                  "send_hour_utc", "products") + CUSTOMER_VALUE_COLUMNS
+PAYLOAD_FIELDS = ("campaign_id", "run_id", "test_variant", "content_key", "segment_id", "segment_label", "churn_band",
+                  "purchase_probability", "send_hour_utc", "products") + CUSTOMER_VALUE_COLUMNS
 ITEM_ID_PLACEHOLDER = "{item_id}"
 
 
@@ -132,13 +134,14 @@ def write_export(spark: SparkSession, audience: DataFrame, directory: str, forma
                  max_rows_per_file: int, campaign_id: str, run_id: str, updated_at: datetime,
                  publish: bool = True, content: ProductContent = ProductContent(),
                  products_dropped: dict[str, int] | None = None,
-                 capped: dict[str, int] | None = None) -> dict[str, Any]:
+                 capped: dict[str, int] | None = None, ab_test: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write one campaign's export into ``directory`` (see the module docstring); return the manifest.
 
     ``audience``: that campaign's campaign_audience rows (all variants; only treatment is written).
     ``publish=False`` leaves the manifest pending, for ``publish_exports`` once the run has succeeded.
     ``products_dropped``: reason -> products passed over in the exported lists (the manifest's count).
-    ``capped``: contact-policy rule -> customers the campaign's filters passed that it kept out."""
+    ``capped``: contact-policy rule -> customers the campaign's filters passed that it kept out.
+    ``ab_test``: the campaign's A/B/n test before the send (variants, minimum detectable effect), if any."""
     base = local_path(directory)
     base.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, PENDING):  # from here on the directory reads as incomplete
@@ -177,6 +180,7 @@ def write_export(spark: SparkSession, audience: DataFrame, directory: str, forma
         "rows": expected,
         "products_dropped": dict(sorted((products_dropped or {}).items())),
         "capped": dict(sorted((capped or {}).items())),
+        "ab_test": ab_test,
         "formats": {fmt: {"rows": sum(f["rows"] for f in files), "files": files} for fmt, files in listing.items()},
     }
     temporary = base / f".{MANIFEST}.tmp"

@@ -4,7 +4,8 @@
 hashes the key ``global``; a campaign's holdout bucket hashes the campaign id, so two campaigns'
 holdouts are independent of each other and of the global control. An assignment depends only on the
 salt and the ids: it is stable across runs, re-ingests and partitioning, and anyone can recompute it
-outside Spark (``bucket_of``).
+outside Spark (``bucket_of``). An A/B/n test's variant hashes ``<campaign id>:ab`` (``ab_key``), so it
+is independent of the holdout and the global control too.
 """
 from __future__ import annotations
 
@@ -46,6 +47,26 @@ def assign_variant(user_id_col: Column | str, campaign_id: str, salt: str, holdo
     return (F.when(bucket_col(user_id_col, GLOBAL_KEY, salt) < control, F.lit("global_control"))
             .when(bucket_col(user_id_col, campaign_id, salt) < holdout, F.lit("holdout"))
             .otherwise(F.lit("treatment")))
+
+
+def ab_key(campaign_id: str) -> str:
+    """The hash key of a campaign's A/B/n split."""
+    return f"{campaign_id}:ab"
+
+
+def assign_test_variant(user_id_col: Column | str, campaign_id: str, salt: str,
+                        shares: list[tuple[str, float]]) -> Column:
+    """The A/B/n variant of each user: ``shares`` (variant id, share; adding up to 1) cut the buckets of
+    ``ab_key(campaign_id)`` in order, the last variant taking what rounding leaves."""
+    bucket = bucket_col(user_id_col, ab_key(campaign_id), salt)
+    cuts, bound = [], 0.0
+    for name, share in shares[:-1]:
+        bound += share
+        cuts.append((name, int(round(bound * BUCKETS))))
+    chosen = F.lit(shares[-1][0])
+    for name, cut in reversed(cuts):  # built backwards, so the first range a bucket falls in wins
+        chosen = F.when(bucket < cut, F.lit(name)).otherwise(chosen)
+    return chosen
 
 
 def holdout_assignments(users: DataFrame, campaigns: dict[str, float], salt: str, control_share: float,

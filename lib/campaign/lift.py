@@ -12,7 +12,12 @@ mailed or not; ``sent`` says how many were). Per campaign:
 - revenue lift = revenue per recipient of treatment - of holdout, 95% Welch CI from per-customer
   sums and sums of squares.
 
-Spark aggregates one row per campaign and variant; the statistics are plain Python on those rows.
+A campaign with an A/B/n test is also read out per test variant of its treatment (``ab_test_results``,
+statistics in ``lib.campaign.ab_test``): each variant's rate, its difference to the control variant with
+a multiple-comparison-corrected interval, and its probability of being best.
+
+Spark aggregates one row per campaign, variant and test variant; the statistics are plain Python on
+those rows.
 """
 from __future__ import annotations
 
@@ -27,15 +32,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from lib.campaign.ab_test import proportion_diff_ci, variant_read_out
+
 Z95 = 1.959963984540054
 
 
 def outcome_rows(audience: DataFrame, events: DataFrame, window_days: int) -> list[dict[str, Any]]:
-    """Per campaign (with sends) and variant: recipients, sent, conversions, revenue, revenue_sq, send_start."""
+    """Per campaign (with sends), variant and A/B/n test_variant (null outside a test): recipients, sent,
+    conversions, revenue, revenue_sq, send_start. ``variant_totals`` sums them per variant."""
+    if "test_variant" not in audience.columns:  # an audience written before A/B/n tests existed
+        audience = audience.withColumn("test_variant", F.lit(None).cast("string"))
     sends = events.where((F.col("event_type") == "email_send") & F.col("campaign_id").isNotNull())
     starts = sends.groupBy("campaign_id").agg(F.min("event_ts").alias("send_start"))
     sent = sends.select("campaign_id", "user_id").distinct().withColumn("_sent", F.lit(1))
-    members = (audience.select("campaign_id", "user_id", "variant")
+    members = (audience.select("campaign_id", "user_id", "variant", "test_variant")
                .join(F.broadcast(starts), "campaign_id")
                .withColumn("send_end", F.col("send_start") + F.expr(f"INTERVAL {int(window_days)} DAYS")))
     purchases = events.where(F.col("event_type") == "purchase").select(
@@ -45,21 +55,56 @@ def outcome_rows(audience: DataFrame, events: DataFrame, window_days: int) -> li
               .groupBy("campaign_id", "user_id").agg(F.sum("revenue").alias("_revenue")))
     per_user = (members.join(bought, ["campaign_id", "user_id"], "left")
                 .join(sent, ["campaign_id", "user_id"], "left")
-                .select("campaign_id", "variant", "send_start", F.col("_revenue").isNotNull().alias("_converted"),
+                .select("campaign_id", "variant", "test_variant", "send_start",
+                        F.col("_revenue").isNotNull().alias("_converted"),
                         F.coalesce("_revenue", F.lit(0.0)).alias("_revenue"), F.coalesce("_sent", F.lit(0)).alias("_sent")))
-    totals = per_user.groupBy("campaign_id", "variant", "send_start").agg(
+    totals = per_user.groupBy("campaign_id", "variant", "test_variant", "send_start").agg(
         F.count(F.lit(1)).alias("recipients"), F.sum("_sent").alias("sent"),
         F.sum(F.col("_converted").cast("long")).alias("conversions"), F.sum("_revenue").alias("revenue"),
         F.sum(F.col("_revenue") * F.col("_revenue")).alias("revenue_sq"))
-    return [row.asDict() for row in totals.orderBy("campaign_id", "variant").collect()]  # campaigns x 3 rows
+    # campaigns x (3 + test variants) rows
+    return [row.asDict() for row in totals.orderBy("campaign_id", "variant", "test_variant").collect()]
 
 
-def proportion_diff_ci(c1: int, n1: int, c0: int, n0: int, z: float = Z95) -> tuple[float, float, float]:
-    """(p1 - p0, low, high): Wald interval of a difference of two independent proportions."""
-    p1, p0 = c1 / n1, c0 / n0
-    se = math.sqrt(p1 * (1 - p1) / n1 + p0 * (1 - p0) / n0)
-    diff = p1 - p0
-    return diff, diff - z * se, diff + z * se
+def variant_totals(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``outcome_rows`` summed over test_variant: one row per campaign and variant."""
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for o in outcomes:
+        key = (o["campaign_id"], o["variant"])
+        if key not in totals:
+            totals[key] = {"campaign_id": o["campaign_id"], "variant": o["variant"], "send_start": o["send_start"],
+                           "recipients": 0, "sent": 0, "conversions": 0, "revenue": 0.0, "revenue_sq": 0.0}
+        for column in ("recipients", "sent", "conversions", "revenue", "revenue_sq"):
+            totals[key][column] += o[column]
+    return [totals[key] for key in sorted(totals)]
+
+
+def ab_test_results(outcomes: list[dict[str, Any]], controls: dict[str, str], window_days: int,
+                 run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """campaign_tests rows (``lib.campaign.ab_test.variant_read_out`` of each tested campaign's treatment
+    variants, against ``controls[campaign]``) and notes on tests that cannot be read out."""
+    rows, notes = [], []
+    by_campaign: dict[str, dict[str, dict[str, Any]]] = {}
+    for o in outcomes:
+        if o["variant"] == "treatment" and o["test_variant"] is not None:
+            by_campaign.setdefault(o["campaign_id"], {})[o["test_variant"]] = o
+    for campaign, arms in sorted(by_campaign.items()):
+        control = controls.get(campaign)
+        if control not in arms or len(arms) < 2:
+            notes.append(f"{campaign}: test variants {', '.join(sorted(arms))} in the audience, control "
+                         f"{control or '(none configured)'}: no A/B read-out")
+            continue
+        counts = {name: (o["conversions"], o["recipients"]) for name, o in arms.items()}
+        for row in variant_read_out(counts, control):
+            o = arms[row["variant"]]
+            rows.append({"campaign_id": campaign, "test_variant": row["variant"], "control": row["variant"] == control,
+                         "recipients": o["recipients"], "conversions": o["conversions"],
+                         "conversion_rate": row["rate"], "rate_low": row["rate_low"], "rate_high": row["rate_high"],
+                         "difference": row["difference"], "difference_low": row["difference_low"],
+                         "difference_high": row["difference_high"], "probability_best": row["probability_best"],
+                         "revenue_per_recipient": float(o["revenue"]) / o["recipients"] if o["recipients"] else None,
+                         "send_start": o["send_start"], "window_days": window_days, "run_id": run_id})
+    return rows, notes
 
 
 def relative_lift_ci(c1: int, n1: int, c0: int, n0: int, z: float = Z95) -> tuple[float, float, float]:
@@ -117,9 +162,28 @@ def lift_results(outcomes: list[dict[str, Any]], window_days: int, run_id: str) 
     return rows
 
 
+def _plot_tests(tests: list[dict[str, Any]], path: Path) -> None:
+    """Each tested campaign's variants: conversion rate with its 95% Wilson interval, the control grey."""
+    campaigns = sorted({r["campaign_id"] for r in tests})
+    fig, axes = plt.subplots(1, len(campaigns), figsize=(3.5 * len(campaigns), 3.2), squeeze=False)
+    for ax, campaign in zip(axes[0], campaigns):
+        rows = [r for r in tests if r["campaign_id"] == campaign]
+        rates = [r["conversion_rate"] for r in rows]
+        errors = [[r["conversion_rate"] - r["rate_low"] for r in rows],
+                  [r["rate_high"] - r["conversion_rate"] for r in rows]]
+        ax.bar([r["test_variant"] for r in rows], rates, yerr=errors, capsize=3,
+               color=["#bbbbbb" if r["control"] else "#4477aa" for r in rows])
+        ax.set_title(f"{campaign}: A/B/n test")
+        ax.set_ylabel("conversion rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_lift_report(directory: str | Path, run_id: str, results: list[dict[str, Any]], window_days: int,
-                      notes: list[str]) -> Path:
-    """campaigns.md and lift.png (conversion rate per variant with 95% intervals, per campaign)."""
+                      notes: list[str], tests: list[dict[str, Any]] = ()) -> Path:
+    """campaigns.md and lift.png (conversion rate per variant with 95% intervals, per campaign); with A/B/n
+    tests (``ab_test_results`` rows), their table and tests.png."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     campaigns = sorted({r["campaign_id"] for r in results})
@@ -163,6 +227,21 @@ def write_lift_report(directory: str | Path, run_id: str, results: list[dict[str
             + (f"{pct(r['lift'])} | [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | {pct(r['relative_lift'])} | "
                f"[{pct(r['relative_ci_low'])}, {pct(r['relative_ci_high'])}] | {r['revenue_lift']:+.2f} | "
                f"[{r['revenue_ci_low']:+.2f}, {r['revenue_ci_high']:+.2f}] |" if lift else "| | | | | |"))
+    if tests:
+        _plot_tests(list(tests), out / "tests.png")
+        lines += ["", "## A/B/n tests", "",
+                  "Each variant splits a campaign's treatment by a hash of its own. Rates carry 95% Wilson intervals; "
+                  "a difference to the control carries a Bonferroni-corrected interval (all of a test's intervals "
+                  "hold together at 95%); P(best) is the share of posterior draws (Beta, uniform prior) in which "
+                  "the variant converts best.", "", "![A/B/n variants](tests.png)", "",
+                  "| campaign | variant | recipients | conversions | rate | 95% interval | vs control | corrected "
+                  "interval | P(best) |", "|---|---|---:|---:|---:|---|---:|---|---:|"]
+        for r in tests:
+            versus = ("control | |" if r["control"] else
+                      f"{pct(r['difference'])} | [{pct(r['difference_low'])}, {pct(r['difference_high'])}] |")
+            lines.append(f"| {r['campaign_id']} | {r['test_variant']} | {r['recipients']} | {r['conversions']} | "
+                         f"{r['conversion_rate']:.2%} | [{r['rate_low']:.2%}, {r['rate_high']:.2%}] | {versus} "
+                         f"{r['probability_best']:.2f} |")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     path = out / "campaigns.md"

@@ -273,15 +273,27 @@ DRIFT = TableSpec(
 )
 CAMPAIGN_AUDIENCE = TableSpec(
     "campaign_audience",
-    "campaign_id string, user_id string, variant string, segment_id int, segment_label string, "
+    "campaign_id string, user_id string, variant string, test_variant string, content_key string, "
+    "segment_id int, segment_label string, "
     "products array<struct<item_id: string, rank: int, score: double, source: string, name: string, "
     "category: string, price: double>>, churn_band string, "
     "purchase_probability double, send_hour_utc int, historic_clv double, predicted_clv double, total_clv double, "
     "p_alive double, expected_orders double, avg_days_between_orders double, expected_next_order_date date, "
     "run_id string",
     "per enabled campaign its audience: variant (treatment / holdout / global_control by a hash of the user id), "
+    "a treatment customer's A/B/n test_variant and its content_key (null without a test), "
     "the products to show (with the catalog's name, category and price; an item the catalog lacks or hides gives "
     "way to the next) and the attributes exported; suppressed customers never appear",
+)
+CAMPAIGN_TESTS = TableSpec(
+    "campaign_tests",
+    "campaign_id string, test_variant string, control boolean, recipients long, conversions long, "
+    "conversion_rate double, rate_low double, rate_high double, difference double, difference_low double, "
+    "difference_high double, probability_best double, revenue_per_recipient double, send_start timestamp, "
+    "window_days int, run_id string",
+    "per campaign with an A/B/n test and sends, per variant of its treatment: conversions in the window after the "
+    "first send, the rate with its 95% Wilson interval, the difference to the control variant with a Bonferroni-"
+    "corrected 95% interval, and the probability of being best",
 )
 CAMPAIGN_SENDS = TableSpec(
     "campaign_sends",
@@ -324,7 +336,7 @@ ALL_TABLES: tuple[TableSpec, ...] = (
     EVENTS, EVENTS_QUARANTINE, PRODUCTS, PRODUCTS_QUARANTINE, USER_INDEX, ITEM_INDEX, INTERACTIONS, NMF_USER_FACTORS, NMF_ITEM_FACTORS,
     USER_SEGMENTS, SEGMENT_PROFILES, SEGMENT_QUALITY, NMF_HISTORY, NMF_K_SWEEP, RECOMMENDATIONS, ITEM_SIMILARITIES, REC_METRICS,
     SEGMENT_USEFULNESS, ALS_TUNING, CUSTOMER_SCORES, MODEL_METRICS, SEGMENT_OUTCOMES, SEND_TIMES, SUPPRESSED_USERS, HOLDOUT_ASSIGNMENTS, CAMPAIGN_AUDIENCE,
-    CAMPAIGN_SENDS, CAPPED_CUSTOMERS, CAMPAIGN_RESULTS,
+    CAMPAIGN_SENDS, CAPPED_CUSTOMERS, CAMPAIGN_RESULTS, CAMPAIGN_TESTS,
     PIPELINE_RUNS,
     DATA_QUALITY, DRIFT, USER_IDENTITIES, ERASURE_REQUESTS,
 )

@@ -17,7 +17,7 @@ from typing import Any
 STRING_TABLES = ("input.columns", "input.event_type_map", "input.item_columns", "products.columns")
 # Open tables of tables, e.g. ``[campaigns.<name>]``: a new entry is a table whose keys and types are
 # those of its siblings (the base's entries); lib.platform.settings types and validates each entry.
-TABLES_OF_TABLES = ("campaigns",)
+TABLES_OF_TABLES = ("campaigns", "ab_variants")
 OPEN_TABLES = ("interactions.weights", "spark.conf", *STRING_TABLES, *TABLES_OF_TABLES)
 
 
@@ -63,14 +63,19 @@ def _check_value(key: str, default: Any, value: Any) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported default type {_type_name(default)}")
 
 
-def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Return ``base`` updated by ``overlay``; unknown keys and wrong types raise ConfigError."""
+def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "",
+          shipped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return ``base`` updated by ``overlay``; unknown keys and wrong types raise ConfigError.
+
+    ``shipped``: conf/base.toml's table at this level (default ``base``): a new entry of a table of
+    tables is typed by the shipped entries, never by one an earlier overlay added."""
+    shipped = base if shipped is None else shipped
     merged = copy.deepcopy(base)
     for key, value in overlay.items():
         dotted = f"{prefix}{key}"
-        if prefix.rstrip(".") in TABLES_OF_TABLES:  # an entry: keys and types of its siblings
+        if prefix.rstrip(".") in TABLES_OF_TABLES:  # an entry: keys and types of its shipped siblings
             own = base.get(key, {}) if isinstance(base.get(key), dict) else {}
-            template = {**next(iter(base.values()), {}), **own} if base else None
+            template = {**next(iter(shipped.values())), **shipped.get(key, {})} if shipped else None
             merged[key] = {**own, **_check_entry(dotted, template, value)}
             continue
         if key not in base:
@@ -87,7 +92,8 @@ def merge(base: dict[str, Any], overlay: dict[str, Any], prefix: str = "") -> di
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' is a table, got {_type_name(value)} {value!r}")
-            merged[key] = merge(default, value, f"{dotted}.")
+            below = shipped.get(key) if isinstance(shipped.get(key), dict) else default
+            merged[key] = merge(default, value, f"{dotted}.", below)
         else:
             merged[key] = _check_value(dotted, default, value)
     return merged
@@ -194,7 +200,7 @@ def resolve(base: dict[str, Any], overlays: list[dict[str, Any]], assignments: l
     """Apply overlays in order, then ``--set`` assignments, validating each against ``base``."""
     config = copy.deepcopy(base)
     for overlay in overlays:
-        config = merge(config, overlay)
+        config = merge(config, overlay, shipped=base)
     for assignment in assignments:
-        config = merge(config, parse_set(base, assignment))
+        config = merge(config, parse_set(base, assignment), shipped=base)
     return config

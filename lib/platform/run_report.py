@@ -112,6 +112,10 @@ SECTIONS = (
                 "campaign_id", "variant", "recipients", "conversions", "conversion_rate", "lift", "ci_low",
                 "ci_high", "revenue_per_recipient"),
             plots="campaigns"),
+    Section("A/B/n tests", C.CAMPAIGN_TESTS,
+            lambda df: df.orderBy("campaign_id", F.col("control").desc(), "test_variant").select(
+                "campaign_id", "test_variant", "control", "recipients", "conversion_rate", "difference",
+                "difference_low", "difference_high", "probability_best")),
 )
 
 

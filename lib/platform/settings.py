@@ -220,6 +220,7 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "campaigns.*.max_audience": (0, INT32_MAX),
     "campaigns.*.send_hour_utc": (0, 23),
     "campaigns.*.priority": (-1000, 1000),
+    "ab_variants.*.products": (0, 1000),                # 0: the campaign's number
     "contact_policy.max_sends": (0, 1000),              # 0: no cap
     "contact_policy.per_days": (1, 365),
     "contact_policy.cooldown_days": (0, 365),           # 0: no cooldown
@@ -745,6 +746,27 @@ class CampaignSettings:
 
 
 @dataclass(frozen=True)
+class AbVariantSettings:
+    """One ``[ab_variants.<id>]`` table: a variant of a campaign's A/B/n test (the id names it)."""
+
+    name: str
+    campaign: str = ""         # the campaign whose treatment customers the test splits
+    share: float = 0.0         # of the campaign's treatment; a campaign's shares add up to 1
+    control: bool = False      # the variant the others are compared with (default: the first id)
+    strategy: str = ""         # "": the campaign's list
+    products: int = 0          # 0: the campaign's number
+    content_key: str = ""      # passed through to the export (a subject line's or template's key)
+
+    def __post_init__(self) -> None:
+        key = f"ab_variants.{self.name}"
+        require(bool(re.fullmatch(r"[A-Za-z0-9_-]+", self.name)), key, "must be named by letters, digits, '_' or '-'")
+        require(bool(self.campaign), f"{key}.campaign", "must name the campaign it tests")
+        require(0.0 < self.share <= 1.0, f"{key}.share", f"must be in (0, 1], got {self.share}")
+        if self.strategy:
+            one_of(self.strategy, ("discover", "buy_again", "blended"), f"{key}.strategy")
+
+
+@dataclass(frozen=True)
 class ExportsSettings:
     dir: str
     max_rows_per_file: int
@@ -921,6 +943,7 @@ class Settings:
     tracking: TrackingSettings
     campaigns: dict[str, CampaignSettings]
     contact_policy: ContactPolicySettings
+    ab_variants: dict[str, AbVariantSettings]
     exports: ExportsSettings
     campaign_report: CampaignReportSettings
     privacy: PrivacySettings
@@ -948,6 +971,31 @@ class Settings:
             require(campaign.strategy in self.recommend.strategies, f"campaigns.{name}.strategy",
                     f"names {campaign.strategy!r}, a list recommend.strategies does not write "
                     f"({', '.join(self.recommend.strategies)})")
+        for campaign, variants in self.ab_tests.items():
+            key = f"ab_variants.{variants[0].name}"
+            require(campaign in self.campaigns, f"{key}.campaign",
+                    f"names {campaign!r}, which is not a campaign ({', '.join(self.campaigns)})")
+            require(len(variants) >= 2, f"{key}.campaign", f"{campaign!r} has one variant; a test needs two or more")
+            total = sum(v.share for v in variants)
+            require(abs(total - 1.0) < 1e-9, f"{key}.share",
+                    f"the shares of {campaign!r}'s variants must add up to 1, got {total:g}")
+            require(sum(v.control for v in variants) <= 1, f"{key}.control",
+                    f"{campaign!r} has more than one control variant")
+            for variant in variants:
+                vkey = f"ab_variants.{variant.name}"
+                require(not variant.strategy or variant.strategy in self.recommend.strategies, f"{vkey}.strategy",
+                        f"names {variant.strategy!r}, a list recommend.strategies does not write")
+                require(variant.products <= self.recommend.top_n, f"{vkey}.products",
+                        f"must be <= recommend.top_n ({self.recommend.top_n}), got {variant.products}")
+
+    @property
+    def ab_tests(self) -> dict[str, tuple[AbVariantSettings, ...]]:
+        """Campaign id -> its test's variants, the control first (the declared one, else the first id)."""
+        tests: dict[str, list[AbVariantSettings]] = {}
+        for variant in sorted(self.ab_variants.values(), key=lambda v: v.name):
+            tests.setdefault(variant.campaign, []).append(variant)
+        return {campaign: tuple(sorted(variants, key=lambda v: not v.control))  # stable: ids stay in order
+                for campaign, variants in tests.items()}
 
     @property
     def enabled_campaigns(self) -> dict[str, CampaignSettings]:
