@@ -14,14 +14,14 @@ from pyspark.sql import functions as F
 
 from jobs.build_audience import read_inputs
 from jobs.common import load_settings, run_stage
-from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, campaign_audience, dropped_products,
+from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, dropped_products, programme_audience,
                                    eligible, latest_scores, products_passed_over)
 from lib.campaign.campaigns import CampaignInputError
 from lib.campaign.exports import read_export
 from lib.campaign.holdout import GLOBAL_KEY, ab_key, bucket_of
 from lib.platform import catalog as C
 from lib.platform.config import ConfigError
-from lib.platform.settings import AbVariantSettings, CampaignSettings
+from lib.platform.settings import AbVariantSettings, CampaignSettings, ContactPolicySettings
 from service import settings as service_settings
 from service.app import create_app
 
@@ -351,6 +351,15 @@ def value_scores(spark):
     return C.CUSTOMER_SCORES.conform(spark.createDataFrame(rows, C.CUSTOMER_SCORES.schema))
 
 
+def campaign_alone(inputs, campaign, variants=()):
+    """One campaign's audience rows: no suppression, no contact policy, salt SALT, no global control."""
+    nobody = inputs.recommendations.sparkSession.createDataFrame([], "user_id string, campaign_id string")
+    policy = ContactPolicySettings(max_sends=0, per_days=7, cooldown_days=0, arbitration="none")
+    rows, _, _ = programme_audience(inputs, {campaign.name: campaign}, nobody, SALT, 0.0, "r9", policy,
+                                    tests={campaign.name: variants})
+    return rows
+
+
 def one_list_each(spark, users):
     return spark.createDataFrame([(u, 1, "i1", 1.0, "als", "blended") for u in users], "user_id string, rank int, "
                                  "item_id string, score double, source string, strategy string")
@@ -366,8 +375,7 @@ def test_an_ab_test_splits_the_treatment_and_shows_each_variant_its_own_list(spa
     variants = (AbVariantSettings(name="a", campaign="spring", share=0.5, control=True, content_key="subject_a"),
                 AbVariantSettings(name="b", campaign="spring", share=0.5, strategy="discover", products=3,
                                   content_key="subject_b"))
-    rows, _ = campaign_audience(AudienceInputs(recommendations=recommendations), campaign,
-                                spark.createDataFrame([], "user_id string"), SALT, 0.0, "r1", variants)
+    rows = campaign_alone(AudienceInputs(recommendations=recommendations), campaign, variants)
     seen = set()
     for row in rows.collect():
         items = [p["item_id"] for p in row["products"]]
@@ -403,8 +411,7 @@ def test_value_filters_pass_exact_customers_and_never_a_null(spark):
 
 def test_the_audience_carries_the_latest_customer_value_or_nulls(spark):
     inputs = AudienceInputs(recommendations=one_list_each(spark, "abfh"), scores=latest_scores(value_scores(spark)))
-    suppressed = spark.createDataFrame([], "user_id string")
-    rows, _ = campaign_audience(inputs, CampaignSettings(name="vip"), suppressed, SALT, 0.0, "r9")
+    rows = campaign_alone(inputs, CampaignSettings(name="vip"))
     got = {r["user_id"]: tuple(r[c] for c in CUSTOMER_VALUE_COLUMNS) for r in rows.collect()}
     assert got == {"a": (40.0, 150.0, 190.0, 0.8, 2.5, 12.5, date(2026, 11, 3)),
                    "b": (40.0, 100.0, 140.0, 0.8, 2.5, 12.5, date(2026, 11, 7)),
@@ -428,7 +435,7 @@ def test_products_the_catalog_lacks_or_hides_give_way_and_carry_its_details(spar
     inputs = AudienceInputs(recommendations=recommendations, segments=segments, segment_labels=labels,
                             products=catalog)
     campaign = CampaignSettings(name="vip", products=3, strategy="blended", holdout_share=0.0)
-    rows, _ = campaign_audience(inputs, campaign, spark.createDataFrame([], "user_id string"), SALT, 0.0, "r9")
+    rows = campaign_alone(inputs, campaign)
     got = {r["user_id"]: r for r in rows.collect()}
     # The manifest's count: a's two passed-over products (b, with nothing to show, is in no audience).
     assert products_passed_over(inputs, campaign, rows) == {"unavailable": 1, "missing_from_catalog": 1}
@@ -439,8 +446,7 @@ def test_products_the_catalog_lacks_or_hides_give_way_and_carry_its_details(spar
     passed = {tuple(r) for r in dropped_products(recommendations, 3, "blended", catalog).collect()}
     assert passed == {("a", "i1", "unavailable"), ("a", "i2", "missing_from_catalog"), ("b", "i1", "unavailable")}
     # Without a catalog nothing gives way and the details are null.
-    rows, _ = campaign_audience(replace(inputs, products=None, segment_labels=None), campaign,
-                                spark.createDataFrame([], "user_id string"), SALT, 0.0, "r9")
+    rows = campaign_alone(replace(inputs, products=None, segment_labels=None), campaign)
     lists = {r["user_id"]: [(p["item_id"], p["rank"], p["name"]) for p in r["products"]] for r in rows.collect()}
     assert lists == {"a": [("i1", 1, None), ("i2", 2, None), ("i3", 3, None)], "b": [("i1", 1, None)]}
     assert rows.where("segment_label is not null").count() == 0

@@ -244,17 +244,6 @@ def _unblocked(people: DataFrame, suppressed: DataFrame) -> DataFrame:
     return people.join(blocked, "user_id", "left_anti")
 
 
-def campaign_audience(inputs: AudienceInputs, campaign: CampaignSettings, suppressed: DataFrame, salt: str,
-                      control_share: float, run_id: str,
-                      variants: tuple[AbVariantSettings, ...] = ()) -> tuple[DataFrame, list[str]]:
-    """The campaign_audience rows of one campaign on its own (see the module docstring; no contact policy)
-    and notes for the message. ``suppressed``: a frame with user_id (every row suppresses its user);
-    ``variants``: its A/B/n test, the control first."""
-    people, notes = eligible(inputs, campaign)
-    rows = _cut_and_split(_unblocked(people, suppressed), campaign, salt, control_share, run_id)
-    return with_test_variants(rows, inputs, campaign, variants, salt), notes
-
-
 def programme_audience(inputs: AudienceInputs, campaigns: dict[str, CampaignSettings], suppressed: DataFrame,
                        salt: str, control_share: float, run_id: str, policy: ContactPolicySettings,
                        over: DataFrame | None = None,

@@ -28,7 +28,6 @@ from pyspark.sql import functions as F
 from lib.platform.settings import CampaignSettings, ContactPolicySettings
 
 SEND_EVENT = "email_send"
-RULES = ("max_sends", "cooldown", "arbitration")
 CAPPED_COLUMNS = ("campaign_id", "user_id", "rule", "detail")
 
 
