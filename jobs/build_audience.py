@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from datetime import date, datetime, timezone
+from functools import reduce
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -17,6 +18,7 @@ from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, last_
 from lib.campaign.campaigns import check_segments, write_suppressed_users
 from lib.campaign.contact_policy import caps_apply, over_policy, send_history
 from lib.campaign.exports import ProductContent, discard_exports, export_directory, publish_exports, write_export
+from lib.campaign.triggers import triggered_items
 from lib.features.interactions import latest_event_time
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
@@ -64,6 +66,29 @@ def send_day(inputs: AudienceInputs) -> date:
     """The run's day, of its planned sends and of the caps: scores.as_of when set, else the latest event's
     day (what active_within_days measures from); today's date without events."""
     return (inputs.activity_reference or datetime.now(timezone.utc)).astimezone(timezone.utc).date()
+
+
+def trigger_lists(ctx: StageContext, campaigns: dict, inputs: AudienceInputs, events: DataFrame | None,
+                  today: date) -> tuple[DataFrame | None, list[str]]:
+    """Every triggered campaign's items (``lib.campaign.triggers.triggered_items``, the list
+    ``trigger:<campaign>``; computed once) and notes; None without a triggered campaign or events. Earlier
+    days' campaign_sends say which trigger events were already answered."""
+    triggered = {name: c for name, c in campaigns.items() if c.trigger}
+    if not triggered:
+        return None, []
+    if events is None or inputs.activity_reference is None:
+        return None, [f"{name}: no events, its trigger finds nobody" for name in triggered]
+    spark, tables = ctx.spark, ctx.tables
+    sent = tables.read(spark, C.CAMPAIGN_SENDS) if tables.exists(spark, C.CAMPAIGN_SENDS) else None
+    if sent is not None and "trigger_ts" not in sent.columns:  # written before triggers existed
+        sent = None
+    parts = []
+    for name, campaign in triggered.items():
+        already = None if sent is None else sent.where((F.col("campaign_id") == name) & (F.col("send_date") < today))
+        parts.append(triggered_items(events, campaign.trigger, campaign.list_name, inputs.activity_reference,
+                                     campaign.trigger_after_hours, campaign.trigger_within_hours,
+                                     campaign.trigger_min_views, already))
+    return reduce(DataFrame.unionByName, parts).localCheckpoint(), []
 
 
 def planned_tests(audience: DataFrame, tests: dict[str, tuple]) -> dict[str, dict]:
@@ -118,6 +143,11 @@ def run(ctx: StageContext) -> StageResult:
             notes.append("contact_policy: no events and no campaign_sends yet, no send to cap by")
         else:
             over = over_policy(send_history(events, planned, today), policy, today)
+    triggered, trigger_notes = trigger_lists(ctx, campaigns, inputs, events, today)
+    notes += trigger_notes
+    if triggered is not None:
+        inputs.recommendations = inputs.recommendations.unionByName(triggered.drop("trigger_ts"),
+                                                                    allowMissingColumns=True)
     frame, capped, campaign_notes = programme_audience(inputs, campaigns, suppressed, settings.holdout.salt,
                                                        settings.holdout.control_share, run_id, policy, over,
                                                        settings.ab_tests)
@@ -126,8 +156,13 @@ def run(ctx: StageContext) -> StageResult:
     tables.overwrite(capped, C.CAPPED_CUSTOMERS)
     audience = tables.read(spark, C.CAMPAIGN_AUDIENCE)
     # A re-run of the day replaces its plan: the caps count each day's sends once.
-    tables.replace_where(audience.select(F.lit(today).alias("send_date"), "campaign_id", "user_id", "variant",
-                                         "run_id"), C.CAMPAIGN_SENDS, f"send_date = DATE'{today.isoformat()}'")
+    sends = audience.select(F.lit(today).alias("send_date"), "campaign_id", "user_id", "variant", "run_id",
+                            F.lit(None).cast("timestamp").alias("trigger_ts"))
+    if triggered is not None:  # the event each triggered send answers: a later run sends it only for a later one
+        causes = triggered.select(F.regexp_replace("strategy", "^trigger:", "").alias("campaign_id"), "user_id",
+                                  "trigger_ts").distinct()
+        sends = sends.drop("trigger_ts").join(causes, ["campaign_id", "user_id"], "left")
+    tables.replace_where(sends, C.CAMPAIGN_SENDS, f"send_date = DATE'{today.isoformat()}'")
 
     sizes = {(r["campaign_id"], r["variant"]): r["count"]
              for r in audience.groupBy("campaign_id", "variant").count().collect()}  # campaigns x 3 rows

@@ -184,10 +184,25 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
                              "available": f"{prefix}{n:03d}" != "i006", "recommendable": True}
                             for prefix in "id" for n in range(50)])
     write(ctx, C.SEGMENT_PROFILES, [{"segment_id": s, "label": f"segment {s}", "run_id": "r0"} for s in range(4)])
-    content = ("exports.currency=GBP", "exports.link_template=https://shop.example/p/{item_id}")
+    # Two customers left a cart the day before (both already active, so no activity filter changes): the shipped
+    # abandoned_cart flow, turned on, takes them first (priority 20) and shows what they left.
+    carts = {"u0008": ["i010", "i011"], "u0012": ["i020"]}
+    cart_time = datetime(2026, 10, 29, 12)
+    C.EVENTS.conform(ctx.spark.createDataFrame(
+        [{"event_id": f"c{u}{item}", "user_id": u, "item_id": item, "event_type": "add_to_cart",
+          "event_ts": cart_time.replace(minute=n), "event_date": cart_time.date()}
+         for u, items in carts.items() for n, item in enumerate(items)], C.EVENTS.schema)) \
+        .write.format("delta").mode("append").partitionBy(*C.EVENTS.partition_by).save(ctx.tables.location(C.EVENTS))
+    content = ("exports.currency=GBP", "exports.link_template=https://shop.example/p/{item_id}",
+               "campaigns.abandoned_cart.enabled=true")
     catalogued = context(*sets, *content, run_id="run-3")
     result = run_stage(catalogued, "build_audience")
     rows = audience_rows(catalogued)
+    flow = {u: [(p["rank"], p["item_id"], p["source"], p["name"]) for p in r["products"]]
+            for (c, u), r in rows.items() if c == "abandoned_cart"}
+    assert flow == {"u0008": [(1, "i011", "abandoned_cart", "I product 11"), (2, "i010", "abandoned_cart", "I product 10")],
+                    "u0012": [(1, "i020", "abandoned_cart", "I product 20")]}  # the latest add first
+    taken |= set(carts)
     sample = rows[("weekly_newsletter", "u0004")]  # its list: i005, i006, i007, i008, i009
     assert [(p["rank"], p["item_id"], p["name"], p["price"]) for p in sample["products"]] == [
         (1, "i005", "I product 5", 5.5), (2, "i007", "I product 7", 7.5), (3, "i008", "I product 8", 8.5)]
@@ -209,13 +224,18 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     # One day later under a cap of 2 sends a week: the seeded email_send events of 10-30 reach everyone and
     # hold run-3's treatment sends (not counted twice); its holdout and control rows stand in for a send
     # more, so exactly those customers reach the cap.
-    planned = {(r["user_id"], r["variant"]) for r in ctx.tables.read(ctx.spark, C.CAMPAIGN_SENDS).collect()}
+    sends = ctx.tables.read(ctx.spark, C.CAMPAIGN_SENDS).collect()
+    planned = {(r["user_id"], r["variant"]) for r in sends}
     assert {u for u, _ in planned} == set(USERS) and len(planned) == len(USERS)  # run-3 replaced runs 1-2's day
+    # Each flow send records the cart it answers, so the same cart is never mailed again (run-4 below).
+    assert {(r["user_id"], r["trigger_ts"]) for r in sends if r["trigger_ts"] is not None} == {
+        ("u0008", cart_time.replace(minute=1)), ("u0012", cart_time)}
     next_day = context(*sets, *content, "scores.as_of=2026-10-31T12:00:00", "contact_policy.max_sends=2",
                        run_id="run-4")
     result = run_stage(next_day, "build_audience")
     unmailed = {u for u, variant in planned if variant != "treatment"}
     assert unmailed and {u for (_, u) in audience_rows(next_day)} == set(USERS) - unmailed
+    assert "abandoned_cart" not in {c for (c, _) in audience_rows(next_day)}  # the carts, 24 h older, were answered
     capped_now = [(r["user_id"], r["rule"], r["detail"]) for r in  # a row per campaign that wanted the customer
                   next_day.tables.read(next_day.spark, C.CAPPED_CUSTOMERS).where("rule != 'arbitration'").collect()]
     assert {u for u, _, _ in capped_now} == unmailed

@@ -11,7 +11,8 @@ treatment, holdout and global_control; a campaign with an A/B/n test splits its 
 test's variants by a hash of its own (``with_test_variants``). The same inputs give the same rows and
 variants on every run.
 
-Products: the first ``products`` items of the campaign's strategy list, each with the catalog's name,
+Products: the first ``products`` items of the campaign's strategy list (a triggered campaign's: its trigger's
+items, ``lib.campaign.triggers``, which the job adds to the recommendations as the list ``trigger:<campaign>``), each with the catalog's name,
 category and price. With a catalog (``products``), an item it does not list or marks unavailable /
 not recommendable is never shown: the next item of the list moves up (``dropped_products`` says which
 were passed over, for the manifest). The segment's label comes from ``segment_profiles``.
@@ -122,13 +123,13 @@ def products_passed_over(inputs: AudienceInputs, campaign: CampaignSettings, aud
     if inputs.products is None:
         return {}
     treated = audience.where((F.col("campaign_id") == campaign.name) & (F.col("variant") == "treatment"))
-    passed = dropped_products(inputs.recommendations, campaign.products, campaign.strategy, inputs.products)
+    passed = dropped_products(inputs.recommendations, campaign.products, campaign.list_name, inputs.products)
     counted = passed.join(treated.select("user_id"), "user_id", "left_semi").groupBy("reason").count()
     return {r["reason"]: int(r["count"]) for r in counted.collect()}  # at most two rows
 
 
 def _joined(inputs: AudienceInputs, campaign: CampaignSettings) -> DataFrame:
-    people = product_lists(inputs.recommendations, campaign.products, campaign.strategy, inputs.products)
+    people = product_lists(inputs.recommendations, campaign.products, campaign.list_name, inputs.products)
     null_int = F.lit(None).cast("int")
     if inputs.segments is not None:
         people = people.join(inputs.segments.select("user_id", "segment_id"), "user_id", "left")
@@ -228,8 +229,8 @@ def with_test_variants(rows: DataFrame, inputs: AudienceInputs, campaign: Campai
                          F.lit(variant.content_key or None).cast("string")).otherwise(content)
     rows = rows.withColumn("content_key", content)
     for variant in variants:
-        strategy, products = variant.strategy or campaign.strategy, variant.products or campaign.products
-        if (strategy, products) == (campaign.strategy, campaign.products):
+        strategy, products = variant.strategy or campaign.list_name, variant.products or campaign.products
+        if (strategy, products) == (campaign.list_name, campaign.products):
             continue
         own = product_lists(inputs.recommendations, products, strategy, inputs.products)
         rows = (rows.join(own.select("user_id", F.col("products").alias("_own")), "user_id", "left")

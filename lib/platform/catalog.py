@@ -297,10 +297,10 @@ CAMPAIGN_TESTS = TableSpec(
 )
 CAMPAIGN_SENDS = TableSpec(
     "campaign_sends",
-    "send_date date, campaign_id string, user_id string, variant string, run_id string",
+    "send_date date, campaign_id string, user_id string, variant string, run_id string, trigger_ts timestamp",
     "every send build_audience planned, by day: treatment rows are exported; holdout and global_control rows are "
     "the sends they stand in for, counted by the contact policy so every arm is capped alike (a re-run of a day "
-    "replaces that day's rows; appended otherwise)",
+    "replaces that day's rows; appended otherwise); trigger_ts: the event a triggered campaign's send answers",
 )
 CAPPED_CUSTOMERS = TableSpec(
     "capped_customers",

@@ -220,6 +220,9 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "campaigns.*.max_audience": (0, INT32_MAX),
     "campaigns.*.send_hour_utc": (0, 23),
     "campaigns.*.priority": (-1000, 1000),
+    "campaigns.*.trigger_after_hours": (0, 8760),
+    "campaigns.*.trigger_within_hours": (1, 8760),
+    "campaigns.*.trigger_min_views": (1, 1000),
     "ab_variants.*.products": (0, 1000),                # 0: the campaign's number
     "contact_policy.max_sends": (0, 1000),              # 0: no cap
     "contact_policy.per_days": (1, 365),
@@ -707,6 +710,10 @@ class ContactPolicySettings:
 
 
 CHURN_BANDS = ("low", "medium", "high")
+# What can trigger a campaign (lib.campaign.triggers); "" is a scheduled campaign.
+TRIGGERS = ("abandoned_cart", "browse_abandonment", "replenishment_due")
+TRIGGER_EVENT_TYPES = {"abandoned_cart": ("add_to_cart", "purchase"), "browse_abandonment": ("view",),
+                       "replenishment_due": ("purchase",)}
 EXPORT_FORMATS = ("csv", "json")
 
 
@@ -730,6 +737,10 @@ class CampaignSettings:
     suppressions: str = ""                     # extra suppression list (path or table) on top of input.suppressions
     send_hour_utc: int = 9                     # hour for customers without a send_times row
     priority: int = 0                          # contact_policy.arbitration = "priority": the highest wins a customer
+    trigger: str = ""                          # "": scheduled; abandoned_cart | browse_abandonment | replenishment_due
+    trigger_after_hours: int = 4               # a trigger event at least this old (the customer had time to buy)
+    trigger_within_hours: int = 72             # and at most this old (replenishment: due within this many hours)
+    trigger_min_views: int = 2                 # browse_abandonment: views of an item in the window
 
     def __post_init__(self) -> None:
         key = f"campaigns.{self.name}"
@@ -742,7 +753,16 @@ class CampaignSettings:
         require(self.min_predicted_clv >= 0.0, f"{key}.min_predicted_clv",
                 f"must be >= 0 (0: no filter), got {self.min_predicted_clv}")
         one_of(self.strategy, ("discover", "buy_again", "blended"), f"{key}.strategy")
+        if self.trigger:
+            one_of(self.trigger, TRIGGERS, f"{key}.trigger")
+        require(self.trigger_after_hours < self.trigger_within_hours, f"{key}.trigger_after_hours",
+                f"must be below trigger_within_hours ({self.trigger_within_hours}), got {self.trigger_after_hours}")
         require(0.0 <= self.holdout_share < 1.0, f"{key}.holdout_share", f"must be in [0, 1), got {self.holdout_share}")
+
+    @property
+    def list_name(self) -> str:
+        """The list its customers' products come from: its trigger's items, else its recommendation strategy."""
+        return f"trigger:{self.name}" if self.trigger else self.strategy
 
 
 @dataclass(frozen=True)
@@ -968,9 +988,12 @@ class Settings:
         for name, campaign in self.campaigns.items():
             require(campaign.products <= self.recommend.top_n, f"campaigns.{name}.products",
                     f"must be <= recommend.top_n ({self.recommend.top_n}), got {campaign.products}")
-            require(campaign.strategy in self.recommend.strategies, f"campaigns.{name}.strategy",
-                    f"names {campaign.strategy!r}, a list recommend.strategies does not write "
-                    f"({', '.join(self.recommend.strategies)})")
+            require(bool(campaign.trigger) or campaign.strategy in self.recommend.strategies,
+                    f"campaigns.{name}.strategy", f"names {campaign.strategy!r}, a list recommend.strategies does "
+                    f"not write ({', '.join(self.recommend.strategies)})")
+            needs = TRIGGER_EVENT_TYPES.get(campaign.trigger, ()) if campaign.enabled else ()
+            require(set(needs) <= event_types, f"campaigns.{name}.trigger",
+                    f"{campaign.trigger} reads {' and '.join(needs)} events, which ingest.event_types lacks")
         for campaign, variants in self.ab_tests.items():
             key = f"ab_variants.{variants[0].name}"
             require(campaign in self.campaigns, f"{key}.campaign",

@@ -1,0 +1,96 @@
+"""Triggered audiences: customers whom an event of their own makes due for a flow email, with the items it is about.
+
+A campaign with ``trigger`` set mails the customers its trigger finds in the ingested events up to ``now`` (the
+run's clock: ``scores.as_of``, else the latest event), showing the trigger's items instead of a recommendation
+list; everything else (filters, suppressions, contact policy, holdout, exports) is a campaign's. The windows:
+``after_hours`` (the trigger event is at least this old: the customer had time to buy) and ``within_hours`` (and
+at most this old: a week-old cart is not worth a reminder).
+
+- ``abandoned_cart``: the customer's latest add_to_cart is in the window and no purchase of theirs followed it.
+  Items: everything added since their last purchase, latest first. Any purchase after the add closes the cart
+  (what the email platforms' abandoned-checkout flows do: an order exits the flow).
+- ``browse_abandonment``: an item viewed at least ``min_views`` times in the last ``within_hours``, its latest view
+  in the window, and no add_to_cart or purchase of it since the first of those views. Items: most viewed first.
+- ``replenishment_due``: an item the customer bought on at least two days, due again (last purchase + their mean
+  time between purchases of it) in the last ``within_hours``, and not bought since. Items: soonest due first.
+
+``trigger_ts`` is the event that triggered (the latest add, the latest view, the due time). It is recorded with
+the send (``campaign_sends.trigger_ts``), and a customer is triggered again only by a later one: the same cart
+never sends twice, a changed cart does.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from lib.platform.settings import TRIGGERS
+
+# The columns of a trigger's items: recommendations' columns (so campaign lists read them alike) and trigger_ts.
+TRIGGER_ITEM_COLUMNS = ("user_id", "item_id", "rank", "score", "source", "strategy", "trigger_ts")
+
+
+def _abandoned_cart(events: DataFrame, after: datetime, since: datetime) -> DataFrame:
+    last_purchase = (events.where(F.col("event_type") == "purchase").groupBy("user_id")
+                     .agg(F.max("event_ts").alias("_last_purchase")))
+    open_lines = (events.where(F.col("event_type") == "add_to_cart")
+                  .join(last_purchase, "user_id", "left")
+                  .where(F.col("_last_purchase").isNull() | (F.col("event_ts") > F.col("_last_purchase"))))
+    items = open_lines.groupBy("user_id", "item_id").agg(F.max("event_ts").alias("_order"),
+                                                         F.count(F.lit(1)).cast("double").alias("score"))
+    latest = F.max("_order").over(Window.partitionBy("user_id"))
+    return (items.withColumn("trigger_ts", latest)
+            .where((F.col("trigger_ts") <= F.lit(after)) & (F.col("trigger_ts") >= F.lit(since))))
+
+
+def _browse_abandonment(events: DataFrame, after: datetime, since: datetime, min_views: int) -> DataFrame:
+    views = (events.where((F.col("event_type") == "view") & (F.col("event_ts") >= F.lit(since)))
+             .groupBy("user_id", "item_id")
+             .agg(F.count(F.lit(1)).alias("_views"), F.min("event_ts").alias("_first"), F.max("event_ts").alias("_last")))
+    acted = (events.where(F.col("event_type").isin("add_to_cart", "purchase"))
+             .groupBy("user_id", "item_id").agg(F.max("event_ts").alias("_acted")))
+    browsed = (views.join(acted, ["user_id", "item_id"], "left")
+               .where((F.col("_views") >= min_views) & (F.col("_last") <= F.lit(after))
+                      & (F.col("_acted").isNull() | (F.col("_acted") < F.col("_first")))))
+    return browsed.select("user_id", "item_id", F.col("_views").cast("double").alias("score"),
+                          F.col("_last").alias("_order"),
+                          F.max("_last").over(Window.partitionBy("user_id")).alias("trigger_ts"))
+
+
+def _replenishment_due(events: DataFrame, now: datetime, since: datetime) -> DataFrame:
+    bought = (events.where(F.col("event_type") == "purchase")
+              .groupBy("user_id", "item_id")
+              .agg(F.countDistinct(F.to_date("event_ts")).alias("_days"), F.min("event_ts").alias("_first"),
+                   F.max("event_ts").alias("_last")))
+    seconds = F.unix_timestamp("_last") - F.unix_timestamp("_first")
+    due = F.timestamp_seconds(F.unix_timestamp("_last") + seconds / (F.col("_days") - 1))
+    items = (bought.where(F.col("_days") >= 2).withColumn("_due", due)
+             .where((F.col("_due") > F.lit(since)) & (F.col("_due") <= F.lit(now))))
+    return items.select("user_id", "item_id", F.col("_days").cast("double").alias("score"),
+                        (-F.unix_timestamp("_due")).alias("_order"),  # soonest due first
+                        F.max("_due").over(Window.partitionBy("user_id")).alias("trigger_ts"))
+
+
+def triggered_items(events: DataFrame, trigger: str, list_name: str, now: datetime, after_hours: int,
+                    within_hours: int, min_views: int = 2, already: DataFrame | None = None) -> DataFrame:
+    """Per triggered customer, the trigger's items (``TRIGGER_ITEM_COLUMNS``; ``strategy`` = ``list_name``,
+    ``source`` = the trigger, ``rank`` 1.. in the trigger's order, ``score`` the adds / views / purchase days
+    behind the item) from ``events`` up to ``now``. ``already``: (user_id, trigger_ts) of earlier sends of the
+    campaign; a customer whose trigger_ts is not later than theirs is left out."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"unknown trigger '{trigger}': one of {', '.join(TRIGGERS)}")
+    seen = events.where(F.col("event_ts") <= F.lit(now)).select("user_id", "item_id", "event_type", "event_ts")
+    after, since = now - timedelta(hours=after_hours), now - timedelta(hours=within_hours)
+    if trigger == "abandoned_cart":
+        items = _abandoned_cart(seen, after, since)
+    elif trigger == "browse_abandonment":
+        items = _browse_abandonment(seen, after, since, min_views)
+    else:
+        items = _replenishment_due(seen, now, since)
+    if already is not None:
+        sent = already.where(F.col("trigger_ts").isNotNull()).groupBy("user_id").agg(F.max("trigger_ts").alias("_sent"))
+        items = items.join(sent, "user_id", "left").where(F.col("_sent").isNull() | (F.col("trigger_ts") > F.col("_sent")))
+    rank = F.row_number().over(Window.partitionBy("user_id").orderBy(F.col("_order").desc(), F.col("item_id")))
+    return items.select("user_id", "item_id", rank.alias("rank"), "score", F.lit(trigger).alias("source"),
+                        F.lit(list_name).alias("strategy"), "trigger_ts")
