@@ -18,7 +18,7 @@ from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, last_
 from lib.campaign.campaigns import check_segments, write_suppressed_users
 from lib.campaign.contact_policy import caps_apply, over_policy, send_history
 from lib.campaign.exports import ProductContent, discard_exports, export_directory, publish_exports, write_export
-from lib.campaign.triggers import triggered_items
+from lib.campaign.triggers import CATALOG_TRIGGERS, catalog_loads, triggered_items
 from lib.features.interactions import latest_event_time
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
@@ -79,6 +79,15 @@ def trigger_lists(ctx: StageContext, campaigns: dict, inputs: AudienceInputs, ev
     if events is None or inputs.activity_reference is None:
         return None, [f"{name}: no events, its trigger finds nobody" for name in triggered]
     spark, tables = ctx.spark, ctx.tables
+    notes, catalog = [], None
+    if any(c.trigger in CATALOG_TRIGGERS for c in triggered.values()):
+        catalog = catalog_change(ctx)
+        if catalog is None:
+            notes += [f"{name}: {c.trigger} needs two loads of the catalog (ingest_products), found fewer"
+                      for name, c in triggered.items() if c.trigger in CATALOG_TRIGGERS]
+            triggered = {name: c for name, c in triggered.items() if c.trigger not in CATALOG_TRIGGERS}
+            if not triggered:
+                return None, notes
     sent = tables.read(spark, C.CAMPAIGN_SENDS) if tables.exists(spark, C.CAMPAIGN_SENDS) else None
     if sent is not None and "trigger_ts" not in sent.columns:  # written before triggers existed
         sent = None
@@ -87,8 +96,25 @@ def trigger_lists(ctx: StageContext, campaigns: dict, inputs: AudienceInputs, ev
         already = None if sent is None else sent.where((F.col("campaign_id") == name) & (F.col("send_date") < today))
         parts.append(triggered_items(events, campaign.trigger, campaign.list_name, inputs.activity_reference,
                                      campaign.trigger_after_hours, campaign.trigger_within_hours,
-                                     campaign.trigger_min_views, already))
-    return reduce(DataFrame.unionByName, parts).localCheckpoint(), []
+                                     campaign.trigger_min_views, already, catalog))
+    return reduce(DataFrame.unionByName, parts).localCheckpoint(), notes
+
+
+def catalog_change(ctx: StageContext) -> tuple[DataFrame, DataFrame, datetime] | None:
+    """The previous and the latest catalog load (``products``' Delta history, ``catalog_loads``) and the latest
+    load's commit time; None before a second load."""
+    spark, tables = ctx.spark, ctx.tables
+    if not tables.exists(spark, C.PRODUCTS):
+        return None
+    commits = (spark.sql(f"DESCRIBE HISTORY {tables.sql_name(C.PRODUCTS)}")
+               .select("version", "timestamp", "operation", "userMetadata", "operationParameters").collect())
+    loads = catalog_loads([(r["version"], r["operation"], r["userMetadata"] or "",
+                            int(r["operationParameters"]["version"]) if r["operation"] == "RESTORE" else None)
+                           for r in commits])  # one row per commit of the catalog
+    if loads is None:
+        return None
+    committed = next(r["timestamp"] for r in commits if r["version"] == loads[1])
+    return tables.read(spark, C.PRODUCTS, loads[0]), tables.read(spark, C.PRODUCTS, loads[1]), committed
 
 
 def planned_tests(audience: DataFrame, tests: dict[str, tuple]) -> dict[str, dict]:

@@ -230,12 +230,22 @@ def test_audience_filters_cap_and_stable_variants(tmp_path: Path, context):
     # Each flow send records the cart it answers, so the same cart is never mailed again (run-4 below).
     assert {(r["user_id"], r["trigger_ts"]) for r in sends if r["trigger_ts"] is not None} == {
         ("u0008", cart_time.replace(minute=1)), ("u0012", cart_time)}
+    # Overnight the catalog is loaded again with i001 cheaper: a price-drop flow takes who looked at it lately.
+    write(ctx, C.PRODUCTS, [{"item_id": f"{prefix}{n:03d}", "name": f"{prefix.upper()} product {n}",
+                             "price": 1.0 if f"{prefix}{n:03d}" == "i001" else n + 0.5,
+                             "available": f"{prefix}{n:03d}" != "i006", "recommendable": True}
+                            for prefix in "id" for n in range(50)])
     next_day = context(*sets, *content, "scores.as_of=2026-10-31T12:00:00", "contact_policy.max_sends=2",
-                       run_id="run-4")
+                       "campaigns.drop.trigger=price_drop", "campaigns.drop.priority=30", run_id="run-4")
     result = run_stage(next_day, "build_audience")
     unmailed = {u for u, variant in planned if variant != "treatment"}
-    assert unmailed and {u for (_, u) in audience_rows(next_day)} == set(USERS) - unmailed
-    assert "abandoned_cart" not in {c for (c, _) in audience_rows(next_day)}  # the carts, 24 h older, were answered
+    after = audience_rows(next_day)
+    assert unmailed and {u for (_, u) in after} == set(USERS) - unmailed
+    # Viewed i001 on 10-30 (i % 4 == 0; the others on 10-01, outside 72 hours), and not kept out by the cap.
+    assert {u for (c, u) in after if c == "drop"} == {u for u, i in index.items() if i % 4 == 0} - unmailed
+    assert {(p["item_id"], p["source"], round(p["score"], 9)) for (c, _), r in after.items() if c == "drop"
+            for p in r["products"]} == {("i001", "price_drop", round(1 / 3, 9))}  # a third off
+    assert "abandoned_cart" not in {c for (c, _) in after}  # the carts, 24 h older, were answered
     capped_now = [(r["user_id"], r["rule"], r["detail"]) for r in  # a row per campaign that wanted the customer
                   next_day.tables.read(next_day.spark, C.CAPPED_CUSTOMERS).where("rule != 'arbitration'").collect()]
     assert {u for u, _, _ in capped_now} == unmailed

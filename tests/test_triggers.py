@@ -6,7 +6,7 @@ from datetime import datetime
 import pytest
 
 from jobs.common import load_settings
-from lib.campaign.triggers import TRIGGER_ITEM_COLUMNS, triggered_items
+from lib.campaign.triggers import TRIGGER_ITEM_COLUMNS, catalog_loads, triggered_items
 from lib.platform.config import ConfigError
 
 NOW = datetime(2026, 10, 31, 12, 0)
@@ -82,6 +82,38 @@ def test_replenishment_is_due_after_the_customers_own_interval(spark):
     assert lists(triggered_items(df, "replenishment_due", "trigger:refill", NOW, 4, 72)) == {
         "u10": [(1, "i1", 2.0, datetime(2026, 10, 30)), (2, "i2", 2.0, datetime(2026, 10, 30))],  # soonest due first
     }
+
+
+def test_back_in_stock_and_price_drop_compare_two_catalog_loads(spark):
+    catalog = "item_id string, available boolean, price double"
+    before = spark.createDataFrame([("i1", False, 10.0), ("i2", True, 20.0), ("i3", True, 30.0), ("i4", False, 5.0)],
+                                   catalog)
+    after = spark.createDataFrame([("i1", True, 10.0), ("i2", True, 15.0), ("i3", True, 30.0), ("i4", False, 4.0)],
+                                  catalog)
+    loaded = datetime(2026, 10, 31, 3)
+    df = events(spark, [
+        ("u1", "i1", "view", "2026-10-30T10:00"), ("u1", "i2", "add_to_cart", "2026-10-30T11:00"),
+        ("u2", "i1", "view", "2026-10-30T10:00"), ("u2", "i1", "purchase", "2026-10-30T12:00"),  # bought it anyway
+        ("u3", "i3", "view", "2026-10-30T10:00"),  # unchanged item
+        ("u4", "i1", "view", "2026-10-20T10:00"),  # looked too long ago
+        ("u5", "i4", "view", "2026-10-30T10:00"),  # cheaper, still unavailable: a price drop all the same
+    ])
+    back = triggered_items(df, "back_in_stock", "trigger:back", NOW, 0, 72, catalog=(before, after, loaded))
+    assert lists(back) == {"u1": [(1, "i1", 1.0, loaded)]}
+    drop = triggered_items(df, "price_drop", "trigger:drop", NOW, 0, 72, catalog=(before, after, loaded))
+    assert lists(drop) == {"u1": [(1, "i2", 0.25, loaded)], "u5": [(1, "i4", pytest.approx(0.2), loaded)]}
+    with pytest.raises(ValueError, match="price_drop needs the previous and the latest catalog load"):
+        triggered_items(df, "price_drop", "trigger:drop", NOW, 0, 72)
+
+
+def test_catalog_loads_are_runs_of_data_writes_and_a_restore_undoes_them():
+    assert catalog_loads([(0, "WRITE", "r1:ingest_products", None)]) is None
+    history = [(0, "WRITE", "r1:ingest_products", None), (1, "SET TBLPROPERTIES", "", None),
+               (2, "WRITE", "r2:ingest_products", None), (3, "WRITE", "r2:ingest_products", None)]
+    assert catalog_loads(history) == (0, 3)  # one run's two commits are one load
+    assert catalog_loads(history + [(4, "WRITE", "r3:ingest_products", None)]) == (3, 4)
+    assert catalog_loads(history + [(4, "WRITE", "r3:ingest_products", None), (5, "RESTORE", "", 3)]) == (0, 3)
+    assert catalog_loads([(0, "WRITE", "", None), (1, "WRITE", "", None)]) == (0, 1)  # untagged: a load each
 
 
 def test_trigger_settings_name_their_key():

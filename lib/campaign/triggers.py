@@ -14,7 +14,13 @@ at most this old: a week-old cart is not worth a reminder).
 - ``replenishment_due``: an item the customer bought on at least two days, due again (last purchase + their mean
   time between purchases of it) in the last ``within_hours``, and not bought since. Items: soonest due first.
 
-``trigger_ts`` is the event that triggered (the latest add, the latest view, the due time). It is recorded with
+- ``back_in_stock`` / ``price_drop``: between the previous catalog load and the latest one (``products``' Delta
+  history), an item went from unavailable to available / its price went down, and the customer viewed or carted
+  it in the last ``within_hours`` without buying it since. Items: the latest looked at first; a price drop's
+  score is the share taken off.
+
+``trigger_ts`` is the event that triggered (the latest add, the latest view, the due time; for a catalog change
+the latest catalog load's commit time). It is recorded with
 the send (``campaign_sends.trigger_ts``), and a customer is triggered again only by a later one: the same cart
 never sends twice, a changed cart does.
 """
@@ -72,12 +78,57 @@ def _replenishment_due(events: DataFrame, now: datetime, since: datetime) -> Dat
                         F.max("_due").over(Window.partitionBy("user_id")).alias("trigger_ts"))
 
 
+CATALOG_TRIGGERS = ("back_in_stock", "price_drop")
+
+
+def _catalog_change(events: DataFrame, trigger: str, since: datetime, before: DataFrame, after: DataFrame,
+                    changed_at: datetime) -> DataFrame:
+    was = before.select("item_id", F.col("available").alias("_was"), F.col("price").alias("_was_price"))
+    now = after.select("item_id", F.col("available").alias("_now"), F.col("price").alias("_now_price"))
+    joined = now.join(was, "item_id")
+    if trigger == "back_in_stock":
+        changed = joined.where(~F.col("_was") & F.col("_now")).select("item_id", F.lit(1.0).alias("score"))
+    else:
+        changed = joined.where(F.col("_now_price") < F.col("_was_price")).select(
+            "item_id", ((F.col("_was_price") - F.col("_now_price")) / F.col("_was_price")).alias("score"))
+    looked = (events.where(F.col("event_type").isin("view", "add_to_cart") & (F.col("event_ts") >= F.lit(since)))
+              .groupBy("user_id", "item_id").agg(F.max("event_ts").alias("_order")))
+    bought = (events.where(F.col("event_type") == "purchase").groupBy("user_id", "item_id")
+              .agg(F.max("event_ts").alias("_bought")))
+    return (looked.join(F.broadcast(changed), "item_id").join(bought, ["user_id", "item_id"], "left")
+            .where(F.col("_bought").isNull() | (F.col("_bought") < F.col("_order")))
+            .withColumn("trigger_ts", F.lit(changed_at)))
+
+
+# Delta operations that change a table's rows (others, such as SET TBLPROPERTIES or OPTIMIZE, are not a load).
+_DATA_WRITES = ("WRITE", "CREATE TABLE AS SELECT", "REPLACE TABLE AS SELECT", "CREATE OR REPLACE TABLE AS SELECT",
+                "MERGE", "UPDATE", "DELETE")
+
+
+def catalog_loads(history: list[tuple[int, str, str, int | None]]) -> tuple[int, int] | None:
+    """(previous, latest) version of the catalog loads in a products table's Delta ``history`` rows (version,
+    operation, userMetadata, the version a RESTORE went back to); None before a second load. One run's commits
+    (tagged alike by jobs.common.run_stage) are one load, and a RESTORE undoes the loads after its version."""
+    loads: list[tuple[int, str]] = []
+    for version, operation, tag, restored_to in sorted(history):
+        if operation == "RESTORE":
+            loads = [load for load in loads if load[0] <= (restored_to or 0)]
+        elif operation in _DATA_WRITES:
+            if loads and tag and loads[-1][1] == tag:
+                loads[-1] = (version, tag)  # the same run's later commit
+            else:
+                loads.append((version, tag))
+    return (loads[-2][0], loads[-1][0]) if len(loads) >= 2 else None
+
+
 def triggered_items(events: DataFrame, trigger: str, list_name: str, now: datetime, after_hours: int,
-                    within_hours: int, min_views: int = 2, already: DataFrame | None = None) -> DataFrame:
+                    within_hours: int, min_views: int = 2, already: DataFrame | None = None,
+                    catalog: tuple[DataFrame, DataFrame, datetime] | None = None) -> DataFrame:
     """Per triggered customer, the trigger's items (``TRIGGER_ITEM_COLUMNS``; ``strategy`` = ``list_name``,
     ``source`` = the trigger, ``rank`` 1.. in the trigger's order, ``score`` the adds / views / purchase days
     behind the item) from ``events`` up to ``now``. ``already``: (user_id, trigger_ts) of earlier sends of the
-    campaign; a customer whose trigger_ts is not later than theirs is left out."""
+    campaign; a customer whose trigger_ts is not later than theirs is left out. ``catalog``: (previous products,
+    latest products, the latest load's commit time), which the catalog triggers need."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger '{trigger}': one of {', '.join(TRIGGERS)}")
     seen = events.where(F.col("event_ts") <= F.lit(now)).select("user_id", "item_id", "event_type", "event_ts")
@@ -86,8 +137,12 @@ def triggered_items(events: DataFrame, trigger: str, list_name: str, now: dateti
         items = _abandoned_cart(seen, after, since)
     elif trigger == "browse_abandonment":
         items = _browse_abandonment(seen, after, since, min_views)
-    else:
+    elif trigger == "replenishment_due":
         items = _replenishment_due(seen, now, since)
+    elif catalog is None:
+        raise ValueError(f"{trigger} needs the previous and the latest catalog load")
+    else:
+        items = _catalog_change(seen, trigger, since, *catalog)
     if already is not None:
         sent = already.where(F.col("trigger_ts").isNotNull()).groupBy("user_id").agg(F.max("trigger_ts").alias("_sent"))
         items = items.join(sent, "user_id", "left").where(F.col("_sent").isNull() | (F.col("trigger_ts") > F.col("_sent")))

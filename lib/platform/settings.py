@@ -711,9 +711,9 @@ class ContactPolicySettings:
 
 CHURN_BANDS = ("low", "medium", "high")
 # What can trigger a campaign (lib.campaign.triggers); "" is a scheduled campaign.
-TRIGGERS = ("abandoned_cart", "browse_abandonment", "replenishment_due")
+TRIGGERS = ("abandoned_cart", "browse_abandonment", "replenishment_due", "back_in_stock", "price_drop")
 TRIGGER_EVENT_TYPES = {"abandoned_cart": ("add_to_cart", "purchase"), "browse_abandonment": ("view",),
-                       "replenishment_due": ("purchase",)}
+                       "replenishment_due": ("purchase",), "back_in_stock": ("view",), "price_drop": ("view",)}
 EXPORT_FORMATS = ("csv", "json")
 
 
@@ -737,7 +737,7 @@ class CampaignSettings:
     suppressions: str = ""                     # extra suppression list (path or table) on top of input.suppressions
     send_hour_utc: int = 9                     # hour for customers without a send_times row
     priority: int = 0                          # contact_policy.arbitration = "priority": the highest wins a customer
-    trigger: str = ""                          # "": scheduled; abandoned_cart | browse_abandonment | replenishment_due
+    trigger: str = ""                          # "": scheduled; else one of TRIGGERS (lib.campaign.triggers)
     trigger_after_hours: int = 4               # a trigger event at least this old (the customer had time to buy)
     trigger_within_hours: int = 72             # and at most this old (replenishment: due within this many hours)
     trigger_min_views: int = 2                 # browse_abandonment: views of an item in the window
