@@ -11,9 +11,9 @@ treatment, holdout and global_control; a campaign with an A/B/n test splits its 
 test's variants by a hash of its own (``with_test_variants``). The same inputs give the same rows and
 variants on every run.
 
-Products: the first ``products`` items of the campaign's strategy list (a triggered campaign's: its trigger's
-items, ``lib.campaign.triggers``, which the job adds to the recommendations as the list ``trigger:<campaign>``), each with the catalog's name,
-category and price. With a catalog (``products``), an item it does not list or marks unavailable /
+Products: the first ``products`` items of the campaign's list (``CampaignSettings.list_name``: its strategy's
+recommendations, or a triggered campaign's trigger items, ``lib.campaign.triggers``, which the job adds to the
+recommendations as the list ``trigger:<campaign>``), each with the catalog's name, category and price. With a catalog (``products``), an item it does not list or marks unavailable /
 not recommendable is never shown: the next item of the list moves up (``dropped_products`` says which
 were passed over, for the manifest). The segment's label comes from ``segment_profiles``.
 
