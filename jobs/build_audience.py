@@ -18,7 +18,7 @@ from lib.campaign.audience import (CUSTOMER_VALUE_COLUMNS, AudienceInputs, last_
 from lib.campaign.campaigns import check_segments, write_suppressed_users
 from lib.campaign.contact_policy import caps_apply, over_policy, send_history
 from lib.campaign.exports import ProductContent, discard_exports, export_directory, publish_exports, write_export
-from lib.campaign.triggers import CATALOG_TRIGGERS, catalog_loads, triggered_items
+from lib.campaign.triggers import CATALOG_TRIGGERS, answered, catalog_loads, compared_loads, triggered_items
 from lib.features.interactions import latest_event_time
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
@@ -89,32 +89,42 @@ def trigger_lists(ctx: StageContext, campaigns: dict, inputs: AudienceInputs, ev
             if not triggered:
                 return None, notes
     sent = tables.read(spark, C.CAMPAIGN_SENDS) if tables.exists(spark, C.CAMPAIGN_SENDS) else None
-    if sent is not None and "trigger_ts" not in sent.columns:  # written before triggers existed
-        sent = None
     parts = []
     for name, campaign in triggered.items():
-        already = None if sent is None else sent.where((F.col("campaign_id") == name) & (F.col("send_date") < today))
         parts.append(triggered_items(events, campaign.trigger, campaign.list_name, inputs.activity_reference,
                                      campaign.trigger_after_hours, campaign.trigger_within_hours,
-                                     campaign.trigger_min_views, already, catalog))
+                                     campaign.trigger_min_views, answered(sent, events, name, today), catalog))
     return reduce(DataFrame.unionByName, parts).localCheckpoint(), notes
 
 
 def catalog_change(ctx: StageContext) -> tuple[DataFrame, DataFrame, datetime] | None:
-    """The previous and the latest catalog load (``products``' Delta history, ``catalog_loads``) and the latest
-    load's commit time; None before a second load."""
+    """The catalog load in force at the last successful build_audience run before the latest load (else the
+    load before the latest), the latest load (``products``' Delta history, ``lib.campaign.triggers``'
+    ``catalog_loads`` and ``compared_loads``) and the latest load's commit time; None without two to compare."""
     spark, tables = ctx.spark, ctx.tables
     if not tables.exists(spark, C.PRODUCTS):
         return None
     commits = (spark.sql(f"DESCRIBE HISTORY {tables.sql_name(C.PRODUCTS)}")
                .select("version", "timestamp", "operation", "userMetadata", "operationParameters").collect())
-    loads = catalog_loads([(r["version"], r["operation"], r["userMetadata"] or "",
-                            int(r["operationParameters"]["version"]) if r["operation"] == "RESTORE" else None)
-                           for r in commits])  # one row per commit of the catalog
-    if loads is None:
+    history = []  # one row per commit of the catalog
+    for r in commits:
+        restored_to = (r["operationParameters"] or {}).get("version") if r["operation"] == "RESTORE" else None
+        history.append((r["version"], r["timestamp"], r["operation"], r["userMetadata"] or "",
+                        int(restored_to) if restored_to and restored_to.isdigit() else None))
+    loads = catalog_loads(history)
+    if not loads:
         return None
-    committed = next(r["timestamp"] for r in commits if r["version"] == loads[1])
-    return tables.read(spark, C.PRODUCTS, loads[0]), tables.read(spark, C.PRODUCTS, loads[1]), committed
+    since = None
+    if tables.exists(spark, C.PIPELINE_RUNS):  # the last build_audience before the latest load
+        since = (tables.read(spark, C.PIPELINE_RUNS)
+                 .where((F.col("stage") == "build_audience") & (F.col("status") == "success")
+                        & (F.col("run_id") != ctx.run_id) & (F.col("started_at") < F.lit(loads[-1][1])))
+                 .agg(F.max("started_at")).first()[0])
+    compared = compared_loads(loads, since)
+    if compared is None:
+        return None
+    baseline, latest, committed = compared
+    return tables.read(spark, C.PRODUCTS, baseline), tables.read(spark, C.PRODUCTS, latest), committed
 
 
 def planned_tests(audience: DataFrame, tests: dict[str, tuple]) -> dict[str, dict]:

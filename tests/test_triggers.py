@@ -1,12 +1,12 @@
 """Triggered audiences on a few events each: who is triggered, with which items in which order, and when not."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
 import pytest
 
 from jobs.common import load_settings
-from lib.campaign.triggers import TRIGGER_ITEM_COLUMNS, catalog_loads, triggered_items
+from lib.campaign.triggers import TRIGGER_ITEM_COLUMNS, answered, catalog_loads, compared_loads, triggered_items
 from lib.platform.config import ConfigError
 
 NOW = datetime(2026, 10, 31, 12, 0)
@@ -57,6 +57,7 @@ def test_an_abandoned_cart_triggers_once_and_a_purchase_closes_it(spark):
 def test_browse_abandonment_needs_repeated_views_and_no_cart_since(spark):
     df = events(spark, [
         *[("u6", "i1", "view", f"2026-10-30T0{h}:00") for h in (1, 2, 3)], ("u6", "i2", "view", "2026-10-30T04:00"),
+        ("u6", "i3", "view", "2026-10-30T05:00"), ("u6", "i3", "view", "2026-10-30T06:00"),  # fewer views, later
         ("u7", "i1", "view", "2026-10-30T01:00"), ("u7", "i1", "view", "2026-10-30T02:00"),
         ("u7", "i1", "add_to_cart", "2026-10-30T03:00"),  # carted after looking: not abandoned browsing
         ("u8", "i1", "view", "2026-10-31T09:00"), ("u8", "i1", "view", "2026-10-31T11:00"),  # still browsing (1 h ago)
@@ -65,7 +66,7 @@ def test_browse_abandonment_needs_repeated_views_and_no_cart_since(spark):
         ("u10", "i1", "view", "2026-10-20T01:00"), ("u10", "i1", "view", "2026-10-30T05:00"),  # one view in 72 h
     ])
     assert lists(triggered_items(df, "browse_abandonment", "trigger:browse", NOW, 4, 72, min_views=2)) == {
-        "u6": [(1, "i1", 3.0, datetime(2026, 10, 30, 3))],  # i2: one view, not counted
+        "u6": [(1, "i1", 3.0, datetime(2026, 10, 30, 6)), (2, "i3", 2.0, datetime(2026, 10, 30, 6))],  # i2: one view
         "u9": [(1, "i1", 2.0, datetime(2026, 10, 30, 5))],
     }
 
@@ -107,13 +108,35 @@ def test_back_in_stock_and_price_drop_compare_two_catalog_loads(spark):
 
 
 def test_catalog_loads_are_runs_of_data_writes_and_a_restore_undoes_them():
-    assert catalog_loads([(0, "WRITE", "r1:ingest_products", None)]) is None
-    history = [(0, "WRITE", "r1:ingest_products", None), (1, "SET TBLPROPERTIES", "", None),
-               (2, "WRITE", "r2:ingest_products", None), (3, "WRITE", "r2:ingest_products", None)]
-    assert catalog_loads(history) == (0, 3)  # one run's two commits are one load
-    assert catalog_loads(history + [(4, "WRITE", "r3:ingest_products", None)]) == (3, 4)
-    assert catalog_loads(history + [(4, "WRITE", "r3:ingest_products", None), (5, "RESTORE", "", 3)]) == (0, 3)
-    assert catalog_loads([(0, "WRITE", "", None), (1, "WRITE", "", None)]) == (0, 1)  # untagged: a load each
+    at = [datetime(2026, 10, day) for day in range(1, 10)]
+    history = [(0, at[0], "WRITE", "r1:ingest_products", None), (1, at[1], "SET TBLPROPERTIES", "", None),
+               (2, at[2], "WRITE", "r2:ingest_products", None), (3, at[3], "WRITE", "r2:ingest_products", None)]
+    assert catalog_loads(history[:1]) == [(0, at[0])] and compared_loads(catalog_loads(history[:1]), None) is None
+    assert catalog_loads(history) == [(0, at[0]), (3, at[3])]  # one run's two commits are one load
+    three = history + [(4, at[4], "CREATE OR REPLACE TABLE AS SELECT", "r3:ingest_products", None)]
+    assert compared_loads(catalog_loads(three), None) == (3, 4, at[4])
+    # The last build_audience ran between the first and the second load: both later loads are compared with it.
+    assert compared_loads(catalog_loads(three), datetime(2026, 10, 2)) == (0, 4, at[4])
+    assert compared_loads(catalog_loads(three), datetime(2026, 10, 6)) is None  # nothing loaded since
+    assert catalog_loads(three + [(5, at[5], "RESTORE", "", 3)]) == [(0, at[0]), (3, at[3])]
+    assert catalog_loads(three + [(5, at[5], "RESTORE", "", None)]) == []  # restored to a time: start again
+    untagged = [(0, at[0], "WRITE", "", None), (1, at[1], "WRITE", "", None)]
+    assert compared_loads(catalog_loads(untagged), None) == (0, 1, at[1])  # untagged: a load each
+
+
+def test_a_campaign_answered_its_recorded_triggers_and_whatever_its_sends_followed(spark):
+    sends = spark.createDataFrame([
+        (date(2026, 10, 29), "cart", "u1", datetime(2026, 10, 28, 20)),
+        (date(2026, 10, 31), "cart", "u2", datetime(2026, 10, 30, 20)),  # today's plan: a re-run replaces it
+        (date(2026, 10, 29), "other", "u3", datetime(2026, 10, 28, 20)),
+    ], "send_date date, campaign_id string, user_id string, trigger_ts timestamp")
+    df = spark.createDataFrame([
+        ("u4", "i1", "email_send", datetime(2026, 10, 31, 8), "cart"), ("u5", "i1", "email_send", datetime(2026, 10, 31, 8), "news"),
+        ("u6", "i1", "view", datetime(2026, 10, 31, 8), "cart")],
+        "user_id string, item_id string, event_type string, event_ts timestamp, campaign_id string")
+    got = {(r["user_id"], r["trigger_ts"]) for r in answered(sends, df, "cart", date(2026, 10, 31)).collect()}
+    assert got == {("u1", datetime(2026, 10, 28, 20)), ("u4", datetime(2026, 10, 31, 8))}
+    assert {r["user_id"] for r in answered(None, df, "cart", date(2026, 10, 31)).collect()} == {"u4"}
 
 
 def test_trigger_settings_name_their_key():

@@ -13,24 +13,24 @@ at most this old: a week-old cart is not worth a reminder).
   in the window, and no add_to_cart or purchase of it since the first of those views. Items: most viewed first.
 - ``replenishment_due``: an item the customer bought on at least two days, due again (last purchase + their mean
   time between purchases of it) in the last ``within_hours``, and not bought since. Items: soonest due first.
-
-- ``back_in_stock`` / ``price_drop``: between the previous catalog load and the latest one (``products``' Delta
-  history), an item went from unavailable to available / its price went down, and the customer viewed or carted
-  it in the last ``within_hours`` without buying it since. Items: the latest looked at first; a price drop's
-  score is the share taken off.
+- ``back_in_stock`` / ``price_drop``: between the catalog load in force at the previous build_audience run and the
+  latest one (``products``' Delta history, ``compared_loads``), an item went from unavailable to available / its
+  price went down, and the customer viewed or carted it in the last ``within_hours`` without buying it since.
+  Items: the latest looked at first; a price drop's score is the share taken off.
 
 ``trigger_ts`` is the event that triggered (the latest add, the latest view, the due time; for a catalog change
-the latest catalog load's commit time). It is recorded with
-the send (``campaign_sends.trigger_ts``), and a customer is triggered again only by a later one: the same cart
-never sends twice, a changed cart does.
+the latest load's commit time). It is recorded with the send (``campaign_sends.trigger_ts``), and a customer is
+triggered again only by a later event than the campaign answered (``answered``: recorded sends, and its ingested
+email_send events): the same cart is not mailed twice, a cart changed since is.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from lib.campaign.contact_policy import SEND_EVENT
 from lib.platform.settings import TRIGGERS
 
 # The columns of a trigger's items: recommendations' columns (so campaign lists read them alike) and trigger_ts.
@@ -60,7 +60,7 @@ def _browse_abandonment(events: DataFrame, after: datetime, since: datetime, min
                .where((F.col("_views") >= min_views) & (F.col("_last") <= F.lit(after))
                       & (F.col("_acted").isNull() | (F.col("_acted") < F.col("_first")))))
     return browsed.select("user_id", "item_id", F.col("_views").cast("double").alias("score"),
-                          F.col("_last").alias("_order"),
+                          F.struct("_views", "_last").alias("_order"),  # most viewed first, then the latest
                           F.max("_last").over(Window.partitionBy("user_id")).alias("trigger_ts"))
 
 
@@ -102,23 +102,53 @@ def _catalog_change(events: DataFrame, trigger: str, since: datetime, before: Da
 
 # Delta operations that change a table's rows (others, such as SET TBLPROPERTIES or OPTIMIZE, are not a load).
 _DATA_WRITES = ("WRITE", "CREATE TABLE AS SELECT", "REPLACE TABLE AS SELECT", "CREATE OR REPLACE TABLE AS SELECT",
-                "MERGE", "UPDATE", "DELETE")
+                "CREATE TABLE", "REPLACE TABLE", "CREATE OR REPLACE TABLE", "TRUNCATE", "MERGE", "UPDATE", "DELETE",
+                "STREAMING UPDATE")
 
 
-def catalog_loads(history: list[tuple[int, str, str, int | None]]) -> tuple[int, int] | None:
-    """(previous, latest) version of the catalog loads in a products table's Delta ``history`` rows (version,
-    operation, userMetadata, the version a RESTORE went back to); None before a second load. One run's commits
-    (tagged alike by jobs.common.run_stage) are one load, and a RESTORE undoes the loads after its version."""
-    loads: list[tuple[int, str]] = []
-    for version, operation, tag, restored_to in sorted(history):
+def catalog_loads(history: list[tuple[int, datetime, str, str, int | None]]) -> list[tuple[int, datetime]]:
+    """(version, commit time) of each catalog load in a products table's Delta ``history`` rows (version, commit
+    time, operation, userMetadata, the version a RESTORE went back to: None when it went back to a time), oldest
+    first. One run's commits (tagged alike by jobs.common.run_stage) are one load, its latest commit standing for
+    it; a RESTORE undoes the loads after its version (all of them, for a time)."""
+    loads: list[tuple[int, datetime, str]] = []
+    for version, committed, operation, tag, restored_to in sorted(history):
         if operation == "RESTORE":
-            loads = [load for load in loads if load[0] <= (restored_to or 0)]
+            loads = [load for load in loads if restored_to is not None and load[0] <= restored_to]
         elif operation in _DATA_WRITES:
-            if loads and tag and loads[-1][1] == tag:
-                loads[-1] = (version, tag)  # the same run's later commit
+            if loads and tag and loads[-1][2] == tag:
+                loads[-1] = (version, committed, tag)  # the same run's later commit
             else:
-                loads.append((version, tag))
-    return (loads[-2][0], loads[-1][0]) if len(loads) >= 2 else None
+                loads.append((version, committed, tag))
+    return [(version, committed) for version, committed, _ in loads]
+
+
+def compared_loads(loads: list[tuple[int, datetime]], since: datetime | None) -> tuple[int, int, datetime] | None:
+    """(baseline version, latest version, the latest load's commit time) of ``catalog_loads``: the baseline is
+    the load in force at ``since`` (the start of the last build_audience run before the latest load, so loads in
+    between are not missed and a re-run compares as the first run did), else the load before the latest. None
+    without a baseline or when nothing was loaded after it."""
+    if since is None:
+        baseline = loads[-2] if len(loads) >= 2 else None
+    else:
+        earlier = [load for load in loads if load[1] <= since]
+        baseline = earlier[-1] if earlier else None
+    if baseline is None or baseline[0] == loads[-1][0]:
+        return None
+    return baseline[0], loads[-1][0], loads[-1][1]
+
+
+def answered(sends: DataFrame | None, events: DataFrame, campaign: str, today: date) -> DataFrame:
+    """(user_id, trigger_ts) a campaign has answered: the trigger events its sends of days before ``today``
+    recorded (``campaign_sends``; today's rows are the day's plan, which a re-run replaces) and the times of its
+    ingested email_send events (a trigger event before a send of the campaign was answered by it, whatever
+    a re-run later planned)."""
+    mailed = (events.where((F.col("event_type") == SEND_EVENT) & (F.col("campaign_id") == campaign))
+              .select("user_id", F.col("event_ts").alias("trigger_ts")))
+    if sends is None or "trigger_ts" not in sends.columns:  # none yet, or written before triggers existed
+        return mailed
+    recorded = sends.where((F.col("campaign_id") == campaign) & (F.col("send_date") < F.lit(today)))
+    return recorded.select("user_id", "trigger_ts").unionByName(mailed)
 
 
 def triggered_items(events: DataFrame, trigger: str, list_name: str, now: datetime, after_hours: int,
@@ -126,8 +156,8 @@ def triggered_items(events: DataFrame, trigger: str, list_name: str, now: dateti
                     catalog: tuple[DataFrame, DataFrame, datetime] | None = None) -> DataFrame:
     """Per triggered customer, the trigger's items (``TRIGGER_ITEM_COLUMNS``; ``strategy`` = ``list_name``,
     ``source`` = the trigger, ``rank`` 1.. in the trigger's order, ``score`` the adds / views / purchase days
-    behind the item) from ``events`` up to ``now``. ``already``: (user_id, trigger_ts) of earlier sends of the
-    campaign; a customer whose trigger_ts is not later than theirs is left out. ``catalog``: (previous products,
+    behind the item) from ``events`` up to ``now``. ``already``: (user_id, trigger_ts) the campaign answered
+    (``answered``); a customer whose trigger_ts is not later than their latest is left out. ``catalog``: (previous products,
     latest products, the latest load's commit time), which the catalog triggers need."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger '{trigger}': one of {', '.join(TRIGGERS)}")
