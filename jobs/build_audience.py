@@ -22,6 +22,7 @@ from lib.campaign.triggers import CATALOG_TRIGGERS, answered, catalog_loads, com
 from lib.features.interactions import latest_event_time
 from lib.platform import catalog as C
 from lib.platform.runs import StageResult
+from lib.platform.settings import CampaignSettings
 
 log = logging.getLogger("jobs.build_audience")
 
@@ -68,10 +69,10 @@ def send_day(inputs: AudienceInputs) -> date:
     return (inputs.activity_reference or datetime.now(timezone.utc)).astimezone(timezone.utc).date()
 
 
-def trigger_lists(ctx: StageContext, campaigns: dict, inputs: AudienceInputs, events: DataFrame | None,
+def trigger_lists(ctx: StageContext, campaigns: dict[str, CampaignSettings], inputs: AudienceInputs, events: DataFrame | None,
                   today: date) -> tuple[DataFrame | None, list[str]]:
     """Every triggered campaign's items (``lib.campaign.triggers.triggered_items``, the list
-    ``trigger:<campaign>``; computed once) and notes; None without a triggered campaign or events. Earlier
+    ``trigger:<campaign>``, with campaign_id; computed once) and notes; None without a triggered campaign or events. Earlier
     days' campaign_sends say which trigger events were already answered."""
     triggered = {name: c for name, c in campaigns.items() if c.trigger}
     if not triggered:
@@ -91,9 +92,10 @@ def trigger_lists(ctx: StageContext, campaigns: dict, inputs: AudienceInputs, ev
     sent = tables.read(spark, C.CAMPAIGN_SENDS) if tables.exists(spark, C.CAMPAIGN_SENDS) else None
     parts = []
     for name, campaign in triggered.items():
-        parts.append(triggered_items(events, campaign.trigger, campaign.list_name, inputs.activity_reference,
-                                     campaign.trigger_after_hours, campaign.trigger_within_hours,
-                                     campaign.trigger_min_views, answered(sent, events, name, today), catalog))
+        items = triggered_items(events, campaign.trigger, campaign.list_name, inputs.activity_reference,
+                                campaign.trigger_after_hours, campaign.trigger_within_hours,
+                                campaign.trigger_min_views, answered(sent, events, name, today), catalog)
+        parts.append(items.withColumn("campaign_id", F.lit(name)))
     return reduce(DataFrame.unionByName, parts).localCheckpoint(), notes
 
 
@@ -182,7 +184,7 @@ def run(ctx: StageContext) -> StageResult:
     triggered, trigger_notes = trigger_lists(ctx, campaigns, inputs, events, today)
     notes += trigger_notes
     if triggered is not None:
-        inputs.recommendations = inputs.recommendations.unionByName(triggered.drop("trigger_ts"),
+        inputs.recommendations = inputs.recommendations.unionByName(triggered.drop("campaign_id", "trigger_ts"),
                                                                     allowMissingColumns=True)
     frame, capped, campaign_notes = programme_audience(inputs, campaigns, suppressed, settings.holdout.salt,
                                                        settings.holdout.control_share, run_id, policy, over,
@@ -195,8 +197,7 @@ def run(ctx: StageContext) -> StageResult:
     sends = audience.select(F.lit(today).alias("send_date"), "campaign_id", "user_id", "variant", "run_id",
                             F.lit(None).cast("timestamp").alias("trigger_ts"))
     if triggered is not None:  # the event each triggered send answers: a later run sends it only for a later one
-        causes = triggered.select(F.regexp_replace("strategy", "^trigger:", "").alias("campaign_id"), "user_id",
-                                  "trigger_ts").distinct()
+        causes = triggered.select("campaign_id", "user_id", "trigger_ts").distinct()
         sends = sends.drop("trigger_ts").join(causes, ["campaign_id", "user_id"], "left")
     tables.replace_where(sends, C.CAMPAIGN_SENDS, f"send_date = DATE'{today.isoformat()}'")
 

@@ -157,8 +157,8 @@ def triggered_items(events: DataFrame, trigger: str, list_name: str, now: dateti
     """Per triggered customer, the trigger's items (``TRIGGER_ITEM_COLUMNS``; ``strategy`` = ``list_name``,
     ``source`` = the trigger, ``rank`` 1.. in the trigger's order, ``score`` the adds / views / purchase days
     behind the item) from ``events`` up to ``now``. ``already``: (user_id, trigger_ts) the campaign answered
-    (``answered``); a customer whose trigger_ts is not later than their latest is left out. ``catalog``: (previous products,
-    latest products, the latest load's commit time), which the catalog triggers need."""
+    (``answered``); a customer whose trigger_ts is not later than their latest is left out. ``catalog``:
+    (baseline products, latest products, the latest load's commit time), which the catalog triggers need."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger '{trigger}': one of {', '.join(TRIGGERS)}")
     seen = events.where(F.col("event_ts") <= F.lit(now)).select("user_id", "item_id", "event_type", "event_ts")
